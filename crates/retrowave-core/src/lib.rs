@@ -1,6 +1,12 @@
 //! The vocabulary shared by every retrowave crate: element types of stored tensors, borrowed views
 //! of weights, and the backend trait that the model forward is written against.
 
+pub mod backend;
 pub mod dtype;
+pub mod weights;
 
+pub use backend::{
+    Backend, BackendError, BatchLayout, Collective, HeadLayout, RopeParams, RopeStyle, SeqRows,
+};
 pub use dtype::TensorType;
+pub use weights::WeightView;

@@ -1,0 +1,188 @@
+//! The backend trait: the operations a model forward needs, at the level of model operations.
+//!
+//! The forward pass (in `retrowave-engine`) is written once against [`Backend`]; each device kind
+//! (CPU now, CUDA later) implements it with its own memory and kernels. A backend instance belongs
+//! to one worker, which owns a slice of the attention heads and of the FFN (tensor parallelism);
+//! the partial sums of the row-parallel projections are combined by a [`Collective`].
+
+use std::ops::Range;
+
+use crate::weights::WeightView;
+
+/// Errors a backend reports.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The weight has a storage type this backend cannot execute.
+    #[error("tensor {name}: type {dtype} is not supported by the {backend} backend")]
+    UnsupportedType {
+        name: String,
+        dtype: crate::TensorType,
+        backend: &'static str,
+    },
+    /// A slice of a weight was asked for that does not fit its shape.
+    #[error("tensor {name}: slice rows {rows:?} cols {cols:?} does not fit shape [{shape_rows} x {shape_cols}]")]
+    BadSlice {
+        name: String,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        shape_rows: usize,
+        shape_cols: usize,
+    },
+    /// A token id outside the embedding table.
+    #[error("token id {token} is outside the vocabulary of {vocab} tokens")]
+    TokenOutOfRange { token: u32, vocab: usize },
+    /// The device ran out of memory for the KV cache or activations.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+    /// Device not present or failed.
+    #[error("device error: {0}")]
+    Device(String),
+}
+
+/// How rotary position embeddings pair the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Rotate adjacent pairs `(x0, x1), (x2, x3), ...` (GGUF `llama`, whose Q/K rows are permuted for it).
+    Interleaved,
+    /// Rotate halves `(x_i, x_{i + d/2})` (GGUF `qwen2`, Hugging Face checkpoints).
+    NeoX,
+}
+
+/// Rotary embedding parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RopeParams {
+    pub style: RopeStyle,
+    pub theta: f32,
+    /// Number of leading dimensions of each head that are rotated (usually `head_dim`).
+    pub dim: usize,
+}
+
+/// Attention head geometry of one worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadLayout {
+    /// Query heads owned by this worker.
+    pub n_heads: usize,
+    /// KV heads owned by this worker; `n_heads` is a multiple of it (GQA groups stay whole).
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl HeadLayout {
+    /// Query heads sharing one KV head.
+    pub fn group(&self) -> usize {
+        self.n_heads / self.n_kv_heads.max(1)
+    }
+}
+
+/// One sequence's share of a batch of rows: `n_tokens` consecutive activation rows starting at
+/// `row`, at positions `start_pos..start_pos + n_tokens` of the sequence whose cache is `slot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqRows {
+    pub slot: usize,
+    pub row: usize,
+    pub start_pos: usize,
+    pub n_tokens: usize,
+}
+
+/// The layout of a batch: which rows belong to which sequence. Built by the engine per step.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchLayout {
+    pub seqs: Vec<SeqRows>,
+}
+
+impl BatchLayout {
+    /// Total rows in the batch.
+    pub fn n_rows(&self) -> usize {
+        self.seqs.iter().map(|s| s.n_tokens).sum()
+    }
+
+    /// Position of every row, in row order.
+    pub fn positions(&self) -> Vec<u32> {
+        let mut p = vec![0u32; self.n_rows()];
+        for s in &self.seqs {
+            for i in 0..s.n_tokens {
+                p[s.row + i] = (s.start_pos + i) as u32;
+            }
+        }
+        p
+    }
+}
+
+/// Sums partial activations across the workers of a tensor-parallel group.
+pub trait Collective<A>: Send + Sync {
+    /// Number of workers in the group.
+    fn world(&self) -> usize;
+    /// Replaces `x` on every rank by the sum of all ranks' `x` (same order on every rank, so the
+    /// result is bit-identical everywhere).
+    fn all_reduce_sum(&self, rank: usize, x: &mut A);
+}
+
+/// The operations the model forward is written against.
+pub trait Backend: Send + Sync {
+    /// A weight matrix `[rows = out features, cols = in features]` in the backend's layout.
+    type Matrix: Send + Sync;
+    /// A 1-D f32 parameter (norm weight, bias).
+    type Vector: Send + Sync;
+    /// Activations: `rows x cols` f32, row-major.
+    type Acts: Send;
+    /// The KV cache of one sequence for every layer of this worker's KV heads.
+    type Kv: Send;
+
+    /// A short name ("cpu", "cuda:0").
+    fn name(&self) -> String;
+
+    /// Loads the sub-matrix `rows x cols` of a weight. `cols` must cover whole quantization blocks
+    /// or the backend dequantizes that slice.
+    fn load_matrix(
+        &self,
+        w: &WeightView<'_>,
+        rows: Range<usize>,
+        cols: Range<usize>,
+    ) -> Result<Self::Matrix, BackendError>;
+
+    /// Loads elements `range` of a 1-D weight as f32.
+    fn load_vector(&self, w: &WeightView<'_>, range: Range<usize>) -> Result<Self::Vector, BackendError>;
+
+    /// Activations from host data.
+    fn acts_from_host(&self, data: &[f32], rows: usize, cols: usize) -> Self::Acts;
+    /// Copies activations to the host.
+    fn acts_to_host(&self, a: &Self::Acts) -> Vec<f32>;
+    /// `(rows, cols)` of activations.
+    fn acts_shape(&self, a: &Self::Acts) -> (usize, usize);
+    /// Keeps only the listed rows, in the listed order.
+    fn select_rows(&self, a: &Self::Acts, rows: &[usize]) -> Self::Acts;
+
+    /// Looks up embedding rows.
+    fn embed(&self, table: &Self::Matrix, tokens: &[u32]) -> Result<Self::Acts, BackendError>;
+    /// Row-wise RMS normalisation scaled by `w`.
+    fn rms_norm(&self, x: &Self::Acts, w: &Self::Vector, eps: f32) -> Self::Acts;
+    /// `x @ w^T (+ bias)`.
+    fn linear(&self, x: &Self::Acts, w: &Self::Matrix, bias: Option<&Self::Vector>) -> Self::Acts;
+    /// Applies rotary embeddings in place to `x` viewed as `[rows, n_heads, head_dim]`.
+    fn rope(&self, x: &mut Self::Acts, positions: &[u32], n_heads: usize, head_dim: usize, rope: &RopeParams);
+    /// `silu(gate) * up`, element-wise.
+    fn silu_mul(&self, gate: &Self::Acts, up: &Self::Acts) -> Self::Acts;
+    /// `x += y`.
+    fn add_assign(&self, x: &mut Self::Acts, y: &Self::Acts);
+
+    /// Creates an empty KV cache for one sequence, able to grow to `max_tokens`.
+    fn new_kv(&self, n_layers: usize, heads: HeadLayout, max_tokens: usize) -> Result<Self::Kv, BackendError>;
+    /// Tokens stored in a cache.
+    fn kv_len(&self, kv: &Self::Kv) -> usize;
+    /// Drops the cached tokens from position `len` on (to rewind or reuse a cache).
+    fn kv_truncate(&self, kv: &mut Self::Kv, len: usize);
+
+    /// Causal attention for one layer: appends `k`/`v` rows (`[rows, n_kv_heads*head_dim]`) to the
+    /// caches of their sequences at their positions, then attends each query row to every cached
+    /// position up to its own. `caches[i]` is the cache of `batch.seqs[i]`.
+    fn attention(
+        &self,
+        layer: usize,
+        q: &Self::Acts,
+        k: &Self::Acts,
+        v: &Self::Acts,
+        caches: &mut [&mut Self::Kv],
+        batch: &BatchLayout,
+        heads: HeadLayout,
+    ) -> Result<Self::Acts, BackendError>;
+}

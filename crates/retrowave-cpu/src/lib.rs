@@ -1,0 +1,161 @@
+//! The CPU backend of retrowave.
+//!
+//! Runs every model operation on the host: quantized matrix multiplies that keep GGUF weights in
+//! their stored blocks ([`quant`]), RMS norm / RoPE / SwiGLU ([`ops`]) and exact causal attention
+//! over an f16 KV cache ([`attention`]). Work is spread over the rayon thread pool; set
+//! `RAYON_NUM_THREADS` to choose its size. This backend is also the reference the GPU backend is
+//! checked against, and it makes the whole system run (slowly) on any machine.
+
+pub mod attention;
+pub mod ops;
+pub mod quant;
+pub mod simd;
+
+use std::ops::Range;
+
+use retrowave_core::{Backend, BackendError, BatchLayout, HeadLayout, RopeParams, WeightView};
+
+pub use attention::CpuKv;
+pub use quant::CpuMatrix;
+
+/// Row-major f32 activations.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuActs {
+    pub data: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// The CPU backend. Stateless: every buffer belongs to the matrices, caches and activations.
+#[derive(Debug, Clone, Default)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    /// A CPU backend using the global rayon pool.
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+impl Backend for CpuBackend {
+    type Matrix = CpuMatrix;
+    type Vector = Vec<f32>;
+    type Acts = CpuActs;
+    type Kv = CpuKv;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn load_matrix(&self, w: &WeightView<'_>, rows: Range<usize>, cols: Range<usize>) -> Result<CpuMatrix, BackendError> {
+        CpuMatrix::load(w, rows, cols)
+    }
+
+    fn load_vector(&self, w: &WeightView<'_>, range: Range<usize>) -> Result<Vec<f32>, BackendError> {
+        let n = w.rows * w.cols;
+        if range.start > range.end || range.end > n {
+            return Err(BackendError::BadSlice {
+                name: w.name.to_string(),
+                rows: 0..1,
+                cols: range,
+                shape_rows: w.rows,
+                shape_cols: w.cols,
+            });
+        }
+        let flat = WeightView { rows: 1, cols: n, ..*w };
+        let m = CpuMatrix::load(&flat, 0..1, 0..n)?;
+        let mut all = vec![0f32; n];
+        m.row_f32(0, &mut all)?;
+        Ok(all[range].to_vec())
+    }
+
+    fn acts_from_host(&self, data: &[f32], rows: usize, cols: usize) -> CpuActs {
+        CpuActs { data: data.to_vec(), rows, cols }
+    }
+
+    fn acts_to_host(&self, a: &CpuActs) -> Vec<f32> {
+        a.data.clone()
+    }
+
+    fn acts_shape(&self, a: &CpuActs) -> (usize, usize) {
+        (a.rows, a.cols)
+    }
+
+    fn select_rows(&self, a: &CpuActs, rows: &[usize]) -> CpuActs {
+        let mut data = Vec::with_capacity(rows.len() * a.cols);
+        for &r in rows {
+            data.extend_from_slice(&a.data[r * a.cols..(r + 1) * a.cols]);
+        }
+        CpuActs { data, rows: rows.len(), cols: a.cols }
+    }
+
+    fn embed(&self, table: &CpuMatrix, tokens: &[u32]) -> Result<CpuActs, BackendError> {
+        let cols = table.cols;
+        let mut data = vec![0f32; tokens.len() * cols];
+        for (row, &t) in data.chunks_mut(cols).zip(tokens) {
+            if t as usize >= table.rows {
+                return Err(BackendError::TokenOutOfRange { token: t, vocab: table.rows });
+            }
+            table.row_f32(t as usize, row)?;
+        }
+        Ok(CpuActs { data, rows: tokens.len(), cols })
+    }
+
+    fn rms_norm(&self, x: &CpuActs, w: &Vec<f32>, eps: f32) -> CpuActs {
+        CpuActs { data: ops::rms_norm(&x.data, x.cols, w, eps), rows: x.rows, cols: x.cols }
+    }
+
+    fn linear(&self, x: &CpuActs, w: &CpuMatrix, bias: Option<&Vec<f32>>) -> CpuActs {
+        let mut data = w.matmul(&x.data, x.rows);
+        if let Some(b) = bias {
+            for row in data.chunks_mut(w.rows) {
+                row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+            }
+        }
+        CpuActs { data, rows: x.rows, cols: w.rows }
+    }
+
+    fn rope(&self, x: &mut CpuActs, positions: &[u32], n_heads: usize, head_dim: usize, rope: &RopeParams) {
+        ops::rope(&mut x.data, positions, n_heads, head_dim, rope)
+    }
+
+    fn silu_mul(&self, gate: &CpuActs, up: &CpuActs) -> CpuActs {
+        CpuActs { data: ops::silu_mul(&gate.data, &up.data), rows: gate.rows, cols: gate.cols }
+    }
+
+    fn add_assign(&self, x: &mut CpuActs, y: &CpuActs) {
+        x.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
+    }
+
+    fn new_kv(&self, n_layers: usize, heads: HeadLayout, max_tokens: usize) -> Result<CpuKv, BackendError> {
+        Ok(CpuKv::new(n_layers, heads, max_tokens))
+    }
+
+    fn kv_len(&self, kv: &CpuKv) -> usize {
+        kv.len()
+    }
+
+    fn kv_truncate(&self, kv: &mut CpuKv, len: usize) {
+        kv.truncate(len)
+    }
+
+    fn attention(
+        &self,
+        layer: usize,
+        q: &CpuActs,
+        k: &CpuActs,
+        v: &CpuActs,
+        caches: &mut [&mut CpuKv],
+        batch: &BatchLayout,
+        heads: HeadLayout,
+    ) -> Result<CpuActs, BackendError> {
+        for (s, cache) in batch.seqs.iter().zip(caches.iter_mut()) {
+            let w = k.cols;
+            let rows = s.row * w..(s.row + s.n_tokens) * w;
+            cache.write(layer, s.start_pos, &k.data[rows.clone()], &v.data[rows])?;
+        }
+        let views: Vec<&CpuKv> = caches.iter().map(|c| &**c).collect();
+        let data = attention::attend(layer, &q.data, &views, batch, heads);
+        Ok(CpuActs { data, rows: q.rows, cols: q.cols })
+    }
+}

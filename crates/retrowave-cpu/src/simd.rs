@@ -1,0 +1,293 @@
+//! Hand-written AVX2 dot products for the block types whose candle-core kernels are scalar
+//! (Q4_1 x Q8_1 and Q5_0 x Q8_0), plus small f32 helpers the attention and norms use.
+//!
+//! Every function here has a portable fallback that computes the same value; the AVX2 paths are
+//! chosen at run time with `is_x86_feature_detected!`, so a binary built for x86-64-v3 still
+//! behaves on a CPU without AVX2.
+
+use half::f16;
+
+/// Q4_1 block (same layout as GGML's `block_q4_1`): scale, min, 32 4-bit values.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RawQ4_1 {
+    pub d: f16,
+    pub m: f16,
+    pub qs: [u8; 16],
+}
+
+/// Q5_0 block (GGML's `block_q5_0`): scale, 32 high bits, 32 low nibbles.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RawQ5_0 {
+    pub d: f16,
+    pub qh: [u8; 4],
+    pub qs: [u8; 16],
+}
+
+/// Q8_0 block (GGML's `block_q8_0`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RawQ8_0 {
+    pub d: f16,
+    pub qs: [i8; 32],
+}
+
+/// Q8_1 block (GGML's `block_q8_1`): `s = d * sum(qs)`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RawQ8_1 {
+    pub d: f16,
+    pub s: f16,
+    pub qs: [i8; 32],
+}
+
+const _: () = assert!(std::mem::size_of::<RawQ4_1>() == 20);
+const _: () = assert!(std::mem::size_of::<RawQ5_0>() == 22);
+const _: () = assert!(std::mem::size_of::<RawQ8_0>() == 34);
+const _: () = assert!(std::mem::size_of::<RawQ8_1>() == 36);
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `sum_b d_w d_x sum_i q4_i q8_i + m_w s_x` over the blocks.
+pub fn dot_q4_1_q8_1(w: &[RawQ4_1], x: &[RawQ8_1]) -> f32 {
+    debug_assert_eq!(w.len(), x.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked above).
+        return unsafe { avx2::dot_q4_1_q8_1(w, x) };
+    }
+    dot_q4_1_q8_1_portable(w, x)
+}
+
+/// Portable Q4_1 x Q8_1 dot product (the reference for the AVX2 path).
+pub fn dot_q4_1_q8_1_portable(w: &[RawQ4_1], x: &[RawQ8_1]) -> f32 {
+    let mut sum = 0f32;
+    for (wb, xb) in w.iter().zip(x) {
+        let mut isum = 0i32;
+        for j in 0..16 {
+            let lo = (wb.qs[j] & 0x0f) as i32;
+            let hi = (wb.qs[j] >> 4) as i32;
+            isum += lo * xb.qs[j] as i32 + hi * xb.qs[j + 16] as i32;
+        }
+        sum += wb.d.to_f32() * xb.d.to_f32() * isum as f32 + wb.m.to_f32() * xb.s.to_f32();
+    }
+    sum
+}
+
+/// `sum_b d_w d_x sum_i (q5_i - 16) q8_i` over the blocks.
+pub fn dot_q5_0_q8_0(w: &[RawQ5_0], x: &[RawQ8_0]) -> f32 {
+    debug_assert_eq!(w.len(), x.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked above).
+        return unsafe { avx2::dot_q5_0_q8_0(w, x) };
+    }
+    dot_q5_0_q8_0_portable(w, x)
+}
+
+/// Portable Q5_0 x Q8_0 dot product (the reference for the AVX2 path).
+pub fn dot_q5_0_q8_0_portable(w: &[RawQ5_0], x: &[RawQ8_0]) -> f32 {
+    let mut sum = 0f32;
+    for (wb, xb) in w.iter().zip(x) {
+        let qh = u32::from_le_bytes(wb.qh);
+        let mut isum = 0i32;
+        for j in 0..16 {
+            let lo = ((wb.qs[j] & 0x0f) as u32 | ((qh >> j) & 1) << 4) as i32 - 16;
+            let hi = ((wb.qs[j] >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4) as i32 - 16;
+            isum += lo * xb.qs[j] as i32 + hi * xb.qs[j + 16] as i32;
+        }
+        sum += wb.d.to_f32() * xb.d.to_f32() * isum as f32;
+    }
+    sum
+}
+
+/// Dot product of two f32 slices of equal length.
+#[inline]
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] = x[l].mul_add(y[l], acc[l]);
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s = x.mul_add(*y, s);
+    }
+    s
+}
+
+/// `y = y * scale + alpha * x`.
+#[inline]
+pub fn scale_axpy(y: &mut [f32], scale: f32, alpha: f32, x: &[f32]) {
+    debug_assert_eq!(x.len(), y.len());
+    for (yv, xv) in y.iter_mut().zip(x) {
+        *yv = alpha.mul_add(*xv, *yv * scale);
+    }
+}
+
+/// `y += alpha * x`.
+#[inline]
+pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+    debug_assert_eq!(x.len(), y.len());
+    for (yv, xv) in y.iter_mut().zip(x) {
+        *yv = alpha.mul_add(*xv, *yv);
+    }
+}
+
+/// Converts f16 to f32 (uses F16C through the `half` crate when available).
+#[inline]
+pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    src.convert_to_f32_slice(dst);
+}
+
+/// Converts f32 to f16 (round to nearest even).
+#[inline]
+pub fn f32_to_f16(src: &[f32], dst: &mut [f16]) {
+    use half::slice::HalfFloatSliceExt;
+    dst.convert_from_f32_slice(src);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{RawQ4_1, RawQ5_0, RawQ8_0, RawQ8_1};
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// 16 packed nibbles -> 32 bytes: low nibbles in bytes 0..16, high nibbles in 16..32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
+        // SAFETY: qs is 16 readable bytes.
+        let raw = unsafe { _mm_loadu_si128(qs.as_ptr() as *const __m128i) };
+        let hi = _mm_srli_epi16(raw, 4);
+        let both = _mm256_set_m128i(hi, raw);
+        _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
+    }
+
+    /// Spreads 32 bits to 32 bytes: 0xff where the bit is set.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn bits_to_bytes(bits: u32) -> __m256i {
+        let shuf = _mm256_set_epi64x(
+            0x0303030303030303,
+            0x0202020202020202,
+            0x0101010101010101,
+            0x0000000000000000,
+        );
+        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), shuf);
+        let mask = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe_u64 as i64);
+        let bytes = _mm256_or_si256(bytes, mask);
+        _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
+    }
+
+    /// Sum of u8 x i8 products as 8 f32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn madd_u8_i8(a: __m256i, b: __m256i) -> __m256 {
+        let p16 = _mm256_maddubs_epi16(a, b);
+        let p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+        _mm256_cvtepi32_ps(p32)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q4_1_q8_1(w: &[RawQ4_1], x: &[RawQ8_1]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let mut summs = 0f32;
+        for (wb, xb) in w.iter().zip(x) {
+            let d = wb.d.to_f32() * xb.d.to_f32();
+            summs += wb.m.to_f32() * xb.s.to_f32();
+            // SAFETY: block fields are fixed-size arrays.
+            let q4 = unsafe { nibbles(&wb.qs) };
+            let q8 = unsafe { _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i) };
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), madd_u8_i8(q4, q8), acc);
+        }
+        hsum(acc) + summs
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q5_0_q8_0(w: &[RawQ5_0], x: &[RawQ8_0]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        for (wb, xb) in w.iter().zip(x) {
+            let d = wb.d.to_f32() * xb.d.to_f32();
+            // SAFETY: block fields are fixed-size arrays.
+            let mut q = unsafe { nibbles(&wb.qs) };
+            // Where the fifth bit is clear the value is q - 16 = q | 0xf0 as i8.
+            let hi = _mm256_andnot_si256(bits_to_bytes(u32::from_le_bytes(wb.qh)), _mm256_set1_epi8(0xf0_u8 as i8));
+            q = _mm256_or_si256(q, hi);
+            let y = unsafe { _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i) };
+            // signed x signed through |q| (unsigned) x sign(y, q)
+            let aq = _mm256_sign_epi8(q, q);
+            let sy = _mm256_sign_epi8(y, q);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), madd_u8_i8(aq, sy), acc);
+        }
+        hsum(acc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn q4_1(d: f32, m: f32, qs: [u8; 16]) -> RawQ4_1 {
+        RawQ4_1 { d: f16::from_f32(d), m: f16::from_f32(m), qs }
+    }
+
+    proptest! {
+        #[test]
+        fn q4_1_avx2_matches_portable(seed in proptest::collection::vec(any::<u8>(), 16 * 4), xs in proptest::collection::vec(-127i8..=127, 32 * 4), d in 0.001f32..1.0, m in -1.0f32..1.0) {
+            let w: Vec<RawQ4_1> = seed.chunks(16).map(|c| q4_1(d, m, c.try_into().unwrap())).collect();
+            let x: Vec<RawQ8_1> = xs.chunks(32).map(|c| {
+                let qs: [i8; 32] = c.try_into().unwrap();
+                let s: i32 = qs.iter().map(|&v| v as i32).sum();
+                RawQ8_1 { d: f16::from_f32(0.01), s: f16::from_f32(0.01 * s as f32), qs }
+            }).collect();
+            let a = dot_q4_1_q8_1(&w, &x);
+            let b = dot_q4_1_q8_1_portable(&w, &x);
+            prop_assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+
+        #[test]
+        fn q5_0_avx2_matches_portable(qs in proptest::collection::vec(any::<u8>(), 16 * 4), qh in proptest::collection::vec(any::<u8>(), 4 * 4), xs in proptest::collection::vec(-127i8..=127, 32 * 4), d in 0.001f32..1.0) {
+            let w: Vec<RawQ5_0> = (0..4).map(|i| RawQ5_0 { d: f16::from_f32(d), qh: qh[i*4..i*4+4].try_into().unwrap(), qs: qs[i*16..i*16+16].try_into().unwrap() }).collect();
+            let x: Vec<RawQ8_0> = xs.chunks(32).map(|c| RawQ8_0 { d: f16::from_f32(0.02), qs: c.try_into().unwrap() }).collect();
+            let a = dot_q5_0_q8_0(&w, &x);
+            let b = dot_q5_0_q8_0_portable(&w, &x);
+            prop_assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn dot_f32_matches_naive() {
+        let a: Vec<f32> = (0..77).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..77).map(|i| (i as f32 * 0.11).cos()).collect();
+        let naive: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        assert!((dot_f32(&a, &b) as f64 - naive).abs() < 1e-4);
+    }
+}

@@ -1,0 +1,221 @@
+//! The tensor-parallel worker group: one worker per device (or per thread on the CPU), all running
+//! the same step on their shard, joined by collectives.
+//!
+//! With one worker the group calls it directly on the caller's thread. With several, each worker
+//! lives on its own thread and receives the step through a channel; the row-parallel projections
+//! are summed by [`HostSum`], an in-process all-reduce over host memory (NCCL replaces it on GPUs).
+
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread::JoinHandle;
+
+use retrowave_core::{Backend, BatchLayout, Collective};
+use retrowave_model::arch::{ModelConfig, WeightSource};
+
+use crate::shard;
+use crate::worker::Worker;
+use crate::EngineError;
+
+/// In-process all-reduce: every rank publishes its buffer, then every rank sums all buffers in
+/// rank order, so each rank gets a bit-identical result.
+pub struct HostSum {
+    slots: Vec<Mutex<Vec<f32>>>,
+    barrier: Barrier,
+}
+
+impl HostSum {
+    /// A collective for `world` ranks.
+    pub fn new(world: usize) -> Self {
+        HostSum { slots: (0..world).map(|_| Mutex::new(Vec::new())).collect(), barrier: Barrier::new(world) }
+    }
+}
+
+impl Collective<Vec<f32>> for HostSum {
+    fn world(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn all_reduce_sum(&self, rank: usize, x: &mut Vec<f32>) {
+        {
+            let mut slot = self.slots[rank].lock().unwrap_or_else(|p| p.into_inner());
+            slot.clear();
+            slot.extend_from_slice(x);
+        }
+        self.barrier.wait();
+        x.iter_mut().for_each(|v| *v = 0.0);
+        for s in &self.slots {
+            let s = s.lock().unwrap_or_else(|p| p.into_inner());
+            x.iter_mut().zip(s.iter()).for_each(|(a, b)| *a += b);
+        }
+        self.barrier.wait();
+    }
+}
+
+enum Cmd {
+    Forward { tokens: Arc<Vec<u32>>, batch: Arc<BatchLayout>, logits_rows: Arc<Vec<usize>> },
+    Open { slot: usize, max_tokens: usize },
+    Close { slot: usize },
+    Truncate { slot: usize, len: usize },
+}
+
+type Reply = Result<Option<Vec<f32>>, EngineError>;
+
+struct Remote {
+    tx: Sender<Cmd>,
+    rx: Receiver<Reply>,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// A group of workers that together hold the whole model.
+pub struct WorkerGroup<B: Backend + 'static> {
+    local: Option<Worker<B>>,
+    remotes: Vec<Remote>,
+    vocab: usize,
+}
+
+impl<B: Backend + 'static> WorkerGroup<B>
+where
+    B::Matrix: 'static,
+    B::Vector: 'static,
+    B::Kv: 'static,
+{
+    /// Loads the model over `backends.len()` workers (the tensor-parallel degree).
+    pub fn load(cfg: &ModelConfig, src: &dyn WeightSource, backends: Vec<B>) -> Result<Self, EngineError> {
+        let world = backends.len();
+        let shards = shard::plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn_hidden, world)?;
+        if world == 1 {
+            let backend = backends.into_iter().next().ok_or_else(|| EngineError::Config("no backend".into()))?;
+            let shard = shards.into_iter().next().ok_or_else(|| EngineError::Config("no shard".into()))?;
+            let w = Worker::load(backend, cfg, src, shard, None)?;
+            return Ok(WorkerGroup { local: Some(w), remotes: Vec::new(), vocab: cfg.vocab_size });
+        }
+        let coll: Arc<dyn Collective<Vec<f32>>> = Arc::new(HostSum::new(world));
+        let mut remotes = Vec::with_capacity(world);
+        for (backend, shard) in backends.into_iter().zip(shards) {
+            // Weights are loaded here (the source borrows the model file), then moved to the thread.
+            let w = Worker::load(backend, cfg, src, shard, Some(coll.clone()))?;
+            let (tx, crx) = mpsc::channel::<Cmd>();
+            let (ctx, rx) = mpsc::channel::<Reply>();
+            let handle = std::thread::Builder::new()
+                .name(format!("retrowave-worker-{}", remotes.len()))
+                .spawn(move || serve(w, crx, ctx))
+                .map_err(|e| EngineError::Config(format!("cannot start worker thread: {e}")))?;
+            remotes.push(Remote { tx, rx, handle: Some(handle) });
+        }
+        Ok(WorkerGroup { local: None, remotes, vocab: cfg.vocab_size })
+    }
+
+    /// Tensor-parallel degree.
+    pub fn world(&self) -> usize {
+        if self.local.is_some() { 1 } else { self.remotes.len() }
+    }
+
+    /// Vocabulary size (columns of the logits).
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    /// Name of the backend(s).
+    pub fn backend_name(&self) -> String {
+        match &self.local {
+            Some(w) => w.backend().name(),
+            None => format!("{} workers", self.remotes.len()),
+        }
+    }
+
+    fn broadcast(&mut self, make: impl Fn() -> Cmd) -> Result<Option<Vec<f32>>, EngineError> {
+        for r in &self.remotes {
+            r.tx.send(make()).map_err(|_| EngineError::WorkerLost)?;
+        }
+        let mut out = None;
+        let mut err = None;
+        for (i, r) in self.remotes.iter().enumerate() {
+            match r.rx.recv() {
+                Ok(Ok(v)) => {
+                    if i == 0 {
+                        out = v;
+                    }
+                }
+                Ok(Err(e)) => err = err.or(Some(e)),
+                Err(_) => err = err.or(Some(EngineError::WorkerLost)),
+            }
+        }
+        match err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// Creates the cache of `slot` on every worker.
+    pub fn open_slot(&mut self, slot: usize, max_tokens: usize) -> Result<(), EngineError> {
+        match &mut self.local {
+            Some(w) => w.open_slot(slot, max_tokens),
+            None => self.broadcast(|| Cmd::Open { slot, max_tokens }).map(|_| ()),
+        }
+    }
+
+    /// Frees the cache of `slot` on every worker.
+    pub fn close_slot(&mut self, slot: usize) {
+        match &mut self.local {
+            Some(w) => w.close_slot(slot),
+            None => {
+                let _ = self.broadcast(|| Cmd::Close { slot });
+            }
+        }
+    }
+
+    /// Rewinds the cache of `slot` on every worker.
+    pub fn truncate_slot(&mut self, slot: usize, len: usize) {
+        match &mut self.local {
+            Some(w) => w.truncate_slot(slot, len),
+            None => {
+                let _ = self.broadcast(|| Cmd::Truncate { slot, len });
+            }
+        }
+    }
+
+    /// Runs one forward step on every worker; returns the logits of `logits_rows`.
+    pub fn forward(&mut self, tokens: &[u32], batch: &BatchLayout, logits_rows: &[usize]) -> Result<Vec<f32>, EngineError> {
+        let out = match &mut self.local {
+            Some(w) => w.forward(tokens, batch, logits_rows)?,
+            None => {
+                let (t, b, l) = (Arc::new(tokens.to_vec()), Arc::new(batch.clone()), Arc::new(logits_rows.to_vec()));
+                self.broadcast(|| Cmd::Forward { tokens: t.clone(), batch: b.clone(), logits_rows: l.clone() })?
+            }
+        };
+        Ok(out.unwrap_or_default())
+    }
+}
+
+fn serve<B: Backend>(mut w: Worker<B>, rx: Receiver<Cmd>, tx: Sender<Reply>) {
+    while let Ok(cmd) = rx.recv() {
+        let reply = match cmd {
+            Cmd::Forward { tokens, batch, logits_rows } => w.forward(&tokens, &batch, &logits_rows),
+            Cmd::Open { slot, max_tokens } => w.open_slot(slot, max_tokens).map(|_| None),
+            Cmd::Close { slot } => {
+                w.close_slot(slot);
+                Ok(None)
+            }
+            Cmd::Truncate { slot, len } => {
+                w.truncate_slot(slot, len);
+                Ok(None)
+            }
+        };
+        if tx.send(reply).is_err() {
+            break;
+        }
+    }
+}
+
+impl<B: Backend + 'static> Drop for WorkerGroup<B> {
+    fn drop(&mut self) {
+        for r in &mut self.remotes {
+            // Closing the command channel ends the worker's loop.
+            let (dead, _) = mpsc::channel();
+            drop(std::mem::replace(&mut r.tx, dead));
+            if let Some(h) = r.handle.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}

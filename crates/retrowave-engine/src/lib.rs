@@ -1,0 +1,45 @@
+//! The retrowave engine: admits requests, plans each step ([`scheduler`]), runs the model forward
+//! on a tensor-parallel group of workers ([`group`], [`worker`], [`shard`]) and turns logits into
+//! tokens and text ([`engine`]).
+//!
+//! The forward is written once against [`retrowave_core::Backend`]; the engine is generic over it.
+
+pub mod engine;
+pub mod group;
+pub mod scheduler;
+pub mod shard;
+pub mod worker;
+
+pub use engine::{Engine, EngineConfig, Event, FinishReason, Usage};
+pub use group::WorkerGroup;
+pub use scheduler::{SchedulerConfig, SeqId, StepPlan};
+
+use retrowave_core::BackendError;
+use retrowave_model::arch::ArchError;
+use retrowave_model::sampling::SamplingError;
+
+/// Errors of the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Model(#[from] ArchError),
+    #[error("invalid sampling parameters: {0}")]
+    Sampling(#[from] SamplingError),
+    #[error("invalid engine configuration: {0}")]
+    Config(String),
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("the prompt has {tokens} tokens; this engine accepts at most {max}")]
+    PromptTooLong { tokens: usize, max: usize },
+    #[error("token id {token} is outside the vocabulary of {vocab} tokens")]
+    TokenOutOfRange { token: u32, vocab: usize },
+    #[error("no KV cache slot {0} on a worker")]
+    UnknownSlot(usize),
+    #[error("a worker thread stopped")]
+    WorkerLost,
+    /// A step failed; its sequences were ended (their final events are attached), the others go on.
+    #[error("step failed: {source}")]
+    StepFailed { source: Box<EngineError>, events: Vec<Event> },
+}

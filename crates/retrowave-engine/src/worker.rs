@@ -1,0 +1,213 @@
+//! One tensor-parallel worker: its shard of the weights on its backend, the KV caches of its heads,
+//! and the model forward written once against [`Backend`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use retrowave_core::{Backend, BatchLayout, Collective, HeadLayout, RopeParams};
+use retrowave_model::arch::{ModelConfig, WeightSource};
+
+use crate::shard::Shard;
+use crate::EngineError;
+
+struct Layer<B: Backend> {
+    attn_norm: B::Vector,
+    wq: B::Matrix,
+    wk: B::Matrix,
+    wv: B::Matrix,
+    bq: Option<B::Vector>,
+    bk: Option<B::Vector>,
+    bv: Option<B::Vector>,
+    wo: B::Matrix,
+    ffn_norm: B::Vector,
+    w_gate: B::Matrix,
+    w_up: B::Matrix,
+    w_down: B::Matrix,
+}
+
+/// A worker: weights, caches and forward for one shard.
+pub struct Worker<B: Backend> {
+    backend: B,
+    shard: Shard,
+    heads: HeadLayout,
+    rope: RopeParams,
+    rms_eps: f32,
+    n_layers: usize,
+    embed: B::Matrix,
+    layers: Vec<Layer<B>>,
+    out_norm: B::Vector,
+    /// Separate output matrix (rank 0 only); `None` with tied embeddings.
+    output: Option<B::Matrix>,
+    caches: HashMap<usize, B::Kv>,
+    collective: Option<Arc<dyn Collective<Vec<f32>>>>,
+}
+
+impl<B: Backend> Worker<B> {
+    /// Loads this shard's weights from `src`.
+    pub fn load(
+        backend: B,
+        cfg: &ModelConfig,
+        src: &dyn WeightSource,
+        shard: Shard,
+        collective: Option<Arc<dyn Collective<Vec<f32>>>>,
+    ) -> Result<Self, EngineError> {
+        let hd = cfg.head_dim;
+        let q_rows = shard.q_heads.start * hd..shard.q_heads.end * hd;
+        let kv_rows = shard.kv_heads.start * hd..shard.kv_heads.end * hd;
+        let all = |n: usize| 0..n;
+        let w = |name: &str| src.weight(name).map_err(EngineError::from);
+        let mat = |name: &str, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| -> Result<B::Matrix, EngineError> {
+            let v = w(name)?;
+            Ok(backend.load_matrix(&v, rows, cols)?)
+        };
+        let vec = |name: &str, range: std::ops::Range<usize>| -> Result<B::Vector, EngineError> {
+            let v = w(name)?;
+            Ok(backend.load_vector(&v, range)?)
+        };
+        let opt_vec = |name: &str, range: std::ops::Range<usize>| -> Result<Option<B::Vector>, EngineError> {
+            if src.has(name) { vec(name, range).map(Some) } else { Ok(None) }
+        };
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let n = |t: &str| format!("blk.{i}.{t}");
+            layers.push(Layer {
+                attn_norm: vec(&n("attn_norm.weight"), all(cfg.hidden))?,
+                wq: mat(&n("attn_q.weight"), q_rows.clone(), all(cfg.hidden))?,
+                wk: mat(&n("attn_k.weight"), kv_rows.clone(), all(cfg.hidden))?,
+                wv: mat(&n("attn_v.weight"), kv_rows.clone(), all(cfg.hidden))?,
+                bq: opt_vec(&n("attn_q.bias"), q_rows.clone())?,
+                bk: opt_vec(&n("attn_k.bias"), kv_rows.clone())?,
+                bv: opt_vec(&n("attn_v.bias"), kv_rows.clone())?,
+                wo: mat(&n("attn_output.weight"), all(cfg.hidden), q_rows.clone())?,
+                ffn_norm: vec(&n("ffn_norm.weight"), all(cfg.hidden))?,
+                w_gate: mat(&n("ffn_gate.weight"), shard.ffn.clone(), all(cfg.hidden))?,
+                w_up: mat(&n("ffn_up.weight"), shard.ffn.clone(), all(cfg.hidden))?,
+                w_down: mat(&n("ffn_down.weight"), all(cfg.hidden), shard.ffn.clone())?,
+            });
+        }
+        let embed = mat("token_embd.weight", all(cfg.vocab_size), all(cfg.hidden))?;
+        let output = if shard.rank == 0 && !cfg.tied_embeddings {
+            Some(mat("output.weight", all(cfg.vocab_size), all(cfg.hidden))?)
+        } else {
+            None
+        };
+        let out_norm = vec("output_norm.weight", all(cfg.hidden))?;
+        Ok(Worker {
+            heads: HeadLayout { n_heads: shard.q_heads.len(), n_kv_heads: shard.kv_heads.len(), head_dim: hd },
+            rope: RopeParams { style: cfg.rope_style, theta: cfg.rope_theta, dim: cfg.rope_dim },
+            rms_eps: cfg.rms_eps,
+            n_layers: cfg.n_layers,
+            backend,
+            shard,
+            embed,
+            layers,
+            out_norm,
+            output,
+            caches: HashMap::new(),
+            collective,
+        })
+    }
+
+    /// This worker's shard.
+    pub fn shard(&self) -> &Shard {
+        &self.shard
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Creates (or resets) the cache of `slot`.
+    pub fn open_slot(&mut self, slot: usize, max_tokens: usize) -> Result<(), EngineError> {
+        let kv = self.backend.new_kv(self.n_layers, self.heads, max_tokens)?;
+        self.caches.insert(slot, kv);
+        Ok(())
+    }
+
+    /// Drops the cache of `slot`.
+    pub fn close_slot(&mut self, slot: usize) {
+        self.caches.remove(&slot);
+    }
+
+    fn all_reduce(&self, x: &mut B::Acts) {
+        if let Some(c) = &self.collective {
+            let (rows, cols) = self.backend.acts_shape(x);
+            let mut host = self.backend.acts_to_host(x);
+            c.all_reduce_sum(self.shard.rank, &mut host);
+            *x = self.backend.acts_from_host(&host, rows, cols);
+        }
+    }
+
+    /// Runs the model over `tokens` laid out by `batch`, appending to the caches of its slots.
+    /// Returns the logits of `logits_rows` (`[logits_rows.len(), vocab]`) on rank 0, `None`
+    /// elsewhere.
+    pub fn forward(
+        &mut self,
+        tokens: &[u32],
+        batch: &BatchLayout,
+        logits_rows: &[usize],
+    ) -> Result<Option<Vec<f32>>, EngineError> {
+        let b = &self.backend;
+        let positions = batch.positions();
+        // Take the caches of the batch's slots out of the map for the duration of the step.
+        let mut taken = Vec::with_capacity(batch.seqs.len());
+        for s in &batch.seqs {
+            let kv = self.caches.remove(&s.slot).ok_or(EngineError::UnknownSlot(s.slot));
+            match kv {
+                Ok(kv) => taken.push((s.slot, kv)),
+                Err(e) => {
+                    for (slot, kv) in taken {
+                        self.caches.insert(slot, kv);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let result = (|| -> Result<Option<Vec<f32>>, EngineError> {
+            let mut x = b.embed(&self.embed, tokens)?;
+            let hd = self.heads.head_dim;
+            for (li, l) in self.layers.iter().enumerate() {
+                let h = b.rms_norm(&x, &l.attn_norm, self.rms_eps);
+                let mut q = b.linear(&h, &l.wq, l.bq.as_ref());
+                let mut k = b.linear(&h, &l.wk, l.bk.as_ref());
+                let v = b.linear(&h, &l.wv, l.bv.as_ref());
+                b.rope(&mut q, &positions, self.heads.n_heads, hd, &self.rope);
+                b.rope(&mut k, &positions, self.heads.n_kv_heads, hd, &self.rope);
+                let mut caches: Vec<&mut B::Kv> = taken.iter_mut().map(|(_, kv)| kv).collect();
+                let a = b.attention(li, &q, &k, &v, &mut caches, batch, self.heads)?;
+                let mut o = b.linear(&a, &l.wo, None);
+                self.all_reduce(&mut o);
+                b.add_assign(&mut x, &o);
+                let h = b.rms_norm(&x, &l.ffn_norm, self.rms_eps);
+                let g = b.linear(&h, &l.w_gate, None);
+                let u = b.linear(&h, &l.w_up, None);
+                let mut d = b.linear(&b.silu_mul(&g, &u), &l.w_down, None);
+                self.all_reduce(&mut d);
+                b.add_assign(&mut x, &d);
+            }
+            if self.shard.rank != 0 || logits_rows.is_empty() {
+                return Ok(None);
+            }
+            let last = b.select_rows(&x, logits_rows);
+            let h = b.rms_norm(&last, &self.out_norm, self.rms_eps);
+            let logits = b.linear(&h, self.output.as_ref().unwrap_or(&self.embed), None);
+            Ok(Some(b.acts_to_host(&logits)))
+        })();
+        for ((slot, mut kv), s) in taken.into_iter().zip(&batch.seqs) {
+            if result.is_err() {
+                // A failed step leaves no partial token behind: rewind to the state before it.
+                self.backend.kv_truncate(&mut kv, s.start_pos);
+            }
+            self.caches.insert(slot, kv);
+        }
+        result
+    }
+
+    /// Rewinds the cache of `slot` to `len` tokens.
+    pub fn truncate_slot(&mut self, slot: usize, len: usize) {
+        if let Some(kv) = self.caches.get_mut(&slot) {
+            self.backend.kv_truncate(kv, len);
+        }
+    }
+}

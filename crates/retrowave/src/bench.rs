@@ -1,0 +1,148 @@
+//! `retrowave bench ...`: benchmarks that write JSON records (one object per line) to
+//! bench/results/.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use retrowave_engine::Event;
+use retrowave_model::registry;
+use retrowave_model::sampling::SamplingParams;
+use serde_json::json;
+
+use crate::load;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Prefill and decode tokens/s of one sequence at given prompt lengths.
+    Generate {
+        #[arg(long, short, default_value = registry::DEFAULT_MODEL)]
+        model: String,
+        /// Prompt lengths in tokens, comma-separated.
+        #[arg(long, default_value = "2048,8192", value_delimiter = ',')]
+        contexts: Vec<usize>,
+        /// Greedy decode steps after the prompt.
+        #[arg(long, default_value_t = 128)]
+        decode_tokens: usize,
+        /// Runs per length (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Tensor-parallel degree.
+        #[arg(long, default_value_t = 1)]
+        tp: usize,
+        #[arg(long, default_value_t = 512)]
+        prefill_chunk: usize,
+        /// JSON-lines file to append to (default bench/results/generate-<model>.jsonl).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// The haystack prompt: the Paul Graham essays, sorted by file name, joined by blank lines,
+/// tokenized without special-token parsing and cut to `n` tokens (the llama.cpp anchor script
+/// builds its prompt the same way).
+pub fn essay_prompt(tok: &retrowave_model::tokenizer::Tokenizer, n: usize) -> Result<Vec<u32>> {
+    let dir = registry::ensure_dataset("paul-graham-essays")?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+        .collect();
+    files.sort();
+    let mut text = String::new();
+    for f in &files {
+        if !text.is_empty() {
+            text.push_str("\n\n");
+        }
+        text.push_str(&std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?);
+    }
+    let mut ids = tok.encode(&text, true, false)?;
+    if ids.len() < n {
+        bail!("the essays give only {} tokens, {n} asked", ids.len());
+    }
+    ids.truncate(n);
+    Ok(ids)
+}
+
+/// The CPU model name and the worker threads, for the `device` field.
+pub fn cpu_device() -> String {
+    let name = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    format!("{name}, {} threads", rayon::current_num_threads())
+}
+
+/// Short hash of the checked-out commit, or "unknown".
+pub fn commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Generate { model, contexts, decode_tokens, runs, tp, prefill_chunk, out } => {
+            let loaded = load::open(&model)?;
+            let max_ctx = contexts.iter().max().copied().unwrap_or(0) + decode_tokens + 16;
+            let mut engine = load::engine(&loaded, load::EngineOptions { tp, max_context: max_ctx, prefill_chunk })?;
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("bench/results/generate-{model}.jsonl")));
+            if let Some(dir) = out.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let device = cpu_device();
+            let commit = commit();
+            let tok = engine.tokenizer().clone();
+            for &n in &contexts {
+                let prompt = essay_prompt(&tok, n)?;
+                let (mut pre, mut dec) = (Vec::new(), Vec::new());
+                for run in 0..runs.max(1) {
+                    let params = SamplingParams { max_tokens: decode_tokens + 1, ignore_eos: true, ..Default::default() };
+                    let t = Instant::now();
+                    let id = engine.add_request(prompt.clone(), params)?;
+                    let usage = loop {
+                        let evs = engine.step()?;
+                        if let Some(u) = evs.iter().find_map(|e| match e {
+                            Event::Finished { id: f, usage, .. } if *f == id => Some(*usage),
+                            _ => None,
+                        }) {
+                            break u;
+                        }
+                    };
+                    let p = n as f64 / usage.prefill.as_secs_f64();
+                    let d = decode_tokens as f64 / usage.decode.as_secs_f64();
+                    eprintln!(
+                        "{model} context {n} run {}: prefill {p:.1} tok/s, decode {d:.1} tok/s ({:.1} s)",
+                        run + 1,
+                        t.elapsed().as_secs_f64()
+                    );
+                    pre.push(p);
+                    dec.push(d);
+                }
+                let ts = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+                let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&out)?;
+                for (metric, v) in [("prefill_tokens_per_s", median(pre)), ("decode_tokens_per_s", median(dec))] {
+                    let rec = json!({
+                        "bench": "generate", "engine": "retrowave", "metric": metric, "value": v,
+                        "unit": "tokens/s", "device": device, "model": model, "context": n,
+                        "decode_tokens": decode_tokens, "runs": runs, "tp": tp, "commit": commit, "timestamp": ts,
+                    });
+                    writeln!(f, "{rec}")?;
+                    println!("{rec}");
+                }
+            }
+            Ok(())
+        }
+    }
+}

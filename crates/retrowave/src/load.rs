@@ -1,0 +1,89 @@
+//! Opening a model for the engine: resolve the name or path (fetching registry models on first
+//! use), validate the file against its architecture, build the tokenizer and the worker group.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use retrowave_cpu::CpuBackend;
+use retrowave_engine::{Engine, EngineConfig, SchedulerConfig, WorkerGroup};
+use retrowave_model::arch::{self, ModelConfig, ModelSource};
+use retrowave_model::registry::{self, FetchOptions, ModelSpec};
+use retrowave_model::tokenizer::Tokenizer;
+
+/// Where the weights and the tokenizer come from, and what they say.
+pub struct LoadedModel {
+    pub path: PathBuf,
+    pub source: ModelSource,
+    pub config: ModelConfig,
+    pub tokenizer: Arc<Tokenizer>,
+}
+
+/// Resolves `spec` (a registry name or a path) to a local file or folder, fetching if needed.
+pub fn resolve_path(spec: &str) -> Result<PathBuf> {
+    match registry::resolve(spec)? {
+        ModelSpec::Registry(entry) => {
+            let path = registry::model_path(entry.name)?;
+            if path.exists() {
+                Ok(registry::ensure_model(entry.name)?)
+            } else {
+                eprintln!("fetching {} ({:.0} MB) into {}", entry.name, entry.size as f64 / 1e6, path.display());
+                Ok(registry::fetch_model(entry, &FetchOptions::interactive())?)
+            }
+        }
+        ModelSpec::Path(p) => Ok(p),
+    }
+}
+
+/// Opens and validates a model.
+pub fn open(spec: &str) -> Result<LoadedModel> {
+    let path = resolve_path(spec)?;
+    open_path(&path)
+}
+
+/// Opens and validates a model file or folder.
+pub fn open_path(path: &Path) -> Result<LoadedModel> {
+    let source = arch::open_model(path).with_context(|| format!("cannot open model {}", path.display()))?;
+    let config = source.config()?;
+    arch::validate_tensors(&config, &source)?;
+    let tokenizer = match &source {
+        ModelSource::Gguf(g) => Tokenizer::from_gguf(g)?,
+        ModelSource::HfFolder(_) => Tokenizer::from_hf_folder(path)?,
+    };
+    Ok(LoadedModel { path: path.to_path_buf(), source, config, tokenizer: Arc::new(tokenizer) })
+}
+
+/// Engine options from the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    /// Tensor-parallel degree (workers).
+    pub tp: usize,
+    /// Context limit; 0 = the model's.
+    pub max_context: usize,
+    pub prefill_chunk: usize,
+}
+
+/// Loads the weights onto CPU workers and builds an engine.
+pub fn engine(model: &LoadedModel, opts: EngineOptions) -> Result<Engine<CpuBackend>> {
+    let t = Instant::now();
+    let backends = (0..opts.tp.max(1)).map(|_| CpuBackend::new()).collect();
+    let group = WorkerGroup::load(&model.config, &model.source, backends)?;
+    let max_context = if opts.max_context == 0 {
+        model.config.context_length
+    } else {
+        opts.max_context.min(model.config.context_length)
+    };
+    tracing::info!(
+        model = %model.path.display(),
+        backend = %group.backend_name(),
+        seconds = t.elapsed().as_secs_f64(),
+        "weights loaded"
+    );
+    let chunk = opts.prefill_chunk.max(1);
+    let cfg = EngineConfig {
+        scheduler: SchedulerConfig { max_batch_tokens: chunk, prefill_chunk: chunk, max_seqs: 32 },
+        max_context,
+    };
+    Ok(Engine::new(group, model.tokenizer.clone(), cfg))
+}

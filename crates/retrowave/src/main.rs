@@ -1,0 +1,215 @@
+//! The `retrowave` command: fetch models, generate text, run benchmarks.
+
+mod bench;
+mod load;
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use retrowave_engine::Event;
+use retrowave_model::chat::{ChatMessage, ChatTemplate};
+use retrowave_model::registry::{self, FetchOptions, ModelSpec};
+use retrowave_model::sampling::SamplingParams;
+
+#[derive(Parser)]
+#[command(name = "retrowave", version, about = "Long-context LLM serving runtime")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download, assemble and verify a registry model (or list them).
+    Fetch {
+        /// Model name (default: the default model).
+        name: Option<String>,
+        /// List the registry instead.
+        #[arg(long)]
+        list: bool,
+        /// Print only the local path (fetching first if needed).
+        #[arg(long)]
+        print_path: bool,
+        /// Fetch again even if the file is present.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Generate text from a prompt, streaming tokens to stdout.
+    Generate(GenerateArgs),
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        which: bench::BenchCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// Registry name or path to a .gguf file or Hugging Face folder.
+    #[arg(long, short, default_value = registry::DEFAULT_MODEL, env = "RETROWAVE_MODEL")]
+    model: String,
+    /// Tensor-parallel degree (CPU workers).
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    /// Context limit in tokens (0 = the model's).
+    #[arg(long, default_value_t = 0)]
+    max_context: usize,
+    /// Prompt tokens per prefill step.
+    #[arg(long, default_value_t = 512)]
+    prefill_chunk: usize,
+}
+
+impl ModelArgs {
+    fn engine_options(&self) -> load::EngineOptions {
+        load::EngineOptions { tp: self.tp, max_context: self.max_context, prefill_chunk: self.prefill_chunk }
+    }
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Render the prompt as a user message with the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System message (with --chat).
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 0 = no limit.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when this text appears (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Keep going after an end-of-generation token.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// The prompt.
+    prompt: String,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RETROWAVE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Fetch { name, list, print_path, force } => fetch(name, list, print_path, force),
+        Command::Generate(args) => generate(args),
+        Command::Bench { which } => bench::run(which),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn fetch(name: Option<String>, list: bool, print_path: bool, force: bool) -> Result<()> {
+    if list {
+        for e in registry::entries() {
+            let mark = if registry::model_path(e.name).map(|p| p.exists()).unwrap_or(false) { "cached" } else { "" };
+            println!("{:<22} {:>6.0} MB  {:<8} {}", e.name, e.size as f64 / 1e6, mark, e.description);
+        }
+        return Ok(());
+    }
+    let name = name.unwrap_or_else(|| registry::DEFAULT_MODEL.to_string());
+    let path = match registry::resolve(&name)? {
+        ModelSpec::Registry(entry) => {
+            if force || !registry::model_path(entry.name)?.exists() {
+                let mut opts = FetchOptions::interactive();
+                opts.force = force;
+                if print_path {
+                    opts.progress = false;
+                }
+                registry::fetch_model(entry, &opts)?
+            } else {
+                registry::ensure_model(entry.name)?
+            }
+        }
+        ModelSpec::Path(p) => bail!("{} is a local path, not a registry model", p.display()),
+    };
+    if print_path {
+        println!("{}", path.display());
+    } else {
+        eprintln!("{name}: verified, {}", path.display());
+    }
+    Ok(())
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let model = load::open(&args.model.model)?;
+    let mut engine = load::engine(&model, args.model.engine_options())?;
+    let tok = engine.tokenizer().clone();
+    let prompt_ids = if args.chat {
+        let template = tok.chat_template().context("this model has no chat template; drop --chat")?;
+        let template = ChatTemplate::new(template)?;
+        let mut messages = Vec::new();
+        if let Some(s) = &args.system {
+            messages.push(ChatMessage::new("system", s.as_str()));
+        }
+        messages.push(ChatMessage::new("user", args.prompt.as_str()));
+        let bos = tok.bos_id().and_then(|i| tok.token_text(i)).unwrap_or("").to_string();
+        let eos = tok.eos_id().and_then(|i| tok.token_text(i)).unwrap_or("").to_string();
+        let text = template.render(&messages, true, &bos, &eos)?;
+        tok.encode(&text, true, true)?
+    } else {
+        tok.encode(&args.prompt, true, false)?
+    };
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+        max_tokens: args.max_tokens,
+        stop: args.stop.clone(),
+        ignore_eos: args.ignore_eos,
+    };
+    let start = Instant::now();
+    let id = engine.add_request(prompt_ids, params)?;
+    let mut out = std::io::stdout().lock();
+    loop {
+        let events = engine.step()?;
+        for ev in events {
+            match ev {
+                Event::Token { text, .. } => {
+                    out.write_all(text.as_bytes())?;
+                    out.flush()?;
+                }
+                Event::Finished { id: fid, text, usage, reason } if fid == id => {
+                    out.write_all(text.as_bytes())?;
+                    writeln!(out)?;
+                    out.flush()?;
+                    let prefill_s = usage.prefill.as_secs_f64();
+                    let decode_s = usage.decode.as_secs_f64();
+                    let decoded = usage.completion_tokens.saturating_sub(1);
+                    eprintln!(
+                        "[{} | prompt {} tokens, prefill {:.1} tok/s | generated {} tokens, decode {:.1} tok/s | finish: {} | {:.2} s]",
+                        engine.group().backend_name(),
+                        usage.prompt_tokens,
+                        usage.prompt_tokens as f64 / prefill_s.max(1e-9),
+                        usage.completion_tokens,
+                        if decoded > 0 { decoded as f64 / decode_s.max(1e-9) } else { 0.0 },
+                        reason.as_str(),
+                        start.elapsed().as_secs_f64(),
+                    );
+                    return Ok(());
+                }
+                Event::Finished { .. } => {}
+            }
+        }
+    }
+}
