@@ -20,7 +20,9 @@ pub enum BackendError {
         backend: &'static str,
     },
     /// A slice of a weight was asked for that does not fit its shape.
-    #[error("tensor {name}: slice rows {rows:?} cols {cols:?} does not fit shape [{shape_rows} x {shape_cols}]")]
+    #[error(
+        "tensor {name}: slice rows {rows:?} cols {cols:?} does not fit shape [{shape_rows} x {shape_cols}]"
+    )]
     BadSlice {
         name: String,
         rows: Range<usize>,
@@ -126,10 +128,27 @@ pub trait Backend: Send + Sync {
     /// Activations: `rows x cols` f32, row-major.
     type Acts: Send;
     /// The KV cache of one sequence for every layer of this worker's KV heads.
-    type Kv: Send;
+    type Kv: Send + Sync;
 
     /// A short name ("cpu", "cuda:0").
     fn name(&self) -> String;
+
+    /// Runs `f` in the backend's execution context (the CPU backend's thread pool, so that the
+    /// operations inside it run on pool threads without a hand-off per operation).
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
+
+    /// Stacks the rows of several weights with the same input width into one matrix, so that
+    /// projections of the same input (Q/K/V, gate/up) run as one operation. `None` when the
+    /// backend cannot stack them (different storage types, say); callers then run them apart.
+    fn stack_matrices(&self, parts: &[&Self::Matrix]) -> Option<Self::Matrix> {
+        let _ = parts;
+        None
+    }
+
+    /// Splits activations column-wise into consecutive blocks of the given widths.
+    fn split_cols(&self, x: &Self::Acts, widths: &[usize]) -> Vec<Self::Acts>;
 
     /// Loads the sub-matrix `rows x cols` of a weight. `cols` must cover whole quantization blocks
     /// or the backend dequantizes that slice.
@@ -141,7 +160,11 @@ pub trait Backend: Send + Sync {
     ) -> Result<Self::Matrix, BackendError>;
 
     /// Loads elements `range` of a 1-D weight as f32.
-    fn load_vector(&self, w: &WeightView<'_>, range: Range<usize>) -> Result<Self::Vector, BackendError>;
+    fn load_vector(
+        &self,
+        w: &WeightView<'_>,
+        range: Range<usize>,
+    ) -> Result<Self::Vector, BackendError>;
 
     /// Activations from host data.
     fn acts_from_host(&self, data: &[f32], rows: usize, cols: usize) -> Self::Acts;
@@ -159,14 +182,28 @@ pub trait Backend: Send + Sync {
     /// `x @ w^T (+ bias)`.
     fn linear(&self, x: &Self::Acts, w: &Self::Matrix, bias: Option<&Self::Vector>) -> Self::Acts;
     /// Applies rotary embeddings in place to `x` viewed as `[rows, n_heads, head_dim]`.
-    fn rope(&self, x: &mut Self::Acts, positions: &[u32], n_heads: usize, head_dim: usize, rope: &RopeParams);
+    fn rope(
+        &self,
+        x: &mut Self::Acts,
+        positions: &[u32],
+        n_heads: usize,
+        head_dim: usize,
+        rope: &RopeParams,
+    );
     /// `silu(gate) * up`, element-wise.
     fn silu_mul(&self, gate: &Self::Acts, up: &Self::Acts) -> Self::Acts;
+    /// Adds `bias` to every row of `x`.
+    fn add_bias(&self, x: &mut Self::Acts, bias: &Self::Vector);
     /// `x += y`.
     fn add_assign(&self, x: &mut Self::Acts, y: &Self::Acts);
 
     /// Creates an empty KV cache for one sequence, able to grow to `max_tokens`.
-    fn new_kv(&self, n_layers: usize, heads: HeadLayout, max_tokens: usize) -> Result<Self::Kv, BackendError>;
+    fn new_kv(
+        &self,
+        n_layers: usize,
+        heads: HeadLayout,
+        max_tokens: usize,
+    ) -> Result<Self::Kv, BackendError>;
     /// Tokens stored in a cache.
     fn kv_len(&self, kv: &Self::Kv) -> usize;
     /// Drops the cached tokens from position `len` on (to rewind or reuse a cache).
@@ -175,6 +212,7 @@ pub trait Backend: Send + Sync {
     /// Causal attention for one layer: appends `k`/`v` rows (`[rows, n_kv_heads*head_dim]`) to the
     /// caches of their sequences at their positions, then attends each query row to every cached
     /// position up to its own. `caches[i]` is the cache of `batch.seqs[i]`.
+    #[allow(clippy::too_many_arguments)] // one layer's attention: the inputs are all distinct
     fn attention(
         &self,
         layer: usize,

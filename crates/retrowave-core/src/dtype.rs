@@ -113,7 +113,7 @@ impl TensorType {
     /// (or the size overflows).
     pub fn row_bytes(self, n: u64) -> Option<u64> {
         let bs = self.block_size() as u64;
-        if n % bs != 0 {
+        if !n.is_multiple_of(bs) {
             return None;
         }
         (n / bs).checked_mul(self.type_size() as u64)
@@ -173,7 +173,11 @@ mod tests {
             assert_eq!(TensorType::from_ggml_id(t.ggml_id()), Some(t));
             assert!(t.type_size() > 0 && t.block_size() > 0);
         }
-        assert_eq!(TensorType::from_ggml_id(4), None, "Q4_2 was removed from GGML");
+        assert_eq!(
+            TensorType::from_ggml_id(4),
+            None,
+            "Q4_2 was removed from GGML"
+        );
         assert_eq!(TensorType::Q4_1.row_bytes(576), Some(18 * 20));
         assert_eq!(TensorType::Q4K.row_bytes(576), None);
     }

@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod dtype;
+pub mod quant;
 pub mod weights;
 
 pub use backend::{

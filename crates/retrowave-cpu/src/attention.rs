@@ -64,7 +64,10 @@ impl CpuKv {
 
     /// Bytes held.
     pub fn n_bytes(&self) -> usize {
-        self.layers.iter().map(|l| (l.k.capacity() + l.v.capacity()) * 2).sum()
+        self.layers
+            .iter()
+            .map(|l| (l.k.capacity() + l.v.capacity()) * 2)
+            .sum()
     }
 
     /// Forgets positions from `len` on.
@@ -103,7 +106,13 @@ impl CpuKv {
     }
 
     /// Stores rows of K and V (`[n, n_kv_heads * head_dim]`) at positions `start..start + n`.
-    pub fn write(&mut self, layer: usize, start: usize, k: &[f32], v: &[f32]) -> Result<(), BackendError> {
+    pub fn write(
+        &mut self,
+        layer: usize,
+        start: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), BackendError> {
         let (nh, hd) = (self.heads.n_kv_heads, self.heads.head_dim);
         let n = k.len() / (nh * hd);
         if start > self.lens[layer] {
@@ -157,14 +166,24 @@ struct Unit {
 }
 
 /// Attends every query row of `q` (`[rows, n_heads * head_dim]`) to its sequence's cache.
-pub fn attend(layer: usize, q: &[f32], caches: &[&CpuKv], batch: &BatchLayout, heads: HeadLayout) -> Vec<f32> {
+pub fn attend(
+    layer: usize,
+    q: &[f32],
+    caches: &[&CpuKv],
+    batch: &BatchLayout,
+    heads: HeadLayout,
+) -> Vec<f32> {
     let (nq, nkv, hd) = (heads.n_heads, heads.n_kv_heads, heads.head_dim);
     let group = heads.group();
     let rows = batch.n_rows();
     let mut units = Vec::new();
     for (si, s) in batch.seqs.iter().enumerate() {
         let ctx = s.start_pos + s.n_tokens;
-        let split = if s.n_tokens <= 4 { DECODE_KEY_SPLIT } else { usize::MAX };
+        let split = if s.n_tokens <= 4 {
+            DECODE_KEY_SPLIT
+        } else {
+            usize::MAX
+        };
         for h in 0..nkv {
             let mut r = 0;
             while r < s.n_tokens {
@@ -173,7 +192,14 @@ pub fn attend(layer: usize, q: &[f32], caches: &[&CpuKv], batch: &BatchLayout, h
                 let mut k0 = 0;
                 while k0 < last_pos.min(ctx) {
                     let k1 = (k0.saturating_add(split)).min(last_pos);
-                    units.push(Unit { seq: si, kv_head: h, row0: s.row + r, n_rows: nr, key0: k0, key1: k1 });
+                    units.push(Unit {
+                        seq: si,
+                        kv_head: h,
+                        row0: s.row + r,
+                        n_rows: nr,
+                        key0: k0,
+                        key1: k1,
+                    });
                     k0 = k1;
                 }
                 r += nr;
@@ -194,15 +220,22 @@ pub fn attend(layer: usize, q: &[f32], caches: &[&CpuKv], batch: &BatchLayout, h
                 l: vec![0.0; u.n_rows * group],
                 acc: vec![0.0; u.n_rows * group * hd],
             };
-            let mut kbuf = vec![0f32; KEY_TILE * hd];
+            // K tile transposed to [head_dim][KEY_TILE] so that one query row scores the whole
+            // tile with vertical FMAs; V tile row-major [KEY_TILE][head_dim].
+            let mut khalf = vec![0f32; KEY_TILE * hd];
+            let mut kt = vec![0f32; KEY_TILE * hd];
             let mut vbuf = vec![0f32; KEY_TILE * hd];
-            let mut scores = [0f32; KEY_TILE];
             let mut t0 = u.key0;
             while t0 < u.key1 {
                 let t1 = (t0 + KEY_TILE).min(u.key1);
                 let nt = t1 - t0;
-                simd::f16_to_f32(&keys[t0 * hd..t1 * hd], &mut kbuf[..nt * hd]);
+                simd::f16_to_f32(&keys[t0 * hd..t1 * hd], &mut khalf[..nt * hd]);
                 simd::f16_to_f32(&vals[t0 * hd..t1 * hd], &mut vbuf[..nt * hd]);
+                for j in 0..KEY_TILE {
+                    for d in 0..hd {
+                        kt[d * KEY_TILE + j] = if j < nt { khalf[j * hd + d] } else { 0.0 };
+                    }
+                }
                 for r in 0..u.n_rows {
                     let pos = s.start_pos + (u.row0 - s.row) + r;
                     let lim = (pos + 1).min(t1);
@@ -213,30 +246,38 @@ pub fn attend(layer: usize, q: &[f32], caches: &[&CpuKv], batch: &BatchLayout, h
                     let qrow = &q[(u.row0 + r) * nq * hd..(u.row0 + r + 1) * nq * hd];
                     for g in 0..group {
                         let qh = &qrow[(p.head0 + g) * hd..(p.head0 + g + 1) * hd];
+                        let mut scores = [0f32; KEY_TILE];
+                        for (d, &qd) in qh.iter().enumerate() {
+                            let krow: &[f32; KEY_TILE] = kt[d * KEY_TILE..(d + 1) * KEY_TILE]
+                                .try_into()
+                                .expect("tile row");
+                            for j in 0..KEY_TILE {
+                                scores[j] = qd.mul_add(krow[j], scores[j]);
+                            }
+                        }
                         let mut tmax = f32::NEG_INFINITY;
-                        for j in 0..nk {
-                            let sc = simd::dot_f32(qh, &kbuf[j * hd..(j + 1) * hd]) * scale;
-                            scores[j] = sc;
-                            tmax = tmax.max(sc);
+                        for sc in scores[..nk].iter_mut() {
+                            *sc *= scale;
+                            tmax = tmax.max(*sc);
                         }
                         let idx = r * group + g;
                         let m_old = p.m[idx];
                         let m_new = m_old.max(tmax);
-                        let corr = (m_old - m_new).exp();
-                        let acc = &mut p.acc[idx * hd..(idx + 1) * hd];
-                        let mut lsum = p.l[idx] * corr;
-                        let mut first = true;
-                        for j in 0..nk {
-                            let w = (scores[j] - m_new).exp();
-                            lsum += w;
-                            if first {
-                                simd::scale_axpy(acc, corr, w, &vbuf[j * hd..(j + 1) * hd]);
-                                first = false;
-                            } else {
-                                simd::axpy(acc, w, &vbuf[j * hd..(j + 1) * hd]);
-                            }
+                        for sc in scores[..nk].iter_mut() {
+                            *sc -= m_new;
                         }
-                        p.l[idx] = lsum;
+                        simd::exp_inplace(&mut scores[..nk]);
+                        let corr = simd::exp_approx(m_old - m_new);
+                        let acc = &mut p.acc[idx * hd..(idx + 1) * hd];
+                        if corr != 1.0 {
+                            acc.iter_mut().for_each(|a| *a *= corr);
+                        }
+                        let mut lsum = 0f32;
+                        for j in 0..nk {
+                            lsum += scores[j];
+                            simd::axpy(acc, scores[j], &vbuf[j * hd..(j + 1) * hd]);
+                        }
+                        p.l[idx] = p.l[idx] * corr + lsum;
                         p.m[idx] = m_new;
                     }
                 }
@@ -268,7 +309,11 @@ pub fn attend(layer: usize, q: &[f32], caches: &[&CpuKv], batch: &BatchLayout, h
                 let i = (p.out_row + r) * nq + p.head0 + g;
                 let w = (p.m[idx] - m_all[i]).exp();
                 l_all[i] += w * p.l[idx];
-                simd::axpy(&mut out[i * hd..(i + 1) * hd], w, &p.acc[idx * hd..(idx + 1) * hd]);
+                simd::axpy(
+                    &mut out[i * hd..(i + 1) * hd],
+                    w,
+                    &p.acc[idx * hd..(idx + 1) * hd],
+                );
             }
         }
     }
@@ -295,15 +340,19 @@ mod tests {
             let kh = h / heads.group();
             let s: Vec<f64> = (0..=pos)
                 .map(|j| {
-                    (0..hd).map(|d| q[h * hd + d] as f64 * r16(k[(j * nkv + kh) * hd + d])).sum::<f64>()
+                    (0..hd)
+                        .map(|d| q[h * hd + d] as f64 * r16(k[(j * nkv + kh) * hd + d]))
+                        .sum::<f64>()
                         / (hd as f64).sqrt()
                 })
                 .collect();
             let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
             for d in 0..hd {
-                out[h * hd + d] =
-                    ((0..=pos).map(|j| (s[j] - m).exp() * r16(v[(j * nkv + kh) * hd + d])).sum::<f64>() / z) as f32;
+                out[h * hd + d] = ((0..=pos)
+                    .map(|j| (s[j] - m).exp() * r16(v[(j * nkv + kh) * hd + d]))
+                    .sum::<f64>()
+                    / z) as f32;
             }
         }
         out
@@ -311,11 +360,15 @@ mod tests {
 
     #[test]
     fn prefill_then_decode_match_naive_attention() {
-        let heads = HeadLayout { n_heads: 6, n_kv_heads: 2, head_dim: 16 };
+        let heads = HeadLayout {
+            n_heads: 6,
+            n_kv_heads: 2,
+            head_dim: 16,
+        };
         let n = 2100; // spans several key splits and tiles
         let kvw = heads.n_kv_heads * heads.head_dim;
         let qw = heads.n_heads * heads.head_dim;
-        let f = |i: usize, s: f32| ((i as f32 * s).sin() * 2.0);
+        let f = |i: usize, s: f32| (i as f32 * s).sin() * 2.0;
         let k: Vec<f32> = (0..n * kvw).map(|i| f(i, 0.37)).collect();
         let v: Vec<f32> = (0..n * kvw).map(|i| f(i, 0.11)).collect();
         let q: Vec<f32> = (0..n * qw).map(|i| f(i, 0.23)).collect();
@@ -323,7 +376,14 @@ mod tests {
         // prefill n-1 tokens in one go, then one decode token
         let p = n - 1;
         kv.write(0, 0, &k[..p * kvw], &v[..p * kvw]).unwrap();
-        let batch = BatchLayout { seqs: vec![SeqRows { slot: 0, row: 0, start_pos: 0, n_tokens: p }] };
+        let batch = BatchLayout {
+            seqs: vec![SeqRows {
+                slot: 0,
+                row: 0,
+                start_pos: 0,
+                n_tokens: p,
+            }],
+        };
         let out = attend(0, &q[..p * qw], &[&kv], &batch, heads);
         for &row in &[0usize, 1, 17, 1500, p - 1] {
             let r = reference(&q[row * qw..(row + 1) * qw], &k, &v, row, heads);
@@ -332,7 +392,14 @@ mod tests {
             }
         }
         kv.write(0, p, &k[p * kvw..], &v[p * kvw..]).unwrap();
-        let batch = BatchLayout { seqs: vec![SeqRows { slot: 0, row: 0, start_pos: p, n_tokens: 1 }] };
+        let batch = BatchLayout {
+            seqs: vec![SeqRows {
+                slot: 0,
+                row: 0,
+                start_pos: p,
+                n_tokens: 1,
+            }],
+        };
         let out = attend(0, &q[p * qw..], &[&kv], &batch, heads);
         let r = reference(&q[p * qw..], &k, &v, p, heads);
         for (a, b) in out.iter().zip(&r) {
@@ -343,7 +410,11 @@ mod tests {
 
     #[test]
     fn cache_refuses_gaps_and_overflow() {
-        let heads = HeadLayout { n_heads: 2, n_kv_heads: 1, head_dim: 4 };
+        let heads = HeadLayout {
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 4,
+        };
         let mut kv = CpuKv::new(1, heads, 8);
         assert!(kv.write(0, 1, &[0.0; 4], &[0.0; 4]).is_err());
         assert!(kv.write(0, 0, &[0.0; 36], &[0.0; 36]).is_err());

@@ -12,6 +12,7 @@ pub mod quant;
 pub mod simd;
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use retrowave_core::{Backend, BackendError, BatchLayout, HeadLayout, RopeParams, WeightView};
 
@@ -26,14 +27,56 @@ pub struct CpuActs {
     pub cols: usize,
 }
 
-/// The CPU backend. Stateless: every buffer belongs to the matrices, caches and activations.
-#[derive(Debug, Clone, Default)]
-pub struct CpuBackend;
+/// The CPU backend: a thread pool; every buffer belongs to the matrices, caches and activations.
+#[derive(Debug, Clone)]
+pub struct CpuBackend {
+    pool: Arc<rayon::ThreadPool>,
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl CpuBackend {
-    /// A CPU backend using the global rayon pool.
+    /// A backend with one thread per core (or `RETROWAVE_THREADS`).
     pub fn new() -> Self {
-        CpuBackend
+        let n = std::env::var("RETROWAVE_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n: &usize| n > 0)
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            });
+        Self::with_threads(n)
+    }
+
+    /// A backend with `n` pool threads.
+    pub fn with_threads(n: usize) -> Self {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .thread_name(|i| format!("retrowave-cpu-{i}"))
+            .build()
+            // Building a pool fails only when threads cannot be spawned at all; fall back to
+            // running on the caller's thread.
+            .or_else(|_| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .use_current_thread()
+                    .build()
+            })
+            .expect("a one-thread pool on the current thread always builds");
+        CpuBackend {
+            pool: Arc::new(pool),
+        }
+    }
+
+    /// Threads in the pool.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
     }
 }
 
@@ -44,14 +87,50 @@ impl Backend for CpuBackend {
     type Kv = CpuKv;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        format!("cpu ({} threads)", self.threads())
     }
 
-    fn load_matrix(&self, w: &WeightView<'_>, rows: Range<usize>, cols: Range<usize>) -> Result<CpuMatrix, BackendError> {
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
+    fn stack_matrices(&self, parts: &[&CpuMatrix]) -> Option<CpuMatrix> {
+        CpuMatrix::stack(parts)
+    }
+
+    fn split_cols(&self, x: &CpuActs, widths: &[usize]) -> Vec<CpuActs> {
+        let mut out: Vec<CpuActs> = widths
+            .iter()
+            .map(|&w| CpuActs {
+                data: Vec::with_capacity(x.rows * w),
+                rows: x.rows,
+                cols: w,
+            })
+            .collect();
+        for row in x.data.chunks(x.cols) {
+            let mut c = 0;
+            for (o, &w) in out.iter_mut().zip(widths) {
+                o.data.extend_from_slice(&row[c..c + w]);
+                c += w;
+            }
+        }
+        out
+    }
+
+    fn load_matrix(
+        &self,
+        w: &WeightView<'_>,
+        rows: Range<usize>,
+        cols: Range<usize>,
+    ) -> Result<CpuMatrix, BackendError> {
         CpuMatrix::load(w, rows, cols)
     }
 
-    fn load_vector(&self, w: &WeightView<'_>, range: Range<usize>) -> Result<Vec<f32>, BackendError> {
+    fn load_vector(
+        &self,
+        w: &WeightView<'_>,
+        range: Range<usize>,
+    ) -> Result<Vec<f32>, BackendError> {
         let n = w.rows * w.cols;
         if range.start > range.end || range.end > n {
             return Err(BackendError::BadSlice {
@@ -62,7 +141,11 @@ impl Backend for CpuBackend {
                 shape_cols: w.cols,
             });
         }
-        let flat = WeightView { rows: 1, cols: n, ..*w };
+        let flat = WeightView {
+            rows: 1,
+            cols: n,
+            ..*w
+        };
         let m = CpuMatrix::load(&flat, 0..1, 0..n)?;
         let mut all = vec![0f32; n];
         m.row_f32(0, &mut all)?;
@@ -70,7 +153,11 @@ impl Backend for CpuBackend {
     }
 
     fn acts_from_host(&self, data: &[f32], rows: usize, cols: usize) -> CpuActs {
-        CpuActs { data: data.to_vec(), rows, cols }
+        CpuActs {
+            data: data.to_vec(),
+            rows,
+            cols,
+        }
     }
 
     fn acts_to_host(&self, a: &CpuActs) -> Vec<f32> {
@@ -86,7 +173,11 @@ impl Backend for CpuBackend {
         for &r in rows {
             data.extend_from_slice(&a.data[r * a.cols..(r + 1) * a.cols]);
         }
-        CpuActs { data, rows: rows.len(), cols: a.cols }
+        CpuActs {
+            data,
+            rows: rows.len(),
+            cols: a.cols,
+        }
     }
 
     fn embed(&self, table: &CpuMatrix, tokens: &[u32]) -> Result<CpuActs, BackendError> {
@@ -94,15 +185,26 @@ impl Backend for CpuBackend {
         let mut data = vec![0f32; tokens.len() * cols];
         for (row, &t) in data.chunks_mut(cols).zip(tokens) {
             if t as usize >= table.rows {
-                return Err(BackendError::TokenOutOfRange { token: t, vocab: table.rows });
+                return Err(BackendError::TokenOutOfRange {
+                    token: t,
+                    vocab: table.rows,
+                });
             }
             table.row_f32(t as usize, row)?;
         }
-        Ok(CpuActs { data, rows: tokens.len(), cols })
+        Ok(CpuActs {
+            data,
+            rows: tokens.len(),
+            cols,
+        })
     }
 
     fn rms_norm(&self, x: &CpuActs, w: &Vec<f32>, eps: f32) -> CpuActs {
-        CpuActs { data: ops::rms_norm(&x.data, x.cols, w, eps), rows: x.rows, cols: x.cols }
+        CpuActs {
+            data: ops::rms_norm(&x.data, x.cols, w, eps),
+            rows: x.rows,
+            cols: x.cols,
+        }
     }
 
     fn linear(&self, x: &CpuActs, w: &CpuMatrix, bias: Option<&Vec<f32>>) -> CpuActs {
@@ -112,22 +214,48 @@ impl Backend for CpuBackend {
                 row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
             }
         }
-        CpuActs { data, rows: x.rows, cols: w.rows }
+        CpuActs {
+            data,
+            rows: x.rows,
+            cols: w.rows,
+        }
     }
 
-    fn rope(&self, x: &mut CpuActs, positions: &[u32], n_heads: usize, head_dim: usize, rope: &RopeParams) {
+    fn rope(
+        &self,
+        x: &mut CpuActs,
+        positions: &[u32],
+        n_heads: usize,
+        head_dim: usize,
+        rope: &RopeParams,
+    ) {
         ops::rope(&mut x.data, positions, n_heads, head_dim, rope)
     }
 
     fn silu_mul(&self, gate: &CpuActs, up: &CpuActs) -> CpuActs {
-        CpuActs { data: ops::silu_mul(&gate.data, &up.data), rows: gate.rows, cols: gate.cols }
+        CpuActs {
+            data: ops::silu_mul(&gate.data, &up.data),
+            rows: gate.rows,
+            cols: gate.cols,
+        }
+    }
+
+    fn add_bias(&self, x: &mut CpuActs, bias: &Vec<f32>) {
+        for row in x.data.chunks_mut(x.cols) {
+            row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
+        }
     }
 
     fn add_assign(&self, x: &mut CpuActs, y: &CpuActs) {
         x.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
     }
 
-    fn new_kv(&self, n_layers: usize, heads: HeadLayout, max_tokens: usize) -> Result<CpuKv, BackendError> {
+    fn new_kv(
+        &self,
+        n_layers: usize,
+        heads: HeadLayout,
+        max_tokens: usize,
+    ) -> Result<CpuKv, BackendError> {
         Ok(CpuKv::new(n_layers, heads, max_tokens))
     }
 
@@ -156,6 +284,10 @@ impl Backend for CpuBackend {
         }
         let views: Vec<&CpuKv> = caches.iter().map(|c| &**c).collect();
         let data = attention::attend(layer, &q.data, &views, batch, heads);
-        Ok(CpuActs { data, rows: q.rows, cols: q.cols })
+        Ok(CpuActs {
+            data,
+            rows: q.rows,
+            cols: q.cols,
+        })
     }
 }

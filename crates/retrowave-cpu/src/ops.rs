@@ -14,7 +14,9 @@ pub fn rms_norm(x: &[f32], cols: usize, w: &[f32], eps: f32) -> Vec<f32> {
         }
     };
     if x.len() / cols >= 64 {
-        y.par_chunks_mut(cols).zip(x.par_chunks(cols)).for_each(norm_row);
+        y.par_chunks_mut(cols)
+            .zip(x.par_chunks(cols))
+            .for_each(norm_row);
     } else {
         y.chunks_mut(cols).zip(x.chunks(cols)).for_each(norm_row);
     }
@@ -23,7 +25,9 @@ pub fn rms_norm(x: &[f32], cols: usize, w: &[f32], eps: f32) -> Vec<f32> {
 
 /// Inverse frequencies of the rotated pairs: `theta^(-2i/dim)`.
 fn inv_freqs(rope: &RopeParams) -> Vec<f64> {
-    (0..rope.dim / 2).map(|i| (rope.theta as f64).powf(-2.0 * i as f64 / rope.dim as f64)).collect()
+    (0..rope.dim / 2)
+        .map(|i| (rope.theta as f64).powf(-2.0 * i as f64 / rope.dim as f64))
+        .collect()
 }
 
 /// Applies rotary embeddings in place to `x` viewed as `[rows, n_heads, head_dim]`.
@@ -59,7 +63,9 @@ pub fn rope(x: &mut [f32], positions: &[u32], n_heads: usize, head_dim: usize, r
         }
     };
     if positions.len() >= 64 {
-        x.par_chunks_mut(row_len).zip(positions.par_iter()).for_each(apply);
+        x.par_chunks_mut(row_len)
+            .zip(positions.par_iter())
+            .for_each(apply);
     } else {
         x.chunks_mut(row_len).zip(positions.iter()).for_each(apply);
     }
@@ -67,7 +73,10 @@ pub fn rope(x: &mut [f32], positions: &[u32], n_heads: usize, head_dim: usize, r
 
 /// `silu(gate) * up`.
 pub fn silu_mul(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    gate.iter().zip(up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect()
+    gate.iter()
+        .zip(up)
+        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+        .collect()
 }
 
 #[cfg(test)]
@@ -88,14 +97,39 @@ mod tests {
         let d = 8;
         let v: Vec<f32> = (0..d).map(|i| i as f32 + 1.0).collect();
         // permutation used by GGUF llama: interleave halves (x0, x4, x1, x5, ...)
-        let perm: Vec<f32> = (0..d).map(|j| if j % 2 == 0 { v[j / 2] } else { v[d / 2 + j / 2] }).collect();
-        let p = RopeParams { style: RopeStyle::NeoX, theta: 10000.0, dim: d };
+        let perm: Vec<f32> = (0..d)
+            .map(|j| {
+                if j % 2 == 0 {
+                    v[j / 2]
+                } else {
+                    v[d / 2 + j / 2]
+                }
+            })
+            .collect();
+        let p = RopeParams {
+            style: RopeStyle::NeoX,
+            theta: 10000.0,
+            dim: d,
+        };
         let mut a = v.clone();
         rope(&mut a, &[7], 1, d, &p);
         let mut b = perm.clone();
-        rope(&mut b, &[7], 1, d, &RopeParams { style: RopeStyle::Interleaved, ..p });
+        rope(
+            &mut b,
+            &[7],
+            1,
+            d,
+            &RopeParams {
+                style: RopeStyle::Interleaved,
+                ..p
+            },
+        );
         for j in 0..d {
-            let expect = if j % 2 == 0 { a[j / 2] } else { a[d / 2 + j / 2] };
+            let expect = if j % 2 == 0 {
+                a[j / 2]
+            } else {
+                a[d / 2 + j / 2]
+            };
             assert!((b[j] - expect).abs() < 1e-5);
         }
         let n0: f32 = v.iter().map(|x| x * x).sum();

@@ -9,10 +9,7 @@
 use std::marker::PhantomData;
 
 use candle_core::quantized::GgmlType;
-use candle_core::quantized::k_quants::{
-    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ6K, BlockQ8_0, BlockQ8_1,
-};
-use half::{bf16, f16};
+use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ4K, BlockQ6K, BlockQ8_0, BlockQ8_1};
 use rayon::prelude::*;
 use retrowave_core::{BackendError, TensorType, WeightView};
 
@@ -30,9 +27,13 @@ impl AlignedBytes {
     pub fn copy_from(data: &[u8]) -> Self {
         let mut words = vec![0u64; data.len().div_ceil(8)];
         // SAFETY: `words` has at least `data.len()` bytes; u8 has no alignment requirement.
-        let dst = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, data.len()) };
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, data.len()) };
         dst.copy_from_slice(data);
-        AlignedBytes { words, len: data.len() }
+        AlignedBytes {
+            words,
+            len: data.len(),
+        }
     }
 
     /// The bytes.
@@ -49,61 +50,30 @@ impl AlignedBytes {
 /// [`AlignedBytes`] whose lengths were validated when the matrix was loaded.
 fn cast_blocks<T>(bytes: &[u8]) -> &[T] {
     let size = std::mem::size_of::<T>();
-    assert!(bytes.len() % size == 0, "block slice length");
-    assert!((bytes.as_ptr() as usize) % std::mem::align_of::<T>() == 0, "block slice alignment");
+    assert!(bytes.len().is_multiple_of(size), "block slice length");
+    assert!(
+        (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()),
+        "block slice alignment"
+    );
     // SAFETY: length and alignment checked above; the block types are plain-old-data repr(C)
     // structs (f16, u8, i8, i16, f32 fields) for which every bit pattern is valid.
     unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / size) }
 }
 
-/// Dequantizes one row of `cols` elements stored as `dtype` into `out`.
+/// Dequantizes one row (see [`retrowave_core::quant::dequantize_row`]).
 pub fn dequantize_row(dtype: TensorType, row: &[u8], out: &mut [f32]) -> Result<(), BackendError> {
-    let unsupported = || BackendError::UnsupportedType { name: String::new(), dtype, backend: "cpu" };
-    if dtype.row_bytes(out.len() as u64) != Some(row.len() as u64) {
-        return Err(BackendError::Device(format!(
-            "dequantize: {} bytes do not hold {} {dtype} values",
-            row.len(),
-            out.len()
-        )));
-    }
-    match dtype {
-        TensorType::F32 => {
-            for (o, c) in out.iter_mut().zip(row.chunks_exact(4)) {
-                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-        }
-        TensorType::F16 => {
-            for (o, c) in out.iter_mut().zip(row.chunks_exact(2)) {
-                *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
-            }
-        }
-        TensorType::BF16 => {
-            for (o, c) in out.iter_mut().zip(row.chunks_exact(2)) {
-                *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
-            }
-        }
-        _ => {
-            let aligned = AlignedBytes::copy_from(row);
-            let b = aligned.as_bytes();
-            match dtype {
-                TensorType::Q4_0 => BlockQ4_0::to_float(cast_blocks(b), out),
-                TensorType::Q4_1 => BlockQ4_1::to_float(cast_blocks(b), out),
-                TensorType::Q5_0 => BlockQ5_0::to_float(cast_blocks(b), out),
-                TensorType::Q8_0 => BlockQ8_0::to_float(cast_blocks(b), out),
-                TensorType::Q4K => BlockQ4K::to_float(cast_blocks(b), out),
-                TensorType::Q6K => BlockQ6K::to_float(cast_blocks(b), out),
-                _ => return Err(unsupported()),
-            }
-        }
-    }
-    Ok(())
+    retrowave_core::quant::dequantize_row(dtype, row, out)
+        .map_err(|e| BackendError::Device(e.to_string()))
 }
 
 /// How a matrix is stored on the CPU.
 #[derive(Clone)]
 pub enum MatrixData {
     /// Quantized rows as in the model file.
-    Quant { dtype: TensorType, bytes: AlignedBytes },
+    Quant {
+        dtype: TensorType,
+        bytes: AlignedBytes,
+    },
     /// Plain f32 rows (float checkpoints, or slices that split quantization blocks).
     F32(Vec<f32>),
 }
@@ -120,7 +90,12 @@ pub struct CpuMatrix {
 fn has_kernel(dtype: TensorType) -> bool {
     matches!(
         dtype,
-        TensorType::Q4_0 | TensorType::Q4_1 | TensorType::Q5_0 | TensorType::Q8_0 | TensorType::Q4K | TensorType::Q6K
+        TensorType::Q4_0
+            | TensorType::Q4_1
+            | TensorType::Q5_0
+            | TensorType::Q8_0
+            | TensorType::Q4K
+            | TensorType::Q6K
     )
 }
 
@@ -139,7 +114,8 @@ impl CpuMatrix {
             shape_rows: w.rows,
             shape_cols: w.cols,
         };
-        if rows.start > rows.end || rows.end > w.rows || cols.start > cols.end || cols.end > w.cols {
+        if rows.start > rows.end || rows.end > w.rows || cols.start > cols.end || cols.end > w.cols
+        {
             return Err(bad());
         }
         let row_bytes = w.dtype.row_bytes(w.cols as u64).ok_or_else(bad)? as usize;
@@ -148,7 +124,7 @@ impl CpuMatrix {
         }
         let bs = w.dtype.block_size();
         let (n_rows, n_cols) = (rows.len(), cols.len());
-        if has_kernel(w.dtype) && cols.start % bs == 0 && cols.end % bs == 0 {
+        if has_kernel(w.dtype) && cols.start.is_multiple_of(bs) && cols.end.is_multiple_of(bs) {
             let b0 = cols.start / bs * w.dtype.type_size();
             let b1 = cols.end / bs * w.dtype.type_size();
             let mut bytes = Vec::with_capacity(n_rows * (b1 - b0));
@@ -159,21 +135,76 @@ impl CpuMatrix {
                 name: w.name.to_string(),
                 rows: n_rows,
                 cols: n_cols,
-                data: MatrixData::Quant { dtype: w.dtype, bytes: AlignedBytes::copy_from(&bytes) },
+                data: MatrixData::Quant {
+                    dtype: w.dtype,
+                    bytes: AlignedBytes::copy_from(&bytes),
+                },
             });
         }
         let mut out = Vec::with_capacity(n_rows * n_cols);
         let mut row = vec![0f32; w.cols];
         for r in rows.clone() {
-            dequantize_row(w.dtype, &w.data[r * row_bytes..(r + 1) * row_bytes], &mut row).map_err(|e| match e {
-                BackendError::UnsupportedType { dtype, backend, .. } => {
-                    BackendError::UnsupportedType { name: w.name.to_string(), dtype, backend }
-                }
-                other => other,
-            })?;
+            dequantize_row(
+                w.dtype,
+                &w.data[r * row_bytes..(r + 1) * row_bytes],
+                &mut row,
+            )?;
             out.extend_from_slice(&row[cols.clone()]);
         }
-        Ok(CpuMatrix { name: w.name.to_string(), rows: n_rows, cols: n_cols, data: MatrixData::F32(out) })
+        Ok(CpuMatrix {
+            name: w.name.to_string(),
+            rows: n_rows,
+            cols: n_cols,
+            data: MatrixData::F32(out),
+        })
+    }
+
+    /// Stacks the rows of matrices that share the input width and the storage type.
+    pub fn stack(parts: &[&CpuMatrix]) -> Option<CpuMatrix> {
+        let first = parts.first()?;
+        let cols = first.cols;
+        if parts.iter().any(|p| p.cols != cols) {
+            return None;
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let name = parts
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            .join("+");
+        let data = match &first.data {
+            MatrixData::F32(_) => {
+                let mut v = Vec::with_capacity(rows * cols);
+                for p in parts {
+                    let MatrixData::F32(d) = &p.data else {
+                        return None;
+                    };
+                    v.extend_from_slice(d);
+                }
+                MatrixData::F32(v)
+            }
+            MatrixData::Quant { dtype, .. } => {
+                let mut v = Vec::new();
+                for p in parts {
+                    match &p.data {
+                        MatrixData::Quant { dtype: d, bytes } if d == dtype => {
+                            v.extend_from_slice(bytes.as_bytes())
+                        }
+                        _ => return None,
+                    }
+                }
+                MatrixData::Quant {
+                    dtype: *dtype,
+                    bytes: AlignedBytes::copy_from(&v),
+                }
+            }
+        };
+        Some(CpuMatrix {
+            name,
+            rows,
+            cols,
+            data,
+        })
     }
 
     /// Bytes the matrix occupies.
@@ -228,6 +259,11 @@ trait Kernel {
     fn zero() -> Self::A;
     fn quantize(x: &[f32], out: &mut [Self::A]);
     fn dot(cols: usize, w: &[Self::W], a: &[Self::A]) -> f32;
+    /// One weight row against four activation rows.
+    #[inline]
+    fn dot_x4(cols: usize, w: &[Self::W], a: [&[Self::A]; 4]) -> [f32; 4] {
+        a.map(|ai| Self::dot(cols, w, ai))
+    }
 }
 
 struct Candle<T>(PhantomData<T>);
@@ -263,8 +299,16 @@ impl Kernel for KernelQ4_1 {
     #[inline]
     fn dot(_cols: usize, w: &[RawQ4_1], a: &[BlockQ8_1]) -> f32 {
         // SAFETY: BlockQ8_1 and RawQ8_1 are both repr(C) {f16, f16, [i8; 32]}.
-        let a: &[RawQ8_1] = unsafe { std::slice::from_raw_parts(a.as_ptr() as *const RawQ8_1, a.len()) };
+        let a: &[RawQ8_1] =
+            unsafe { std::slice::from_raw_parts(a.as_ptr() as *const RawQ8_1, a.len()) };
         simd::dot_q4_1_q8_1(w, a)
+    }
+    #[inline]
+    fn dot_x4(_cols: usize, w: &[RawQ4_1], a: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+        // SAFETY: BlockQ8_1 and RawQ8_1 are both repr(C) {f16, f16, [i8; 32]}.
+        let a =
+            a.map(|x| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const RawQ8_1, x.len()) });
+        simd::dot_q4_1_q8_1_x4(w, a)
     }
 }
 
@@ -283,8 +327,16 @@ impl Kernel for KernelQ5_0 {
     #[inline]
     fn dot(_cols: usize, w: &[RawQ5_0], a: &[BlockQ8_0]) -> f32 {
         // SAFETY: BlockQ8_0 and RawQ8_0 are both repr(C) {f16, [i8; 32]}.
-        let a: &[RawQ8_0] = unsafe { std::slice::from_raw_parts(a.as_ptr() as *const RawQ8_0, a.len()) };
+        let a: &[RawQ8_0] =
+            unsafe { std::slice::from_raw_parts(a.as_ptr() as *const RawQ8_0, a.len()) };
         simd::dot_q5_0_q8_0(w, a)
+    }
+    #[inline]
+    fn dot_x4(_cols: usize, w: &[RawQ5_0], a: [&[BlockQ8_0]; 4]) -> [f32; 4] {
+        // SAFETY: BlockQ8_0 and RawQ8_0 are both repr(C) {f16, [i8; 32]}.
+        let a =
+            a.map(|x| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const RawQ8_0, x.len()) });
+        simd::dot_q5_0_q8_0_x4(w, a)
     }
 }
 
@@ -320,7 +372,9 @@ fn qmatmul<K: Kernel>(w_bytes: &[u8], rows: usize, cols: usize, x: &[f32], n: us
     let w: &[K::W] = cast_blocks(w_bytes);
     let mut xa = vec![K::zero(); n * kb];
     if n >= 16 {
-        xa.par_chunks_mut(kb).zip(x.par_chunks(cols)).for_each(|(a, xr)| K::quantize(xr, a));
+        xa.par_chunks_mut(kb)
+            .zip(x.par_chunks(cols))
+            .for_each(|(a, xr)| K::quantize(xr, a));
     } else {
         for (a, xr) in xa.chunks_mut(kb).zip(x.chunks(cols)) {
             K::quantize(xr, a);
@@ -334,10 +388,25 @@ fn qmatmul<K: Kernel>(w_bytes: &[u8], rows: usize, cols: usize, x: &[f32], n: us
     (0..n_tiles).into_par_iter().for_each(move |t| {
         let r0 = t * tile;
         let r1 = rows.min(r0 + tile);
-        for i in 0..n {
-            let a = &xa[i * kb..(i + 1) * kb];
+        let act = |i: usize| &xa[i * kb..(i + 1) * kb];
+        let mut i = 0;
+        while i + 4 <= n {
             for r in r0..r1 {
-                let v = K::dot(cols, &w[r * kb..(r + 1) * kb], a);
+                let v = K::dot_x4(
+                    cols,
+                    &w[r * kb..(r + 1) * kb],
+                    [act(i), act(i + 1), act(i + 2), act(i + 3)],
+                );
+                for (t, v) in v.into_iter().enumerate() {
+                    // SAFETY: (i + t, r) is in bounds and belongs to this tile only.
+                    unsafe { ptr.write((i + t) * rows + r, v) };
+                }
+            }
+            i += 4;
+        }
+        for i in i..n {
+            for r in r0..r1 {
+                let v = K::dot(cols, &w[r * kb..(r + 1) * kb], act(i));
                 // SAFETY: (i, r) is in bounds and belongs to this tile only.
                 unsafe { ptr.write(i * rows + r, v) };
             }
@@ -368,23 +437,37 @@ fn matmul_f32(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize) -> Vec<f
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::k_quants::{BlockQ4_1, BlockQ5_0};
 
     /// Quantizes rows with candle's reference quantizer, then checks the quantized matmul against
     /// an f32 matmul over the dequantized weights.
     fn check<T: GgmlType>(dtype: TensorType, cols: usize) {
         let rows = 37;
-        let n = 3;
-        let wf: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+        let n = 7;
+        let wf: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
         let mut blocks = vec![T::zeros(); rows * cols / T::BLCK_SIZE];
         T::from_float(&wf, &mut blocks);
         // SAFETY: viewing plain-old-data blocks as bytes.
         let bytes = unsafe {
-            std::slice::from_raw_parts(blocks.as_ptr() as *const u8, blocks.len() * std::mem::size_of::<T>())
+            std::slice::from_raw_parts(
+                blocks.as_ptr() as *const u8,
+                blocks.len() * std::mem::size_of::<T>(),
+            )
         };
-        let view = WeightView { name: "w", dtype, rows, cols, data: bytes };
+        let view = WeightView {
+            name: "w",
+            dtype,
+            rows,
+            cols,
+            data: bytes,
+        };
         let m = CpuMatrix::load(&view, 0..rows, 0..cols).unwrap();
         assert!(matches!(m.data, MatrixData::Quant { .. }));
-        let x: Vec<f32> = (0..n * cols).map(|i| ((i * 104729) % 997) as f32 / 498.0 - 1.0).collect();
+        let x: Vec<f32> = (0..n * cols)
+            .map(|i| ((i * 104729) % 997) as f32 / 498.0 - 1.0)
+            .collect();
         let y = m.matmul(&x, n);
         let mut deq = vec![0f32; cols];
         for r in 0..rows {
@@ -393,8 +476,15 @@ mod tests {
                 let exact = simd::dot_f32(&deq, &x[i * cols..(i + 1) * cols]);
                 let got = y[i * rows + r];
                 // activations are quantized to 8 bits: allow ~1% of the L1 mass
-                let scale: f32 = deq.iter().zip(&x[i * cols..]).map(|(a, b)| (a * b).abs()).sum();
-                assert!((exact - got).abs() <= 0.02 * scale + 1e-3, "{dtype} r{r} i{i}: {got} vs {exact}");
+                let scale: f32 = deq
+                    .iter()
+                    .zip(&x[i * cols..])
+                    .map(|(a, b)| (a * b).abs())
+                    .sum();
+                assert!(
+                    (exact - got).abs() <= 0.02 * scale + 1e-3,
+                    "{dtype} r{r} i{i}: {got} vs {exact}"
+                );
             }
         }
         // A slice of columns that covers whole blocks stays quantized and agrees with the full one.
@@ -427,8 +517,15 @@ mod tests {
         let mut blocks = vec![BlockQ8_0::zeros(); 4 * cols / 32];
         BlockQ8_0::from_float(&wf, &mut blocks);
         // SAFETY: viewing plain-old-data blocks as bytes.
-        let bytes = unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const u8, blocks.len() * 34) };
-        let view = WeightView { name: "w", dtype: TensorType::Q8_0, rows: 4, cols, data: bytes };
+        let bytes =
+            unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const u8, blocks.len() * 34) };
+        let view = WeightView {
+            name: "w",
+            dtype: TensorType::Q8_0,
+            rows: 4,
+            cols,
+            data: bytes,
+        };
         let m = CpuMatrix::load(&view, 0..4, 8..40).unwrap();
         assert!(matches!(m.data, MatrixData::F32(_)));
         assert!(CpuMatrix::load(&view, 0..5, 0..64).is_err());

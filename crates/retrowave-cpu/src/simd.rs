@@ -111,6 +111,57 @@ pub fn dot_q5_0_q8_0_portable(w: &[RawQ5_0], x: &[RawQ8_0]) -> f32 {
     sum
 }
 
+/// Four dot products of one Q4_1 row against four activation rows (the weights are unpacked once).
+pub fn dot_q4_1_q8_1_x4(w: &[RawQ4_1], x: [&[RawQ8_1]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked above).
+        return unsafe { avx2::dot_q4_1_q8_1_x4(w, x) };
+    }
+    x.map(|xi| dot_q4_1_q8_1_portable(w, xi))
+}
+
+/// Four dot products of one Q5_0 row against four activation rows.
+pub fn dot_q5_0_q8_0_x4(w: &[RawQ5_0], x: [&[RawQ8_0]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked above).
+        return unsafe { avx2::dot_q5_0_q8_0_x4(w, x) };
+    }
+    x.map(|xi| dot_q5_0_q8_0_portable(w, xi))
+}
+
+/// `x = exp(x)` element-wise, to about `1e-7 * (1 + |x|)` relative error; inputs below -87 give 0.
+///
+/// A branch-free range reduction `exp(x) = 2^n * exp(f ln 2)`, `n = round(x log2 e)`,
+/// `|f| <= 1/2`, with a degree-7 Taylor polynomial: written so that it vectorizes.
+#[inline]
+pub fn exp_inplace(xs: &mut [f32]) {
+    for v in xs.iter_mut() {
+        *v = exp_approx(*v);
+    }
+}
+
+/// One value of [`exp_inplace`].
+#[inline(always)]
+pub fn exp_approx(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * std::f32::consts::LOG2_E;
+    let n = t.round();
+    let r = (t - n) * std::f32::consts::LN_2;
+    // exp(r) for |r| <= 0.347
+    let mut p = 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x <= -87.0 { 0.0 } else { p * scale }
+}
+
 /// Dot product of two f32 slices of equal length.
 #[inline]
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
@@ -231,6 +282,61 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q4_1_q8_1_x4(w: &[RawQ4_1], x: [&[RawQ8_1]; 4]) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut summs = [0f32; 4];
+        for (b, wb) in w.iter().enumerate() {
+            let dw = wb.d.to_f32();
+            let mw = wb.m.to_f32();
+            // SAFETY: block fields are fixed-size arrays.
+            let q4 = unsafe { nibbles(&wb.qs) };
+            for t in 0..4 {
+                let xb = &x[t][b];
+                summs[t] += mw * xb.s.to_f32();
+                let q8 = unsafe { _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i) };
+                acc[t] = _mm256_fmadd_ps(
+                    _mm256_set1_ps(dw * xb.d.to_f32()),
+                    madd_u8_i8(q4, q8),
+                    acc[t],
+                );
+            }
+        }
+        [
+            hsum(acc[0]) + summs[0],
+            hsum(acc[1]) + summs[1],
+            hsum(acc[2]) + summs[2],
+            hsum(acc[3]) + summs[3],
+        ]
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q5_0_q8_0_x4(w: &[RawQ5_0], x: [&[RawQ8_0]; 4]) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for (b, wb) in w.iter().enumerate() {
+            let dw = wb.d.to_f32();
+            // SAFETY: block fields are fixed-size arrays.
+            let mut q = unsafe { nibbles(&wb.qs) };
+            let hi = _mm256_andnot_si256(
+                bits_to_bytes(u32::from_le_bytes(wb.qh)),
+                _mm256_set1_epi8(0xf0_u8 as i8),
+            );
+            q = _mm256_or_si256(q, hi);
+            let aq = _mm256_sign_epi8(q, q);
+            for t in 0..4 {
+                let xb = &x[t][b];
+                let y = unsafe { _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i) };
+                let sy = _mm256_sign_epi8(y, q);
+                acc[t] = _mm256_fmadd_ps(
+                    _mm256_set1_ps(dw * xb.d.to_f32()),
+                    madd_u8_i8(aq, sy),
+                    acc[t],
+                );
+            }
+        }
+        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+    }
+
+    #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_q5_0_q8_0(w: &[RawQ5_0], x: &[RawQ8_0]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         for (wb, xb) in w.iter().zip(x) {
@@ -238,7 +344,10 @@ mod avx2 {
             // SAFETY: block fields are fixed-size arrays.
             let mut q = unsafe { nibbles(&wb.qs) };
             // Where the fifth bit is clear the value is q - 16 = q | 0xf0 as i8.
-            let hi = _mm256_andnot_si256(bits_to_bytes(u32::from_le_bytes(wb.qh)), _mm256_set1_epi8(0xf0_u8 as i8));
+            let hi = _mm256_andnot_si256(
+                bits_to_bytes(u32::from_le_bytes(wb.qh)),
+                _mm256_set1_epi8(0xf0_u8 as i8),
+            );
             q = _mm256_or_si256(q, hi);
             let y = unsafe { _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i) };
             // signed x signed through |q| (unsigned) x sign(y, q)
@@ -256,7 +365,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn q4_1(d: f32, m: f32, qs: [u8; 16]) -> RawQ4_1 {
-        RawQ4_1 { d: f16::from_f32(d), m: f16::from_f32(m), qs }
+        RawQ4_1 {
+            d: f16::from_f32(d),
+            m: f16::from_f32(m),
+            qs,
+        }
     }
 
     proptest! {
@@ -281,6 +394,57 @@ mod tests {
             let b = dot_q5_0_q8_0_portable(&w, &x);
             prop_assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "{a} vs {b}");
         }
+    }
+
+    #[test]
+    fn x4_kernels_match_single_dots() {
+        let w1: Vec<RawQ4_1> = (0..6)
+            .map(|i| q4_1(0.01 * (i + 1) as f32, -0.3, [(i * 37) as u8; 16]))
+            .collect();
+        let w5: Vec<RawQ5_0> = (0..6)
+            .map(|i| RawQ5_0 {
+                d: f16::from_f32(0.02),
+                qh: [i as u8, 0x55, 0xaa, 0x0f],
+                qs: [(i * 53) as u8; 16],
+            })
+            .collect();
+        let acts: Vec<Vec<RawQ8_1>> = (0..4)
+            .map(|t| {
+                (0..6)
+                    .map(|b| RawQ8_1 {
+                        d: f16::from_f32(0.01),
+                        s: f16::from_f32(0.5),
+                        qs: [((t * 7 + b * 3) as i8) - 9; 32],
+                    })
+                    .collect()
+            })
+            .collect();
+        let acts0: Vec<Vec<RawQ8_0>> = acts
+            .iter()
+            .map(|a| a.iter().map(|b| RawQ8_0 { d: b.d, qs: b.qs }).collect())
+            .collect();
+        let r = dot_q4_1_q8_1_x4(&w1, [&acts[0], &acts[1], &acts[2], &acts[3]]);
+        let r5 = dot_q5_0_q8_0_x4(&w5, [&acts0[0], &acts0[1], &acts0[2], &acts0[3]]);
+        for t in 0..4 {
+            assert!((r[t] - dot_q4_1_q8_1_portable(&w1, &acts[t])).abs() < 1e-3);
+            assert!((r5[t] - dot_q5_0_q8_0_portable(&w5, &acts0[t])).abs() < 1e-3);
+        }
+    }
+
+    #[test]
+    fn exp_approx_is_accurate() {
+        let mut x = -90.0f32;
+        while x < 88.0 {
+            let e = x.exp();
+            let a = exp_approx(x);
+            // f32 range reduction: the relative error grows with |x| (about 5e-8 per unit)
+            assert!(
+                (a - e).abs() <= 1e-7 * (1.0 + x.abs()) * e + 1e-37,
+                "exp({x}) = {e}, approx {a}"
+            );
+            x += 0.0137;
+        }
+        assert_eq!(exp_approx(f32::NEG_INFINITY), 0.0);
     }
 
     #[test]

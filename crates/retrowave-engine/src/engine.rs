@@ -14,9 +14,9 @@ use retrowave_core::{Backend, BatchLayout, SeqRows};
 use retrowave_model::sampling::{Sampler, SamplingParams};
 use retrowave_model::tokenizer::Tokenizer;
 
+use crate::EngineError;
 use crate::group::WorkerGroup;
 use crate::scheduler::{self, SchedulerConfig, SeqId, SeqStatus};
-use crate::EngineError;
 
 /// Engine settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +67,12 @@ pub enum Event {
     /// A token was generated; `text` is the newly printable text (may be empty).
     Token { id: SeqId, token: u32, text: String },
     /// The sequence ended; `text` is any text released at the end.
-    Finished { id: SeqId, reason: FinishReason, text: String, usage: Usage },
+    Finished {
+        id: SeqId,
+        reason: FinishReason,
+        text: String,
+        usage: Usage,
+    },
 }
 
 struct Sequence {
@@ -111,7 +116,15 @@ where
 {
     /// An engine over a loaded group.
     pub fn new(group: WorkerGroup<B>, tokenizer: Arc<Tokenizer>, cfg: EngineConfig) -> Self {
-        Engine { group, tokenizer, cfg, seqs: BTreeMap::new(), next_id: 1, free_slots: Vec::new(), next_slot: 0 }
+        Engine {
+            group,
+            tokenizer,
+            cfg,
+            seqs: BTreeMap::new(),
+            next_id: 1,
+            free_slots: Vec::new(),
+            next_slot: 0,
+        }
     }
 
     /// The tokenizer.
@@ -136,16 +149,26 @@ where
 
     /// Admits a request. Fails (and admits nothing) for an empty or too long prompt, token ids
     /// outside the vocabulary, or invalid sampling parameters.
-    pub fn add_request(&mut self, prompt: Vec<u32>, params: SamplingParams) -> Result<SeqId, EngineError> {
+    pub fn add_request(
+        &mut self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+    ) -> Result<SeqId, EngineError> {
         params.validate()?;
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
         if prompt.len() >= self.cfg.max_context {
-            return Err(EngineError::PromptTooLong { tokens: prompt.len(), max: self.cfg.max_context - 1 });
+            return Err(EngineError::PromptTooLong {
+                tokens: prompt.len(),
+                max: self.cfg.max_context - 1,
+            });
         }
         if let Some(&t) = prompt.iter().find(|&&t| t as usize >= self.group.vocab()) {
-            return Err(EngineError::TokenOutOfRange { token: t, vocab: self.group.vocab() });
+            return Err(EngineError::TokenOutOfRange {
+                token: t,
+                vocab: self.group.vocab(),
+            });
         }
         let slot = self.free_slots.pop().unwrap_or_else(|| {
             self.next_slot += 1;
@@ -212,7 +235,11 @@ where
         let status: Vec<SeqStatus> = self
             .seqs
             .iter()
-            .map(|(&id, s)| SeqStatus { id, cached: s.cached, pending: s.tokens.len() - s.cached })
+            .map(|(&id, s)| SeqStatus {
+                id,
+                cached: s.cached,
+                pending: s.tokens.len() - s.cached,
+            })
             .collect();
         let plan = scheduler::schedule(&self.cfg.scheduler, &status);
         if plan.entries.is_empty() {
@@ -224,7 +251,12 @@ where
         let mut sampled = Vec::new();
         for e in &plan.entries {
             let s = &self.seqs[&e.id];
-            batch.seqs.push(SeqRows { slot: s.slot, row: tokens.len(), start_pos: e.start, n_tokens: e.n_tokens });
+            batch.seqs.push(SeqRows {
+                slot: s.slot,
+                row: tokens.len(),
+                start_pos: e.start,
+                n_tokens: e.n_tokens,
+            });
             tokens.extend_from_slice(&s.tokens[e.start..e.start + e.n_tokens]);
             if e.wants_logits {
                 logits_rows.push(tokens.len() - 1);
@@ -240,7 +272,10 @@ where
                     tracing::error!(seq = entry.id, error = %e, "step failed");
                     events.extend(self.finish(entry.id, FinishReason::Cancelled));
                 }
-                return Err(EngineError::StepFailed { source: Box::new(e), events });
+                return Err(EngineError::StepFailed {
+                    source: Box::new(e),
+                    events,
+                });
             }
         };
         for e in &plan.entries {
@@ -261,7 +296,9 @@ where
     fn accept(&mut self, id: SeqId, logits: &[f32]) -> Vec<Event> {
         let tok = self.tokenizer.clone();
         let max_context = self.cfg.max_context;
-        let Some(s) = self.seqs.get_mut(&id) else { return Vec::new() };
+        let Some(s) = self.seqs.get_mut(&id) else {
+            return Vec::new();
+        };
         let token = s.sampler.sample(logits);
         if s.first_token.is_none() {
             s.first_token = Some(Instant::now());
@@ -292,7 +329,12 @@ where
         while !s.text.is_char_boundary(from) {
             from -= 1;
         }
-        let hit = params.stop.iter().filter(|x| !x.is_empty()).filter_map(|x| s.text[from..].find(x.as_str()).map(|p| from + p)).min();
+        let hit = params
+            .stop
+            .iter()
+            .filter(|x| !x.is_empty())
+            .filter_map(|x| s.text[from..].find(x.as_str()).map(|p| from + p))
+            .min();
         if let Some(at) = hit {
             s.text.truncate(at);
             s.bytes.clear();
@@ -312,7 +354,11 @@ where
             }
         }
         let emit_to = s.text.len() - hold;
-        let text = if emit_to > s.sent { s.text[s.sent..emit_to].to_string() } else { String::new() };
+        let text = if emit_to > s.sent {
+            s.text[s.sent..emit_to].to_string()
+        } else {
+            String::new()
+        };
         s.sent = s.sent.max(emit_to);
         let mut ev = vec![Event::Token { id, token, text }];
         if s.generated() >= params.max_tokens {

@@ -12,9 +12,9 @@ use std::thread::JoinHandle;
 use retrowave_core::{Backend, BatchLayout, Collective};
 use retrowave_model::arch::{ModelConfig, WeightSource};
 
+use crate::EngineError;
 use crate::shard;
 use crate::worker::Worker;
-use crate::EngineError;
 
 /// In-process all-reduce: every rank publishes its buffer, then every rank sums all buffers in
 /// rank order, so each rank gets a bit-identical result.
@@ -26,7 +26,10 @@ pub struct HostSum {
 impl HostSum {
     /// A collective for `world` ranks.
     pub fn new(world: usize) -> Self {
-        HostSum { slots: (0..world).map(|_| Mutex::new(Vec::new())).collect(), barrier: Barrier::new(world) }
+        HostSum {
+            slots: (0..world).map(|_| Mutex::new(Vec::new())).collect(),
+            barrier: Barrier::new(world),
+        }
     }
 }
 
@@ -52,10 +55,22 @@ impl Collective<Vec<f32>> for HostSum {
 }
 
 enum Cmd {
-    Forward { tokens: Arc<Vec<u32>>, batch: Arc<BatchLayout>, logits_rows: Arc<Vec<usize>> },
-    Open { slot: usize, max_tokens: usize },
-    Close { slot: usize },
-    Truncate { slot: usize, len: usize },
+    Forward {
+        tokens: Arc<Vec<u32>>,
+        batch: Arc<BatchLayout>,
+        logits_rows: Arc<Vec<usize>>,
+    },
+    Open {
+        slot: usize,
+        max_tokens: usize,
+    },
+    Close {
+        slot: usize,
+    },
+    Truncate {
+        slot: usize,
+        len: usize,
+    },
 }
 
 type Reply = Result<Option<Vec<f32>>, EngineError>;
@@ -80,14 +95,28 @@ where
     B::Kv: 'static,
 {
     /// Loads the model over `backends.len()` workers (the tensor-parallel degree).
-    pub fn load(cfg: &ModelConfig, src: &dyn WeightSource, backends: Vec<B>) -> Result<Self, EngineError> {
+    pub fn load(
+        cfg: &ModelConfig,
+        src: &dyn WeightSource,
+        backends: Vec<B>,
+    ) -> Result<Self, EngineError> {
         let world = backends.len();
         let shards = shard::plan(cfg.n_heads, cfg.n_kv_heads, cfg.ffn_hidden, world)?;
         if world == 1 {
-            let backend = backends.into_iter().next().ok_or_else(|| EngineError::Config("no backend".into()))?;
-            let shard = shards.into_iter().next().ok_or_else(|| EngineError::Config("no shard".into()))?;
+            let backend = backends
+                .into_iter()
+                .next()
+                .ok_or_else(|| EngineError::Config("no backend".into()))?;
+            let shard = shards
+                .into_iter()
+                .next()
+                .ok_or_else(|| EngineError::Config("no shard".into()))?;
             let w = Worker::load(backend, cfg, src, shard, None)?;
-            return Ok(WorkerGroup { local: Some(w), remotes: Vec::new(), vocab: cfg.vocab_size });
+            return Ok(WorkerGroup {
+                local: Some(w),
+                remotes: Vec::new(),
+                vocab: cfg.vocab_size,
+            });
         }
         let coll: Arc<dyn Collective<Vec<f32>>> = Arc::new(HostSum::new(world));
         let mut remotes = Vec::with_capacity(world);
@@ -100,14 +129,26 @@ where
                 .name(format!("retrowave-worker-{}", remotes.len()))
                 .spawn(move || serve(w, crx, ctx))
                 .map_err(|e| EngineError::Config(format!("cannot start worker thread: {e}")))?;
-            remotes.push(Remote { tx, rx, handle: Some(handle) });
+            remotes.push(Remote {
+                tx,
+                rx,
+                handle: Some(handle),
+            });
         }
-        Ok(WorkerGroup { local: None, remotes, vocab: cfg.vocab_size })
+        Ok(WorkerGroup {
+            local: None,
+            remotes,
+            vocab: cfg.vocab_size,
+        })
     }
 
     /// Tensor-parallel degree.
     pub fn world(&self) -> usize {
-        if self.local.is_some() { 1 } else { self.remotes.len() }
+        if self.local.is_some() {
+            1
+        } else {
+            self.remotes.len()
+        }
     }
 
     /// Vocabulary size (columns of the logits).
@@ -150,7 +191,9 @@ where
     pub fn open_slot(&mut self, slot: usize, max_tokens: usize) -> Result<(), EngineError> {
         match &mut self.local {
             Some(w) => w.open_slot(slot, max_tokens),
-            None => self.broadcast(|| Cmd::Open { slot, max_tokens }).map(|_| ()),
+            None => self
+                .broadcast(|| Cmd::Open { slot, max_tokens })
+                .map(|_| ()),
         }
     }
 
@@ -175,12 +218,25 @@ where
     }
 
     /// Runs one forward step on every worker; returns the logits of `logits_rows`.
-    pub fn forward(&mut self, tokens: &[u32], batch: &BatchLayout, logits_rows: &[usize]) -> Result<Vec<f32>, EngineError> {
+    pub fn forward(
+        &mut self,
+        tokens: &[u32],
+        batch: &BatchLayout,
+        logits_rows: &[usize],
+    ) -> Result<Vec<f32>, EngineError> {
         let out = match &mut self.local {
             Some(w) => w.forward(tokens, batch, logits_rows)?,
             None => {
-                let (t, b, l) = (Arc::new(tokens.to_vec()), Arc::new(batch.clone()), Arc::new(logits_rows.to_vec()));
-                self.broadcast(|| Cmd::Forward { tokens: t.clone(), batch: b.clone(), logits_rows: l.clone() })?
+                let (t, b, l) = (
+                    Arc::new(tokens.to_vec()),
+                    Arc::new(batch.clone()),
+                    Arc::new(logits_rows.to_vec()),
+                );
+                self.broadcast(|| Cmd::Forward {
+                    tokens: t.clone(),
+                    batch: b.clone(),
+                    logits_rows: l.clone(),
+                })?
             }
         };
         Ok(out.unwrap_or_default())
@@ -190,7 +246,11 @@ where
 fn serve<B: Backend>(mut w: Worker<B>, rx: Receiver<Cmd>, tx: Sender<Reply>) {
     while let Ok(cmd) = rx.recv() {
         let reply = match cmd {
-            Cmd::Forward { tokens, batch, logits_rows } => w.forward(&tokens, &batch, &logits_rows),
+            Cmd::Forward {
+                tokens,
+                batch,
+                logits_rows,
+            } => w.forward(&tokens, &batch, &logits_rows),
             Cmd::Open { slot, max_tokens } => w.open_slot(slot, max_tokens).map(|_| None),
             Cmd::Close { slot } => {
                 w.close_slot(slot);

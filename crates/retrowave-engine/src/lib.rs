@@ -41,5 +41,8 @@ pub enum EngineError {
     WorkerLost,
     /// A step failed; its sequences were ended (their final events are attached), the others go on.
     #[error("step failed: {source}")]
-    StepFailed { source: Box<EngineError>, events: Vec<Event> },
+    StepFailed {
+        source: Box<EngineError>,
+        events: Vec<Event>,
+    },
 }

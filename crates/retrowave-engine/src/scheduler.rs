@@ -21,7 +21,11 @@ pub struct SchedulerConfig {
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        SchedulerConfig { max_batch_tokens: 512, prefill_chunk: 512, max_seqs: 32 }
+        SchedulerConfig {
+            max_batch_tokens: 512,
+            prefill_chunk: 512,
+            max_seqs: 32,
+        }
     }
 }
 
@@ -64,14 +68,21 @@ pub fn schedule(cfg: &SchedulerConfig, seqs: &[SeqStatus]) -> StepPlan {
     let mut budget = cfg.max_batch_tokens.max(1);
     let mut entries = Vec::new();
     let decoding = seqs.iter().filter(|s| s.pending == 1 && s.cached > 0);
-    let prefilling = seqs.iter().filter(|s| s.pending > 0 && !(s.pending == 1 && s.cached > 0));
+    let prefilling = seqs
+        .iter()
+        .filter(|s| s.pending > 0 && !(s.pending == 1 && s.cached > 0));
     for s in decoding.chain(prefilling) {
         if budget == 0 || entries.len() >= cfg.max_seqs {
             break;
         }
         let n = s.pending.min(cfg.prefill_chunk.max(1)).min(budget);
         budget -= n;
-        entries.push(StepEntry { id: s.id, start: s.cached, n_tokens: n, wants_logits: n == s.pending });
+        entries.push(StepEntry {
+            id: s.id,
+            start: s.cached,
+            n_tokens: n,
+            wants_logits: n == s.pending,
+        });
     }
     StepPlan { entries }
 }
@@ -82,20 +93,55 @@ mod tests {
 
     #[test]
     fn decodes_first_then_chunks_prompts() {
-        let cfg = SchedulerConfig { max_batch_tokens: 100, prefill_chunk: 64, max_seqs: 8 };
+        let cfg = SchedulerConfig {
+            max_batch_tokens: 100,
+            prefill_chunk: 64,
+            max_seqs: 8,
+        };
         let seqs = [
-            SeqStatus { id: 1, cached: 0, pending: 150 },
-            SeqStatus { id: 2, cached: 40, pending: 1 },
-            SeqStatus { id: 3, cached: 0, pending: 10 },
-            SeqStatus { id: 4, cached: 7, pending: 0 },
+            SeqStatus {
+                id: 1,
+                cached: 0,
+                pending: 150,
+            },
+            SeqStatus {
+                id: 2,
+                cached: 40,
+                pending: 1,
+            },
+            SeqStatus {
+                id: 3,
+                cached: 0,
+                pending: 10,
+            },
+            SeqStatus {
+                id: 4,
+                cached: 7,
+                pending: 0,
+            },
         ];
         let p = schedule(&cfg, &seqs);
         assert_eq!(
             p.entries,
             vec![
-                StepEntry { id: 2, start: 40, n_tokens: 1, wants_logits: true },
-                StepEntry { id: 1, start: 0, n_tokens: 64, wants_logits: false },
-                StepEntry { id: 3, start: 0, n_tokens: 10, wants_logits: true },
+                StepEntry {
+                    id: 2,
+                    start: 40,
+                    n_tokens: 1,
+                    wants_logits: true
+                },
+                StepEntry {
+                    id: 1,
+                    start: 0,
+                    n_tokens: 64,
+                    wants_logits: false
+                },
+                StepEntry {
+                    id: 3,
+                    start: 0,
+                    n_tokens: 10,
+                    wants_logits: true
+                },
             ]
         );
         assert_eq!(p.n_tokens(), 75);
@@ -103,8 +149,18 @@ mod tests {
 
     #[test]
     fn budget_and_seq_limits_hold() {
-        let cfg = SchedulerConfig { max_batch_tokens: 5, prefill_chunk: 512, max_seqs: 2 };
-        let seqs: Vec<SeqStatus> = (0..4).map(|i| SeqStatus { id: i, cached: 0, pending: 3 }).collect();
+        let cfg = SchedulerConfig {
+            max_batch_tokens: 5,
+            prefill_chunk: 512,
+            max_seqs: 2,
+        };
+        let seqs: Vec<SeqStatus> = (0..4)
+            .map(|i| SeqStatus {
+                id: i,
+                cached: 0,
+                pending: 3,
+            })
+            .collect();
         let p = schedule(&cfg, &seqs);
         assert_eq!(p.entries.len(), 2);
         assert_eq!(p.n_tokens(), 5);

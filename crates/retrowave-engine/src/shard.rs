@@ -28,9 +28,16 @@ fn even_split(n: usize, parts: usize, part: usize) -> Range<usize> {
 
 /// Splits a model with `n_heads` query heads, `n_kv_heads` KV heads and FFN width `ffn` over
 /// `world` workers.
-pub fn plan(n_heads: usize, n_kv_heads: usize, ffn: usize, world: usize) -> Result<Vec<Shard>, EngineError> {
+pub fn plan(
+    n_heads: usize,
+    n_kv_heads: usize,
+    ffn: usize,
+    world: usize,
+) -> Result<Vec<Shard>, EngineError> {
     if world == 0 {
-        return Err(EngineError::Config("tensor-parallel degree must be at least 1".into()));
+        return Err(EngineError::Config(
+            "tensor-parallel degree must be at least 1".into(),
+        ));
     }
     if n_kv_heads < world {
         return Err(EngineError::Config(format!(
@@ -38,7 +45,10 @@ pub fn plan(n_heads: usize, n_kv_heads: usize, ffn: usize, world: usize) -> Resu
         )));
     }
     let group = n_heads / n_kv_heads;
-    let unit = [256, 32, 1].into_iter().find(|u| ffn % u == 0 && ffn / u >= world).unwrap_or(1);
+    let unit = [256, 32, 1]
+        .into_iter()
+        .find(|u| ffn.is_multiple_of(*u) && ffn / u >= world)
+        .unwrap_or(1);
     Ok((0..world)
         .map(|rank| {
             let kv = even_split(n_kv_heads, world, rank);

@@ -7,21 +7,46 @@ use std::sync::Arc;
 use retrowave_core::{Backend, BatchLayout, Collective, HeadLayout, RopeParams};
 use retrowave_model::arch::{ModelConfig, WeightSource};
 
-use crate::shard::Shard;
 use crate::EngineError;
+use crate::shard::Shard;
+
+/// Projections of one input: stacked into one matrix when the backend can, else apart.
+enum Projections<B: Backend> {
+    Stacked { w: B::Matrix, widths: Vec<usize> },
+    Apart(Vec<B::Matrix>),
+}
+
+impl<B: Backend> Projections<B> {
+    fn new(backend: &B, parts: Vec<(B::Matrix, usize)>) -> Self {
+        let refs: Vec<&B::Matrix> = parts.iter().map(|(m, _)| m).collect();
+        match backend.stack_matrices(&refs) {
+            Some(w) => Projections::Stacked {
+                w,
+                widths: parts.iter().map(|(_, n)| *n).collect(),
+            },
+            None => Projections::Apart(parts.into_iter().map(|(m, _)| m).collect()),
+        }
+    }
+
+    fn apply(&self, b: &B, x: &B::Acts) -> Vec<B::Acts> {
+        match self {
+            Projections::Stacked { w, widths } => b.split_cols(&b.linear(x, w, None), widths),
+            Projections::Apart(ws) => ws.iter().map(|w| b.linear(x, w, None)).collect(),
+        }
+    }
+}
 
 struct Layer<B: Backend> {
     attn_norm: B::Vector,
-    wq: B::Matrix,
-    wk: B::Matrix,
-    wv: B::Matrix,
+    /// Q, K, V.
+    qkv: Projections<B>,
     bq: Option<B::Vector>,
     bk: Option<B::Vector>,
     bv: Option<B::Vector>,
     wo: B::Matrix,
     ffn_norm: B::Vector,
-    w_gate: B::Matrix,
-    w_up: B::Matrix,
+    /// Gate, up.
+    gate_up: Projections<B>,
     w_down: B::Matrix,
 }
 
@@ -56,7 +81,10 @@ impl<B: Backend> Worker<B> {
         let kv_rows = shard.kv_heads.start * hd..shard.kv_heads.end * hd;
         let all = |n: usize| 0..n;
         let w = |name: &str| src.weight(name).map_err(EngineError::from);
-        let mat = |name: &str, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| -> Result<B::Matrix, EngineError> {
+        let mat = |name: &str,
+                   rows: std::ops::Range<usize>,
+                   cols: std::ops::Range<usize>|
+         -> Result<B::Matrix, EngineError> {
             let v = w(name)?;
             Ok(backend.load_matrix(&v, rows, cols)?)
         };
@@ -64,24 +92,50 @@ impl<B: Backend> Worker<B> {
             let v = w(name)?;
             Ok(backend.load_vector(&v, range)?)
         };
-        let opt_vec = |name: &str, range: std::ops::Range<usize>| -> Result<Option<B::Vector>, EngineError> {
-            if src.has(name) { vec(name, range).map(Some) } else { Ok(None) }
-        };
+        let opt_vec =
+            |name: &str, range: std::ops::Range<usize>| -> Result<Option<B::Vector>, EngineError> {
+                if src.has(name) {
+                    vec(name, range).map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let n = |t: &str| format!("blk.{i}.{t}");
+            let qkv = vec![
+                (
+                    mat(&n("attn_q.weight"), q_rows.clone(), all(cfg.hidden))?,
+                    q_rows.len(),
+                ),
+                (
+                    mat(&n("attn_k.weight"), kv_rows.clone(), all(cfg.hidden))?,
+                    kv_rows.len(),
+                ),
+                (
+                    mat(&n("attn_v.weight"), kv_rows.clone(), all(cfg.hidden))?,
+                    kv_rows.len(),
+                ),
+            ];
+            let gate_up = vec![
+                (
+                    mat(&n("ffn_gate.weight"), shard.ffn.clone(), all(cfg.hidden))?,
+                    shard.ffn.len(),
+                ),
+                (
+                    mat(&n("ffn_up.weight"), shard.ffn.clone(), all(cfg.hidden))?,
+                    shard.ffn.len(),
+                ),
+            ];
             layers.push(Layer {
                 attn_norm: vec(&n("attn_norm.weight"), all(cfg.hidden))?,
-                wq: mat(&n("attn_q.weight"), q_rows.clone(), all(cfg.hidden))?,
-                wk: mat(&n("attn_k.weight"), kv_rows.clone(), all(cfg.hidden))?,
-                wv: mat(&n("attn_v.weight"), kv_rows.clone(), all(cfg.hidden))?,
+                qkv: Projections::new(&backend, qkv),
+                gate_up: Projections::new(&backend, gate_up),
                 bq: opt_vec(&n("attn_q.bias"), q_rows.clone())?,
                 bk: opt_vec(&n("attn_k.bias"), kv_rows.clone())?,
                 bv: opt_vec(&n("attn_v.bias"), kv_rows.clone())?,
                 wo: mat(&n("attn_output.weight"), all(cfg.hidden), q_rows.clone())?,
                 ffn_norm: vec(&n("ffn_norm.weight"), all(cfg.hidden))?,
-                w_gate: mat(&n("ffn_gate.weight"), shard.ffn.clone(), all(cfg.hidden))?,
-                w_up: mat(&n("ffn_up.weight"), shard.ffn.clone(), all(cfg.hidden))?,
                 w_down: mat(&n("ffn_down.weight"), all(cfg.hidden), shard.ffn.clone())?,
             });
         }
@@ -93,8 +147,16 @@ impl<B: Backend> Worker<B> {
         };
         let out_norm = vec("output_norm.weight", all(cfg.hidden))?;
         Ok(Worker {
-            heads: HeadLayout { n_heads: shard.q_heads.len(), n_kv_heads: shard.kv_heads.len(), head_dim: hd },
-            rope: RopeParams { style: cfg.rope_style, theta: cfg.rope_theta, dim: cfg.rope_dim },
+            heads: HeadLayout {
+                n_heads: shard.q_heads.len(),
+                n_kv_heads: shard.kv_heads.len(),
+                head_dim: hd,
+            },
+            rope: RopeParams {
+                style: cfg.rope_style,
+                theta: cfg.rope_theta,
+                dim: cfg.rope_dim,
+            },
             rms_eps: cfg.rms_eps,
             n_layers: cfg.n_layers,
             backend,
@@ -148,12 +210,14 @@ impl<B: Backend> Worker<B> {
         batch: &BatchLayout,
         logits_rows: &[usize],
     ) -> Result<Option<Vec<f32>>, EngineError> {
-        let b = &self.backend;
         let positions = batch.positions();
         // Take the caches of the batch's slots out of the map for the duration of the step.
         let mut taken = Vec::with_capacity(batch.seqs.len());
         for s in &batch.seqs {
-            let kv = self.caches.remove(&s.slot).ok_or(EngineError::UnknownSlot(s.slot));
+            let kv = self
+                .caches
+                .remove(&s.slot)
+                .ok_or(EngineError::UnknownSlot(s.slot));
             match kv {
                 Ok(kv) => taken.push((s.slot, kv)),
                 Err(e) => {
@@ -164,36 +228,54 @@ impl<B: Backend> Worker<B> {
                 }
             }
         }
-        let result = (|| -> Result<Option<Vec<f32>>, EngineError> {
-            let mut x = b.embed(&self.embed, tokens)?;
-            let hd = self.heads.head_dim;
-            for (li, l) in self.layers.iter().enumerate() {
-                let h = b.rms_norm(&x, &l.attn_norm, self.rms_eps);
-                let mut q = b.linear(&h, &l.wq, l.bq.as_ref());
-                let mut k = b.linear(&h, &l.wk, l.bk.as_ref());
-                let v = b.linear(&h, &l.wv, l.bv.as_ref());
-                b.rope(&mut q, &positions, self.heads.n_heads, hd, &self.rope);
-                b.rope(&mut k, &positions, self.heads.n_kv_heads, hd, &self.rope);
-                let mut caches: Vec<&mut B::Kv> = taken.iter_mut().map(|(_, kv)| kv).collect();
-                let a = b.attention(li, &q, &k, &v, &mut caches, batch, self.heads)?;
-                let mut o = b.linear(&a, &l.wo, None);
-                self.all_reduce(&mut o);
-                b.add_assign(&mut x, &o);
-                let h = b.rms_norm(&x, &l.ffn_norm, self.rms_eps);
-                let g = b.linear(&h, &l.w_gate, None);
-                let u = b.linear(&h, &l.w_up, None);
-                let mut d = b.linear(&b.silu_mul(&g, &u), &l.w_down, None);
-                self.all_reduce(&mut d);
-                b.add_assign(&mut x, &d);
-            }
-            if self.shard.rank != 0 || logits_rows.is_empty() {
-                return Ok(None);
-            }
-            let last = b.select_rows(&x, logits_rows);
-            let h = b.rms_norm(&last, &self.out_norm, self.rms_eps);
-            let logits = b.linear(&h, self.output.as_ref().unwrap_or(&self.embed), None);
-            Ok(Some(b.acts_to_host(&logits)))
-        })();
+        let this = &*self;
+        let result = this
+            .backend
+            .run(|| -> Result<Option<Vec<f32>>, EngineError> {
+                let b = &this.backend;
+                let mut x = b.embed(&this.embed, tokens)?;
+                let hd = this.heads.head_dim;
+                for (li, l) in this.layers.iter().enumerate() {
+                    let h = b.rms_norm(&x, &l.attn_norm, this.rms_eps);
+                    let mut qkv = l.qkv.apply(b, &h).into_iter();
+                    let (Some(mut q), Some(mut k), Some(mut v)) =
+                        (qkv.next(), qkv.next(), qkv.next())
+                    else {
+                        return Err(EngineError::Config(
+                            "QKV projection gave fewer than 3 outputs".into(),
+                        ));
+                    };
+                    for (x, bias) in [(&mut q, &l.bq), (&mut k, &l.bk), (&mut v, &l.bv)] {
+                        if let Some(bias) = bias {
+                            b.add_bias(x, bias);
+                        }
+                    }
+                    b.rope(&mut q, &positions, this.heads.n_heads, hd, &this.rope);
+                    b.rope(&mut k, &positions, this.heads.n_kv_heads, hd, &this.rope);
+                    let mut caches: Vec<&mut B::Kv> = taken.iter_mut().map(|(_, kv)| kv).collect();
+                    let a = b.attention(li, &q, &k, &v, &mut caches, batch, this.heads)?;
+                    let mut o = b.linear(&a, &l.wo, None);
+                    this.all_reduce(&mut o);
+                    b.add_assign(&mut x, &o);
+                    let h = b.rms_norm(&x, &l.ffn_norm, this.rms_eps);
+                    let gu = l.gate_up.apply(b, &h);
+                    let [g, u] = &gu[..] else {
+                        return Err(EngineError::Config(
+                            "gate/up projection gave other than 2 outputs".into(),
+                        ));
+                    };
+                    let mut d = b.linear(&b.silu_mul(g, u), &l.w_down, None);
+                    this.all_reduce(&mut d);
+                    b.add_assign(&mut x, &d);
+                }
+                if this.shard.rank != 0 || logits_rows.is_empty() {
+                    return Ok(None);
+                }
+                let last = b.select_rows(&x, logits_rows);
+                let h = b.rms_norm(&last, &this.out_norm, this.rms_eps);
+                let logits = b.linear(&h, this.output.as_ref().unwrap_or(&this.embed), None);
+                Ok(Some(b.acts_to_host(&logits)))
+            });
         for ((slot, mut kv), s) in taken.into_iter().zip(&batch.seqs) {
             if result.is_err() {
                 // A failed step leaves no partial token behind: rewind to the state before it.

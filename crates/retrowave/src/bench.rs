@@ -56,7 +56,9 @@ pub fn essay_prompt(tok: &retrowave_model::tokenizer::Tokenizer, n: usize) -> Re
         if !text.is_empty() {
             text.push_str("\n\n");
         }
-        text.push_str(&std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?);
+        text.push_str(
+            &std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        );
     }
     let mut ids = tok.encode(&text, true, false)?;
     if ids.len() < n {
@@ -70,7 +72,12 @@ pub fn essay_prompt(tok: &retrowave_model::tokenizer::Tokenizer, n: usize) -> Re
 pub fn cpu_device() -> String {
     let name = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     format!("{name}, {} threads", rayon::current_num_threads())
 }
@@ -93,11 +100,27 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
-        BenchCommand::Generate { model, contexts, decode_tokens, runs, tp, prefill_chunk, out } => {
+        BenchCommand::Generate {
+            model,
+            contexts,
+            decode_tokens,
+            runs,
+            tp,
+            prefill_chunk,
+            out,
+        } => {
             let loaded = load::open(&model)?;
             let max_ctx = contexts.iter().max().copied().unwrap_or(0) + decode_tokens + 16;
-            let mut engine = load::engine(&loaded, load::EngineOptions { tp, max_context: max_ctx, prefill_chunk })?;
-            let out = out.unwrap_or_else(|| PathBuf::from(format!("bench/results/generate-{model}.jsonl")));
+            let mut engine = load::engine(
+                &loaded,
+                load::EngineOptions {
+                    tp,
+                    max_context: max_ctx,
+                    prefill_chunk,
+                },
+            )?;
+            let out = out
+                .unwrap_or_else(|| PathBuf::from(format!("bench/results/generate-{model}.jsonl")));
             if let Some(dir) = out.parent() {
                 std::fs::create_dir_all(dir)?;
             }
@@ -108,7 +131,11 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 let prompt = essay_prompt(&tok, n)?;
                 let (mut pre, mut dec) = (Vec::new(), Vec::new());
                 for run in 0..runs.max(1) {
-                    let params = SamplingParams { max_tokens: decode_tokens + 1, ignore_eos: true, ..Default::default() };
+                    let params = SamplingParams {
+                        max_tokens: decode_tokens + 1,
+                        ignore_eos: true,
+                        ..Default::default()
+                    };
                     let t = Instant::now();
                     let id = engine.add_request(prompt.clone(), params)?;
                     let usage = loop {
@@ -131,8 +158,14 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                     dec.push(d);
                 }
                 let ts = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-                let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&out)?;
-                for (metric, v) in [("prefill_tokens_per_s", median(pre)), ("decode_tokens_per_s", median(dec))] {
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&out)?;
+                for (metric, v) in [
+                    ("prefill_tokens_per_s", median(pre)),
+                    ("decode_tokens_per_s", median(dec)),
+                ] {
                     let rec = json!({
                         "bench": "generate", "engine": "retrowave", "metric": metric, "value": v,
                         "unit": "tokens/s", "device": device, "model": model, "context": n,

@@ -28,7 +28,12 @@ pub fn resolve_path(spec: &str) -> Result<PathBuf> {
             if path.exists() {
                 Ok(registry::ensure_model(entry.name)?)
             } else {
-                eprintln!("fetching {} ({:.0} MB) into {}", entry.name, entry.size as f64 / 1e6, path.display());
+                eprintln!(
+                    "fetching {} ({:.0} MB) into {}",
+                    entry.name,
+                    entry.size as f64 / 1e6,
+                    path.display()
+                );
                 Ok(registry::fetch_model(entry, &FetchOptions::interactive())?)
             }
         }
@@ -44,14 +49,20 @@ pub fn open(spec: &str) -> Result<LoadedModel> {
 
 /// Opens and validates a model file or folder.
 pub fn open_path(path: &Path) -> Result<LoadedModel> {
-    let source = arch::open_model(path).with_context(|| format!("cannot open model {}", path.display()))?;
+    let source =
+        arch::open_model(path).with_context(|| format!("cannot open model {}", path.display()))?;
     let config = source.config()?;
     arch::validate_tensors(&config, &source)?;
     let tokenizer = match &source {
         ModelSource::Gguf(g) => Tokenizer::from_gguf(g)?,
         ModelSource::HfFolder(_) => Tokenizer::from_hf_folder(path)?,
     };
-    Ok(LoadedModel { path: path.to_path_buf(), source, config, tokenizer: Arc::new(tokenizer) })
+    Ok(LoadedModel {
+        path: path.to_path_buf(),
+        source,
+        config,
+        tokenizer: Arc::new(tokenizer),
+    })
 }
 
 /// Engine options from the command line.
@@ -72,7 +83,15 @@ pub fn engine(model: &LoadedModel, opts: EngineOptions) -> Result<Engine<CpuBack
     let max_context = if opts.max_context == 0 {
         model.config.context_length
     } else {
-        opts.max_context.min(model.config.context_length)
+        if opts.max_context > model.config.context_length {
+            tracing::warn!(
+                "context limit {} exceeds the {} tokens {} was trained for; quality may drop past it",
+                opts.max_context,
+                model.config.context_length,
+                model.config.name
+            );
+        }
+        opts.max_context
     };
     tracing::info!(
         model = %model.path.display(),
@@ -82,7 +101,11 @@ pub fn engine(model: &LoadedModel, opts: EngineOptions) -> Result<Engine<CpuBack
     );
     let chunk = opts.prefill_chunk.max(1);
     let cfg = EngineConfig {
-        scheduler: SchedulerConfig { max_batch_tokens: chunk, prefill_chunk: chunk, max_seqs: 32 },
+        scheduler: SchedulerConfig {
+            max_batch_tokens: chunk,
+            prefill_chunk: chunk,
+            max_seqs: 32,
+        },
         max_context,
     };
     Ok(Engine::new(group, model.tokenizer.clone(), cfg))

@@ -14,7 +14,11 @@ use retrowave_model::registry::{self, FetchOptions, ModelSpec};
 use retrowave_model::sampling::SamplingParams;
 
 #[derive(Parser)]
-#[command(name = "retrowave", version, about = "Long-context LLM serving runtime")]
+#[command(
+    name = "retrowave",
+    version,
+    about = "Long-context LLM serving runtime"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -63,7 +67,11 @@ struct ModelArgs {
 
 impl ModelArgs {
     fn engine_options(&self) -> load::EngineOptions {
-        load::EngineOptions { tp: self.tp, max_context: self.max_context, prefill_chunk: self.prefill_chunk }
+        load::EngineOptions {
+            tp: self.tp,
+            max_context: self.max_context,
+            prefill_chunk: self.prefill_chunk,
+        }
     }
 }
 
@@ -102,13 +110,19 @@ struct GenerateArgs {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RETROWAVE_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("RETROWAVE_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Fetch { name, list, print_path, force } => fetch(name, list, print_path, force),
+        Command::Fetch {
+            name,
+            list,
+            print_path,
+            force,
+        } => fetch(name, list, print_path, force),
         Command::Generate(args) => generate(args),
         Command::Bench { which } => bench::run(which),
     };
@@ -121,8 +135,21 @@ fn main() {
 fn fetch(name: Option<String>, list: bool, print_path: bool, force: bool) -> Result<()> {
     if list {
         for e in registry::entries() {
-            let mark = if registry::model_path(e.name).map(|p| p.exists()).unwrap_or(false) { "cached" } else { "" };
-            println!("{:<22} {:>6.0} MB  {:<8} {}", e.name, e.size as f64 / 1e6, mark, e.description);
+            let mark = if registry::model_path(e.name)
+                .map(|p| p.exists())
+                .unwrap_or(false)
+            {
+                "cached"
+            } else {
+                ""
+            };
+            println!(
+                "{:<22} {:>6.0} MB  {:<8} {}",
+                e.name,
+                e.size as f64 / 1e6,
+                mark,
+                e.description
+            );
         }
         return Ok(());
     }
@@ -155,15 +182,25 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let mut engine = load::engine(&model, args.model.engine_options())?;
     let tok = engine.tokenizer().clone();
     let prompt_ids = if args.chat {
-        let template = tok.chat_template().context("this model has no chat template; drop --chat")?;
+        let template = tok
+            .chat_template()
+            .context("this model has no chat template; drop --chat")?;
         let template = ChatTemplate::new(template)?;
         let mut messages = Vec::new();
         if let Some(s) = &args.system {
             messages.push(ChatMessage::new("system", s.as_str()));
         }
         messages.push(ChatMessage::new("user", args.prompt.as_str()));
-        let bos = tok.bos_id().and_then(|i| tok.token_text(i)).unwrap_or("").to_string();
-        let eos = tok.eos_id().and_then(|i| tok.token_text(i)).unwrap_or("").to_string();
+        let bos = tok
+            .bos_id()
+            .and_then(|i| tok.token_text(i))
+            .unwrap_or("")
+            .to_string();
+        let eos = tok
+            .eos_id()
+            .and_then(|i| tok.token_text(i))
+            .unwrap_or("")
+            .to_string();
         let text = template.render(&messages, true, &bos, &eos)?;
         tok.encode(&text, true, true)?
     } else {
@@ -189,7 +226,12 @@ fn generate(args: GenerateArgs) -> Result<()> {
                     out.write_all(text.as_bytes())?;
                     out.flush()?;
                 }
-                Event::Finished { id: fid, text, usage, reason } if fid == id => {
+                Event::Finished {
+                    id: fid,
+                    text,
+                    usage,
+                    reason,
+                } if fid == id => {
                     out.write_all(text.as_bytes())?;
                     writeln!(out)?;
                     out.flush()?;
@@ -202,7 +244,11 @@ fn generate(args: GenerateArgs) -> Result<()> {
                         usage.prompt_tokens,
                         usage.prompt_tokens as f64 / prefill_s.max(1e-9),
                         usage.completion_tokens,
-                        if decoded > 0 { decoded as f64 / decode_s.max(1e-9) } else { 0.0 },
+                        if decoded > 0 {
+                            decoded as f64 / decode_s.max(1e-9)
+                        } else {
+                            0.0
+                        },
                         reason.as_str(),
                         start.elapsed().as_secs_f64(),
                     );

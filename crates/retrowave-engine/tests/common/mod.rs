@@ -1,0 +1,74 @@
+//! Shared helpers of the engine's integration tests: real models from the registry and the
+//! golden reference outputs in ../shared/golden.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use retrowave_cpu::CpuBackend;
+use retrowave_engine::{Engine, EngineConfig, SchedulerConfig, WorkerGroup};
+use retrowave_model::arch::{self, ModelConfig, ModelSource};
+use retrowave_model::registry;
+use retrowave_model::tokenizer::Tokenizer;
+use serde_json::Value;
+
+pub struct Model {
+    pub source: ModelSource,
+    pub config: ModelConfig,
+    pub tokenizer: Arc<Tokenizer>,
+}
+
+/// Opens a registry model (fetching it on first use).
+pub fn open(name: &str) -> Model {
+    let path = registry::ensure_model(name).unwrap_or_else(|e| panic!("cannot get {name}: {e}"));
+    let source = arch::open_model(&path).unwrap();
+    let config = source.config().unwrap();
+    arch::validate_tensors(&config, &source).unwrap();
+    let tokenizer = match &source {
+        ModelSource::Gguf(g) => Tokenizer::from_gguf(g).unwrap(),
+        ModelSource::HfFolder(_) => Tokenizer::from_hf_folder(&path).unwrap(),
+    };
+    Model {
+        source,
+        config,
+        tokenizer: Arc::new(tokenizer),
+    }
+}
+
+pub fn group(m: &Model, tp: usize) -> WorkerGroup<CpuBackend> {
+    WorkerGroup::load(
+        &m.config,
+        &m.source,
+        (0..tp).map(|_| CpuBackend::new()).collect(),
+    )
+    .unwrap()
+}
+
+pub fn engine(m: &Model, tp: usize, max_context: usize) -> Engine<CpuBackend> {
+    let cfg = EngineConfig {
+        scheduler: SchedulerConfig {
+            max_batch_tokens: 256,
+            prefill_chunk: 256,
+            max_seqs: 16,
+        },
+        max_context,
+    };
+    Engine::new(group(m, tp), m.tokenizer.clone(), cfg)
+}
+
+/// The golden file of a model (../shared/golden/<name>.json beside the checkout).
+pub fn golden(name: &str) -> Value {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/golden");
+    let path = root.join(format!("{name}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
