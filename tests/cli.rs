@@ -44,15 +44,33 @@ fn generate_stops_at_stop_string_and_chat_template_works() {
     assert_eq!(text(&out.stdout), "\n");
     assert!(text(&out.stderr).contains("finish: stop"));
 
+    // The template's default system message names the model, and <|im_end|> ends the answer.
     let out = run(&[
         "generate",
         "--chat",
         "--max-tokens",
-        "24",
-        "What is the capital of France?",
+        "48",
+        "Hi! Who are you?",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("Paris"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("SmolLM"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(&[
+        "generate",
+        "--chat",
+        "--max-tokens",
+        "64",
+        "Write a haiku about the sea.",
+    ]);
+    assert!(
+        text(&out.stderr).contains("finish: stop"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!text(&out.stdout).contains("<|im_end|>"));
 }
 
 #[test]
@@ -99,7 +117,7 @@ fn bad_inputs_fail_with_clear_errors() {
     assert!(e.starts_with("error:") && !e.contains("panicked"), "{e}");
     assert!(e.contains("cut.gguf"), "{e}");
 
-    let out = run(&["generate", "--temperature", "-1", "hi"]);
+    let out = run(&["generate", "--temperature=-1", "hi"]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("temperature"));
 }

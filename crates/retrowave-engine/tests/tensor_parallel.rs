@@ -1,10 +1,11 @@
 //! Tensor parallelism on the CPU: two workers on two threads, each with a slice of the heads and
-//! of the FFN, joined by the in-process all-reduce, give the same tokens as one worker.
+//! of the FFN, joined by the in-process all-reduce, compute the same model as one worker.
 
 mod common;
 
+use retrowave_core::{BatchLayout, SeqRows};
 use retrowave_cpu::CpuBackend;
-use retrowave_engine::{Engine, Event};
+use retrowave_engine::{Engine, Event, WorkerGroup};
 use retrowave_model::sampling::SamplingParams;
 
 fn greedy(engine: &mut Engine<CpuBackend>, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
@@ -29,27 +30,148 @@ fn greedy(engine: &mut Engine<CpuBackend>, prompts: &[Vec<u32>], n: usize) -> Ve
     out
 }
 
-#[test]
-fn tp2_gives_the_same_tokens_as_tp1() {
-    let m = common::open("smollm2-135m");
+fn logits(group: &mut WorkerGroup<CpuBackend>, tokens: &[u32]) -> Vec<f32> {
+    let n = tokens.len();
+    group.open_slot(7, n).unwrap();
+    let batch = BatchLayout {
+        seqs: vec![SeqRows {
+            slot: 7,
+            row: 0,
+            start_pos: 0,
+            n_tokens: n,
+        }],
+    };
+    let rows: Vec<usize> = (0..n).collect();
+    let l = group.forward(tokens, &batch, &rows).unwrap();
+    group.close_slot(7);
+    l
+}
+
+/// Greedy paths of TP=1 and TP=2 and the logits along TP=1's paths.
+struct Compared {
+    tokens_tp1: Vec<Vec<u32>>,
+    tokens_tp2: Vec<Vec<u32>>,
+    max_logit_diff: f32,
+    /// For each prompt, the smallest top-2 margin of TP=1 along its path.
+    min_margin: Vec<f32>,
+    /// Positions where TP=2's argmax differs from TP=1's, with TP=1's margin there.
+    argmax_flips: Vec<f32>,
+    /// TP=1's top-2 margin at every compared position.
+    margins: Vec<f32>,
+}
+
+fn compare(m: &common::Model, prompts: &[Vec<u32>]) -> Compared {
+    let (mut e1, mut e2) = (common::engine(m, 1, 512), common::engine(m, 2, 512));
+    assert_eq!(e2.group().world(), 2);
+    // All prompts in one batch (continuous batching), 16 greedy tokens each.
+    let tokens_tp1 = greedy(&mut e1, prompts, 16);
+    let tokens_tp2 = greedy(&mut e2, prompts, 16);
+    let (mut g1, mut g2) = (common::group(m, 1), common::group(m, 2));
+    let vocab = m.config.vocab_size;
+    let mut c = Compared {
+        tokens_tp1,
+        tokens_tp2,
+        max_logit_diff: 0.0,
+        min_margin: Vec::new(),
+        argmax_flips: Vec::new(),
+        margins: Vec::new(),
+    };
+    for (p, toks) in prompts.iter().zip(&c.tokens_tp1) {
+        let seq: Vec<u32> = p.iter().chain(toks.iter()).copied().collect();
+        let (l1, l2) = (logits(&mut g1, &seq), logits(&mut g2, &seq));
+        c.max_logit_diff = l1
+            .iter()
+            .zip(&l2)
+            .map(|(x, y)| (x - y).abs())
+            .fold(c.max_logit_diff, f32::max);
+        let mut min_margin = f32::INFINITY;
+        for (r1, r2) in l1.chunks(vocab).zip(l2.chunks(vocab)).skip(p.len() - 1) {
+            let mut s: Vec<f32> = r1.to_vec();
+            s.sort_by(|x, y| y.total_cmp(x));
+            let margin = s[0] - s[1];
+            min_margin = min_margin.min(margin);
+            c.margins.push(margin);
+            let am = |r: &[f32]| retrowave_model::sampling::argmax(r);
+            if am(r1) != am(r2) {
+                c.argmax_flips.push(margin);
+            }
+        }
+        c.min_margin.push(min_margin);
+    }
+    c
+}
+
+fn golden_prompts() -> Vec<Vec<u32>> {
     let golden = common::golden("smollm2-135m");
-    let prompts: Vec<Vec<u32>> = golden["prompts"]
+    golden["prompts"]
         .as_array()
         .unwrap()
         .iter()
         .take(3)
         .map(|p| common::ids(&p["prompt_ids"]))
-        .collect();
-    let mut e1 = common::engine(&m, 1, 512);
-    let mut e2 = common::engine(&m, 2, 512);
-    assert_eq!(e2.group().world(), 2);
-    // All three prompts in one batch (continuous batching), 16 tokens each.
-    let a = greedy(&mut e1, &prompts, 16);
-    let b = greedy(&mut e2, &prompts, 16);
-    assert_eq!(a, b);
-    // and they are the golden tokens where llama.cpp's margins are clear at the start
-    for (p, toks) in golden["prompts"].as_array().unwrap().iter().zip(&a) {
-        let g = common::ids(&p["generated_ids"]);
-        assert_eq!(toks[0], g[0]);
+        .collect()
+}
+
+/// In float32 (a Hugging Face export of SmolLM2) the two groups differ only by the order of the
+/// partial sums, so every greedy token is the same.
+#[test]
+fn tp2_gives_the_same_tokens_as_tp1_in_float() {
+    use retrowave_model::hf::{ExportDtype, export_hf_folder};
+    let gm = common::open("smollm2-135m");
+    let dir = tempfile::tempdir().unwrap();
+    let retrowave_model::arch::ModelSource::Gguf(g) = &gm.source else {
+        unreachable!()
+    };
+    export_hf_folder(
+        g,
+        dir.path(),
+        ExportDtype::F32,
+        Some(&gm.tokenizer.to_tokenizer_json().unwrap()),
+    )
+    .unwrap();
+    let m = common::open_path(dir.path());
+    let c = compare(&m, &golden_prompts());
+    eprintln!(
+        "f32: TP=2 vs TP=1 max |logit diff| {:.2e}, min margins {:?}",
+        c.max_logit_diff, c.min_margin
+    );
+    assert!(c.max_logit_diff < 0.05, "{}", c.max_logit_diff);
+    assert!(c.argmax_flips.is_empty());
+    assert_eq!(c.tokens_tp1, c.tokens_tp2);
+}
+
+/// With the quantized GGUF weights, activations are rounded to 8 bits before every matmul (as
+/// llama.cpp does). That rounding is discontinuous: the last-bit difference of a reordered sum
+/// can move a value across a rounding boundary, so the two groups differ by quantization noise
+/// (the same size as our difference to llama.cpp, see golden.rs: up to ~1.5 on SmolLM2 logits).
+/// The tokens agree wherever the decision is not within that noise.
+#[test]
+fn tp2_gives_the_same_tokens_as_tp1_quantized() {
+    const NOISE: f32 = 1.5;
+    let m = common::open("smollm2-135m");
+    let prompts = golden_prompts();
+    let c = compare(&m, &prompts);
+    eprintln!(
+        "q4_1: TP=2 vs TP=1 max |logit diff| {:.2e}, min margins {:?}, argmax flips at margins {:?}",
+        c.max_logit_diff, c.min_margin, c.argmax_flips
+    );
+    assert!(c.max_logit_diff < 2.0, "{}", c.max_logit_diff);
+    // Every decision outside the noise is the same ...
+    assert!(
+        c.argmax_flips.iter().all(|&margin| margin < NOISE),
+        "{:?}",
+        c.argmax_flips
+    );
+    // ... and many decisions are outside it, so that says something.
+    let clear = c.margins.iter().filter(|&&m| m > NOISE).count();
+    assert!(
+        clear * 3 > c.margins.len(),
+        "{clear} of {} positions clear",
+        c.margins.len()
+    );
+    // Greedy paths agree up to their first near-tie.
+    for (a, b) in c.tokens_tp1.iter().zip(&c.tokens_tp2) {
+        let same = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+        assert!(same >= 4, "paths split after {same} tokens: {a:?} vs {b:?}");
     }
 }

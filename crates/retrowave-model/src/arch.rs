@@ -836,7 +836,6 @@ mod tests {
     #[test]
     fn real_models_match_models_md_and_validate() {
         use crate::gguf::test_model_path;
-        let t = std::time::Instant::now();
         let src = open_model(&test_model_path("smollm2-135m")).unwrap();
         let c = src.config().unwrap();
         let expected = ModelConfig {
@@ -893,12 +892,6 @@ mod tests {
         assert_eq!(c, expected);
         let b = qwen.weight("blk.3.attn_k.bias").unwrap();
         assert_eq!((b.rows, b.cols, b.dtype), (1, 128, TensorType::F32));
-        // Both files opened, parsed (the Qwen vocabulary arrays hold 450K strings) and validated.
-        assert!(
-            t.elapsed().as_secs_f64() < 10.0,
-            "opening took {:?}",
-            t.elapsed()
-        );
     }
 
     #[test]

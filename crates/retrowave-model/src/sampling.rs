@@ -106,7 +106,9 @@ impl Sampler {
             return argmax(logits);
         }
         // Candidates sorted by logit, cut by top-k.
-        let mut idx: Vec<u32> = (0..logits.len() as u32).filter(|&i| logits[i as usize].is_finite()).collect();
+        let mut idx: Vec<u32> = (0..logits.len() as u32)
+            .filter(|&i| logits[i as usize].is_finite())
+            .collect();
         if idx.is_empty() {
             return argmax(logits);
         }
@@ -152,7 +154,13 @@ mod tests {
     use super::*;
 
     fn params(t: f32, k: usize, p: f32, seed: u64) -> SamplingParams {
-        SamplingParams { temperature: t, top_k: k, top_p: p, seed: Some(seed), ..Default::default() }
+        SamplingParams {
+            temperature: t,
+            top_k: k,
+            top_p: p,
+            seed: Some(seed),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -176,7 +184,10 @@ mod tests {
         top5.truncate(5);
         assert!(a.iter().all(|t| top5.contains(t)));
         let distinct: std::collections::HashSet<_> = a.iter().collect();
-        assert!(distinct.len() >= 3, "temperature 1 over 5 close logits should vary");
+        assert!(
+            distinct.len() >= 3,
+            "temperature 1 over 5 close logits should vary"
+        );
     }
 
     #[test]

@@ -171,7 +171,8 @@ fn err(r: &Raw) -> GgufError {
 }
 
 fn model_path(name: &str) -> PathBuf {
-    retrowave_model::registry::ensure_model(name).unwrap_or_else(|e| panic!("cannot get model {name}: {e}"))
+    retrowave_model::registry::ensure_model(name)
+        .unwrap_or_else(|e| panic!("cannot get model {name}: {e}"))
 }
 
 #[test]

@@ -13,7 +13,8 @@ use retrowave_model::gguf::{GgufFile, dequantize_row};
 use retrowave_model::hf::{ExportDtype, export_hf_folder};
 
 fn model_path(name: &str) -> PathBuf {
-    retrowave_model::registry::ensure_model(name).unwrap_or_else(|e| panic!("cannot get model {name}: {e}"))
+    retrowave_model::registry::ensure_model(name)
+        .unwrap_or_else(|e| panic!("cannot get model {name}: {e}"))
 }
 
 fn row(w: &WeightView<'_>, r: usize) -> Vec<f32> {

@@ -22,6 +22,12 @@ pub struct Model {
 /// Opens a registry model (fetching it on first use).
 pub fn open(name: &str) -> Model {
     let path = registry::ensure_model(name).unwrap_or_else(|e| panic!("cannot get {name}: {e}"));
+    open_path(&path)
+}
+
+/// Opens a model file or folder.
+pub fn open_path(path: &std::path::Path) -> Model {
+    let path = path.to_path_buf();
     let source = arch::open_model(&path).unwrap();
     let config = source.config().unwrap();
     arch::validate_tensors(&config, &source).unwrap();
@@ -71,4 +77,12 @@ pub fn ids(v: &Value) -> Vec<u32> {
         .iter()
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
+}
+
+/// The float32 reference logits of bench/reference/<name>-f32.json, if recorded.
+pub fn f32_reference(name: &str) -> Option<Value> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("../../bench/reference/{name}-f32.json"));
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(&text).ok()
 }
