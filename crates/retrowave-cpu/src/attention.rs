@@ -222,8 +222,9 @@ pub fn attend(
             };
             // K tile transposed to [head_dim][KEY_TILE] so that one query row scores the whole
             // tile with vertical FMAs; V tile row-major [KEY_TILE][head_dim].
+            let transpose = u.n_rows * group >= 8;
             let mut khalf = vec![0f32; KEY_TILE * hd];
-            let mut kt = vec![0f32; KEY_TILE * hd];
+            let mut kt = vec![0f32; if transpose { KEY_TILE * hd } else { 0 }];
             let mut vbuf = vec![0f32; KEY_TILE * hd];
             let mut t0 = u.key0;
             while t0 < u.key1 {
@@ -231,9 +232,14 @@ pub fn attend(
                 let nt = t1 - t0;
                 simd::f16_to_f32(&keys[t0 * hd..t1 * hd], &mut khalf[..nt * hd]);
                 simd::f16_to_f32(&vals[t0 * hd..t1 * hd], &mut vbuf[..nt * hd]);
-                for j in 0..KEY_TILE {
-                    for d in 0..hd {
-                        kt[d * KEY_TILE + j] = if j < nt { khalf[j * hd + d] } else { 0.0 };
+                // Transposing pays off only when many query rows share the tile (prefill);
+                // a decode step scores the row-major keys directly.
+                if transpose {
+                    kt.iter_mut().for_each(|v| *v = 0.0);
+                    for (j, krow) in khalf[..nt * hd].chunks_exact(hd).enumerate() {
+                        for (d, &kv) in krow.iter().enumerate() {
+                            kt[d * KEY_TILE + j] = kv;
+                        }
                     }
                 }
                 for r in 0..u.n_rows {
@@ -247,12 +253,18 @@ pub fn attend(
                     for g in 0..group {
                         let qh = &qrow[(p.head0 + g) * hd..(p.head0 + g + 1) * hd];
                         let mut scores = [0f32; KEY_TILE];
-                        for (d, &qd) in qh.iter().enumerate() {
-                            let krow: &[f32; KEY_TILE] = kt[d * KEY_TILE..(d + 1) * KEY_TILE]
-                                .try_into()
-                                .expect("tile row");
-                            for j in 0..KEY_TILE {
-                                scores[j] = qd.mul_add(krow[j], scores[j]);
+                        if transpose {
+                            for (d, &qd) in qh.iter().enumerate() {
+                                let krow: &[f32; KEY_TILE] = kt[d * KEY_TILE..(d + 1) * KEY_TILE]
+                                    .try_into()
+                                    .expect("tile row");
+                                for j in 0..KEY_TILE {
+                                    scores[j] = qd.mul_add(krow[j], scores[j]);
+                                }
+                            }
+                        } else {
+                            for (j, sc) in scores[..nk].iter_mut().enumerate() {
+                                *sc = simd::dot_f32(qh, &khalf[j * hd..(j + 1) * hd]);
                             }
                         }
                         let mut tmax = f32::NEG_INFINITY;
