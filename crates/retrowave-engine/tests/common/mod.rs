@@ -86,3 +86,41 @@ pub fn f32_reference(name: &str) -> Option<Value> {
     let text = std::fs::read_to_string(path).ok()?;
     serde_json::from_str(&text).ok()
 }
+
+/// Logits after one teacher-forced pass over `prompt + forced`: the rows that predict each
+/// forced token (`[forced.len(), vocab]`).
+pub fn teacher_forced(
+    group: &mut WorkerGroup<CpuBackend>,
+    prompt: &[u32],
+    forced: &[u32],
+) -> Vec<f32> {
+    let tokens: Vec<u32> = prompt.iter().chain(forced.iter()).copied().collect();
+    let n = tokens.len();
+    group.open_slot(0, n + 1).unwrap();
+    let batch = retrowave_core::BatchLayout {
+        seqs: vec![retrowave_core::SeqRows {
+            slot: 0,
+            row: 0,
+            start_pos: 0,
+            n_tokens: n,
+        }],
+    };
+    let rows: Vec<usize> = (prompt.len() - 1..n - 1).collect();
+    let logits = group.forward(&tokens, &batch, &rows).unwrap();
+    group.close_slot(0);
+    logits
+}
+
+/// SmolLM2 exported to a float32 Hugging Face folder (kept alive by the returned directory).
+pub fn smollm2_f32_export() -> (tempfile::TempDir, Model) {
+    use retrowave_model::hf::{ExportDtype, export_hf_folder};
+    let gm = open("smollm2-135m");
+    let dir = tempfile::tempdir().unwrap();
+    let ModelSource::Gguf(g) = &gm.source else {
+        unreachable!("registry models are GGUF")
+    };
+    let tj = gm.tokenizer.to_tokenizer_json().unwrap();
+    export_hf_folder(g, dir.path(), ExportDtype::F32, Some(&tj)).unwrap();
+    let m = open_path(dir.path());
+    (dir, m)
+}

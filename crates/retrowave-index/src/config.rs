@@ -1,0 +1,323 @@
+//! Every parameter of the wave index, with the published defaults and validation.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// A configuration value that makes no sense.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum ConfigError {
+    /// A count that must be at least one.
+    #[error("wave config: `{field}` must be at least 1, got 0")]
+    Zero {
+        /// The field.
+        field: &'static str,
+    },
+    /// A budget fraction outside `[0, 1]` or not a number.
+    #[error("wave config: `{field}` must be a fraction between 0 and 1, got {value}")]
+    Fraction {
+        /// The field.
+        field: &'static str,
+        /// The value given.
+        value: f64,
+    },
+    /// Retrieval and estimation budgets that together exceed all clusters.
+    #[error(
+        "wave config: `retrieval_fraction` ({retrieval}) plus `estimation_fraction` ({estimation}) exceeds 1"
+    )]
+    FractionSum {
+        /// The retrieval fraction.
+        retrieval: f64,
+        /// The estimation fraction.
+        estimation: f64,
+    },
+    /// A segment shorter than one average cluster.
+    #[error(
+        "wave config: `segment_tokens` ({segment}) must be at least `avg_cluster_size` ({avg_cluster_size})"
+    )]
+    SegmentTooShort {
+        /// The segment length.
+        segment: usize,
+        /// The average cluster size.
+        avg_cluster_size: usize,
+    },
+    /// More clusters per update than tokens per update.
+    #[error(
+        "wave config: `clusters_per_update` ({clusters}) must not exceed `update_interval` ({interval})"
+    )]
+    TooManyUpdateClusters {
+        /// Clusters per update.
+        clusters: usize,
+        /// Tokens per update.
+        interval: usize,
+    },
+}
+
+/// The parameters of the wave index and wave buffer. Defaults are the published ones
+/// ([`WaveConfig::published`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WaveConfig {
+    /// Attention-sink tokens at the start of the sequence, kept in the steady zone [4].
+    pub sink_tokens: usize,
+    /// Most recent tokens kept in the steady zone as the local window [64].
+    pub window_tokens: usize,
+    /// Tokens per k-means segment of the prefill index build [8192].
+    pub segment_tokens: usize,
+    /// Average tokens per cluster: a segment of `n` tokens gets `n / avg_cluster_size` clusters [16].
+    pub avg_cluster_size: usize,
+    /// Spherical k-means iterations per segment [9].
+    pub kmeans_iterations: usize,
+    /// Share of the prefill clusters attended exactly (retrieval zone) [0.018].
+    pub retrieval_fraction: f64,
+    /// Share of the prefill clusters approximated from their summaries (estimation zone) [0.232].
+    pub estimation_fraction: f64,
+    /// Generated tokens that gather in the steady zone before they are clustered into the index [1024].
+    pub update_interval: usize,
+    /// Clusters made from the tokens of one index update [64].
+    pub clusters_per_update: usize,
+    /// Key/value vectors per page of the cluster-ordered KV layout [8].
+    pub page_size: usize,
+    /// Retrieval clusters added to the budget per index update [1].
+    pub retrieval_growth: usize,
+    /// Estimation clusters added to the budget per index update [15].
+    pub estimation_growth: usize,
+    /// Capacity of the GPU cluster cache, in multiples of the retrieval budget [3].
+    pub cache_ratio: usize,
+    /// Least clusters the execution buffer holds [32].
+    pub exec_buffer_min_clusters: usize,
+    /// Execution buffer size in multiples of the retrieval budget [4].
+    pub exec_buffer_ratio: usize,
+}
+
+impl Default for WaveConfig {
+    fn default() -> Self {
+        Self::published()
+    }
+}
+
+/// The cluster budgets of one decode step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budgets {
+    /// Clusters in the retrieval zone.
+    pub retrieval: usize,
+    /// Clusters in the estimation zone.
+    pub estimation: usize,
+}
+
+impl WaveConfig {
+    /// The defaults of the published method (RetroInfer).
+    pub const fn published() -> Self {
+        Self {
+            sink_tokens: 4,
+            window_tokens: 64,
+            segment_tokens: 8192,
+            avg_cluster_size: 16,
+            kmeans_iterations: 9,
+            retrieval_fraction: 0.018,
+            estimation_fraction: 0.232,
+            update_interval: 1024,
+            clusters_per_update: 64,
+            page_size: 8,
+            retrieval_growth: 1,
+            estimation_growth: 15,
+            cache_ratio: 3,
+            exec_buffer_min_clusters: 32,
+            exec_buffer_ratio: 4,
+        }
+    }
+
+    /// Checks that every value makes sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (field, value) in [
+            ("segment_tokens", self.segment_tokens),
+            ("avg_cluster_size", self.avg_cluster_size),
+            ("update_interval", self.update_interval),
+            ("clusters_per_update", self.clusters_per_update),
+            ("page_size", self.page_size),
+            ("cache_ratio", self.cache_ratio),
+            ("exec_buffer_ratio", self.exec_buffer_ratio),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero { field });
+            }
+        }
+        for (field, value) in [
+            ("retrieval_fraction", self.retrieval_fraction),
+            ("estimation_fraction", self.estimation_fraction),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                return Err(ConfigError::Fraction { field, value });
+            }
+        }
+        if self.retrieval_fraction + self.estimation_fraction > 1.0 + 1e-12 {
+            return Err(ConfigError::FractionSum {
+                retrieval: self.retrieval_fraction,
+                estimation: self.estimation_fraction,
+            });
+        }
+        if self.segment_tokens < self.avg_cluster_size {
+            return Err(ConfigError::SegmentTooShort {
+                segment: self.segment_tokens,
+                avg_cluster_size: self.avg_cluster_size,
+            });
+        }
+        if self.clusters_per_update > self.update_interval {
+            return Err(ConfigError::TooManyUpdateClusters {
+                clusters: self.clusters_per_update,
+                interval: self.update_interval,
+            });
+        }
+        Ok(())
+    }
+
+    /// Clusters for a segment of `len` tokens: `len / avg_cluster_size`, at least one for a
+    /// non-empty segment.
+    pub fn clusters_for_segment(&self, len: usize) -> usize {
+        if len == 0 {
+            0
+        } else {
+            (len / self.avg_cluster_size.max(1)).max(1)
+        }
+    }
+
+    /// The budgets after an index built with `base_clusters` clusters and `updates` index updates:
+    /// each fraction of `base_clusters` rounded up, plus the growth per update.
+    pub fn budgets(&self, base_clusters: usize, updates: usize) -> Budgets {
+        let share = |fraction: f64| {
+            // The small slack keeps 0.3 * 10 from rounding up to 4.
+            let raw = (fraction * base_clusters as f64 - 1e-9).ceil();
+            if raw > 0.0 { raw as usize } else { 0 }
+        };
+        Budgets {
+            retrieval: share(self.retrieval_fraction)
+                .saturating_add(updates.saturating_mul(self.retrieval_growth)),
+            estimation: share(self.estimation_fraction)
+                .saturating_add(updates.saturating_mul(self.estimation_growth)),
+        }
+    }
+
+    /// Clusters the GPU cluster cache holds for a retrieval budget of `retrieval` clusters.
+    pub fn cache_clusters(&self, retrieval: usize) -> usize {
+        self.cache_ratio.saturating_mul(retrieval)
+    }
+
+    /// Clusters the execution buffer holds for a retrieval budget of `retrieval` clusters.
+    pub fn exec_buffer_clusters(&self, retrieval: usize) -> usize {
+        self.exec_buffer_min_clusters
+            .max(self.exec_buffer_ratio.saturating_mul(retrieval))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn published_defaults() {
+        let c = WaveConfig::published();
+        assert_eq!(c, WaveConfig::default());
+        assert_eq!((c.sink_tokens, c.window_tokens), (4, 64));
+        assert_eq!((c.segment_tokens, c.avg_cluster_size), (8192, 16));
+        assert_eq!(c.kmeans_iterations, 9);
+        assert_eq!(
+            (c.retrieval_fraction, c.estimation_fraction),
+            (0.018, 0.232)
+        );
+        assert_eq!((c.update_interval, c.clusters_per_update), (1024, 64));
+        assert_eq!(c.page_size, 8);
+        assert_eq!((c.retrieval_growth, c.estimation_growth), (1, 15));
+        assert_eq!(c.cache_ratio, 3);
+        assert_eq!(c.validate(), Ok(()));
+        // 8K tokens of prefill: 512 clusters, 10 retrieved (9.2 rounded up), 119 estimated.
+        let b = c.budgets(512, 0);
+        assert_eq!((b.retrieval, b.estimation), (10, 119));
+        let b = c.budgets(512, 2);
+        assert_eq!((b.retrieval, b.estimation), (12, 149));
+        assert_eq!(c.exec_buffer_clusters(2), 32);
+        assert_eq!(c.exec_buffer_clusters(10), 40);
+        assert_eq!(c.cache_clusters(10), 30);
+        assert_eq!(c.clusters_for_segment(8192), 512);
+        assert_eq!(c.clusters_for_segment(5), 1);
+        assert_eq!(c.clusters_for_segment(0), 0);
+    }
+
+    #[test]
+    fn budgets_round_exactly() {
+        let c = WaveConfig {
+            retrieval_fraction: 0.3,
+            estimation_fraction: 0.7,
+            ..WaveConfig::published()
+        };
+        let b = c.budgets(10, 0);
+        assert_eq!((b.retrieval, b.estimation), (3, 7));
+        let all = WaveConfig {
+            retrieval_fraction: 1.0,
+            estimation_fraction: 0.0,
+            ..WaveConfig::published()
+        };
+        assert_eq!(all.budgets(37, 0).retrieval, 37);
+        assert_eq!(all.budgets(0, 0).retrieval, 0);
+    }
+
+    #[test]
+    fn validation_rejects_nonsense() {
+        let ok = WaveConfig::published();
+        let cases = [
+            WaveConfig {
+                segment_tokens: 0,
+                ..ok.clone()
+            },
+            WaveConfig {
+                avg_cluster_size: 0,
+                ..ok.clone()
+            },
+            WaveConfig {
+                page_size: 0,
+                ..ok.clone()
+            },
+            WaveConfig {
+                update_interval: 0,
+                ..ok.clone()
+            },
+            WaveConfig {
+                retrieval_fraction: -0.1,
+                ..ok.clone()
+            },
+            WaveConfig {
+                estimation_fraction: f64::NAN,
+                ..ok.clone()
+            },
+            WaveConfig {
+                retrieval_fraction: 0.6,
+                estimation_fraction: 0.6,
+                ..ok.clone()
+            },
+            WaveConfig {
+                segment_tokens: 8,
+                ..ok.clone()
+            },
+            WaveConfig {
+                clusters_per_update: 2048,
+                ..ok.clone()
+            },
+        ];
+        for bad in cases {
+            assert!(bad.validate().is_err(), "{bad:?} was accepted");
+        }
+        let err = WaveConfig {
+            page_size: 0,
+            ..ok.clone()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(err.to_string().contains("page_size"), "{err}");
+        // Zero sink, window and iterations are legitimate choices.
+        let lean = WaveConfig {
+            sink_tokens: 0,
+            window_tokens: 0,
+            kmeans_iterations: 0,
+            ..ok
+        };
+        assert_eq!(lean.validate(), Ok(()));
+    }
+}

@@ -1,0 +1,300 @@
+//! Cluster scoring for a GQA group and the split of the context into zones.
+
+use std::ops::Range;
+
+use crate::config::{Budgets, WaveConfig};
+use crate::index::{ClusterIndex, IndexError};
+use crate::kv::{ShapeError, dot};
+
+/// Scores every cluster of `index` for the query heads of one GQA group, `queries` being
+/// `[heads, key_dim]`: for each head a softmax over the non-empty clusters of
+/// `q . c_i * scale`, summed over the heads. Empty clusters score `-inf` (no mass).
+pub fn score_clusters(
+    index: &ClusterIndex,
+    queries: &[f32],
+    scale: f32,
+) -> Result<Vec<f32>, IndexError> {
+    let d = index.dims().key_dim;
+    if queries.is_empty() || !queries.len().is_multiple_of(d) {
+        return Err(IndexError::QueriesLen {
+            len: queries.len(),
+            key_dim: d,
+        });
+    }
+    let n = index.n_clusters();
+    let sizes = index.sizes();
+    let mut total = vec![0f64; n];
+    let mut logits = vec![f64::NEG_INFINITY; n];
+    for q in queries.chunks_exact(d) {
+        let mut max = f64::NEG_INFINITY;
+        for (c, (logit, centroid)) in logits
+            .iter_mut()
+            .zip(index.centroids().chunks_exact(d))
+            .enumerate()
+        {
+            if sizes[c] > 0 {
+                *logit = dot(q, centroid) * f64::from(scale);
+                max = max.max(*logit);
+            }
+        }
+        if max == f64::NEG_INFINITY {
+            continue;
+        }
+        let mut z = 0.0;
+        for (c, logit) in logits.iter_mut().enumerate() {
+            if sizes[c] > 0 {
+                *logit = (*logit - max).exp();
+                z += *logit;
+            }
+        }
+        for (c, (t, &w)) in total.iter_mut().zip(&logits).enumerate() {
+            if sizes[c] > 0 {
+                *t += w / z;
+            }
+        }
+    }
+    Ok(total
+        .iter()
+        .zip(sizes)
+        .map(|(&t, &s)| if s > 0 { t as f32 } else { f32::NEG_INFINITY })
+        .collect())
+}
+
+/// The zone of a token in one decode step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Zone {
+    /// Sinks, window and tokens not yet indexed: attended exactly.
+    Steady,
+    /// In a retrieval cluster: attended exactly.
+    Retrieval,
+    /// In an estimation cluster: approximated from the cluster summary.
+    Estimation,
+    /// In none of the above.
+    Skipped,
+}
+
+/// The zones of one decode step for one (sequence, KV head).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ZonePlan {
+    /// Token ranges of the steady zone, ascending.
+    pub steady: Vec<Range<u32>>,
+    /// Retrieval clusters, best first.
+    pub retrieval: Vec<u32>,
+    /// Estimation clusters, best first.
+    pub estimation: Vec<u32>,
+}
+
+/// Plans the zones of a decode step over `n_tokens` tokens with the budgets of `cfg`
+/// ([`ClusterIndex::budgets`]).
+pub fn plan_zones(
+    index: &ClusterIndex,
+    scores: &[f32],
+    cfg: &WaveConfig,
+    n_tokens: usize,
+) -> Result<ZonePlan, IndexError> {
+    cfg.validate()?;
+    plan_zones_with_budgets(index, scores, index.budgets(cfg), n_tokens)
+}
+
+/// Plans the zones with explicit budgets: the steady zone is every token outside the indexed
+/// range; the non-empty clusters ranked by score (descending, ties to the lower id) give the
+/// first `budgets.retrieval` retrieval clusters and the next `budgets.estimation` estimation
+/// clusters.
+pub fn plan_zones_with_budgets(
+    index: &ClusterIndex,
+    scores: &[f32],
+    budgets: Budgets,
+    n_tokens: usize,
+) -> Result<ZonePlan, IndexError> {
+    let indexed = index.indexed_range();
+    if n_tokens < indexed.end {
+        return Err(IndexError::SequenceTooShort {
+            indexed_end: indexed.end,
+            n_tokens,
+        });
+    }
+    if scores.len() != index.n_clusters() {
+        return Err(IndexError::ScoresLen {
+            got: scores.len(),
+            clusters: index.n_clusters(),
+        });
+    }
+    let to_u32 = |x: usize| {
+        u32::try_from(x).map_err(|_| ShapeError::TooManyTokens {
+            n_tokens: x,
+            max: u32::MAX as usize,
+        })
+    };
+    let mut steady = Vec::new();
+    if indexed.start > 0 {
+        steady.push(0..to_u32(indexed.start)?);
+    }
+    if n_tokens > indexed.end {
+        steady.push(to_u32(indexed.end)?..to_u32(n_tokens)?);
+    }
+    let mut ranked: Vec<u32> = (0..index.n_clusters())
+        .filter(|&c| index.sizes()[c] > 0)
+        .map(to_u32)
+        .collect::<Result<_, _>>()?;
+    ranked.sort_by(|&a, &b| {
+        scores[b as usize]
+            .total_cmp(&scores[a as usize])
+            .then(a.cmp(&b))
+    });
+    let r = budgets.retrieval.min(ranked.len());
+    let e = budgets.estimation.min(ranked.len() - r);
+    Ok(ZonePlan {
+        steady,
+        retrieval: ranked[..r].to_vec(),
+        estimation: ranked[r..r + e].to_vec(),
+    })
+}
+
+impl ZonePlan {
+    /// Tokens attended exactly: the steady zone, then the members of each retrieval cluster.
+    pub fn exact_tokens(&self, index: &ClusterIndex) -> Result<Vec<u32>, IndexError> {
+        let mut out: Vec<u32> = self.steady.iter().flat_map(|r| r.clone()).collect();
+        for &c in &self.retrieval {
+            let c = index.check_cluster(c)?;
+            out.extend_from_slice(index.members(c).unwrap_or_default());
+        }
+        Ok(out)
+    }
+
+    /// The zone of every token `0..n_tokens`. A token named twice keeps its first zone in the
+    /// order steady, retrieval, estimation.
+    pub fn token_zones(
+        &self,
+        index: &ClusterIndex,
+        n_tokens: usize,
+    ) -> Result<Vec<Zone>, IndexError> {
+        let mut zones = vec![Zone::Skipped; n_tokens];
+        let mut mark = |t: usize, zone: Zone| -> Result<(), IndexError> {
+            match zones.get_mut(t) {
+                Some(z) if *z == Zone::Skipped => {
+                    *z = zone;
+                    Ok(())
+                }
+                Some(_) => Ok(()),
+                None => Err(IndexError::Shape(ShapeError::TokenOutOfRange {
+                    start: t,
+                    end: t + 1,
+                    n_tokens,
+                })),
+            }
+        };
+        for r in &self.steady {
+            for t in r.clone() {
+                mark(t as usize, Zone::Steady)?;
+            }
+        }
+        for (clusters, zone) in [
+            (&self.retrieval, Zone::Retrieval),
+            (&self.estimation, Zone::Estimation),
+        ] {
+            for &c in clusters {
+                let c = index.check_cluster(c)?;
+                for &t in index.members(c).unwrap_or_default() {
+                    mark(t as usize, zone)?;
+                }
+            }
+        }
+        Ok(zones)
+    }
+}
+
+#[cfg(test)]
+// Plans hold vectors of token ranges, often of one range.
+#[allow(clippy::single_range_in_vec_init)]
+mod tests {
+    use super::*;
+    use crate::kv::{HeadDims, KvView};
+
+    /// Keys (1,0), (1,0), (0,1), each initialising its own cluster (average size 1, no sinks or
+    /// window): the two identical keys tie and go to cluster 0, leaving cluster 1 empty.
+    fn tiny() -> (ClusterIndex, WaveConfig) {
+        let keys = [1.0, 0.0, 1.0, 0.0, 0.0, 1.0];
+        let values = [1.0, 2.0, 3.0];
+        let dims = HeadDims {
+            key_dim: 2,
+            value_dim: 1,
+        };
+        let cfg = WaveConfig {
+            sink_tokens: 0,
+            window_tokens: 0,
+            avg_cluster_size: 1,
+            segment_tokens: 3,
+            ..WaveConfig::published()
+        };
+        let kv = KvView::new(&keys, &values, dims).unwrap();
+        (ClusterIndex::build(&kv, &cfg).unwrap(), cfg)
+    }
+
+    #[test]
+    fn scores_are_summed_softmaxes_with_empty_clusters_masked() {
+        let (index, cfg) = tiny();
+        assert_eq!(index.sizes(), &[2, 0, 1]);
+        assert_eq!(index.centroid(0), Some(&[1.0f32, 0.0][..]));
+        assert_eq!(index.value_sum(0), Some(&[3.0f32][..]));
+        assert_eq!(index.members(2), Some(&[2u32][..]));
+        let queries = [2.0, 0.0, 0.0, 1.0];
+        let scores = score_clusters(&index, &queries, 0.5).unwrap();
+        let e = 1f64.exp();
+        let h = 0.5f64.exp();
+        let want0 = e / (e + 1.0) + 1.0 / (1.0 + h);
+        let want2 = 1.0 / (e + 1.0) + h / (1.0 + h);
+        assert!((f64::from(scores[0]) - want0).abs() < 1e-6, "{scores:?}");
+        assert_eq!(scores[1], f32::NEG_INFINITY);
+        assert!((f64::from(scores[2]) - want2).abs() < 1e-6, "{scores:?}");
+
+        // Cluster 0 ranks first; the empty cluster is never chosen, whatever the budget.
+        let budgets = Budgets {
+            retrieval: 1,
+            estimation: 5,
+        };
+        let plan = plan_zones_with_budgets(&index, &scores, budgets, 5).unwrap();
+        assert_eq!(plan.steady, vec![3..5]);
+        assert_eq!(plan.retrieval, vec![0]);
+        assert_eq!(plan.estimation, vec![2]);
+        assert_eq!(plan.exact_tokens(&index).unwrap(), vec![3, 4, 0, 1]);
+        let plan = plan_zones(&index, &scores, &cfg, 3).unwrap();
+        // Published budgets of 3 clusters: ceil(0.054) = 1 retrieved, ceil(0.696) = 1 estimated.
+        assert_eq!((plan.retrieval.len(), plan.estimation.len()), (1, 1));
+        assert_eq!(
+            plan.token_zones(&index, 3).unwrap(),
+            vec![Zone::Retrieval, Zone::Retrieval, Zone::Estimation]
+        );
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let (index, cfg) = tiny();
+        assert!(matches!(
+            score_clusters(&index, &[1.0, 2.0, 3.0], 1.0),
+            Err(IndexError::QueriesLen { len: 3, key_dim: 2 })
+        ));
+        assert!(score_clusters(&index, &[], 1.0).is_err());
+        assert!(matches!(
+            plan_zones(&index, &[0.0; 2], &cfg, 3),
+            Err(IndexError::ScoresLen { .. })
+        ));
+        assert!(matches!(
+            plan_zones(&index, &[0.0; 3], &cfg, 2),
+            Err(IndexError::SequenceTooShort { .. })
+        ));
+        let bad = ZonePlan {
+            retrieval: vec![7],
+            ..ZonePlan::default()
+        };
+        assert!(matches!(
+            bad.exact_tokens(&index),
+            Err(IndexError::UnknownCluster { cluster: 7, .. })
+        ));
+        assert!(bad.token_zones(&index, 3).is_err());
+        let beyond = ZonePlan {
+            steady: vec![0..9],
+            ..ZonePlan::default()
+        };
+        assert!(beyond.token_zones(&index, 3).is_err());
+    }
+}
