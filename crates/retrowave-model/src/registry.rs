@@ -801,20 +801,7 @@ pub fn fetch_model(entry: &ModelEntry, opts: &FetchOptions) -> Result<PathBuf> {
     if let Some(b) = &progress_bar {
         b.finish_and_clear();
     }
-    if size != entry.size {
-        return Err(RegistryError::SizeMismatch {
-            file: dest,
-            expected: entry.size,
-            actual: size,
-        });
-    }
-    if digest != entry.sha256 {
-        return Err(RegistryError::ChecksumMismatch {
-            file: dest,
-            expected: entry.sha256.to_string(),
-            actual: digest,
-        });
-    }
+    check_assembled(&dest, entry.size, entry.sha256, size, digest)?;
     file.sync_all().map_err(|e| io_error(&partial, needed, e))?;
     drop(file);
     let marker = marker_path(&dest);
@@ -910,20 +897,7 @@ pub fn fetch_dataset(entry: &DatasetEntry, opts: &FetchOptions) -> Result<PathBu
         });
     }
     let (_, size, digest) = all.finish()?;
-    if size != entry.total_bytes {
-        return Err(RegistryError::SizeMismatch {
-            file: dest,
-            expected: entry.total_bytes,
-            actual: size,
-        });
-    }
-    if digest != entry.sha256 {
-        return Err(RegistryError::ChecksumMismatch {
-            file: dest,
-            expected: entry.sha256.to_string(),
-            actual: digest,
-        });
-    }
+    check_assembled(&dest, entry.total_bytes, entry.sha256, size, digest)?;
     if dest.exists() {
         fs::remove_dir_all(&dest).map_err(|e| io_error(&dest, 0, e))?;
     }
@@ -1335,4 +1309,29 @@ mod tests {
             line
         );
     }
+}
+
+/// Checks the size and sha256 of what was assembled for `dest`.
+fn check_assembled(
+    dest: &Path,
+    expected_size: u64,
+    expected_sha256: &str,
+    size: u64,
+    digest: String,
+) -> Result<()> {
+    if size != expected_size {
+        return Err(RegistryError::SizeMismatch {
+            file: dest.to_path_buf(),
+            expected: expected_size,
+            actual: size,
+        });
+    }
+    if digest != expected_sha256 {
+        return Err(RegistryError::ChecksumMismatch {
+            file: dest.to_path_buf(),
+            expected: expected_sha256.to_string(),
+            actual: digest,
+        });
+    }
+    Ok(())
 }
