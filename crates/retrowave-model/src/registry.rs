@@ -1160,6 +1160,31 @@ fn classify_pip_failure(
     }
 }
 
+/// Checks the size and sha256 of what was assembled for `dest`.
+fn check_assembled(
+    dest: &Path,
+    expected_size: u64,
+    expected_sha256: &str,
+    size: u64,
+    digest: String,
+) -> Result<()> {
+    if size != expected_size {
+        return Err(RegistryError::SizeMismatch {
+            file: dest.to_path_buf(),
+            expected: expected_size,
+            actual: size,
+        });
+    }
+    if digest != expected_sha256 {
+        return Err(RegistryError::ChecksumMismatch {
+            file: dest.to_path_buf(),
+            expected: expected_sha256.to_string(),
+            actual: digest,
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1309,29 +1334,4 @@ mod tests {
             line
         );
     }
-}
-
-/// Checks the size and sha256 of what was assembled for `dest`.
-fn check_assembled(
-    dest: &Path,
-    expected_size: u64,
-    expected_sha256: &str,
-    size: u64,
-    digest: String,
-) -> Result<()> {
-    if size != expected_size {
-        return Err(RegistryError::SizeMismatch {
-            file: dest.to_path_buf(),
-            expected: expected_size,
-            actual: size,
-        });
-    }
-    if digest != expected_sha256 {
-        return Err(RegistryError::ChecksumMismatch {
-            file: dest.to_path_buf(),
-            expected: expected_sha256.to_string(),
-            actual: digest,
-        });
-    }
-    Ok(())
 }
