@@ -122,13 +122,13 @@ pub trait Collective<A>: Send + Sync {
 /// The operations the model forward is written against.
 pub trait Backend: Send + Sync {
     /// A weight matrix `[rows = out features, cols = in features]` in the backend's layout.
-    type Matrix: Send + Sync;
+    type Matrix: Send + Sync + 'static;
     /// A 1-D f32 parameter (norm weight, bias).
-    type Vector: Send + Sync;
+    type Vector: Send + Sync + 'static;
     /// Activations: `rows x cols` f32, row-major.
-    type Acts: Send;
+    type Acts: Send + 'static;
     /// The KV cache of one sequence for every layer of this worker's KV heads.
-    type Kv: Send + Sync;
+    type Kv: Send + Sync + 'static;
 
     /// A short name ("cpu", "cuda:0").
     fn name(&self) -> String;

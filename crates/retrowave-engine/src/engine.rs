@@ -108,12 +108,7 @@ pub struct Engine<B: Backend + 'static> {
     next_slot: usize,
 }
 
-impl<B: Backend + 'static> Engine<B>
-where
-    B::Matrix: 'static,
-    B::Vector: 'static,
-    B::Kv: 'static,
-{
+impl<B: Backend + 'static> Engine<B> {
     /// An engine over a loaded group.
     pub fn new(group: WorkerGroup<B>, tokenizer: Arc<Tokenizer>, cfg: EngineConfig) -> Self {
         Engine {
@@ -207,14 +202,11 @@ where
         let mut s = self.seqs.remove(&id)?;
         self.group.close_slot(s.slot);
         self.free_slots.push(s.slot);
-        let mut text = String::new();
-        if reason != FinishReason::Stop || s.first_token.is_some() {
-            // Release held-back text (and a lossy rendering of an incomplete UTF-8 tail).
-            if !s.bytes.is_empty() {
-                s.text.push_str(&String::from_utf8_lossy(&s.bytes));
-            }
-            text = s.text[s.sent..].to_string();
+        // Release held-back text (and a lossy rendering of an incomplete UTF-8 tail).
+        if !s.bytes.is_empty() {
+            s.text.push_str(&String::from_utf8_lossy(&s.bytes));
         }
+        let text = s.text[s.sent..].to_string();
         let now = Instant::now();
         let first = s.first_token.unwrap_or(now);
         Some(Event::Finished {

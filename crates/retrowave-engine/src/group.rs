@@ -88,12 +88,7 @@ pub struct WorkerGroup<B: Backend + 'static> {
     vocab: usize,
 }
 
-impl<B: Backend + 'static> WorkerGroup<B>
-where
-    B::Matrix: 'static,
-    B::Vector: 'static,
-    B::Kv: 'static,
-{
+impl<B: Backend + 'static> WorkerGroup<B> {
     /// Loads the model over `backends.len()` workers (the tensor-parallel degree).
     pub fn load(
         cfg: &ModelConfig,
