@@ -87,11 +87,22 @@ pub struct WaveConfig {
     pub exec_buffer_min_clusters: usize,
     /// Execution buffer size in multiples of the retrieval budget [4].
     pub exec_buffer_ratio: usize,
+    /// Rank clusters by their estimated attention mass `|C_i| exp(q . c_i)` rather than by
+    /// `exp(q . c_i)` alone (published: off).
+    pub rank_by_size: bool,
+    /// Least retrieval clusters of a step, whatever the fraction gives (published: 0).
+    pub min_retrieval_clusters: usize,
+    /// Adaptive retrieval: beyond the fixed budget, keep adding clusters (best first) until they
+    /// hold this share of the clusters' estimated attention mass, up to
+    /// `max_retrieval_fraction` of the clusters (published: 0, off).
+    pub retrieval_mass: f64,
+    /// Cap of the adaptive retrieval budget, as a share of the prefill clusters (published: 0).
+    pub max_retrieval_fraction: f64,
 }
 
 impl Default for WaveConfig {
     fn default() -> Self {
-        Self::published()
+        Self::retrowave()
     }
 }
 
@@ -123,6 +134,31 @@ impl WaveConfig {
             cache_ratio: 3,
             exec_buffer_min_clusters: 32,
             exec_buffer_ratio: 4,
+            rank_by_size: false,
+            min_retrieval_clusters: 0,
+            retrieval_mass: 0.0,
+            max_retrieval_fraction: 0.0,
+        }
+    }
+
+    /// retrowave's defaults: the published parameters with a retrieval budget of at least 32
+    /// clusters that grows (up to 2.5% of the clusters) until it covers 90% of the clusters'
+    /// estimated attention mass (see the README's accuracy section for the measurements behind
+    /// the values).
+    pub const fn retrowave() -> Self {
+        let mut c = Self::published();
+        c.min_retrieval_clusters = 32;
+        c.retrieval_mass = 0.9;
+        c.max_retrieval_fraction = 0.025;
+        c
+    }
+
+    /// A named preset: `retrowave` (the default) or `published`.
+    pub fn preset(name: &str) -> Option<Self> {
+        match name {
+            "retrowave" | "default" => Some(Self::retrowave()),
+            "published" | "retroinfer" => Some(Self::published()),
+            _ => None,
         }
     }
 
@@ -144,6 +180,8 @@ impl WaveConfig {
         for (field, value) in [
             ("retrieval_fraction", self.retrieval_fraction),
             ("estimation_fraction", self.estimation_fraction),
+            ("retrieval_mass", self.retrieval_mass),
+            ("max_retrieval_fraction", self.max_retrieval_fraction),
         ] {
             if !(0.0..=1.0).contains(&value) {
                 return Err(ConfigError::Fraction { field, value });
@@ -194,6 +232,48 @@ impl WaveConfig {
             estimation: share(self.estimation_fraction)
                 .saturating_add(updates.saturating_mul(self.estimation_growth)),
         }
+    }
+
+    /// The budgets of one decode step given the clusters' `scores` (higher = more attention;
+    /// `-inf` for empty clusters): the fixed budgets of [`WaveConfig::budgets`], at least
+    /// `min_retrieval_clusters` retrieval clusters, and with `retrieval_mass > 0` as many more
+    /// (best first) as it takes to cover that share of the total score, up to the cap.
+    pub fn step_budgets(&self, base_clusters: usize, updates: usize, scores: &[f32]) -> Budgets {
+        let mut b = self.budgets(base_clusters, updates);
+        b.retrieval = b.retrieval.max(self.min_retrieval_clusters);
+        if self.retrieval_mass > 0.0 {
+            let cap = Self {
+                retrieval_fraction: self.max_retrieval_fraction,
+                ..self.clone()
+            }
+            .budgets(base_clusters, updates)
+            .retrieval
+            .max(b.retrieval);
+            let mut live: Vec<f32> = scores
+                .iter()
+                .copied()
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .collect();
+            let total: f64 = live.iter().map(|&s| f64::from(s)).sum();
+            let cap = cap.min(live.len());
+            if cap > 0 && total > 0.0 {
+                live.select_nth_unstable_by(cap - 1, |a, b| b.total_cmp(a));
+                let top = &mut live[..cap];
+                top.sort_unstable_by(|a, b| b.total_cmp(a));
+                let goal = self.retrieval_mass * total;
+                let mut acc = 0.0;
+                let mut k = cap;
+                for (i, &s) in top.iter().enumerate() {
+                    acc += f64::from(s);
+                    if acc >= goal {
+                        k = i + 1;
+                        break;
+                    }
+                }
+                b.retrieval = b.retrieval.max(k);
+            }
+        }
+        b
     }
 
     /// Clusters the GPU cluster cache holds for a retrieval budget of `retrieval` clusters.

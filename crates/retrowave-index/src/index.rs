@@ -213,9 +213,14 @@ impl ClusterIndex {
         self.updates
     }
 
-    /// The budgets of a decode step with this index under `cfg`.
+    /// The fixed budgets of a decode step with this index under `cfg`.
     pub fn budgets(&self, cfg: &WaveConfig) -> Budgets {
         cfg.budgets(self.base_clusters, self.updates)
+    }
+
+    /// The budgets of a decode step given the cluster scores ([`WaveConfig::step_budgets`]).
+    pub fn step_budgets(&self, cfg: &WaveConfig, scores: &[f32]) -> Budgets {
+        cfg.step_budgets(self.base_clusters, self.updates, scores)
     }
 
     /// Centroids, `[clusters, key_dim]` (unnormalised means; zeros for empty clusters).

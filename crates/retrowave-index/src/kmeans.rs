@@ -6,13 +6,15 @@
 //! the centroids as the (normalised) sums of their members. A final pass assigns every token to
 //! the best of all centroids of all segments and summarises each cluster: the unnormalised mean
 //! of its (uncentred) keys, its size, the sum of its values and its members.
+//! The assignments (the O(tokens x clusters x key_dim) part) are computed in f32 by a blocked,
+//! vectorised kernel with a fixed summation order; sums and summaries are accumulated in f64.
 //! Everything is deterministic: ties go to the lowest cluster id.
 
 use std::ops::Range;
 
 use crate::config::WaveConfig;
 use crate::index::IndexError;
-use crate::kv::{KvView, dot};
+use crate::kv::KvView;
 
 /// One k-means segment: a token range and the number of clusters to make of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,9 +84,16 @@ pub fn kmeans_segments(
     iterations: usize,
 ) -> Result<Clustering, IndexError> {
     let mut previous_end = 0;
+    let mut clusters_so_far = 0usize;
     for s in segments {
         kv.check_range(s.tokens.start, s.tokens.end)?;
-        if s.tokens.is_empty() || s.clusters == 0 || s.tokens.start < previous_end {
+        // Cluster ids are 32-bit.
+        clusters_so_far = clusters_so_far.saturating_add(s.clusters);
+        if s.tokens.is_empty()
+            || s.clusters == 0
+            || s.tokens.start < previous_end
+            || clusters_so_far > u32::MAX as usize
+        {
             return Err(IndexError::BadSegment {
                 start: s.tokens.start,
                 end: s.tokens.end,
@@ -123,14 +132,17 @@ pub fn kmeans_segments(
     }
 
     // Final global assignment and per-cluster summaries.
-    let mut assignment = Vec::with_capacity(tokens.len());
-    for row in centred.chunks_exact(d) {
-        assignment.push(best(row, &directions, d));
+    let mut assignment = vec![0u32; tokens.len()];
+    if total_clusters > 0 {
+        let mut panels = Panels::default();
+        panels.pack(&directions, d);
+        assign(&RowTiles::new(&centred, d), &panels, &mut assignment);
     }
     let mut sizes = vec![0u32; total_clusters];
     let mut key_sums = vec![0f64; total_clusters * d];
     let mut value_sums = vec![0f64; total_clusters * dv];
     for (&t, &c) in tokens.iter().zip(&assignment) {
+        let c = c as usize;
         sizes[c] += 1;
         for (s, &x) in key_sums[c * d..(c + 1) * d].iter_mut().zip(kv.key_row(t)) {
             *s += f64::from(x);
@@ -162,6 +174,7 @@ pub fn kmeans_segments(
     let mut cursor = offsets[..total_clusters].to_vec();
     let mut members = vec![0u32; tokens.len()];
     for (&t, &c) in tokens.iter().zip(&assignment) {
+        let c = c as usize;
         // Token ids fit in u32: KvView refuses longer sequences.
         members[cursor[c]] = t as u32;
         cursor[c] += 1;
@@ -187,13 +200,18 @@ fn spherical(rows: &[f32], d: usize, k: usize, iterations: usize) -> Vec<f32> {
     for c in centroids.chunks_exact_mut(d) {
         normalise(c);
     }
+    let tiles = RowTiles::new(rows, d);
+    let mut panels = Panels::default();
+    let mut assignment = vec![0u32; len];
     let mut sums = vec![0f64; k * d];
     let mut counts = vec![0usize; k];
     for _ in 0..iterations {
+        panels.pack(&centroids, d);
+        assign(&tiles, &panels, &mut assignment);
         sums.fill(0.0);
         counts.fill(0);
-        for row in rows.chunks_exact(d) {
-            let c = best(row, &centroids, d);
+        for (row, &c) in rows.chunks_exact(d).zip(&assignment) {
+            let c = c as usize;
             counts[c] += 1;
             for (s, &x) in sums[c * d..(c + 1) * d].iter_mut().zip(row) {
                 *s += f64::from(x);
@@ -223,25 +241,200 @@ fn normalise(v: &mut [f32]) {
     }
 }
 
-/// The centroid of `centroids` (`[k, d]`, `k >= 1`) of largest inner product with `row`; ties go
-/// to the lowest id.
-fn best(row: &[f32], centroids: &[f32], d: usize) -> usize {
-    let mut best_id = 0;
-    let mut best_val = f64::NEG_INFINITY;
-    for (j, c) in centroids.chunks_exact(d).enumerate() {
-        let v = dot(row, c);
-        if v > best_val {
-            best_val = v;
-            best_id = j;
+// The assignment step: for every row, the centroid of largest inner product (ties to the lowest
+// id). It is a matrix product `rows x centroids^T` followed by a row-wise argmax, the hot loop of
+// the whole build (O(tokens x clusters x key_dim)), computed in f32 by a register-blocked
+// micro-kernel of `TILE_ROWS` rows by `LANES` centroids that LLVM turns into vector FMAs.
+//
+// Every inner product is summed in the same order, `k = 0, 1, .., d - 1` into one f32
+// accumulator starting at zero, whatever the position of its row and centroid in the blocking:
+// the result depends only on the row and the centroid, and the build is deterministic.
+
+/// Rows per micro-kernel tile.
+const TILE_ROWS: usize = 6;
+/// Centroids per micro-kernel tile (a panel): two AVX2 vectors of f32.
+const LANES: usize = 16;
+/// Target size of a block of panels kept hot in cache while every row tile passes over it.
+const BLOCK_FLOATS: usize = 32 * 1024;
+
+/// `a * b + c`, fused where the target has FMA (one rounding), else two roundings. Either way
+/// the same for every call in one build.
+#[inline(always)]
+fn fmadd(a: f32, b: f32, c: f32) -> f32 {
+    #[cfg(target_feature = "fma")]
+    {
+        a.mul_add(b, c)
+    }
+    #[cfg(not(target_feature = "fma"))]
+    {
+        a * b + c
+    }
+}
+
+/// Rows in tiles of `TILE_ROWS`, each tile transposed to `[d][TILE_ROWS]` so that one step of
+/// the kernel reads the `TILE_ROWS` values of one coordinate together. The last tile is padded
+/// with zero rows.
+struct RowTiles {
+    data: Vec<f32>,
+    d: usize,
+    rows: usize,
+}
+
+impl RowTiles {
+    fn new(rows: &[f32], d: usize) -> Self {
+        let n = rows.len() / d;
+        let tiles = n.div_ceil(TILE_ROWS);
+        let mut data = vec![0f32; tiles * d * TILE_ROWS];
+        for (tile, block) in data.chunks_exact_mut(d * TILE_ROWS).enumerate() {
+            for r in 0..TILE_ROWS {
+                let i = tile * TILE_ROWS + r;
+                if i < n {
+                    for (k, &x) in rows[i * d..(i + 1) * d].iter().enumerate() {
+                        block[k * TILE_ROWS + r] = x;
+                    }
+                }
+            }
+        }
+        Self { data, d, rows: n }
+    }
+}
+
+/// Centroids in panels of `LANES`, each transposed to `[d][LANES]`; the last panel is padded with
+/// zero centroids whose scores a bias of `-inf` keeps from ever winning.
+#[derive(Default)]
+struct Panels {
+    data: Vec<f32>,
+    bias: Vec<[f32; LANES]>,
+    d: usize,
+    k: usize,
+}
+
+impl Panels {
+    /// Packs `centroids` (`[k, d]`), reusing the buffers.
+    fn pack(&mut self, centroids: &[f32], d: usize) {
+        let k = centroids.len() / d;
+        let panels = k.div_ceil(LANES);
+        self.d = d;
+        self.k = k;
+        self.data.clear();
+        self.data.resize(panels * d * LANES, 0.0);
+        self.bias.clear();
+        for (p, panel) in self.data.chunks_exact_mut(d * LANES).enumerate() {
+            let mut bias = [0f32; LANES];
+            for (l, b) in bias.iter_mut().enumerate() {
+                let j = p * LANES + l;
+                if j < k {
+                    for (kk, &x) in centroids[j * d..(j + 1) * d].iter().enumerate() {
+                        panel[kk * LANES + l] = x;
+                    }
+                } else {
+                    *b = f32::NEG_INFINITY;
+                }
+            }
+            self.bias.push(bias);
         }
     }
-    best_id
+}
+
+/// The `TILE_ROWS x LANES` inner products of one row tile and one panel (both `[d][..]`).
+#[inline(always)]
+fn kernel(tile: &[f32], panel: &[f32]) -> [[f32; LANES]; TILE_ROWS] {
+    let mut acc = [[0f32; LANES]; TILE_ROWS];
+    for (x, c) in tile.chunks_exact(TILE_ROWS).zip(panel.chunks_exact(LANES)) {
+        for r in 0..TILE_ROWS {
+            for l in 0..LANES {
+                acc[r][l] = fmadd(x[r], c[l], acc[r][l]);
+            }
+        }
+    }
+    acc
+}
+
+/// Folds the scores `acc` (plus `bias`) of the centroids `base..base + LANES` into the running
+/// per-lane best scores `val` and their ids `id`: only a strictly larger score replaces.
+#[inline(always)]
+fn fold(
+    acc: &[f32; LANES],
+    bias: &[f32; LANES],
+    base: u32,
+    val: &mut [f32; LANES],
+    id: &mut [u32; LANES],
+) {
+    let mut ids = [0u32; LANES];
+    for (l, i) in ids.iter_mut().enumerate() {
+        *i = base + l as u32;
+    }
+    let mut better = [0u32; LANES];
+    for l in 0..LANES {
+        let v = acc[l] + bias[l];
+        better[l] = u32::from(v > val[l]).wrapping_neg();
+        val[l] = if v > val[l] { v } else { val[l] };
+    }
+    for l in 0..LANES {
+        id[l] = (ids[l] & better[l]) | (id[l] & !better[l]);
+    }
+}
+
+/// Writes to `out` (one entry per row) the centroid of largest inner product with each row of
+/// `tiles`; ties go to the lowest id. `panels` must hold at least one centroid.
+fn assign(tiles: &RowTiles, panels: &Panels, out: &mut [u32]) {
+    let d = tiles.d;
+    debug_assert_eq!(panels.d, d);
+    debug_assert_eq!(out.len(), tiles.rows);
+    let n_tiles = tiles.rows.div_ceil(TILE_ROWS);
+    let mut best = vec![(f32::NEG_INFINITY, 0u32); n_tiles * TILE_ROWS];
+    let panel_floats = d * LANES;
+    let block_panels = (BLOCK_FLOATS / panel_floats).max(1);
+    let n_panels = panels.bias.len();
+    let mut first = 0;
+    while first < n_panels {
+        let last = n_panels.min(first + block_panels);
+        let block = &panels.data[first * panel_floats..last * panel_floats];
+        let biases = &panels.bias[first..last];
+        for (tile, best) in tiles
+            .data
+            .chunks_exact(d * TILE_ROWS)
+            .zip(best.chunks_exact_mut(TILE_ROWS))
+        {
+            // Per row and lane, the best score so far and its centroid: lanes scan their
+            // centroids in ascending order and only a strictly larger score replaces.
+            let mut lane_val = [[f32::NEG_INFINITY; LANES]; TILE_ROWS];
+            let mut lane_id = [[0u32; LANES]; TILE_ROWS];
+            for (p, (panel, bias)) in block.chunks_exact(panel_floats).zip(biases).enumerate() {
+                let acc = kernel(tile, panel);
+                let base = ((first + p) * LANES) as u32;
+                for ((acc, val), id) in acc.iter().zip(&mut lane_val).zip(&mut lane_id) {
+                    fold(acc, bias, base, val, id);
+                }
+            }
+            // Fold the lanes (largest score, then lowest id), then the block into the running
+            // best of the row: blocks come in ascending ids, so only a larger score replaces.
+            for (r, best) in best.iter_mut().enumerate() {
+                let mut v = f32::NEG_INFINITY;
+                let mut id = u32::MAX;
+                for l in 0..LANES {
+                    let (lv, li) = (lane_val[r][l], lane_id[r][l]);
+                    if lv > v || (lv == v && li < id) {
+                        v = lv;
+                        id = li;
+                    }
+                }
+                if v > best.0 {
+                    *best = (v, id);
+                }
+            }
+        }
+        first = last;
+    }
+    for (o, b) in out.iter_mut().zip(&best) {
+        *o = b.1;
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv::HeadDims;
+    use crate::kv::{HeadDims, dot};
 
     /// Four groups of 16 tokens pointing in four different directions (plus small noise), in
     /// token order, clustered as one segment of four clusters.
@@ -281,6 +474,68 @@ mod tests {
             // Centroid = unnormalised mean of the members' keys.
             assert!((c.centroids[j * d + j] - 5.02).abs() < 0.02);
         }
+    }
+
+    /// Uniform floats in [-1, 1) from a fixed seed (xorshift64*).
+    fn floats(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x >> 12;
+                x ^= x << 25;
+                x ^= x >> 27;
+                (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn assign_all(rows: &[f32], centroids: &[f32], d: usize) -> Vec<u32> {
+        let mut panels = Panels::default();
+        panels.pack(centroids, d);
+        let mut out = vec![0; rows.len() / d];
+        assign(&RowTiles::new(rows, d), &panels, &mut out);
+        out
+    }
+
+    /// The blocked f32 assignment against a plain f64 argmax: the chosen centroid is the best up
+    /// to f32 rounding, exact duplicates go to the lowest id (within a panel, across panels and
+    /// across blocks), and a row's result does not depend on its position in the tiling.
+    #[test]
+    fn blocked_assignment_matches_f64_argmax() {
+        for (n, d, k) in [
+            (1, 1, 1),
+            (7, 3, 5),
+            (50, 64, 1100),
+            (13, 128, 300),
+            (9, 5, 17),
+        ] {
+            let rows = floats(n * d, 7 + n as u64);
+            let mut centroids = floats(k * d, 11 + k as u64);
+            // Duplicates of earlier centroids: never chosen.
+            for (dup, orig) in [(k - 1, 0), (k / 2, k / 3), (k.saturating_sub(3), 1)] {
+                if dup > orig {
+                    let src = centroids[orig * d..(orig + 1) * d].to_vec();
+                    centroids[dup * d..(dup + 1) * d].copy_from_slice(&src);
+                }
+            }
+            let got = assign_all(&rows, &centroids, d);
+            for (i, row) in rows.chunks_exact(d).enumerate() {
+                let scores: Vec<f64> = centroids.chunks_exact(d).map(|c| dot(row, c)).collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let c = got[i] as usize;
+                assert!(scores[c] >= max - 1e-5, "n {n} d {d} k {k} row {i}");
+                let first_equal = centroids
+                    .chunks_exact(d)
+                    .position(|x| x == &centroids[c * d..(c + 1) * d]);
+                assert_eq!(first_equal, Some(c), "duplicate chosen over its original");
+            }
+            // Dropping the first row shifts every other row to another tile position.
+            if n > 1 {
+                assert_eq!(assign_all(&rows[d..], &centroids, d), got[1..]);
+            }
+        }
+        // All scores equal (zero rows): the lowest id.
+        assert_eq!(assign_all(&[0.0; 12], &floats(40 * 4, 3), 4), vec![0; 3]);
     }
 
     #[test]
@@ -325,6 +580,7 @@ mod tests {
         assert!(bad(0..11, 1));
         assert!(bad(3..3, 1));
         assert!(bad(0..5, 0));
+        assert!(bad(0..5, u32::MAX as usize + 1));
         let overlapping = [
             Segment {
                 tokens: 0..5,

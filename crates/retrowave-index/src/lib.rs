@@ -7,16 +7,19 @@
 //!
 //! - [`WaveConfig`]: every parameter of the method, with the published defaults
 //!   ([`WaveConfig::published`]) and validation.
-//! - [`kmeans`]: segmented spherical k-means with mean-centring, producing a [`Clustering`].
+//! - [`kmeans()`]: segmented spherical k-means with mean-centring, producing a [`Clustering`].
 //! - [`ClusterIndex`]: centroids, sizes, value sums and member lists of one (sequence, KV head),
 //!   with [`ClusterIndex::append_segment`] for index updates during decode.
 //! - [`score_clusters`]: per-cluster scores of a GQA group of query heads.
 //! - [`plan_zones`]: the [`ZonePlan`] (steady token ranges, retrieval and estimation clusters).
 //! - [`exact`], [`estimate`], [`merge`] and [`attend`]: attention [`Partial`]s and their
 //!   log-sum-exp merge.
+//! - [`fidelity()`]: how close [`attend`] comes to [`dense`] for one query head, and the share of
+//!   the softmax mass each zone covers.
 
 pub mod attention;
 pub mod config;
+pub mod fidelity;
 pub mod index;
 pub mod kmeans;
 pub mod kv;
@@ -26,7 +29,8 @@ pub use attention::{
     AttentionError, Partial, attend, dense, estimate, estimate_clusters, exact, merge,
 };
 pub use config::{Budgets, ConfigError, WaveConfig};
+pub use fidelity::{Fidelity, fidelity};
 pub use index::{ClusterIndex, IndexError};
 pub use kmeans::{Clustering, Segment, kmeans, kmeans_segments, segments};
 pub use kv::{HeadDims, KvView, ShapeError};
-pub use zones::{Zone, ZonePlan, plan_zones, plan_zones_with_budgets, score_clusters};
+pub use zones::{Zone, ZonePlan, plan_zones, plan_zones_with_budgets, score_clusters, score_clusters_cfg};

@@ -14,6 +14,26 @@ pub fn score_clusters(
     queries: &[f32],
     scale: f32,
 ) -> Result<Vec<f32>, IndexError> {
+    score_clusters_with(index, queries, scale, false)
+}
+
+/// [`score_clusters`] under `cfg`: with `rank_by_size` the softmax is over
+/// `q . c_i * scale + ln |C_i|`, the estimated attention mass of each cluster.
+pub fn score_clusters_cfg(
+    index: &ClusterIndex,
+    queries: &[f32],
+    scale: f32,
+    cfg: &WaveConfig,
+) -> Result<Vec<f32>, IndexError> {
+    score_clusters_with(index, queries, scale, cfg.rank_by_size)
+}
+
+fn score_clusters_with(
+    index: &ClusterIndex,
+    queries: &[f32],
+    scale: f32,
+    by_size: bool,
+) -> Result<Vec<f32>, IndexError> {
     let d = index.dims().key_dim;
     if queries.is_empty() || !queries.len().is_multiple_of(d) {
         return Err(IndexError::QueriesLen {
@@ -34,6 +54,9 @@ pub fn score_clusters(
         {
             if sizes[c] > 0 {
                 *logit = dot(q, centroid) * f64::from(scale);
+                if by_size {
+                    *logit += f64::from(sizes[c]).ln();
+                }
                 max = max.max(*logit);
             }
         }
@@ -93,7 +116,7 @@ pub fn plan_zones(
     n_tokens: usize,
 ) -> Result<ZonePlan, IndexError> {
     cfg.validate()?;
-    plan_zones_with_budgets(index, scores, index.budgets(cfg), n_tokens)
+    plan_zones_with_budgets(index, scores, index.step_budgets(cfg, scores), n_tokens)
 }
 
 /// Plans the zones with explicit budgets: the steady zone is every token outside the indexed
@@ -136,18 +159,34 @@ pub fn plan_zones_with_budgets(
         .filter(|&c| index.sizes()[c] > 0)
         .map(to_u32)
         .collect::<Result<_, _>>()?;
-    ranked.sort_by(|&a, &b| {
-        scores[b as usize]
-            .total_cmp(&scores[a as usize])
-            .then(a.cmp(&b))
-    });
     let r = budgets.retrieval.min(ranked.len());
     let e = budgets.estimation.min(ranked.len() - r);
+    top_clusters(&mut ranked, scores, r + e);
     Ok(ZonePlan {
         steady,
         retrieval: ranked[..r].to_vec(),
         estimation: ranked[r..r + e].to_vec(),
     })
+}
+
+/// Orders the first `m` entries of `ids` (`m <= ids.len()`) as the first `m` of `ids` sorted by
+/// score descending, then id ascending (a total order, since ids are distinct), leaving the rest
+/// in unspecified order: a selection of the top `m` in O(n), then a sort of those only.
+fn top_clusters(ids: &mut [u32], scores: &[f32], m: usize) {
+    let rank = |a: &u32, b: &u32| {
+        scores[*b as usize]
+            .total_cmp(&scores[*a as usize])
+            .then(a.cmp(b))
+    };
+    if m == 0 {
+        return;
+    }
+    if m < ids.len() {
+        ids.select_nth_unstable_by(m - 1, rank);
+    }
+    if let Some(top) = ids.get_mut(..m) {
+        top.sort_unstable_by(rank);
+    }
 }
 
 impl ZonePlan {
@@ -264,6 +303,89 @@ mod tests {
             plan.token_zones(&index, 3).unwrap(),
             vec![Zone::Retrieval, Zone::Retrieval, Zone::Estimation]
         );
+    }
+
+    proptest::proptest! {
+        /// The selection gives exactly the first entries of a full sort (score descending, then
+        /// id ascending), with many ties, infinities and NaNs of both signs among the scores.
+        #[test]
+        fn selection_equals_full_sort(
+            raw in proptest::collection::vec(0u8..12, 0..200),
+            m_share in 0.0f64..=1.0,
+        ) {
+            let scores: Vec<f32> = raw
+                .iter()
+                .map(|&x| match x {
+                    8 => f32::NEG_INFINITY,
+                    9 => f32::INFINITY,
+                    10 => f32::NAN,
+                    11 => -f32::NAN,
+                    x => f32::from(x) * 0.25,
+                })
+                .collect();
+            let n = scores.len();
+            // Ids as the planner passes them: ascending, here with some left out.
+            let ids: Vec<u32> = (0..n as u32).filter(|&c| raw[c as usize] != 3).collect();
+            let m = ((ids.len() as f64 * m_share) as usize).min(ids.len());
+            let mut want = ids.clone();
+            want.sort_by(|&a, &b| {
+                scores[b as usize]
+                    .total_cmp(&scores[a as usize])
+                    .then(a.cmp(&b))
+            });
+            let mut got = ids;
+            top_clusters(&mut got, &scores, m);
+            proptest::prop_assert_eq!(&got[..m], &want[..m]);
+        }
+
+        /// The whole planner against the full-sort reference, on an index with empty clusters.
+        #[test]
+        fn plan_equals_full_sort_reference(
+            raw in proptest::collection::vec(0u8..6, 40),
+            retrieval in 0usize..45,
+            estimation in 0usize..45,
+        ) {
+            let (index, _) = random_index();
+            let n = index.n_clusters();
+            let scores: Vec<f32> = (0..n)
+                .map(|c| if index.sizes()[c] == 0 { f32::NEG_INFINITY } else { f32::from(raw[c % 40]) })
+                .collect();
+            let budgets = Budgets { retrieval, estimation };
+            let got = plan_zones_with_budgets(&index, &scores, budgets, 130).unwrap();
+            let mut ranked: Vec<u32> = (0..n as u32).filter(|&c| index.sizes()[c as usize] > 0).collect();
+            ranked.sort_by(|&a, &b| scores[b as usize].total_cmp(&scores[a as usize]).then(a.cmp(&b)));
+            let r = retrieval.min(ranked.len());
+            let e = estimation.min(ranked.len() - r);
+            proptest::prop_assert_eq!(&got.retrieval, &ranked[..r].to_vec());
+            proptest::prop_assert_eq!(&got.estimation, &ranked[r..r + e].to_vec());
+            proptest::prop_assert_eq!(got.steady, vec![0..2, 112..130]);
+        }
+    }
+
+    /// An index of 120 tokens (2 sinks, 8 window tokens: indexed 2..112) in clusters of about 3,
+    /// some empty.
+    fn random_index() -> (ClusterIndex, WaveConfig) {
+        let dims = HeadDims {
+            key_dim: 2,
+            value_dim: 1,
+        };
+        // Coarse keys: many duplicates, so some initial centroids end up empty.
+        let keys: Vec<f32> = (0..240)
+            .map(|i| ((i * 37 % 7) as f32 - 3.0) / 3.0)
+            .collect();
+        let values: Vec<f32> = (0..120).map(|i| i as f32).collect();
+        let cfg = WaveConfig {
+            sink_tokens: 2,
+            window_tokens: 8,
+            avg_cluster_size: 3,
+            segment_tokens: 60,
+            ..WaveConfig::published()
+        };
+        let kv = KvView::new(&keys, &values, dims).unwrap();
+        let index = ClusterIndex::build(&kv, &cfg).unwrap();
+        assert!(index.sizes().contains(&0));
+        assert!(index.n_clusters() <= 40);
+        (index, cfg)
     }
 
     #[test]
