@@ -400,4 +400,54 @@ mod tests {
         };
         assert_eq!(lean.validate(), Ok(()));
     }
+
+    #[test]
+    fn step_budgets_take_the_minimum_and_grow_to_the_covered_mass() {
+        let published = WaveConfig::published();
+        let scores = vec![1.0f32; 1000];
+        // Published: fixed fractions whatever the scores.
+        assert_eq!(
+            published.step_budgets(1000, 0, &scores),
+            published.budgets(1000, 0)
+        );
+        let rw = WaveConfig::retrowave();
+        assert_eq!(WaveConfig::default(), rw);
+        assert_eq!(WaveConfig::preset("published"), Some(published.clone()));
+        assert_eq!(WaveConfig::preset("nope"), None);
+        // Few clusters: the minimum applies.
+        assert_eq!(rw.step_budgets(100, 0, &[1.0; 100]).retrieval, 32);
+        // Flat scores: 90% of the mass needs 900 clusters, capped at 2.5% = 25.
+        assert_eq!(rw.step_budgets(1000, 0, &scores).retrieval, 32);
+        let cfg = WaveConfig {
+            min_retrieval_clusters: 0,
+            ..rw.clone()
+        };
+        assert_eq!(cfg.step_budgets(1000, 0, &scores).retrieval, 25);
+        // Concentrated scores: three clusters hold 90%, so the fixed 18 stay.
+        let mut peaked = vec![0.001f32; 1000];
+        peaked[..3].copy_from_slice(&[100.0, 100.0, 100.0]);
+        assert_eq!(cfg.step_budgets(1000, 0, &peaked).retrieval, 18);
+        // Mass spread over the top 21: the budget covers them (beyond the fixed 18).
+        let mut spread = vec![0.0f32; 1000];
+        spread[..21].iter_mut().for_each(|s| *s = 1.0);
+        spread[21] = f32::NEG_INFINITY;
+        let b = WaveConfig {
+            retrieval_mass: 1.0,
+            ..cfg.clone()
+        }
+        .step_budgets(1000, 0, &spread);
+        assert_eq!(b.retrieval, 21);
+        assert_eq!(b.estimation, cfg.budgets(1000, 0).estimation);
+        let bad = WaveConfig {
+            retrieval_mass: 1.5,
+            ..rw
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::Fraction {
+                field: "retrieval_mass",
+                ..
+            })
+        ));
+    }
 }
