@@ -7,6 +7,7 @@
 
 use std::ops::Range;
 
+use crate::wave::{FidelitySample, WaveConfig, WaveStats};
 use crate::weights::WeightView;
 
 /// Errors a backend reports.
@@ -208,6 +209,37 @@ pub trait Backend: Send + Sync {
     fn kv_len(&self, kv: &Self::Kv) -> usize;
     /// Drops the cached tokens from position `len` on (to rewind or reuse a cache).
     fn kv_truncate(&self, kv: &mut Self::Kv, len: usize);
+
+    /// A copy of a cache (to fork a sequence after a shared prefix).
+    fn kv_clone(&self, kv: &Self::Kv) -> Result<Self::Kv, BackendError>;
+
+    /// Builds the wave index over everything the cache holds (called once the prompt is
+    /// prefilled); later decode steps of this sequence attend through it and update it.
+    fn kv_build_index(&self, kv: &mut Self::Kv, cfg: &WaveConfig) -> Result<(), BackendError> {
+        let _ = (kv, cfg);
+        Err(BackendError::Device(format!(
+            "the {} backend has no wave attention",
+            self.name()
+        )))
+    }
+
+    /// Counters of the cache's wave index, if it has one.
+    fn kv_wave_stats(&self, kv: &Self::Kv) -> Option<WaveStats> {
+        let _ = kv;
+        None
+    }
+
+    /// Turns fidelity probing on or off: while on, every wave decode step also computes exact
+    /// attention and records [`FidelitySample`]s (slow; for `retrowave eval --fidelity`).
+    fn kv_set_probe(&self, kv: &mut Self::Kv, on: bool) {
+        let _ = (kv, on);
+    }
+
+    /// Takes the fidelity samples recorded so far.
+    fn kv_take_probe(&self, kv: &mut Self::Kv) -> Vec<FidelitySample> {
+        let _ = kv;
+        Vec::new()
+    }
 
     /// Causal attention for one layer: appends `k`/`v` rows (`[rows, n_kv_heads*head_dim]`) to the
     /// caches of their sequences at their positions, then attends each query row to every cached

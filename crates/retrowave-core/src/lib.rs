@@ -4,10 +4,15 @@
 pub mod backend;
 pub mod dtype;
 pub mod quant;
+pub mod wave;
 pub mod weights;
 
 pub use backend::{
     Backend, BackendError, BatchLayout, Collective, HeadLayout, RopeParams, RopeStyle, SeqRows,
 };
 pub use dtype::TensorType;
+pub use wave::{
+    AttentionMode, ClusterKv, ClusterStore, FidelitySample, HeadKey, StoreError, WaveConfig,
+    WaveStats,
+};
 pub use weights::WeightView;

@@ -12,14 +12,23 @@ use half::f16;
 use rayon::prelude::*;
 use retrowave_core::{BackendError, BatchLayout, HeadLayout};
 
-use crate::simd;
+use crate::{decode_kernel, simd};
 
 /// Keys converted from f16 per tile.
 const KEY_TILE: usize = 32;
 /// Query rows per work unit during prefill.
 const ROW_BLOCK: usize = 16;
-/// Key positions per work unit when a step has few query rows (decode).
-const DECODE_KEY_SPLIT: usize = 1024;
+/// Sequences with at most this many query rows in a step attend as decode: their key range is
+/// split over several work units and scored by the streaming [`decode_kernel`].
+const DECODE_ROWS: usize = 4;
+/// Decode work units aimed at per pool thread: enough for work stealing to even out the ends,
+/// few enough that the per-unit partials cost nothing to merge.
+const DECODE_UNITS_PER_THREAD: usize = 8;
+/// Smallest key range of a decode work unit (and the granularity of the ranges).
+const DECODE_MIN_KEYS: usize = 256;
+/// Keys per tile when the streaming kernel serves several query rows of one unit (the tile is
+/// re-read from cache by each row).
+const ROW_KEY_TILE: usize = 256;
 
 /// One layer's keys and values of one sequence.
 #[derive(Debug, Clone, Default)]
@@ -38,6 +47,8 @@ pub struct CpuKv {
     /// Positions written in each layer.
     lens: Vec<usize>,
     max_tokens: usize,
+    /// The wave index and cluster-ordered KV, once built.
+    pub(crate) wave: Option<Box<crate::wave::WaveKv>>,
 }
 
 impl CpuKv {
@@ -49,6 +60,7 @@ impl CpuKv {
             cap: 0,
             lens: vec![0; n_layers],
             max_tokens,
+            wave: None,
         }
     }
 
@@ -70,11 +82,35 @@ impl CpuKv {
             .sum()
     }
 
-    /// Forgets positions from `len` on.
+    /// Forgets positions from `len` on. A wave index that covers forgotten positions is dropped
+    /// (attention falls back to the exact cache, which always holds every position).
     pub fn truncate(&mut self, len: usize) {
         for l in &mut self.lens {
             *l = (*l).min(len);
         }
+        if self.wave.as_ref().is_some_and(|w| w.indexed_end() > len) {
+            self.wave = None;
+        }
+    }
+
+    /// Positions written in `layer`.
+    pub(crate) fn layer_len(&self, layer: usize) -> usize {
+        self.lens[layer]
+    }
+
+    /// The head geometry.
+    pub(crate) fn heads(&self) -> HeadLayout {
+        self.heads
+    }
+
+    /// Layers.
+    pub(crate) fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Whether decode steps attend through a wave index.
+    pub fn has_wave(&self) -> bool {
+        self.wave.is_some()
     }
 
     fn reserve(&mut self, needed: usize) -> Result<(), BackendError> {
@@ -136,7 +172,7 @@ impl CpuKv {
         Ok(())
     }
 
-    fn head_keys(&self, layer: usize, h: usize) -> (&[f16], &[f16]) {
+    pub(crate) fn head_keys(&self, layer: usize, h: usize) -> (&[f16], &[f16]) {
         let hd = self.heads.head_dim;
         let len = self.lens[layer];
         let base = h * self.cap * hd;
@@ -165,6 +201,24 @@ struct Unit {
     key1: usize,
 }
 
+/// Key positions per decode work unit: the decode keys of the whole batch (every KV head)
+/// spread over [`DECODE_UNITS_PER_THREAD`] units per pool thread, so that both cores stay busy
+/// whatever the number of KV heads, rounded up to [`DECODE_MIN_KEYS`].
+fn decode_key_split(batch: &BatchLayout, n_kv_heads: usize) -> usize {
+    let keys: usize = batch
+        .seqs
+        .iter()
+        .filter(|s| s.n_tokens <= DECODE_ROWS)
+        .map(|s| s.start_pos + s.n_tokens)
+        .sum::<usize>()
+        * n_kv_heads;
+    let units = rayon::current_num_threads().max(1) * DECODE_UNITS_PER_THREAD;
+    keys.div_ceil(units)
+        .div_ceil(DECODE_MIN_KEYS)
+        .max(1)
+        .saturating_mul(DECODE_MIN_KEYS)
+}
+
 /// Attends every query row of `q` (`[rows, n_heads * head_dim]`) to its sequence's cache.
 pub fn attend(
     layer: usize,
@@ -173,14 +227,30 @@ pub fn attend(
     batch: &BatchLayout,
     heads: HeadLayout,
 ) -> Vec<f32> {
+    let mut out = vec![0f32; q.len()];
+    attend_into(layer, q, caches, batch, heads, &mut out);
+    out
+}
+
+/// [`attend`] writing the rows of the sequences in `batch` into `out` (`[rows, n_heads *
+/// head_dim]`, the shape of `q`); other rows are left as they are.
+pub fn attend_into(
+    layer: usize,
+    q: &[f32],
+    caches: &[&CpuKv],
+    batch: &BatchLayout,
+    heads: HeadLayout,
+    out: &mut [f32],
+) {
     let (nq, nkv, hd) = (heads.n_heads, heads.n_kv_heads, heads.head_dim);
     let group = heads.group();
-    let rows = batch.n_rows();
+    let rows = q.len() / (nq * hd).max(1);
+    let split = decode_key_split(batch, nkv);
     let mut units = Vec::new();
     for (si, s) in batch.seqs.iter().enumerate() {
         let ctx = s.start_pos + s.n_tokens;
-        let split = if s.n_tokens <= 4 {
-            DECODE_KEY_SPLIT
+        let split = if s.n_tokens <= DECODE_ROWS {
+            split
         } else {
             usize::MAX
         };
@@ -220,11 +290,43 @@ pub fn attend(
                 l: vec![0.0; u.n_rows * group],
                 acc: vec![0.0; u.n_rows * group * hd],
             };
-            // K tile transposed to [head_dim][KEY_TILE] so that one query row scores the whole
-            // tile with vertical FMAs; V tile row-major [KEY_TILE][head_dim].
-            let transpose = u.n_rows * group >= 8;
+            let pos0 = s.start_pos + (u.row0 - s.row);
+            if s.n_tokens <= DECODE_ROWS || u.n_rows * group < 8 {
+                // Decode (and small blocks): the streaming kernel, row by row over tiles that
+                // stay in cache for the block's other rows.
+                let tile = if u.n_rows == 1 {
+                    usize::MAX
+                } else {
+                    ROW_KEY_TILE
+                };
+                let mut t0 = u.key0;
+                while t0 < u.key1 {
+                    let t1 = t0.saturating_add(tile).min(u.key1);
+                    for r in 0..u.n_rows {
+                        let lim = (pos0 + r + 1).min(t1);
+                        if lim <= t0 {
+                            continue;
+                        }
+                        let qo = (u.row0 + r) * nq * hd + p.head0 * hd;
+                        let st = r * group;
+                        decode_kernel::attend_group(
+                            &q[qo..qo + group * hd],
+                            &keys[t0 * hd..lim * hd],
+                            &vals[t0 * hd..lim * hd],
+                            scale,
+                            &mut p.m[st..st + group],
+                            &mut p.l[st..st + group],
+                            &mut p.acc[st * hd..(st + group) * hd],
+                        );
+                    }
+                    t0 = t1;
+                }
+                return p;
+            }
+            // Prefill: K tile transposed to [head_dim][KEY_TILE] so that one query row scores
+            // the whole tile with vertical FMAs; V tile row-major [KEY_TILE][head_dim].
             let mut khalf = vec![0f32; KEY_TILE * hd];
-            let mut kt = vec![0f32; if transpose { KEY_TILE * hd } else { 0 }];
+            let mut kt = vec![0f32; KEY_TILE * hd];
             let mut vbuf = vec![0f32; KEY_TILE * hd];
             let mut t0 = u.key0;
             while t0 < u.key1 {
@@ -232,18 +334,14 @@ pub fn attend(
                 let nt = t1 - t0;
                 simd::f16_to_f32(&keys[t0 * hd..t1 * hd], &mut khalf[..nt * hd]);
                 simd::f16_to_f32(&vals[t0 * hd..t1 * hd], &mut vbuf[..nt * hd]);
-                // Transposing pays off only when many query rows share the tile (prefill);
-                // a decode step scores the row-major keys directly.
-                if transpose {
-                    kt.iter_mut().for_each(|v| *v = 0.0);
-                    for (j, krow) in khalf[..nt * hd].chunks_exact(hd).enumerate() {
-                        for (d, &kv) in krow.iter().enumerate() {
-                            kt[d * KEY_TILE + j] = kv;
-                        }
+                kt.iter_mut().for_each(|v| *v = 0.0);
+                for (j, krow) in khalf[..nt * hd].chunks_exact(hd).enumerate() {
+                    for (d, &kv) in krow.iter().enumerate() {
+                        kt[d * KEY_TILE + j] = kv;
                     }
                 }
                 for r in 0..u.n_rows {
-                    let pos = s.start_pos + (u.row0 - s.row) + r;
+                    let pos = pos0 + r;
                     let lim = (pos + 1).min(t1);
                     if lim <= t0 {
                         continue;
@@ -253,18 +351,12 @@ pub fn attend(
                     for g in 0..group {
                         let qh = &qrow[(p.head0 + g) * hd..(p.head0 + g + 1) * hd];
                         let mut scores = [0f32; KEY_TILE];
-                        if transpose {
-                            for (d, &qd) in qh.iter().enumerate() {
-                                let krow: &[f32; KEY_TILE] = kt[d * KEY_TILE..(d + 1) * KEY_TILE]
-                                    .try_into()
-                                    .expect("tile row");
-                                for j in 0..KEY_TILE {
-                                    scores[j] = qd.mul_add(krow[j], scores[j]);
-                                }
-                            }
-                        } else {
-                            for (j, sc) in scores[..nk].iter_mut().enumerate() {
-                                *sc = simd::dot_f32(qh, &khalf[j * hd..(j + 1) * hd]);
+                        for (d, &qd) in qh.iter().enumerate() {
+                            let krow: &[f32; KEY_TILE] = kt[d * KEY_TILE..(d + 1) * KEY_TILE]
+                                .try_into()
+                                .expect("tile row");
+                            for j in 0..KEY_TILE {
+                                scores[j] = qd.mul_add(krow[j], scores[j]);
                             }
                         }
                         let mut tmax = f32::NEG_INFINITY;
@@ -309,8 +401,10 @@ pub fn attend(
             }
         }
     }
-    let mut out = vec![0f32; rows * nq * hd];
     let mut l_all = vec![0f32; rows * nq];
+    for s in &batch.seqs {
+        out[s.row * nq * hd..(s.row + s.n_tokens) * nq * hd].fill(0.0);
+    }
     for p in &partials {
         for r in 0..p.n_rows {
             for g in 0..group {
@@ -335,7 +429,6 @@ pub fn attend(
             out[i * hd..(i + 1) * hd].iter_mut().for_each(|v| *v *= inv);
         }
     }
-    out
 }
 
 #[cfg(test)]

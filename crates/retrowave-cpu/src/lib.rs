@@ -7,14 +7,20 @@
 //! checked against, and it makes the whole system run (slowly) on any machine.
 
 pub mod attention;
+pub mod decode_kernel;
 pub mod ops;
 pub mod quant;
 pub mod simd;
+pub mod store;
+pub mod wave;
 
 use std::ops::Range;
 use std::sync::Arc;
 
-use retrowave_core::{Backend, BackendError, BatchLayout, HeadLayout, RopeParams, WeightView};
+use retrowave_core::{
+    Backend, BackendError, BatchLayout, FidelitySample, HeadLayout, RopeParams, WaveConfig,
+    WaveStats, WeightView,
+};
 
 pub use attention::CpuKv;
 pub use quant::CpuMatrix;
@@ -277,17 +283,74 @@ impl Backend for CpuBackend {
         batch: &BatchLayout,
         heads: HeadLayout,
     ) -> Result<CpuActs, BackendError> {
-        for (s, cache) in batch.seqs.iter().zip(caches.iter_mut()) {
+        // Single-row steps of sequences with a wave index attend through it; everything else
+        // (prefill chunks, sequences in full mode) attends exactly.
+        let mut wave_seqs = Vec::new();
+        let mut exact_seqs = Vec::new();
+        for (i, (s, cache)) in batch.seqs.iter().zip(caches.iter_mut()).enumerate() {
             let w = k.cols;
             let rows = s.row * w..(s.row + s.n_tokens) * w;
             cache.write(layer, s.start_pos, &k.data[rows.clone()], &v.data[rows])?;
+            if s.n_tokens == 1 && cache.has_wave() {
+                wave::update(cache, layer)?;
+                wave_seqs.push(i);
+            } else {
+                exact_seqs.push(i);
+            }
         }
-        let views: Vec<&CpuKv> = caches.iter().map(|c| &**c).collect();
-        let data = attention::attend(layer, &q.data, &views, batch, heads);
+        let mut data = vec![0f32; q.data.len()];
+        let pick = |ids: &[usize]| {
+            (
+                BatchLayout {
+                    seqs: ids.iter().map(|&i| batch.seqs[i]).collect(),
+                },
+                ids.iter().map(|&i| &*caches[i]).collect::<Vec<&CpuKv>>(),
+            )
+        };
+        if !exact_seqs.is_empty() {
+            let (b, views) = pick(&exact_seqs);
+            attention::attend_into(layer, &q.data, &views, &b, heads, &mut data);
+        }
+        if !wave_seqs.is_empty() {
+            let (b, views) = pick(&wave_seqs);
+            let per_seq = wave::decode(layer, &q.data, &views, &b, heads, &mut data)?;
+            for (j, stats, probe) in per_seq {
+                if let Some(w) = caches[wave_seqs[j]].wave.as_deref_mut() {
+                    w.record(&stats, probe);
+                }
+            }
+        }
         Ok(CpuActs {
             data,
             rows: q.rows,
             cols: q.cols,
         })
+    }
+
+    fn kv_clone(&self, kv: &CpuKv) -> Result<CpuKv, BackendError> {
+        Ok(kv.clone())
+    }
+
+    fn kv_build_index(&self, kv: &mut CpuKv, cfg: &WaveConfig) -> Result<(), BackendError> {
+        let built = self.pool.install(|| wave::build(kv, cfg))?;
+        kv.wave = Some(Box::new(built));
+        Ok(())
+    }
+
+    fn kv_wave_stats(&self, kv: &CpuKv) -> Option<WaveStats> {
+        kv.wave.as_deref().map(wave::WaveKv::stats)
+    }
+
+    fn kv_set_probe(&self, kv: &mut CpuKv, on: bool) {
+        if let Some(w) = kv.wave.as_deref_mut() {
+            w.set_probe(on);
+        }
+    }
+
+    fn kv_take_probe(&self, kv: &mut CpuKv) -> Vec<FidelitySample> {
+        kv.wave
+            .as_deref_mut()
+            .map(wave::WaveKv::take_probe)
+            .unwrap_or_default()
     }
 }

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use retrowave_core::{Backend, BatchLayout, SeqRows};
+use retrowave_core::{AttentionMode, Backend, BatchLayout, SeqRows, WaveStats};
 use retrowave_model::sampling::{Sampler, SamplingParams};
 use retrowave_model::tokenizer::Tokenizer;
 
@@ -19,11 +19,13 @@ use crate::group::WorkerGroup;
 use crate::scheduler::{self, SchedulerConfig, SeqId, SeqStatus};
 
 /// Engine settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EngineConfig {
     pub scheduler: SchedulerConfig,
     /// Most tokens (prompt + generated) of one sequence; at most the model's context length.
     pub max_context: usize,
+    /// How decode steps attend: exactly, or through a wave index built after each prefill.
+    pub attention: AttentionMode,
 }
 
 /// Why a sequence ended.
@@ -59,6 +61,8 @@ pub struct Usage {
     pub prefill: Duration,
     /// From the first sampled token to the end (decode of the remaining tokens).
     pub decode: Duration,
+    /// Counters of the wave index, in wave mode.
+    pub wave: Option<WaveStats>,
 }
 
 /// Something that happened to a sequence during a step.
@@ -89,6 +93,8 @@ struct Sequence {
     sent: usize,
     admitted: Instant,
     first_token: Option<Instant>,
+    /// Whether the wave index was built (or its build was attempted).
+    indexed: bool,
 }
 
 impl Sequence {
@@ -188,6 +194,7 @@ impl<B: Backend + 'static> Engine<B> {
                 sent: 0,
                 admitted: Instant::now(),
                 first_token: None,
+                indexed: false,
             },
         );
         Ok(id)
@@ -200,6 +207,11 @@ impl<B: Backend + 'static> Engine<B> {
 
     fn finish(&mut self, id: SeqId, reason: FinishReason) -> Option<Event> {
         let mut s = self.seqs.remove(&id)?;
+        let wave = if s.indexed {
+            self.group.wave_stats(s.slot).ok().flatten()
+        } else {
+            None
+        };
         self.group.close_slot(s.slot);
         self.free_slots.push(s.slot);
         // Release held-back text (and a lossy rendering of an incomplete UTF-8 tail).
@@ -218,6 +230,7 @@ impl<B: Backend + 'static> Engine<B> {
                 completion_tokens: s.generated(),
                 prefill: first - s.admitted,
                 decode: now - first,
+                wave,
             },
         })
     }
@@ -273,6 +286,20 @@ impl<B: Backend + 'static> Engine<B> {
         for e in &plan.entries {
             if let Some(s) = self.seqs.get_mut(&e.id) {
                 s.cached += e.n_tokens;
+            }
+        }
+        if let AttentionMode::Wave(wave) = &self.cfg.attention {
+            // The prompt is in the cache: cluster it. Decode steps then attend through the index.
+            for e in &plan.entries {
+                let Some(s) = self.seqs.get_mut(&e.id) else {
+                    continue;
+                };
+                if !s.indexed && s.cached >= s.n_prompt {
+                    s.indexed = true;
+                    if let Err(err) = self.group.build_index(s.slot, wave) {
+                        tracing::warn!(seq = e.id, error = %err, "wave index build failed; this sequence attends exactly");
+                    }
+                }
             }
         }
         let vocab = self.group.vocab();

@@ -9,7 +9,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread::JoinHandle;
 
-use retrowave_core::{Backend, BatchLayout, Collective};
+use retrowave_core::{Backend, BatchLayout, Collective, FidelitySample, WaveConfig, WaveStats};
 use retrowave_model::arch::{ModelConfig, WeightSource};
 
 use crate::EngineError;
@@ -71,9 +71,35 @@ enum Cmd {
         slot: usize,
         len: usize,
     },
+    BuildIndex {
+        slot: usize,
+        cfg: WaveConfig,
+    },
+    Fork {
+        src: usize,
+        dst: usize,
+    },
+    WaveStats {
+        slot: usize,
+    },
+    SetProbe {
+        slot: usize,
+        on: bool,
+    },
+    TakeProbe {
+        slot: usize,
+    },
 }
 
-type Reply = Result<Option<Vec<f32>>, EngineError>;
+/// What a worker sends back.
+enum Data {
+    None,
+    Logits(Vec<f32>),
+    Stats(Option<WaveStats>),
+    Probe(Vec<FidelitySample>),
+}
+
+type Reply = Result<Data, EngineError>;
 
 struct Remote {
     tx: Sender<Cmd>,
@@ -159,19 +185,16 @@ impl<B: Backend + 'static> WorkerGroup<B> {
         }
     }
 
-    fn broadcast(&mut self, make: impl Fn() -> Cmd) -> Result<Option<Vec<f32>>, EngineError> {
+    /// Sends a command to every worker and collects the replies in rank order.
+    fn broadcast(&mut self, make: impl Fn() -> Cmd) -> Result<Vec<Data>, EngineError> {
         for r in &self.remotes {
             r.tx.send(make()).map_err(|_| EngineError::WorkerLost)?;
         }
-        let mut out = None;
+        let mut out = Vec::with_capacity(self.remotes.len());
         let mut err = None;
-        for (i, r) in self.remotes.iter().enumerate() {
+        for r in &self.remotes {
             match r.rx.recv() {
-                Ok(Ok(v)) => {
-                    if i == 0 {
-                        out = v;
-                    }
-                }
+                Ok(Ok(v)) => out.push(v),
                 Ok(Err(e)) => err = err.or(Some(e)),
                 Err(_) => err = err.or(Some(EngineError::WorkerLost)),
             }
@@ -179,6 +202,83 @@ impl<B: Backend + 'static> WorkerGroup<B> {
         match err {
             Some(e) => Err(e),
             None => Ok(out),
+        }
+    }
+
+    /// Builds the wave index of `slot` on every worker (each over its own KV heads).
+    pub fn build_index(&mut self, slot: usize, cfg: &WaveConfig) -> Result<(), EngineError> {
+        match &mut self.local {
+            Some(w) => w.build_index(slot, cfg),
+            None => self
+                .broadcast(|| Cmd::BuildIndex {
+                    slot,
+                    cfg: cfg.clone(),
+                })
+                .map(|_| ()),
+        }
+    }
+
+    /// Copies the cache of `src` into `dst` on every worker (a fork after a shared prefix).
+    pub fn fork_slot(&mut self, src: usize, dst: usize) -> Result<(), EngineError> {
+        match &mut self.local {
+            Some(w) => w.fork_slot(src, dst),
+            None => self.broadcast(|| Cmd::Fork { src, dst }).map(|_| ()),
+        }
+    }
+
+    /// Wave counters of `slot`, summed over the workers (`None` without an index).
+    pub fn wave_stats(&mut self, slot: usize) -> Result<Option<WaveStats>, EngineError> {
+        let parts = match &mut self.local {
+            Some(w) => vec![w.wave_stats(slot)],
+            None => self
+                .broadcast(|| Cmd::WaveStats { slot })?
+                .into_iter()
+                .map(|d| match d {
+                    Data::Stats(s) => s,
+                    _ => None,
+                })
+                .collect(),
+        };
+        let mut total: Option<WaveStats> = None;
+        for p in parts.into_iter().flatten() {
+            match &mut total {
+                None => total = Some(p),
+                Some(t) => {
+                    t.head_steps += p.head_steps;
+                    t.exact_tokens += p.exact_tokens;
+                    t.steady_tokens += p.steady_tokens;
+                    t.retrieval_clusters += p.retrieval_clusters;
+                    t.estimation_clusters += p.estimation_clusters;
+                    t.estimated_tokens += p.estimated_tokens;
+                    t.context_tokens += p.context_tokens;
+                    t.bytes_read += p.bytes_read;
+                    t.build_seconds = t.build_seconds.max(p.build_seconds);
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Turns the fidelity probe of `slot` on or off on every worker.
+    pub fn set_probe(&mut self, slot: usize, on: bool) -> Result<(), EngineError> {
+        match &mut self.local {
+            Some(w) => w.set_probe(slot, on),
+            None => self.broadcast(|| Cmd::SetProbe { slot, on }).map(|_| ()),
+        }
+    }
+
+    /// Takes the fidelity samples of `slot` from every worker.
+    pub fn take_probe(&mut self, slot: usize) -> Result<Vec<FidelitySample>, EngineError> {
+        match &mut self.local {
+            Some(w) => w.take_probe(slot),
+            None => Ok(self
+                .broadcast(|| Cmd::TakeProbe { slot })?
+                .into_iter()
+                .flat_map(|d| match d {
+                    Data::Probe(p) => p,
+                    _ => Vec::new(),
+                })
+                .collect()),
         }
     }
 
@@ -232,6 +332,11 @@ impl<B: Backend + 'static> WorkerGroup<B> {
                     batch: b.clone(),
                     logits_rows: l.clone(),
                 })?
+                .into_iter()
+                .find_map(|d| match d {
+                    Data::Logits(l) => Some(l),
+                    _ => None,
+                })
             }
         };
         Ok(out.unwrap_or_default())
@@ -245,16 +350,23 @@ fn serve<B: Backend>(mut w: Worker<B>, rx: Receiver<Cmd>, tx: Sender<Reply>) {
                 tokens,
                 batch,
                 logits_rows,
-            } => w.forward(&tokens, &batch, &logits_rows),
-            Cmd::Open { slot, max_tokens } => w.open_slot(slot, max_tokens).map(|_| None),
+            } => w
+                .forward(&tokens, &batch, &logits_rows)
+                .map(|l| l.map_or(Data::None, Data::Logits)),
+            Cmd::Open { slot, max_tokens } => w.open_slot(slot, max_tokens).map(|_| Data::None),
             Cmd::Close { slot } => {
                 w.close_slot(slot);
-                Ok(None)
+                Ok(Data::None)
             }
             Cmd::Truncate { slot, len } => {
                 w.truncate_slot(slot, len);
-                Ok(None)
+                Ok(Data::None)
             }
+            Cmd::BuildIndex { slot, cfg } => w.build_index(slot, &cfg).map(|_| Data::None),
+            Cmd::Fork { src, dst } => w.fork_slot(src, dst).map(|_| Data::None),
+            Cmd::WaveStats { slot } => Ok(Data::Stats(w.wave_stats(slot))),
+            Cmd::SetProbe { slot, on } => w.set_probe(slot, on).map(|_| Data::None),
+            Cmd::TakeProbe { slot } => w.take_probe(slot).map(Data::Probe),
         };
         if tx.send(reply).is_err() {
             break;

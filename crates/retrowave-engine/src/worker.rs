@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use retrowave_core::{Backend, BatchLayout, Collective, HeadLayout, RopeParams};
+use retrowave_core::{
+    Backend, BatchLayout, Collective, FidelitySample, HeadLayout, RopeParams, WaveConfig, WaveStats,
+};
 use retrowave_model::arch::{ModelConfig, WeightSource};
 
 use crate::EngineError;
@@ -284,6 +286,60 @@ impl<B: Backend> Worker<B> {
             self.caches.insert(slot, kv);
         }
         result
+    }
+
+    /// Builds the wave index over the cache of `slot`.
+    pub fn build_index(&mut self, slot: usize, cfg: &WaveConfig) -> Result<(), EngineError> {
+        let backend = &self.backend;
+        let kv = self
+            .caches
+            .get_mut(&slot)
+            .ok_or(EngineError::UnknownSlot(slot))?;
+        backend.kv_build_index(kv, cfg)?;
+        Ok(())
+    }
+
+    /// Copies the cache of `src` (index included) into `dst`.
+    pub fn fork_slot(&mut self, src: usize, dst: usize) -> Result<(), EngineError> {
+        let kv = self.caches.get(&src).ok_or(EngineError::UnknownSlot(src))?;
+        let copy = self.backend.kv_clone(kv)?;
+        self.caches.insert(dst, copy);
+        Ok(())
+    }
+
+    /// Wave counters of `slot` (this worker's heads).
+    pub fn wave_stats(&self, slot: usize) -> Option<WaveStats> {
+        self.caches
+            .get(&slot)
+            .and_then(|kv| self.backend.kv_wave_stats(kv))
+    }
+
+    /// Turns the fidelity probe of `slot` on or off.
+    pub fn set_probe(&mut self, slot: usize, on: bool) -> Result<(), EngineError> {
+        let backend = &self.backend;
+        let kv = self
+            .caches
+            .get_mut(&slot)
+            .ok_or(EngineError::UnknownSlot(slot))?;
+        backend.kv_set_probe(kv, on);
+        Ok(())
+    }
+
+    /// Takes the fidelity samples of `slot`, with query heads numbered model-wide.
+    pub fn take_probe(&mut self, slot: usize) -> Result<Vec<FidelitySample>, EngineError> {
+        let q0 = self.shard.q_heads.start;
+        let kv0 = self.shard.kv_heads.start;
+        let backend = &self.backend;
+        let kv = self
+            .caches
+            .get_mut(&slot)
+            .ok_or(EngineError::UnknownSlot(slot))?;
+        let mut samples = backend.kv_take_probe(kv);
+        for s in &mut samples {
+            s.q_head += q0;
+            s.kv_head += kv0;
+        }
+        Ok(samples)
     }
 
     /// Rewinds the cache of `slot` to `len` tokens.

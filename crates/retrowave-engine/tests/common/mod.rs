@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use retrowave_core::AttentionMode;
 use retrowave_cpu::CpuBackend;
 use retrowave_engine::{Engine, EngineConfig, SchedulerConfig, WorkerGroup};
 use retrowave_model::arch::{self, ModelConfig, ModelSource};
@@ -52,6 +53,15 @@ pub fn group(m: &Model, tp: usize) -> WorkerGroup<CpuBackend> {
 }
 
 pub fn engine(m: &Model, tp: usize, max_context: usize) -> Engine<CpuBackend> {
+    engine_with(m, tp, max_context, AttentionMode::Full)
+}
+
+pub fn engine_with(
+    m: &Model,
+    tp: usize,
+    max_context: usize,
+    attention: AttentionMode,
+) -> Engine<CpuBackend> {
     let cfg = EngineConfig {
         scheduler: SchedulerConfig {
             max_batch_tokens: 256,
@@ -59,6 +69,7 @@ pub fn engine(m: &Model, tp: usize, max_context: usize) -> Engine<CpuBackend> {
             max_seqs: 16,
         },
         max_context,
+        attention,
     };
     Engine::new(group(m, tp), m.tokenizer.clone(), cfg)
 }
