@@ -131,3 +131,184 @@ fn fetch_lists_the_registry() {
         assert!(s.contains(name), "{s}");
     }
 }
+
+fn records(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON record per line"))
+        .collect()
+}
+
+#[test]
+fn wave_attention_answers_a_2k_needle_question_as_dense_attention_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("eval.jsonl");
+    let cases_file = dir.path().join("cases.jsonl");
+    let out = run(&[
+        "eval",
+        "--tasks",
+        "single-needle",
+        "--lengths",
+        "2048",
+        "--cases",
+        "1",
+        "--attention",
+        "full,wave",
+        "--fidelity",
+        "1",
+        "--out",
+        out_file.to_str().unwrap(),
+        "--write-cases",
+        cases_file.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let recs = records(&out_file);
+    let case = |mode: &str| {
+        recs.iter()
+            .find(|r| r["kind"] == "case" && r["attention"] == mode)
+            .unwrap_or_else(|| panic!("no {mode} case record in {recs:?}"))
+            .clone()
+    };
+    let (full, wave) = (case("full"), case("wave"));
+    let expected = full["expected"][0].as_str().unwrap().to_string();
+    assert!(
+        (2000..=2048).contains(&full["prompt_tokens"].as_u64().unwrap()),
+        "{full}"
+    );
+    // Dense attention finds the needle, and wave attention gives the very same answer while
+    // attending exactly to only part of the context.
+    assert!(
+        full["answer"].as_str().unwrap().contains(&expected),
+        "{full}"
+    );
+    assert_eq!(full["answer"], wave["answer"], "{full}\n{wave}");
+    assert_eq!(wave["score"], 100.0);
+    let share = wave["exact_share"].as_f64().unwrap();
+    assert!(share > 0.0 && share < 0.5, "{wave}");
+    // The table and the fidelity summary are printed; fidelity records are written per head.
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("single-needle") && stdout.contains("wave-full"),
+        "{stdout}"
+    );
+    let fid: Vec<_> = recs.iter().filter(|r| r["kind"] == "fidelity").collect();
+    assert_eq!(
+        fid.len(),
+        30 * 9,
+        "one record per layer and query head of SmolLM2"
+    );
+    for r in &fid {
+        let (exact, all) = (
+            r["mass_exact"].as_f64().unwrap(),
+            r["mass_all"].as_f64().unwrap(),
+        );
+        assert!(
+            0.0 < exact && exact <= all + 1e-9 && all <= 1.0 + 1e-9,
+            "{r}"
+        );
+    }
+
+    // The written cases read back through --data and score the same in full attention.
+    let out_file2 = dir.path().join("eval2.jsonl");
+    let out = run(&[
+        "eval",
+        "--data",
+        cases_file.to_str().unwrap(),
+        "--attention",
+        "full",
+        "--out",
+        out_file2.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let again = records(&out_file2);
+    let c = again.iter().find(|r| r["kind"] == "case").unwrap();
+    assert_eq!(c["answer"], full["answer"]);
+}
+
+#[test]
+fn eval_rejects_bad_case_files_and_modes() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"input\": \"hi\", \"outputs\": [\"x\"]}\n{\"input\": 3}\n",
+    )
+    .unwrap();
+    let out = run(&["eval", "--data", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("bad.jsonl") && err.contains("line 2"), "{err}");
+    let out = run(&["eval", "--attention", "sparse", "--cases", "1"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("unknown attention mode"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&["generate", "--attention", "wave:nope", "hi"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("wave preset"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn generate_with_wave_attention_and_a_wave_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("wave.toml");
+    std::fs::write(
+        &cfg,
+        "retrieval_fraction = 0.05\nmin_retrieval_clusters = 8\n",
+    )
+    .unwrap();
+    let out = run(&[
+        "generate",
+        "--attention",
+        "wave",
+        "--wave-config",
+        cfg.to_str().unwrap(),
+        "--max-tokens",
+        "8",
+        "The capital of France is",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // A 6-token prompt leaves nothing to index: the answer is the dense one.
+    assert!(
+        text(&out.stdout).starts_with(" Paris."),
+        "{}",
+        text(&out.stdout)
+    );
+    std::fs::write(&cfg, "retrieval_fraction = 2.0\n").unwrap();
+    let out = run(&[
+        "generate",
+        "--attention",
+        "wave",
+        "--wave-config",
+        cfg.to_str().unwrap(),
+        "hi",
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("retrieval_fraction") && err.contains("wave.toml"),
+        "{err}"
+    );
+    std::fs::write(&cfg, "retreival_fraction = 0.1\n").unwrap();
+    let out = run(&[
+        "generate",
+        "--attention",
+        "wave",
+        "--wave-config",
+        cfg.to_str().unwrap(),
+        "hi",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("retreival_fraction"),
+        "{}",
+        text(&out.stderr)
+    );
+}

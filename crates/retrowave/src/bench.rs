@@ -34,7 +34,32 @@ pub enum BenchCommand {
         tp: usize,
         #[arg(long, default_value_t = 512)]
         prefill_chunk: usize,
+        /// Decode attention: full or wave.
+        #[arg(long, default_value = "full")]
+        attention: String,
         /// JSON-lines file to append to (default bench/results/generate-<model>.jsonl).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Decode attention of one layer, full vs wave, on synthetic KV (Llama-3-8B layer shape by
+    /// default), with bytes read per step against the measured memory bandwidth.
+    Attention {
+        /// Context lengths, comma-separated.
+        #[arg(long, default_value = "8192,32768,131072", value_delimiter = ',')]
+        contexts: Vec<usize>,
+        #[arg(long, default_value_t = 32)]
+        heads: usize,
+        #[arg(long, default_value_t = 8)]
+        kv_heads: usize,
+        #[arg(long, default_value_t = 128)]
+        head_dim: usize,
+        /// Timed steps per (context, mode); the median is reported.
+        #[arg(long, default_value_t = 15)]
+        runs: usize,
+        /// TOML file of wave-index parameters (published defaults otherwise).
+        #[arg(long)]
+        wave_config: Option<PathBuf>,
+        /// JSON-lines file to append to (default bench/results/attention-cpu.jsonl).
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -100,6 +125,31 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
+        BenchCommand::Attention {
+            contexts,
+            heads,
+            kv_heads,
+            head_dim,
+            runs,
+            wave_config,
+            out,
+        } => {
+            if kv_heads == 0 || heads % kv_heads != 0 || head_dim == 0 {
+                anyhow::bail!(
+                    "--heads must be a multiple of --kv-heads, and both and --head-dim non-zero"
+                );
+            }
+            let wave = match load::attention_mode("wave", wave_config.as_deref())? {
+                retrowave_core::AttentionMode::Wave(c) => c,
+                retrowave_core::AttentionMode::Full => retrowave_core::WaveConfig::published(),
+            };
+            let layout = retrowave_core::HeadLayout {
+                n_heads: heads,
+                n_kv_heads: kv_heads,
+                head_dim,
+            };
+            crate::attnbench::run(&contexts, layout, runs, &wave, out)
+        }
         BenchCommand::Generate {
             model,
             contexts,
@@ -107,6 +157,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             runs,
             tp,
             prefill_chunk,
+            attention,
             out,
         } => {
             let loaded = load::open(&model)?;
@@ -114,6 +165,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let mut engine = load::engine(
                 &loaded,
                 load::EngineOptions {
+                    attention: load::attention_mode(&attention, None)?,
                     tp,
                     max_context: max_ctx,
                     prefill_chunk,
@@ -129,7 +181,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let tok = engine.tokenizer().clone();
             for &n in &contexts {
                 let prompt = essay_prompt(&tok, n)?;
-                let (mut pre, mut dec) = (Vec::new(), Vec::new());
+                let (mut pre, mut dec, mut build) = (Vec::new(), Vec::new(), Vec::new());
                 for run in 0..runs.max(1) {
                     let params = SamplingParams {
                         max_tokens: decode_tokens + 1,
@@ -156,19 +208,24 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                     );
                     pre.push(p);
                     dec.push(d);
+                    build.push(usage.wave.map_or(0.0, |w| w.build_seconds));
                 }
                 let ts = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
                 let mut f = std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(&out)?;
-                for (metric, v) in [
-                    ("prefill_tokens_per_s", median(pre)),
-                    ("decode_tokens_per_s", median(dec)),
-                ] {
+                let mut metrics = vec![
+                    ("prefill_tokens_per_s", median(pre), "tokens/s"),
+                    ("decode_tokens_per_s", median(dec), "tokens/s"),
+                ];
+                if attention == "wave" {
+                    metrics.push(("index_build_seconds", median(build), "s"));
+                }
+                for (metric, v, unit) in metrics {
                     let rec = json!({
                         "bench": "generate", "engine": "retrowave", "metric": metric, "value": v,
-                        "unit": "tokens/s", "device": device, "model": model, "context": n,
+                        "unit": unit, "attention": attention, "device": device, "model": model, "context": n,
                         "decode_tokens": decode_tokens, "runs": runs, "tp": tp, "commit": commit, "timestamp": ts,
                     });
                     writeln!(f, "{rec}")?;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use retrowave_core::{AttentionMode, WaveConfig};
 use retrowave_cpu::CpuBackend;
 use retrowave_engine::{Engine, EngineConfig, SchedulerConfig, WorkerGroup};
 use retrowave_model::arch::{self, ModelConfig, ModelSource};
@@ -65,9 +66,28 @@ pub fn open_path(path: &Path) -> Result<LoadedModel> {
     })
 }
 
+/// The attention mode named `name` (`full` or `wave`), with wave parameters from a TOML file.
+pub fn attention_mode(name: &str, wave_config: Option<&Path>) -> Result<AttentionMode> {
+    let mode = AttentionMode::parse(name).map_err(anyhow::Error::msg)?;
+    match (mode, wave_config) {
+        (AttentionMode::Wave(_), Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read wave config {}", path.display()))?;
+            let cfg: WaveConfig = toml::from_str(&text)
+                .with_context(|| format!("invalid wave config {}", path.display()))?;
+            cfg.validate()
+                .with_context(|| format!("invalid wave config {}", path.display()))?;
+            Ok(AttentionMode::Wave(cfg))
+        }
+        (mode, _) => Ok(mode),
+    }
+}
+
 /// Engine options from the command line.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EngineOptions {
+    /// Exact attention or the wave index.
+    pub attention: AttentionMode,
     /// Tensor-parallel degree (workers).
     pub tp: usize,
     /// Context limit; 0 = the model's.
@@ -107,6 +127,7 @@ pub fn engine(model: &LoadedModel, opts: EngineOptions) -> Result<Engine<CpuBack
             max_seqs: 32,
         },
         max_context,
+        attention: opts.attention.clone(),
     };
     Ok(Engine::new(group, model.tokenizer.clone(), cfg))
 }

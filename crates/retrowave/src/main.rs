@@ -1,9 +1,12 @@
 //! The `retrowave` command: fetch models, generate text, run benchmarks.
 
+mod attnbench;
 mod bench;
+mod eval;
 mod load;
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -42,6 +45,8 @@ enum Command {
     },
     /// Generate text from a prompt, streaming tokens to stdout.
     Generate(GenerateArgs),
+    /// Accuracy of full vs wave attention on long-context tasks (or cases from a file).
+    Eval(eval::cli::EvalArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -63,15 +68,23 @@ struct ModelArgs {
     /// Prompt tokens per prefill step.
     #[arg(long, default_value_t = 512)]
     prefill_chunk: usize,
+    /// Decode attention: `full` (exact) or `wave` (the wave index, built after each prefill).
+    #[arg(long, default_value = "full")]
+    attention: String,
+    /// TOML file of wave-index parameters (any subset of them; the rest keep the published
+    /// defaults). Implies nothing unless `--attention wave`.
+    #[arg(long)]
+    wave_config: Option<PathBuf>,
 }
 
 impl ModelArgs {
-    fn engine_options(&self) -> load::EngineOptions {
-        load::EngineOptions {
+    fn engine_options(&self) -> anyhow::Result<load::EngineOptions> {
+        Ok(load::EngineOptions {
+            attention: load::attention_mode(&self.attention, self.wave_config.as_deref())?,
             tp: self.tp,
             max_context: self.max_context,
             prefill_chunk: self.prefill_chunk,
-        }
+        })
     }
 }
 
@@ -124,6 +137,7 @@ fn main() {
             force,
         } => fetch(name, list, print_path, force),
         Command::Generate(args) => generate(args),
+        Command::Eval(args) => eval::cli::run(args),
         Command::Bench { which } => bench::run(which),
     };
     if let Err(e) = result {
@@ -179,7 +193,7 @@ fn fetch(name: Option<String>, list: bool, print_path: bool, force: bool) -> Res
 
 fn generate(args: GenerateArgs) -> Result<()> {
     let model = load::open(&args.model.model)?;
-    let mut engine = load::engine(&model, args.model.engine_options())?;
+    let mut engine = load::engine(&model, args.model.engine_options()?)?;
     let tok = engine.tokenizer().clone();
     let prompt_ids = if args.chat {
         let template = tok

@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""Summarise `retrowave eval` records: mean score per (task, length, attention) over the case
+records (all runs in the file), the gap to full attention, and per-attention fidelity means.
+
+usage: python3 bench/eval_summary.py bench/results/eval-smollm2-135m.jsonl [...]
+"""
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+for path in sys.argv[1:]:
+    rows = [json.loads(l) for l in open(path) if l.strip()]
+    cases = [r for r in rows if r.get("kind") == "case"]
+    modes = sorted({r["attention"] for r in cases}, key=lambda m: (m != "full", m))
+    cells = defaultdict(list)
+    for r in cases:
+        cells[(r["task"], r["length"], r["attention"])].append(r["score"])
+    print(f"## {path}")
+    print("| task | length | cases | " + " | ".join(modes) + " | " +
+          " | ".join(f"{m} - full" for m in modes if m != "full") + " |")
+    print("|" + " --- |" * (3 + 2 * len(modes) - 1))
+    for task, length in sorted({(t, l) for t, l, _ in cells}):
+        means = {m: statistics.mean(cells[(task, length, m)]) for m in modes if cells.get((task, length, m))}
+        n = len(cells[(task, length, modes[0])])
+        gaps = [f"{means[m] - means['full']:+.1f}" for m in modes if m != "full" and m in means and "full" in means]
+        print(f"| {task} | {length} | {n} | " + " | ".join(f"{means.get(m, float('nan')):.1f}" for m in modes)
+              + " | " + " | ".join(gaps) + " |")
+    shares = defaultdict(list)
+    for r in cases:
+        if r.get("exact_share") is not None:
+            shares[(r["attention"], r["length"])].append((r["exact_share"], r["estimated_share"]))
+    for (m, length), v in sorted(shares.items()):
+        print(f"{m} @ {length}: exact share {statistics.mean(x for x, _ in v):.3f}, "
+              f"estimated share {statistics.mean(y for _, y in v):.3f}")
+    fid = defaultdict(list)
+    for r in rows:
+        if r.get("kind") == "fidelity":
+            fid[r["attention"]].append(r)
+    for m, v in fid.items():
+        worst = min(v, key=lambda r: r["mass_all"])
+        print(f"fidelity {m}: rel_l2 {statistics.mean(r['rel_l2'] for r in v):.4f}, "
+              f"mass exact {statistics.mean(r['mass_exact'] for r in v):.4f}, "
+              f"mass all {statistics.mean(r['mass_all'] for r in v):.4f}, "
+              f"worst head layer {worst['layer']} head {worst['q_head']} ({worst['mass_all']:.3f}) "
+              f"over {len(v)} head records")
+    print()
