@@ -3,7 +3,7 @@
 //!
 //! The decisions come from `retrowave-index` (clustering, budgets, zone plans); this module
 //! executes them fast. Per (sequence, KV head) of a decode step: score every cluster for the
-//! GQA group from f16 centroids (softmax per query head, summed over the group), plan the zones,
+//! GQA group from int8 centroids (softmax per query head, summed over the group), plan the zones,
 //! run one online softmax over the steady zone (read from the exact cache) and the retrieval
 //! clusters (read from the cluster store), and fold the estimation clusters into the same state
 //! with the estimation formula (`exp(q.c_i) * VS_i` over `|C_i| exp(q.c_i)`), which is exactly the
@@ -23,12 +23,15 @@ use crate::attention::CpuKv;
 use crate::simd;
 use crate::store::HostClusterStore;
 
-/// The index of one (layer, KV head) with its f16 centroids for scoring.
+/// The index of one (layer, KV head) with its int8 centroids for scoring.
 #[derive(Debug, Clone)]
 struct WaveHead {
     index: ClusterIndex,
-    /// `[clusters, head_dim]`, the index's centroids rounded to f16.
-    centroids: Vec<f16>,
+    /// `[clusters, head_dim]`: the index's centroids as int8 codes, one scale per centroid, for
+    /// scoring (a quarter of the bytes of f32 centroids; ranking and the estimation logits need
+    /// no more precision than that).
+    codes: Vec<i8>,
+    code_scales: Vec<f32>,
     /// `ln |C_i|` (`-inf` for empty clusters), for ranking by estimated mass.
     ln_sizes: Vec<f32>,
 }
@@ -37,7 +40,8 @@ impl WaveHead {
     fn new(index: ClusterIndex) -> Self {
         let mut head = WaveHead {
             index,
-            centroids: Vec::new(),
+            codes: Vec::new(),
+            code_scales: Vec::new(),
             ln_sizes: Vec::new(),
         };
         head.refresh();
@@ -46,15 +50,105 @@ impl WaveHead {
 
     /// Recomputes the derived arrays after the index changed.
     fn refresh(&mut self) {
-        self.centroids
-            .resize(self.index.centroids().len(), f16::ZERO);
-        simd::f32_to_f16(self.index.centroids(), &mut self.centroids);
+        let hd = self.index.dims().key_dim;
+        let centroids = self.index.centroids();
+        self.codes = vec![0; centroids.len()];
+        self.code_scales = vec![0.0; centroids.len() / hd.max(1)];
+        for ((row, codes), scale) in centroids
+            .chunks_exact(hd)
+            .zip(self.codes.chunks_exact_mut(hd))
+            .zip(self.code_scales.iter_mut())
+        {
+            let amax = row.iter().fold(0f32, |m, &x| m.max(x.abs()));
+            if amax > 0.0 && amax.is_finite() {
+                *scale = amax / 127.0;
+                let inv = 127.0 / amax;
+                for (c, &x) in codes.iter_mut().zip(row) {
+                    *c = (x * inv).round().clamp(-127.0, 127.0) as i8;
+                }
+            }
+        }
         self.ln_sizes = self
             .index
             .sizes()
             .iter()
             .map(|&s| (s as f32).ln())
             .collect();
+    }
+}
+
+/// `out[g * n + c] = (q_g . code_c) * code_scale_c * scale` for every non-empty cluster `c`
+/// (`-inf` for empty ones); `qs` is `[group, hd]`.
+fn centroid_logits(head: &WaveHead, qs: &[f32], group: usize, hd: usize, scale: f32) -> Vec<f32> {
+    let n = head.index.n_clusters();
+    let sizes = head.index.sizes();
+    let mut out = vec![f32::NEG_INFINITY; group * n];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if hd % 8 == 0 && crate::decode_kernel::has_avx2_f16c() {
+            // SAFETY: AVX2 and FMA were detected; slices are checked by the loops' bounds.
+            unsafe { centroid_logits_avx2(head, qs, group, hd, scale, &mut out) };
+            return out;
+        }
+    }
+    let mut row = vec![0f32; hd];
+    for (c, codes) in head.codes.chunks_exact(hd).enumerate() {
+        if sizes[c] == 0 {
+            continue;
+        }
+        for (r, &x) in row.iter_mut().zip(codes) {
+            *r = f32::from(x);
+        }
+        let k = head.code_scales[c] * scale;
+        for g in 0..group {
+            out[g * n + c] = simd::dot_f32(&qs[g * hd..(g + 1) * hd], &row) * k;
+        }
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn centroid_logits_avx2(
+    head: &WaveHead,
+    qs: &[f32],
+    group: usize,
+    hd: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let n = head.index.n_clusters();
+    let sizes = head.index.sizes();
+    assert!(head.codes.len() >= n * hd && qs.len() >= group * hd && out.len() >= group * n);
+    // SAFETY: every pointer offset stays inside the slices checked above.
+    unsafe {
+        for g0 in (0..group).step_by(8) {
+            let gn = (group - g0).min(8);
+            for c in 0..n {
+                if sizes[c] == 0 {
+                    continue;
+                }
+                let mut acc = [_mm256_setzero_ps(); 8];
+                let codes = head.codes.as_ptr().add(c * hd);
+                for k in (0..hd).step_by(8) {
+                    let raw = _mm_loadl_epi64(codes.add(k) as *const __m128i);
+                    let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+                    for (g, a) in acc.iter_mut().enumerate().take(gn) {
+                        let q = _mm256_loadu_ps(qs.as_ptr().add((g0 + g) * hd + k));
+                        *a = _mm256_fmadd_ps(q, v, *a);
+                    }
+                }
+                let kscale = head.code_scales[c] * scale;
+                for (g, a) in acc.iter().enumerate().take(gn) {
+                    let hi = _mm256_extractf128_ps(*a, 1);
+                    let s4 = _mm_add_ps(_mm256_castps256_ps128(*a), hi);
+                    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+                    let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+                    out[(g0 + g) * n + c] = _mm_cvtss_f32(s1) * kscale;
+                }
+            }
+        }
     }
 }
 
@@ -123,7 +217,7 @@ impl WaveKv {
                 .heads
                 .iter()
                 .map(|h| {
-                    h.centroids.len() * 2
+                    h.codes.len()
                         + (h.index.centroids().len() + h.index.value_sums().len()) * 4
                         + h.index.all_members().len() * 4
                 })
@@ -365,17 +459,7 @@ fn score(
 ) -> (Vec<f32>, Vec<f32>) {
     let n = head.index.n_clusters();
     let sizes = head.index.sizes();
-    let mut logits = vec![f32::NEG_INFINITY; group * n];
-    let mut row = vec![0f32; hd];
-    for (c, centroid) in head.centroids.chunks_exact(hd).enumerate() {
-        if sizes[c] == 0 {
-            continue;
-        }
-        simd::f16_to_f32(centroid, &mut row);
-        for g in 0..group {
-            logits[g * n + c] = simd::dot_f32(&qs[g * hd..(g + 1) * hd], &row) * scale;
-        }
-    }
+    let logits = centroid_logits(head, qs, group, hd, scale);
     let mut scores = vec![0f32; n];
     let mut e = vec![0f32; n];
     for g in 0..group {
@@ -487,8 +571,8 @@ pub fn decode(
             stats.retrieval_clusters = plan.retrieval.len() as u64;
             stats.estimation_clusters = plan.estimation.len() as u64;
             stats.estimated_tokens = sizes.iter().map(|&s| s as u64).sum();
-            stats.bytes_read = (head.centroids.len() * 2
-                + n * 4
+            stats.bytes_read = (head.codes.len()
+                + n * 4 * 2
                 + stats.exact_tokens as usize * hd * 4
                 + plan.estimation.len() * hd * 4) as u64;
             let probe = if wave.probe.is_some() {
@@ -767,5 +851,40 @@ mod tests {
         // Rewinding into the indexed range drops the index; the exact cache still serves.
         kv.truncate(100);
         assert!(!kv.has_wave());
+    }
+
+    #[test]
+    fn int8_centroid_logits_follow_the_exact_ones() {
+        let kv = filled(2000);
+        let wave = build(&kv, &WaveConfig::published()).unwrap();
+        let hd = HEADS.head_dim;
+        let group = HEADS.group();
+        let q = query(4);
+        let index = wave.index(0, 1, HEADS.n_kv_heads).unwrap();
+        let head = WaveHead::new(index.clone());
+        let qs = &q[group * hd..2 * group * hd];
+        let got = centroid_logits(&head, qs, group, hd, 0.5);
+        let n = index.n_clusters();
+        let mut worst = 0f64;
+        let mut span = 0f64;
+        for c in 0..n {
+            let cen = index.centroid(c).unwrap();
+            for g in 0..group {
+                let want: f64 = qs[g * hd..(g + 1) * hd]
+                    .iter()
+                    .zip(cen)
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                    .sum::<f64>()
+                    * 0.5;
+                let x = f64::from(got[g * n + c]);
+                if index.sizes()[c] == 0 {
+                    assert_eq!(x, f64::NEG_INFINITY);
+                    continue;
+                }
+                worst = worst.max((x - want).abs());
+                span = span.max(want.abs());
+            }
+        }
+        assert!(span > 1.0 && worst < 0.01 * span, "worst {worst} of {span}");
     }
 }

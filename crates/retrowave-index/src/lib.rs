@@ -33,4 +33,6 @@ pub use fidelity::{Fidelity, fidelity};
 pub use index::{ClusterIndex, IndexError};
 pub use kmeans::{Clustering, Segment, kmeans, kmeans_segments, segments};
 pub use kv::{HeadDims, KvView, ShapeError};
-pub use zones::{Zone, ZonePlan, plan_zones, plan_zones_with_budgets, score_clusters, score_clusters_cfg};
+pub use zones::{
+    Zone, ZonePlan, plan_zones, plan_zones_with_budgets, score_clusters, score_clusters_cfg,
+};
