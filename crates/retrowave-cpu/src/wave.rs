@@ -34,6 +34,8 @@ struct WaveHead {
     code_scales: Vec<f32>,
     /// `ln |C_i|` (`-inf` for empty clusters), for ranking by estimated mass.
     ln_sizes: Vec<f32>,
+    /// `[clusters, head_dim]`: mean values `value_sum / |C_i|` in f16 for the estimation zone.
+    value_means: Vec<f16>,
 }
 
 impl WaveHead {
@@ -43,6 +45,7 @@ impl WaveHead {
             codes: Vec::new(),
             code_scales: Vec::new(),
             ln_sizes: Vec::new(),
+            value_means: Vec::new(),
         };
         head.refresh();
         head
@@ -74,6 +77,22 @@ impl WaveHead {
             .iter()
             .map(|&s| (s as f32).ln())
             .collect();
+        let dv = self.index.dims().value_dim;
+        self.value_means = vec![f16::ZERO; self.index.value_sums().len()];
+        for ((sum, mean), &size) in self
+            .index
+            .value_sums()
+            .chunks_exact(dv)
+            .zip(self.value_means.chunks_exact_mut(dv))
+            .zip(self.index.sizes())
+        {
+            if size > 0 {
+                let inv = 1.0 / size as f32;
+                for (m, &x) in mean.iter_mut().zip(sum) {
+                    *m = f16::from_f32(x * inv);
+                }
+            }
+        }
     }
 }
 
@@ -218,6 +237,7 @@ impl WaveKv {
                 .iter()
                 .map(|h| {
                     h.codes.len()
+                        + h.value_means.len() * 2
                         + (h.index.centroids().len() + h.index.value_sums().len()) * 4
                         + h.index.all_members().len() * 4
                 })
@@ -403,27 +423,61 @@ impl Online {
         );
     }
 
-    /// Folds in estimation clusters for head `g`: `logits` are `q . c_i * scale`.
-    fn estimate(&mut self, g: usize, logits: &[f32], sizes: &[f32], value_sums: &[&[f32]]) {
-        let hd = self.hd;
-        let tmax = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        if tmax == f32::NEG_INFINITY {
+    /// Folds in the estimation clusters: `logits` is `[group, e]` (`q . c_i * scale` per query
+    /// head), `sizes` their sizes and `means` their mean values (`value_sum / size`, f16). Each
+    /// cluster's mean is read once for the whole group.
+    fn estimate(&mut self, logits: &[f32], sizes: &[f32], means: &[&[f16]]) {
+        let (hd, group, e) = (self.hd, self.group, sizes.len());
+        if e == 0 {
             return;
         }
-        let m_new = self.m[g].max(tmax);
-        let corr = simd::exp_approx(self.m[g] - m_new);
-        let acc = &mut self.acc[g * hd..(g + 1) * hd];
-        if corr != 1.0 {
-            acc.iter_mut().for_each(|a| *a *= corr);
+        let mut lsum = [0f32; crate::decode_kernel::MAX_GROUP];
+        let mut w = vec![0f32; group * e];
+        for g in 0..group {
+            let lg = &logits[g * e..(g + 1) * e];
+            let tmax = lg.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mn = self.m[g].max(tmax);
+            if mn == f32::NEG_INFINITY {
+                continue;
+            }
+            let corr = simd::exp_approx(self.m[g] - mn);
+            if corr != 1.0 {
+                self.acc[g * hd..(g + 1) * hd]
+                    .iter_mut()
+                    .for_each(|a| *a *= corr);
+            }
+            self.l[g] *= corr;
+            self.m[g] = mn;
+            let wg = &mut w[g * e..(g + 1) * e];
+            for (x, &l) in wg.iter_mut().zip(lg) {
+                *x = l - mn;
+            }
+            simd::exp_inplace(wg);
+            // weight of the cluster's |C_i| copies: size * w; the mean value carries size.
+            for (x, &size) in wg.iter_mut().zip(sizes) {
+                *x *= size;
+            }
+            lsum[g % crate::decode_kernel::MAX_GROUP] = wg.iter().sum();
         }
-        let mut lsum = 0f32;
-        for ((&logit, &size), vs) in logits.iter().zip(sizes).zip(value_sums) {
-            let w = simd::exp_approx(logit - m_new);
-            lsum += size * w;
-            simd::axpy(acc, w, vs);
+        let mut row = vec![0f32; hd];
+        for (i, mean) in means.iter().enumerate() {
+            simd::f16_to_f32(mean, &mut row);
+            for g in 0..group {
+                let wgi = w[g * e + i];
+                if wgi != 0.0 {
+                    simd::axpy(&mut self.acc[g * hd..(g + 1) * hd], wgi, &row);
+                }
+            }
         }
-        self.l[g] = self.l[g] * corr + lsum;
-        self.m[g] = m_new;
+        for g in 0..group {
+            if self.m[g] != f32::NEG_INFINITY {
+                self.l[g] += if group <= crate::decode_kernel::MAX_GROUP {
+                    lsum[g]
+                } else {
+                    w[g * e..(g + 1) * e].iter().sum()
+                };
+            }
+        }
     }
 
     fn finish(mut self) -> Vec<f32> {
@@ -556,25 +610,26 @@ pub fn decode(
                 .iter()
                 .map(|&c| head.index.sizes()[c as usize] as f32)
                 .collect();
-            let vsums: Vec<&[f32]> = plan
+            let means: Vec<&[f16]> = plan
                 .estimation
                 .iter()
-                .map(|&c| head.index.value_sum(c as usize).unwrap_or_default())
+                .map(|&c| &head.value_means[c as usize * hd..(c as usize + 1) * hd])
                 .collect();
-            let mut lg = vec![0f32; plan.estimation.len()];
+            let e = plan.estimation.len();
+            let mut lg = vec![0f32; group * e];
             for g in 0..group {
-                for (x, &c) in lg.iter_mut().zip(&plan.estimation) {
+                for (x, &c) in lg[g * e..(g + 1) * e].iter_mut().zip(&plan.estimation) {
                     *x = logits[g * n + c as usize];
                 }
-                st.estimate(g, &lg, &sizes, &vsums);
             }
+            st.estimate(&lg, &sizes, &means);
             stats.retrieval_clusters = plan.retrieval.len() as u64;
             stats.estimation_clusters = plan.estimation.len() as u64;
             stats.estimated_tokens = sizes.iter().map(|&s| s as u64).sum();
             stats.bytes_read = (head.codes.len()
                 + n * 4 * 2
                 + stats.exact_tokens as usize * hd * 4
-                + plan.estimation.len() * hd * 4) as u64;
+                + plan.estimation.len() * hd * 2) as u64;
             let probe = if wave.probe.is_some() {
                 probe_head(kv, layer, h, head, &plan, qs, group, s.start_pos, scale)?
             } else {
