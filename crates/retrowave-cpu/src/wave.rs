@@ -98,16 +98,24 @@ impl WaveHead {
 
 /// `out[g * n + c] = (q_g . code_c) * code_scale_c * scale` for every non-empty cluster `c`
 /// (`-inf` for empty ones); `qs` is `[group, hd]`.
-fn centroid_logits(head: &WaveHead, qs: &[f32], group: usize, hd: usize, scale: f32) -> Vec<f32> {
+fn centroid_logits(
+    head: &WaveHead,
+    qs: &[f32],
+    group: usize,
+    hd: usize,
+    scale: f32,
+    out: &mut Vec<f32>,
+) {
     let n = head.index.n_clusters();
     let sizes = head.index.sizes();
-    let mut out = vec![f32::NEG_INFINITY; group * n];
+    out.clear();
+    out.resize(group * n, f32::NEG_INFINITY);
     #[cfg(target_arch = "x86_64")]
     {
         if hd % 8 == 0 && crate::decode_kernel::has_avx2_f16c() {
             // SAFETY: AVX2 and FMA were detected; slices are checked by the loops' bounds.
-            unsafe { centroid_logits_avx2(head, qs, group, hd, scale, &mut out) };
-            return out;
+            unsafe { centroid_logits_avx2(head, qs, group, hd, scale, out) };
+            return;
         }
     }
     let mut row = vec![0f32; hd];
@@ -123,7 +131,6 @@ fn centroid_logits(head: &WaveHead, qs: &[f32], group: usize, hd: usize, scale: 
             out[g * n + c] = simd::dot_f32(&qs[g * hd..(g + 1) * hd], &row) * k;
         }
     }
-    out
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -503,6 +510,21 @@ struct UnitOut {
 }
 
 /// Per-cluster scores of a GQA group and the per-head logits (`[group, clusters]`).
+/// Per-step buffers of a decode unit, kept per thread: the logits of a long context are large
+/// enough that a fresh allocation each step would be mapped and zeroed by the kernel every time.
+#[derive(Default)]
+struct Scratch {
+    logits: Vec<f32>,
+    scores: Vec<f32>,
+    e: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Scratch> = std::cell::Cell::new(Scratch::default());
+}
+
+/// Per-cluster scores of a GQA group into `s.scores` and the per-head logits (`[group,
+/// clusters]`) into `s.logits`.
 fn score(
     head: &WaveHead,
     qs: &[f32],
@@ -510,12 +532,16 @@ fn score(
     hd: usize,
     scale: f32,
     by_size: bool,
-) -> (Vec<f32>, Vec<f32>) {
+    s: &mut Scratch,
+) {
     let n = head.index.n_clusters();
     let sizes = head.index.sizes();
-    let logits = centroid_logits(head, qs, group, hd, scale);
-    let mut scores = vec![0f32; n];
-    let mut e = vec![0f32; n];
+    centroid_logits(head, qs, group, hd, scale, &mut s.logits);
+    let (logits, scores, e) = (&s.logits, &mut s.scores, &mut s.e);
+    scores.clear();
+    scores.resize(n, 0.0);
+    e.clear();
+    e.resize(n, 0.0);
     for g in 0..group {
         let lg = &logits[g * n..(g + 1) * n];
         let max = lg.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -536,17 +562,16 @@ fn score(
                 *ev = x - max;
             }
         }
-        simd::exp_inplace(&mut e);
+        simd::exp_inplace(e);
         let z: f32 = e.iter().sum();
         let inv = 1.0 / z;
-        simd::axpy(&mut scores, inv, &e);
+        simd::axpy(scores, inv, e);
     }
     for (s, &size) in scores.iter_mut().zip(sizes) {
         if size == 0 {
             *s = f32::NEG_INFINITY;
         }
     }
-    (scores, logits)
 }
 
 /// Wave decode attention of the single query row of each sequence in `batch` (whose caches all
@@ -578,9 +603,19 @@ pub fn decode(
             let n_tokens = kv.layer_len(layer);
             let qrow = &q[s.row * nq * hd..(s.row + 1) * nq * hd];
             let qs = &qrow[h * group * hd..(h + 1) * group * hd];
-            let (scores, logits) = score(head, qs, group, hd, scale, wave.cfg.rank_by_size);
-            let budgets = head.index.step_budgets(&wave.cfg, &scores);
-            let plan = plan_zones_with_budgets(&head.index, &scores, budgets, n_tokens)
+            let mut scratch = SCRATCH.take();
+            score(
+                head,
+                qs,
+                group,
+                hd,
+                scale,
+                wave.cfg.rank_by_size,
+                &mut scratch,
+            );
+            let (scores, logits) = (&scratch.scores, &scratch.logits);
+            let budgets = head.index.step_budgets(&wave.cfg, scores);
+            let plan = plan_zones_with_budgets(&head.index, scores, budgets, n_tokens)
                 .map_err(index_err)?;
             let mut st = Online::new(group, hd);
             let (keys, values) = kv.head_keys(layer, h);
@@ -630,6 +665,7 @@ pub fn decode(
                 + n * 4 * 2
                 + stats.exact_tokens as usize * hd * 4
                 + plan.estimation.len() * hd * 2) as u64;
+            SCRATCH.set(scratch);
             let probe = if wave.probe.is_some() {
                 probe_head(kv, layer, h, head, &plan, qs, group, s.start_pos, scale)?
             } else {
@@ -827,8 +863,9 @@ mod tests {
             let scores = retrowave_index::score_clusters(index, qs, scale).unwrap();
             let reference = retrowave_index::plan_zones(index, &scores, &cfg, n).unwrap();
             let fast_head = WaveHead::new(index.clone());
-            let (fast, _) = score(&fast_head, qs, group, hd, scale, false);
-            let plan = retrowave_index::plan_zones(index, &fast, &cfg, n).unwrap();
+            let mut scratch = Scratch::default();
+            score(&fast_head, qs, group, hd, scale, false, &mut scratch);
+            let plan = retrowave_index::plan_zones(index, &scratch.scores, &cfg, n).unwrap();
             let same = plan
                 .retrieval
                 .iter()
@@ -918,7 +955,8 @@ mod tests {
         let index = wave.index(0, 1, HEADS.n_kv_heads).unwrap();
         let head = WaveHead::new(index.clone());
         let qs = &q[group * hd..2 * group * hd];
-        let got = centroid_logits(&head, qs, group, hd, 0.5);
+        let mut got = Vec::new();
+        centroid_logits(&head, qs, group, hd, 0.5, &mut got);
         let n = index.n_clusters();
         let mut worst = 0f64;
         let mut span = 0f64;
