@@ -107,15 +107,9 @@ pub fn cpu_device() -> String {
     format!("{name}, {} threads", rayon::current_num_threads())
 }
 
-/// Short hash of the checked-out commit, or "unknown".
+/// The commit the binary was built from (`-dirty` if the tree had uncommitted changes).
 pub fn commit() -> String {
-    std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
+    env!("RETROWAVE_BUILD_COMMIT").to_string()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
