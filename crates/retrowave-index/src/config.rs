@@ -295,7 +295,16 @@ mod tests {
     #[test]
     fn published_defaults() {
         let c = WaveConfig::published();
-        assert_eq!(c, WaveConfig::default());
+        // The default differs from the published parameters only in the retrieval budget.
+        assert_eq!(
+            WaveConfig {
+                min_retrieval_clusters: 0,
+                retrieval_mass: 0.0,
+                max_retrieval_fraction: 0.0,
+                ..WaveConfig::default()
+            },
+            c
+        );
         assert_eq!((c.sink_tokens, c.window_tokens), (4, 64));
         assert_eq!((c.segment_tokens, c.avg_cluster_size), (8192, 16));
         assert_eq!(c.kmeans_iterations, 9);
