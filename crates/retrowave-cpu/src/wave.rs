@@ -112,7 +112,7 @@ fn centroid_logits(
     out.resize(group * n, f32::NEG_INFINITY);
     #[cfg(target_arch = "x86_64")]
     {
-        if hd % 8 == 0 && crate::decode_kernel::has_avx2_f16c() {
+        if hd.is_multiple_of(8) && crate::decode_kernel::has_avx2_f16c() {
             // SAFETY: AVX2 and FMA were detected; slices are checked by the loops' bounds.
             unsafe { centroid_logits_avx2(head, qs, group, hd, scale, out) };
             return;
