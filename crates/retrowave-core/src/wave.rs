@@ -156,6 +156,21 @@ pub struct WaveStats {
     pub bytes_read: u64,
 }
 
+impl WaveStats {
+    /// Adds the per-step counters of `other` (head steps, tokens, clusters, bytes); the index
+    /// figures and the build time are left as they are.
+    pub fn add_counters(&mut self, other: &WaveStats) {
+        self.head_steps += other.head_steps;
+        self.exact_tokens += other.exact_tokens;
+        self.steady_tokens += other.steady_tokens;
+        self.retrieval_clusters += other.retrieval_clusters;
+        self.estimation_clusters += other.estimation_clusters;
+        self.estimated_tokens += other.estimated_tokens;
+        self.context_tokens += other.context_tokens;
+        self.bytes_read += other.bytes_read;
+    }
+}
+
 /// Fidelity of wave attention for one query head at one decode step.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FidelitySample {

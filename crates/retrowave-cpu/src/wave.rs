@@ -20,6 +20,7 @@ use retrowave_core::{
 use retrowave_index::{ClusterIndex, HeadDims, KvView, ZonePlan, plan_zones_with_budgets};
 
 use crate::attention::CpuKv;
+use crate::decode_kernel::GroupState;
 use crate::simd;
 use crate::store::HostClusterStore;
 
@@ -213,7 +214,7 @@ impl WaveKv {
 
     /// Adds one decode step's counters and fidelity samples.
     pub fn record(&mut self, stats: &WaveStats, probe: Vec<FidelitySample>) {
-        add_stats(&mut self.stats, stats);
+        self.stats.add_counters(stats);
         if let Some(p) = self.probe.as_mut() {
             p.extend(probe);
         }
@@ -397,106 +398,51 @@ fn update_layer(kv: &CpuKv, wave: &mut WaveKv, layer: usize) -> Result<(), Backe
     Ok(())
 }
 
-/// Online-softmax state of one GQA group.
-struct Online {
-    group: usize,
-    hd: usize,
-    m: Vec<f32>,
-    l: Vec<f32>,
-    acc: Vec<f32>,
-}
-
-impl Online {
-    fn new(group: usize, hd: usize) -> Self {
-        Online {
-            group,
-            hd,
-            m: vec![f32::NEG_INFINITY; group],
-            l: vec![0.0; group],
-            acc: vec![0.0; group * hd],
-        }
+/// Folds the estimation clusters into `st`: `logits` is `[group, e]` (`q . c_i * scale` per query
+/// head), `sizes` their sizes and `means` their mean values (`value_sum / size`, f16). Each
+/// cluster's mean is read once for the whole group.
+fn estimate(st: &mut GroupState, logits: &[f32], sizes: &[f32], means: &[&[f16]]) {
+    let group = st.m.len();
+    let (hd, e) = (st.acc.len() / group.max(1), sizes.len());
+    if e == 0 {
+        return;
     }
-
-    /// Attends the group's queries `qs` (`[group, hd]`) to `keys`/`values` (`[n, hd]`, f16).
-    fn rows(&mut self, qs: &[f32], keys: &[f16], values: &[f16], scale: f32) {
-        crate::decode_kernel::attend_group(
-            qs,
-            keys,
-            values,
-            scale,
-            &mut self.m,
-            &mut self.l,
-            &mut self.acc,
-        );
-    }
-
-    /// Folds in the estimation clusters: `logits` is `[group, e]` (`q . c_i * scale` per query
-    /// head), `sizes` their sizes and `means` their mean values (`value_sum / size`, f16). Each
-    /// cluster's mean is read once for the whole group.
-    fn estimate(&mut self, logits: &[f32], sizes: &[f32], means: &[&[f16]]) {
-        let (hd, group, e) = (self.hd, self.group, sizes.len());
-        if e == 0 {
-            return;
+    let mut w = vec![0f32; group * e];
+    for g in 0..group {
+        let lg = &logits[g * e..(g + 1) * e];
+        let tmax = lg.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mn = st.m[g].max(tmax);
+        if mn == f32::NEG_INFINITY {
+            continue;
         }
-        let mut lsum = [0f32; crate::decode_kernel::MAX_GROUP];
-        let mut w = vec![0f32; group * e];
+        let corr = simd::exp_approx(st.m[g] - mn);
+        if corr != 1.0 {
+            st.acc[g * hd..(g + 1) * hd]
+                .iter_mut()
+                .for_each(|a| *a *= corr);
+        }
+        st.l[g] *= corr;
+        st.m[g] = mn;
+        let wg = &mut w[g * e..(g + 1) * e];
+        for (x, &l) in wg.iter_mut().zip(lg) {
+            *x = l - mn;
+        }
+        simd::exp_inplace(wg);
+        // weight of the cluster's |C_i| copies: size * w; the mean value carries size.
+        for (x, &size) in wg.iter_mut().zip(sizes) {
+            *x *= size;
+        }
+        st.l[g] += wg.iter().sum::<f32>();
+    }
+    let mut row = vec![0f32; hd];
+    for (i, mean) in means.iter().enumerate() {
+        simd::f16_to_f32(mean, &mut row);
         for g in 0..group {
-            let lg = &logits[g * e..(g + 1) * e];
-            let tmax = lg.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mn = self.m[g].max(tmax);
-            if mn == f32::NEG_INFINITY {
-                continue;
-            }
-            let corr = simd::exp_approx(self.m[g] - mn);
-            if corr != 1.0 {
-                self.acc[g * hd..(g + 1) * hd]
-                    .iter_mut()
-                    .for_each(|a| *a *= corr);
-            }
-            self.l[g] *= corr;
-            self.m[g] = mn;
-            let wg = &mut w[g * e..(g + 1) * e];
-            for (x, &l) in wg.iter_mut().zip(lg) {
-                *x = l - mn;
-            }
-            simd::exp_inplace(wg);
-            // weight of the cluster's |C_i| copies: size * w; the mean value carries size.
-            for (x, &size) in wg.iter_mut().zip(sizes) {
-                *x *= size;
-            }
-            lsum[g % crate::decode_kernel::MAX_GROUP] = wg.iter().sum();
-        }
-        let mut row = vec![0f32; hd];
-        for (i, mean) in means.iter().enumerate() {
-            simd::f16_to_f32(mean, &mut row);
-            for g in 0..group {
-                let wgi = w[g * e + i];
-                if wgi != 0.0 {
-                    simd::axpy(&mut self.acc[g * hd..(g + 1) * hd], wgi, &row);
-                }
+            let wgi = w[g * e + i];
+            if wgi != 0.0 {
+                simd::axpy(&mut st.acc[g * hd..(g + 1) * hd], wgi, &row);
             }
         }
-        for g in 0..group {
-            if self.m[g] != f32::NEG_INFINITY {
-                self.l[g] += if group <= crate::decode_kernel::MAX_GROUP {
-                    lsum[g]
-                } else {
-                    w[g * e..(g + 1) * e].iter().sum()
-                };
-            }
-        }
-    }
-
-    fn finish(mut self) -> Vec<f32> {
-        for g in 0..self.group {
-            if self.l[g] > 0.0 {
-                let inv = 1.0 / self.l[g];
-                self.acc[g * self.hd..(g + 1) * self.hd]
-                    .iter_mut()
-                    .for_each(|a| *a *= inv);
-            }
-        }
-        self.acc
     }
 }
 
@@ -617,7 +563,7 @@ pub fn decode(
             let budgets = head.index.step_budgets(&wave.cfg, scores);
             let plan = plan_zones_with_budgets(&head.index, scores, budgets, n_tokens)
                 .map_err(index_err)?;
-            let mut st = Online::new(group, hd);
+            let mut st = GroupState::new(group, hd);
             let (keys, values) = kv.head_keys(layer, h);
             let mut stats = WaveStats {
                 head_steps: 1,
@@ -626,7 +572,7 @@ pub fn decode(
             };
             for r in &plan.steady {
                 let (a, b) = (r.start as usize * hd, r.end as usize * hd);
-                st.rows(qs, &keys[a..b], &values[a..b], scale);
+                st.attend(qs, &keys[a..b], &values[a..b], scale);
                 stats.steady_tokens += u64::from(r.end - r.start);
             }
             let key = HeadKey {
@@ -635,7 +581,7 @@ pub fn decode(
             };
             for &c in &plan.retrieval {
                 let run = wave.store.read(key, c).map_err(index_err)?;
-                st.rows(qs, run.keys, run.values, scale);
+                st.attend(qs, run.keys, run.values, scale);
                 stats.exact_tokens += (run.keys.len() / hd) as u64;
             }
             stats.exact_tokens += stats.steady_tokens;
@@ -657,7 +603,7 @@ pub fn decode(
                     *x = logits[g * n + c as usize];
                 }
             }
-            st.estimate(&lg, &sizes, &means);
+            estimate(&mut st, &lg, &sizes, &means);
             stats.retrieval_clusters = plan.retrieval.len() as u64;
             stats.estimation_clusters = plan.estimation.len() as u64;
             stats.estimated_tokens = sizes.iter().map(|&s| s as u64).sum();
@@ -674,7 +620,11 @@ pub fn decode(
             Ok(UnitOut {
                 seq: si,
                 kv_head: h,
-                out: st.finish(),
+                out: {
+                    let mut o = vec![0f32; group * hd];
+                    st.output(&mut o);
+                    o
+                },
                 stats,
                 probe,
             })
@@ -688,22 +638,10 @@ pub fn decode(
         let base = s.row * nq * hd + u.kv_head * group * hd;
         out[base..base + group * hd].copy_from_slice(&u.out);
         let acc = &mut per_seq[u.seq];
-        add_stats(&mut acc.1, &u.stats);
+        acc.1.add_counters(&u.stats);
         acc.2.extend(u.probe);
     }
     Ok(per_seq)
-}
-
-/// Adds the per-step counters of `b` to `a`.
-pub fn add_stats(a: &mut WaveStats, b: &WaveStats) {
-    a.head_steps += b.head_steps;
-    a.exact_tokens += b.exact_tokens;
-    a.steady_tokens += b.steady_tokens;
-    a.retrieval_clusters += b.retrieval_clusters;
-    a.estimation_clusters += b.estimation_clusters;
-    a.estimated_tokens += b.estimated_tokens;
-    a.context_tokens += b.context_tokens;
-    a.bytes_read += b.bytes_read;
 }
 
 /// Fidelity of every query head of one unit against exact attention (f64 reference).

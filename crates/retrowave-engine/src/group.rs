@@ -244,14 +244,7 @@ impl<B: Backend + 'static> WorkerGroup<B> {
             match &mut total {
                 None => total = Some(p),
                 Some(t) => {
-                    t.head_steps += p.head_steps;
-                    t.exact_tokens += p.exact_tokens;
-                    t.steady_tokens += p.steady_tokens;
-                    t.retrieval_clusters += p.retrieval_clusters;
-                    t.estimation_clusters += p.estimation_clusters;
-                    t.estimated_tokens += p.estimated_tokens;
-                    t.context_tokens += p.context_tokens;
-                    t.bytes_read += p.bytes_read;
+                    t.add_counters(&p);
                     t.build_seconds = t.build_seconds.max(p.build_seconds);
                 }
             }
