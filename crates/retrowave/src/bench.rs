@@ -63,6 +63,36 @@ pub enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// The tiered KV store: random reads of cluster records from the disk tier (io_uring and
+    /// pread, against fio on the same file) and gathers from the host arena (against memcpy).
+    Store {
+        /// Directory for the disk tier's file (put it on the disk to measure).
+        #[arg(long, default_value = "/var/tmp")]
+        dir: PathBuf,
+        /// MiB of records on disk (0: skip the disk tier).
+        #[arg(long, default_value_t = 1024)]
+        file_mib: u64,
+        /// Tokens per cluster record (16 tokens x 128 dims x bf16 keys and values = 8 KiB).
+        #[arg(long, default_value_t = 16)]
+        cluster_tokens: u32,
+        #[arg(long, default_value_t = 128)]
+        head_dim: u32,
+        /// Reads in flight (ours and fio's).
+        #[arg(long, default_value_t = 64)]
+        queue_depth: u32,
+        /// Seconds per disk measurement.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// MiB of records in host memory for the gather test.
+        #[arg(long, default_value_t = 1024)]
+        host_mib: u64,
+        /// Clusters per gather.
+        #[arg(long, default_value_t = 256)]
+        gather_clusters: usize,
+        /// JSON-lines file to append to (default bench/results/store.jsonl).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 /// The haystack prompt: the Paul Graham essays, sorted by file name, joined by blank lines,
@@ -119,6 +149,34 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
+        BenchCommand::Store {
+            dir,
+            file_mib,
+            cluster_tokens,
+            head_dim,
+            queue_depth,
+            seconds,
+            host_mib,
+            gather_clusters,
+            out,
+        } => {
+            if cluster_tokens == 0 || head_dim == 0 || queue_depth == 0 || gather_clusters == 0 {
+                bail!(
+                    "--cluster-tokens, --head-dim, --queue-depth and --gather-clusters must be at least 1"
+                );
+            }
+            crate::storebench::run(crate::storebench::StoreBench {
+                dir,
+                file_bytes: file_mib << 20,
+                cluster_tokens,
+                head_dim,
+                queue_depth,
+                seconds,
+                host_bytes: host_mib << 20,
+                gather_clusters,
+                out: out.unwrap_or_else(|| PathBuf::from("bench/results/store.jsonl")),
+            })
+        }
         BenchCommand::Attention {
             contexts,
             heads,

@@ -4,6 +4,7 @@ mod attnbench;
 mod bench;
 mod eval;
 mod load;
+mod storebench;
 
 use std::io::Write;
 use std::path::PathBuf;
