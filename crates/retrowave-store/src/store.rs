@@ -628,34 +628,82 @@ impl TieredStore {
         clusters: &[u32],
         out: &mut Vec<u8>,
     ) -> Result<Vec<RecordSpan>, StoreError> {
+        let start = out.len();
+        let mut total = 0usize;
+        let spans = self.gather_with(head, clusters, |bytes| {
+            total = bytes;
+            out.resize(start + bytes, 0);
+            Ok(&mut out[start..])
+        })?;
+        Ok(spans
+            .into_iter()
+            .map(|s| RecordSpan {
+                offset: s.offset + start,
+                ..s
+            })
+            .collect())
+    }
+
+    /// Copies the records of `clusters` of one head into `out` from its start (for example a
+    /// page-locked staging buffer), loading those on disk first. Returns where each landed; an
+    /// `out` shorter than the records is an error and nothing is copied.
+    pub fn gather_into(
+        &self,
+        head: HeadRef,
+        clusters: &[u32],
+        out: &mut [u8],
+    ) -> Result<Vec<RecordSpan>, StoreError> {
+        let have = out.len();
+        self.gather_with(head, clusters, |bytes| {
+            if bytes > have {
+                return Err(StoreError::Shape(format!(
+                    "gathering {} clusters needs {bytes} bytes, the buffer has {have}",
+                    clusters.len()
+                )));
+            }
+            Ok(out)
+        })
+    }
+
+    fn gather_with<'o>(
+        &self,
+        head: HeadRef,
+        clusters: &[u32],
+        out: impl FnOnce(usize) -> Result<&'o mut [u8], StoreError>,
+    ) -> Result<Vec<RecordSpan>, StoreError> {
         let refs: Vec<ClusterRef> = clusters
             .iter()
             .map(|&cluster| ClusterRef { head, cluster })
             .collect();
         let pinned = self.pin_resident(&refs)?;
+        let total: usize = pinned.iter().map(|p| p.bytes).sum();
+        let out = match out(total) {
+            Ok(o) => o,
+            Err(e) => {
+                self.unpin_all(&pinned);
+                return Err(e);
+            }
+        };
         let mut spans = Vec::with_capacity(refs.len());
-        {
-            let total: usize = pinned.iter().map(|p| p.bytes).sum();
-            out.reserve(total);
-            for p in pinned.iter().take(GATHER_PREFETCH_AHEAD) {
-                prefetch_record(p.slice());
+        for p in pinned.iter().take(GATHER_PREFETCH_AHEAD) {
+            prefetch_record(p.slice());
+        }
+        let mut offset = 0;
+        for (i, p) in pinned.iter().enumerate() {
+            // Records sit at random places of the arena: start pulling the next one in while
+            // this one is copied.
+            if let Some(next) = pinned.get(i + GATHER_PREFETCH_AHEAD) {
+                prefetch_record(next.slice());
             }
-            for (i, p) in pinned.iter().enumerate() {
-                // Records sit at random places of the arena: start pulling the next one in
-                // while this one is copied.
-                if let Some(next) = pinned.get(i + GATHER_PREFETCH_AHEAD) {
-                    prefetch_record(next.slice());
-                }
-                let src = p.slice();
-                spans.push(RecordSpan {
-                    cluster: p.cluster.cluster,
-                    tokens: p.tokens,
-                    offset: out.len(),
-                    bytes: p.bytes,
-                    tier: p.tier,
-                });
-                out.extend_from_slice(src);
-            }
+            spans.push(RecordSpan {
+                cluster: p.cluster.cluster,
+                tokens: p.tokens,
+                offset,
+                bytes: p.bytes,
+                tier: p.tier,
+            });
+            out[offset..offset + p.bytes].copy_from_slice(p.slice());
+            offset += p.bytes;
         }
         self.unpin_all(&pinned);
         Ok(spans)

@@ -138,6 +138,24 @@ fn host_round_trip_and_gather_layout() {
         let (wk, wv) = a.cluster(s.cluster as usize);
         assert_eq!((k.as_slice(), v.as_slice()), (wk, wv));
     }
+    // gather_into fills a caller's buffer with the same bytes; a short buffer is an error.
+    let mut buf = vec![0xEEu8; out.len() + 100];
+    let spans2 = store.gather_into(a.head, &[7, 3, 7, 49], &mut buf).unwrap();
+    assert_eq!(spans2, spans);
+    assert_eq!(&buf[..out.len()], &out[..]);
+    assert!(buf[out.len()..].iter().all(|&b| b == 0xEE));
+    assert!(matches!(
+        store.gather_into(a.head, &[7, 3], &mut buf[..100]),
+        Err(StoreError::Shape(_))
+    ));
+    // gather appends after what the Vec holds.
+    let mut tail = vec![1u8, 2, 3];
+    let spans3 = store.gather(a.head, &[49], &mut tail).unwrap();
+    assert_eq!(spans3[0].offset, 3);
+    assert_eq!(
+        &tail[3..],
+        &out[spans[3].offset..spans[3].offset + spans[3].bytes]
+    );
     let st = store.stats();
     assert_eq!(st.clusters, 200);
     assert_eq!(st.disk_bytes, 0);

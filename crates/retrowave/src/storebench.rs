@@ -330,7 +330,8 @@ pub fn run(cfg: StoreBench) -> Result<()> {
         })
         .unwrap_or_default();
     eprintln!("host arena: {huge} kB of anonymous memory in huge pages");
-    let mut out = Vec::with_capacity(cfg.gather_clusters * rec);
+    // The destination is page-aligned, as a GPU backend's page-locked staging buffer is.
+    let mut out = retrowave_store::io::AlignedBuf::zeroed(cfg.gather_clusters * rec);
     let mut measured = (0u64, 0u64, 1f64);
     let mut gather = |secs: f64| -> Result<(u64, u64, f64)> {
         let (mut bytes, mut calls) = (0u64, 0u64);
@@ -340,9 +341,8 @@ pub fn run(cfg: StoreBench) -> Result<()> {
             let ids: Vec<u32> = (0..cfg.gather_clusters)
                 .map(|_| (xorshift(&mut x) % per_head as u64) as u32)
                 .collect();
-            out.clear();
-            store.gather(head, &ids, &mut out)?;
-            bytes += out.len() as u64;
+            let spans = store.gather_into(head, &ids, &mut out)?;
+            bytes += spans.iter().map(|s| s.bytes as u64).sum::<u64>();
             calls += 1;
         }
         Ok((bytes, calls, t.elapsed().as_secs_f64()))
