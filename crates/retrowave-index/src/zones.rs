@@ -101,9 +101,9 @@ pub enum Zone {
 pub struct ZonePlan {
     /// Token ranges of the steady zone, ascending.
     pub steady: Vec<Range<u32>>,
-    /// Retrieval clusters, best first.
+    /// Retrieval clusters, in ascending id order (the store's order).
     pub retrieval: Vec<u32>,
-    /// Estimation clusters, best first.
+    /// Estimation clusters, in ascending id order.
     pub estimation: Vec<u32>,
 }
 
@@ -122,7 +122,7 @@ pub fn plan_zones(
 /// Plans the zones with explicit budgets: the steady zone is every token outside the indexed
 /// range; the non-empty clusters ranked by score (descending, ties to the lower id) give the
 /// first `budgets.retrieval` retrieval clusters and the next `budgets.estimation` estimation
-/// clusters.
+/// clusters; each zone lists its clusters in ascending id order.
 pub fn plan_zones_with_budgets(
     index: &ClusterIndex,
     scores: &[f32],
@@ -161,7 +161,7 @@ pub fn plan_zones_with_budgets(
         .collect::<Result<_, _>>()?;
     let r = budgets.retrieval.min(ranked.len());
     let e = budgets.estimation.min(ranked.len() - r);
-    top_clusters(&mut ranked, scores, r + e);
+    select_zones(&mut ranked, scores, r, r + e);
     Ok(ZonePlan {
         steady,
         retrieval: ranked[..r].to_vec(),
@@ -169,24 +169,29 @@ pub fn plan_zones_with_budgets(
     })
 }
 
-/// Orders the first `m` entries of `ids` (`m <= ids.len()`) as the first `m` of `ids` sorted by
-/// score descending, then id ascending (a total order, since ids are distinct), leaving the rest
-/// in unspecified order: a selection of the top `m` in O(n), then a sort of those only.
-fn top_clusters(ids: &mut [u32], scores: &[f32], m: usize) {
+/// Puts the top `r` of `ids` (by score descending, then id ascending: a total order, since ids
+/// are distinct) in `ids[..r]` and the next `m - r` in `ids[r..m]`, each part in ascending id
+/// order (the order of the store and of the mean values, so the kernels walk memory forwards);
+/// the rest is left in unspecified order. Two selections in O(n), no sort by score.
+fn select_zones(ids: &mut [u32], scores: &[f32], r: usize, m: usize) {
     let rank = |a: &u32, b: &u32| {
         scores[*b as usize]
             .total_cmp(&scores[*a as usize])
             .then(a.cmp(b))
     };
+    let m = m.min(ids.len());
+    let r = r.min(m);
     if m == 0 {
         return;
     }
     if m < ids.len() {
         ids.select_nth_unstable_by(m - 1, rank);
     }
-    if let Some(top) = ids.get_mut(..m) {
-        top.sort_unstable_by(rank);
+    if r > 0 && r < m {
+        ids[..m].select_nth_unstable_by(r - 1, rank);
     }
+    ids[..r].sort_unstable();
+    ids[r..m].sort_unstable();
 }
 
 impl ZonePlan {
@@ -306,12 +311,14 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// The selection gives exactly the first entries of a full sort (score descending, then
-        /// id ascending), with many ties, infinities and NaNs of both signs among the scores.
+        /// The selection gives exactly the entries of a full sort (score descending, then id
+        /// ascending) at ranks `..r` and `r..m`, each part in ascending id order, with many ties,
+        /// infinities and NaNs of both signs among the scores.
         #[test]
         fn selection_equals_full_sort(
             raw in proptest::collection::vec(0u8..12, 0..200),
             m_share in 0.0f64..=1.0,
+            r_share in 0.0f64..=1.0,
         ) {
             let scores: Vec<f32> = raw
                 .iter()
@@ -327,15 +334,20 @@ mod tests {
             // Ids as the planner passes them: ascending, here with some left out.
             let ids: Vec<u32> = (0..n as u32).filter(|&c| raw[c as usize] != 3).collect();
             let m = ((ids.len() as f64 * m_share) as usize).min(ids.len());
+            let r = ((m as f64 * r_share) as usize).min(m);
             let mut want = ids.clone();
             want.sort_by(|&a, &b| {
                 scores[b as usize]
                     .total_cmp(&scores[a as usize])
                     .then(a.cmp(&b))
             });
+            let (mut want_r, mut want_e) = (want[..r].to_vec(), want[r..m].to_vec());
+            want_r.sort_unstable();
+            want_e.sort_unstable();
             let mut got = ids;
-            top_clusters(&mut got, &scores, m);
-            proptest::prop_assert_eq!(&got[..m], &want[..m]);
+            select_zones(&mut got, &scores, r, m);
+            proptest::prop_assert_eq!(&got[..r], &want_r[..]);
+            proptest::prop_assert_eq!(&got[r..m], &want_e[..]);
         }
 
         /// The whole planner against the full-sort reference, on an index with empty clusters.
@@ -356,8 +368,11 @@ mod tests {
             ranked.sort_by(|&a, &b| scores[b as usize].total_cmp(&scores[a as usize]).then(a.cmp(&b)));
             let r = retrieval.min(ranked.len());
             let e = estimation.min(ranked.len() - r);
-            proptest::prop_assert_eq!(&got.retrieval, &ranked[..r].to_vec());
-            proptest::prop_assert_eq!(&got.estimation, &ranked[r..r + e].to_vec());
+            let (mut want_r, mut want_e) = (ranked[..r].to_vec(), ranked[r..r + e].to_vec());
+            want_r.sort_unstable();
+            want_e.sort_unstable();
+            proptest::prop_assert_eq!(&got.retrieval, &want_r);
+            proptest::prop_assert_eq!(&got.estimation, &want_e);
             proptest::prop_assert_eq!(got.steady, vec![0..2, 112..130]);
         }
     }

@@ -265,9 +265,15 @@ proptest! {
             plan.estimation.len(),
             budgets.estimation.min(non_empty - plan.retrieval.len())
         );
+        // Each zone in ascending id order; every retrieval cluster outranks every estimation
+        // cluster, which outranks every cluster left out.
+        prop_assert!(plan.retrieval.windows(2).all(|w| w[0] < w[1]));
+        prop_assert!(plan.estimation.windows(2).all(|w| w[0] < w[1]));
+        let min_of = |zone: &[u32]| zone.iter().map(|&c| scores[c as usize]).fold(f32::INFINITY, f32::min);
+        let max_of = |zone: &[u32]| zone.iter().map(|&c| scores[c as usize]).fold(f32::NEG_INFINITY, f32::max);
+        prop_assert!(min_of(&plan.retrieval) >= max_of(&plan.estimation));
         let chosen: Vec<u32> = plan.retrieval.iter().chain(&plan.estimation).copied().collect();
-        prop_assert!(chosen.windows(2).all(|w| scores[w[0] as usize] >= scores[w[1] as usize]));
-        let floor = chosen.last().map_or(f32::INFINITY, |&c| scores[c as usize]);
+        let floor = min_of(&chosen);
         prop_assert_eq!(scores.len(), index.n_clusters());
         for (c, (&score, &size)) in scores.iter().zip(index.sizes()).enumerate() {
             if !chosen.contains(&(c as u32)) {
