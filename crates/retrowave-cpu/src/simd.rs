@@ -137,6 +137,12 @@ pub fn dot_q5_0_q8_0_x4(w: &[RawQ5_0], x: [&[RawQ8_0]; 4]) -> [f32; 4] {
 /// `|f| <= 1/2`, with a degree-7 Taylor polynomial: written so that it vectorizes.
 #[inline]
 pub fn exp_inplace(xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: AVX2 and FMA are available.
+        unsafe { avx2::exp_inplace(xs) };
+        return;
+    }
     for v in xs.iter_mut() {
         *v = exp_approx(*v);
     }
@@ -147,7 +153,8 @@ pub fn exp_inplace(xs: &mut [f32]) {
 pub fn exp_approx(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     let t = x * std::f32::consts::LOG2_E;
-    let n = t.round();
+    // Round to nearest without a libm call on baseline x86-64 (|t| < 2^22 here).
+    let n = (t + 12_582_912.0) - 12_582_912.0;
     let r = (t - n) * std::f32::consts::LN_2;
     // exp(r) for |r| <= 0.347
     let mut p = 1.0 / 5040.0;
@@ -172,12 +179,13 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for l in 0..8 {
-            acc[l] = x[l].mul_add(y[l], acc[l]);
+            // Not `mul_add`: a libm call per element where the target has no FMA.
+            acc[l] += x[l] * y[l];
         }
     }
     let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for (x, y) in ra.iter().zip(rb) {
-        s = x.mul_add(*y, s);
+        s += x * y;
     }
     s
 }
@@ -187,7 +195,7 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 pub fn scale_axpy(y: &mut [f32], scale: f32, alpha: f32, x: &[f32]) {
     debug_assert_eq!(x.len(), y.len());
     for (yv, xv) in y.iter_mut().zip(x) {
-        *yv = alpha.mul_add(*xv, *yv * scale);
+        *yv = alpha * *xv + *yv * scale;
     }
 }
 
@@ -195,8 +203,15 @@ pub fn scale_axpy(y: &mut [f32], scale: f32, alpha: f32, x: &[f32]) {
 #[inline]
 pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     debug_assert_eq!(x.len(), y.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: AVX2 and FMA are available.
+        unsafe { avx2::axpy(y, alpha, x) };
+        return;
+    }
+    // Not `mul_add`: without FMA in the target it is a libm call per element.
     for (yv, xv) in y.iter_mut().zip(x) {
-        *yv = alpha.mul_add(*xv, *yv);
+        *yv += alpha * *xv;
     }
 }
 
@@ -218,6 +233,74 @@ pub fn f32_to_f16(src: &[f32], dst: &mut [f16]) {
 mod avx2 {
     use super::{RawQ4_1, RawQ5_0, RawQ8_0, RawQ8_1};
     use std::arch::x86_64::*;
+
+    /// `y += alpha * x`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+        let n = y.len().min(x.len());
+        let a = _mm256_set1_ps(alpha);
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n <= both lengths.
+            unsafe {
+                let xv = _mm256_loadu_ps(x.as_ptr().add(i));
+                let yv = _mm256_loadu_ps(y.as_ptr().add(i));
+                _mm256_storeu_ps(y.as_mut_ptr().add(i), _mm256_fmadd_ps(a, xv, yv));
+            }
+            i += 8;
+        }
+        for j in i..n {
+            y[j] += alpha * x[j];
+        }
+    }
+
+    /// `exp(x)` in place, as [`super::exp_approx`] for 8 lanes at a time.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn exp_inplace(xs: &mut [f32]) {
+        let n = xs.len();
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n.
+            unsafe {
+                let v = _mm256_loadu_ps(xs.as_ptr().add(i));
+                _mm256_storeu_ps(xs.as_mut_ptr().add(i), exp8(v));
+            }
+            i += 8;
+        }
+        for v in &mut xs[i..] {
+            *v = super::exp_approx(*v);
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
+            _mm256_set1_ps(88.0),
+        );
+        let t = _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E));
+        let n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        let r = _mm256_mul_ps(_mm256_sub_ps(t, n), _mm256_set1_ps(std::f32::consts::LN_2));
+        let mut p = _mm256_set1_ps(1.0 / 5040.0);
+        for c in [
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+            1.0,
+            1.0,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let bits = _mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+            23,
+        );
+        let y = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+        _mm256_and_ps(y, _mm256_cmp_ps(x, _mm256_set1_ps(-87.0), _CMP_GT_OQ))
+    }
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]

@@ -99,6 +99,7 @@ impl WaveHead {
 
 /// `out[g * n + c] = (q_g . code_c) * code_scale_c * scale` for every non-empty cluster `c`
 /// (`-inf` for empty ones); `qs` is `[group, hd]`.
+#[inline(never)]
 fn centroid_logits(
     head: &WaveHead,
     qs: &[f32],
@@ -113,6 +114,23 @@ fn centroid_logits(
     out.resize(group * n, f32::NEG_INFINITY);
     #[cfg(target_arch = "x86_64")]
     {
+        if hd.is_multiple_of(32) && crate::decode_kernel::has_avx2_f16c() {
+            // Queries quantized to int8 as well: integer dot products, 32 per instruction pair.
+            let (qi, qscale) = quantize_queries(qs, group, hd);
+            macro_rules! dispatch {
+                ($($g:literal)*) => {
+                    match group {
+                        $($g => {
+                            // SAFETY: AVX2 was detected; the kernel checks every slice length.
+                            unsafe { centroid_logits_i8::<$g>(head, &qi, &qscale, hd, scale, out) };
+                            return;
+                        })*
+                        _ => {}
+                    }
+                };
+            }
+            dispatch!(1 2 3 4 5 6 7 8);
+        }
         if hd.is_multiple_of(8) && crate::decode_kernel::has_avx2_f16c() {
             // SAFETY: AVX2 and FMA were detected; slices are checked by the loops' bounds.
             unsafe { centroid_logits_avx2(head, qs, group, hd, scale, out) };
@@ -130,6 +148,80 @@ fn centroid_logits(
         let k = head.code_scales[c] * scale;
         for g in 0..group {
             out[g * n + c] = simd::dot_f32(&qs[g * hd..(g + 1) * hd], &row) * k;
+        }
+    }
+}
+
+/// Each query head's row as int8 with one scale (`max |q| / 127`); `[group, hd]` codes.
+fn quantize_queries(qs: &[f32], group: usize, hd: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut codes = vec![0i8; group * hd];
+    let mut scales = vec![0f32; group];
+    for g in 0..group {
+        let q = &qs[g * hd..(g + 1) * hd];
+        let amax = q.iter().fold(0f32, |m, &x| m.max(x.abs()));
+        if amax > 0.0 && amax.is_finite() {
+            scales[g] = amax / 127.0;
+            let inv = 127.0 / amax;
+            for (c, &x) in codes[g * hd..(g + 1) * hd].iter_mut().zip(q) {
+                // Round half away from zero without a libm call.
+                let y = x * inv;
+                *c = (y + 0.5f32.copysign(y)).clamp(-127.0, 127.0) as i8;
+            }
+        }
+    }
+    (codes, scales)
+}
+
+/// [`centroid_logits`] with int8 queries: `|code|` (unsigned) times `q * sign(code)` (signed) in
+/// `vpmaddubsw`, pairs summed to i32 by `vpmaddwd`; 32 products per two instructions. Sums stay
+/// exact (|products| <= 127 * 127, two per i16 lane).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn centroid_logits_i8<const G: usize>(
+    head: &WaveHead,
+    qi: &[i8],
+    qscale: &[f32],
+    hd: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let n = head.index.n_clusters();
+    let sizes = head.index.sizes();
+    assert!(
+        hd.is_multiple_of(32)
+            && head.codes.len() >= n * hd
+            && head.code_scales.len() >= n
+            && qi.len() >= G * hd
+            && qscale.len() >= G
+            && out.len() >= G * n
+    );
+    let ones = _mm256_set1_epi16(1);
+    for c in 0..n {
+        if sizes[c] == 0 {
+            continue;
+        }
+        let mut acc = [_mm256_setzero_si256(); G];
+        // SAFETY: c * hd + k + 32 <= n * hd <= codes.len(); g * hd + k + 32 <= G * hd.
+        unsafe {
+            let codes = head.codes.as_ptr().add(c * hd);
+            for k in (0..hd).step_by(32) {
+                let v = _mm256_loadu_si256(codes.add(k).cast());
+                let av = _mm256_sign_epi8(v, v);
+                for (g, a) in acc.iter_mut().enumerate() {
+                    let q = _mm256_loadu_si256(qi.as_ptr().add(g * hd + k).cast());
+                    let sq = _mm256_sign_epi8(q, v);
+                    let p16 = _mm256_maddubs_epi16(av, sq);
+                    *a = _mm256_add_epi32(*a, _mm256_madd_epi16(p16, ones));
+                }
+            }
+        }
+        let kscale = head.code_scales[c] * scale;
+        for (g, a) in acc.iter().enumerate() {
+            let s4 = _mm_add_epi32(_mm256_castsi256_si128(*a), _mm256_extracti128_si256(*a, 1));
+            let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+            let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01));
+            out[g * n + c] = _mm_cvtsi128_si32(s1) as f32 * qscale[g] * kscale;
         }
     }
 }
@@ -401,6 +493,7 @@ fn update_layer(kv: &CpuKv, wave: &mut WaveKv, layer: usize) -> Result<(), Backe
 /// Folds the estimation clusters into `st`: `logits` is `[group, e]` (`q . c_i * scale` per query
 /// head), `sizes` their sizes and `means` their mean values (`value_sum / size`, f16). Each
 /// cluster's mean is read once for the whole group.
+#[inline(never)]
 fn estimate(st: &mut GroupState, logits: &[f32], sizes: &[f32], means: &[&[f16]]) {
     let group = st.m.len();
     let (hd, e) = (st.acc.len() / group.max(1), sizes.len());
@@ -434,6 +527,27 @@ fn estimate(st: &mut GroupState, logits: &[f32], sizes: &[f32], means: &[&[f16]]
         }
         st.l[g] += wg.iter().sum::<f32>();
     }
+    #[cfg(target_arch = "x86_64")]
+    if hd.is_multiple_of(8)
+        && group <= crate::decode_kernel::MAX_GROUP
+        && crate::decode_kernel::has_avx2_f16c()
+        && means.iter().all(|m| m.len() >= hd)
+    {
+        macro_rules! dispatch {
+            ($($g:literal)*) => {
+                match group {
+                    $($g => {
+                        // SAFETY: AVX2, FMA and F16C were detected; every mean has `hd` values,
+                        // `w` is `[group, e]` and `acc` is `[group, hd]`.
+                        unsafe { estimate_accumulate_avx2::<$g>(&mut st.acc, &w, means, hd) };
+                        return;
+                    })*
+                    _ => {}
+                }
+            };
+        }
+        dispatch!(1 2 3 4 5 6 7 8);
+    }
     let mut row = vec![0f32; hd];
     for (i, mean) in means.iter().enumerate() {
         simd::f16_to_f32(mean, &mut row);
@@ -442,6 +556,76 @@ fn estimate(st: &mut GroupState, logits: &[f32], sizes: &[f32], means: &[&[f16]]
             if wgi != 0.0 {
                 simd::axpy(&mut st.acc[g * hd..(g + 1) * hd], wgi, &row);
             }
+        }
+    }
+}
+
+/// `acc[g] += sum_i w[g, i] * mean_i` for a whole group: 8 dimensions at a time with the
+/// group's accumulators in registers, over blocks of clusters whose means stay in L1, so each
+/// mean is converted once per block and no accumulator goes through memory per cluster.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn estimate_accumulate_avx2<const G: usize>(
+    acc: &mut [f32],
+    w: &[f32],
+    means: &[&[f16]],
+    hd: usize,
+) {
+    assert!(acc.len() >= G * hd && w.len() >= G * means.len() && hd.is_multiple_of(8));
+    assert!(means.iter().all(|m| m.len() >= hd));
+    use std::arch::x86_64::*;
+    const BLOCK: usize = 64;
+    let e = means.len();
+    let mut start = 0;
+    let prefetch = |from: usize| {
+        for mean in means.iter().skip(from).take(BLOCK) {
+            for off in (0..hd * 2).step_by(64) {
+                // SAFETY: prefetching inside a live slice (off < hd * 2 bytes) only warms caches.
+                unsafe {
+                    _mm_prefetch::<_MM_HINT_T0>(mean.as_ptr().cast::<i8>().add(off));
+                }
+            }
+        }
+    };
+    prefetch(0);
+    while start < e {
+        let end = (start + BLOCK).min(e);
+        // The means are scattered over the index: fetch the next block's while this one runs.
+        prefetch(end);
+        for d in (0..hd).step_by(8) {
+            let mut a = [_mm256_setzero_ps(); G];
+            for (g, ag) in a.iter_mut().enumerate() {
+                // SAFETY: g < group and d + 8 <= hd, inside `acc` ([group, hd]).
+                *ag = unsafe { _mm256_loadu_ps(acc.as_ptr().add(g * hd + d)) };
+            }
+            for (i, mean) in means.iter().enumerate().take(end).skip(start) {
+                // SAFETY: d + 8 <= hd <= mean.len().
+                let m = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(mean.as_ptr().add(d).cast())) };
+                for (g, ag) in a.iter_mut().enumerate() {
+                    // SAFETY: g * e + i < group * e <= w.len().
+                    let wg = unsafe { _mm256_broadcast_ss(&*w.as_ptr().add(g * e + i)) };
+                    *ag = _mm256_fmadd_ps(wg, m, *ag);
+                }
+            }
+            for (g, ag) in a.iter().enumerate() {
+                // SAFETY: as for the loads.
+                unsafe { _mm256_storeu_ps(acc.as_mut_ptr().add(g * hd + d), *ag) };
+            }
+        }
+        start = end;
+    }
+}
+
+/// Hints up to the first 2 KiB of `xs` into the cache.
+#[inline]
+fn prefetch_run(xs: &[f16]) {
+    #[cfg(target_arch = "x86_64")]
+    for off in (0..(xs.len() * 2).min(2048)).step_by(64) {
+        // SAFETY: prefetching an address inside a live slice only warms caches.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                xs.as_ptr().cast::<i8>().add(off),
+            );
         }
     }
 }
@@ -471,6 +655,7 @@ thread_local! {
 
 /// Per-cluster scores of a GQA group into `s.scores` and the per-head logits (`[group,
 /// clusters]`) into `s.logits`.
+#[inline(never)]
 fn score(
     head: &WaveHead,
     qs: &[f32],
@@ -579,8 +764,16 @@ pub fn decode(
                 layer: layer as u32,
                 kv_head: h as u32,
             };
-            for &c in &plan.retrieval {
+            for (i, &c) in plan.retrieval.iter().enumerate() {
                 let run = wave.store.read(key, c).map_err(index_err)?;
+                // Clusters are short runs at scattered places: start fetching the next one's
+                // keys and values while this one is attended.
+                if let Some(&next) = plan.retrieval.get(i + 1)
+                    && let Ok(n) = wave.store.read(key, next)
+                {
+                    prefetch_run(n.keys);
+                    prefetch_run(n.values);
+                }
                 st.attend(qs, run.keys, run.values, scale);
                 stats.exact_tokens += (run.keys.len() / hd) as u64;
             }
