@@ -182,7 +182,13 @@ fn wave_attention_answers_a_2k_needle_question_as_dense_attention_does() {
         full["answer"].as_str().unwrap().contains(&expected),
         "{full}"
     );
-    assert_eq!(full["answer"], wave["answer"], "{full}\n{wave}");
+    // The same answer text; what follows it (a newline, or the end of the turn) may differ
+    // with the float rounding of the zones.
+    assert_eq!(
+        full["answer"].as_str().unwrap().trim(),
+        wave["answer"].as_str().unwrap().trim(),
+        "{full}\n{wave}"
+    );
     assert_eq!(wave["score"], 100.0);
     let share = wave["exact_share"].as_f64().unwrap();
     assert!(share > 0.0 && share < 0.5, "{wave}");

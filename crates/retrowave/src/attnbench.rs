@@ -124,6 +124,7 @@ pub fn run(
     contexts: &[usize],
     heads: HeadLayout,
     runs: usize,
+    wave_runs: Option<usize>,
     wave: &WaveConfig,
     out: Option<PathBuf>,
 ) -> Result<()> {
@@ -166,7 +167,7 @@ pub fn run(
         b.kv_build_index(&mut kv, wave)?;
         let build = t.elapsed().as_secs_f64();
         let before = b.kv_wave_stats(&kv).unwrap_or_default();
-        let sparse = time_steps(&b, &mut kv, heads, ctx, runs)?;
+        let sparse = time_steps(&b, &mut kv, heads, ctx, wave_runs.unwrap_or(runs))?;
         let after = b.kv_wave_stats(&kv).unwrap_or_default();
         let steps = (after.head_steps - before.head_steps).max(1) / heads.n_kv_heads as u64;
         let wave_bytes = (after.bytes_read - before.bytes_read) as f64 / steps as f64;
@@ -193,7 +194,7 @@ pub fn run(
                 "speedup_vs_full": dense / secs, "synthetic_kv": true,
                 "index_build_seconds": if mode == "wave" { Some(build) } else { None },
                 "exact_token_share": if mode == "wave" { Some(exact_share) } else { None },
-                "runs": runs, "threads": threads, "device": device, "commit": commit, "timestamp": ts,
+                "runs": if mode == "wave" { wave_runs.unwrap_or(runs) } else { runs }, "threads": threads, "device": device, "commit": commit, "timestamp": ts,
             }));
         }
         eprintln!("context {ctx}: index build {build:.1} s");

@@ -56,6 +56,9 @@ pub enum BenchCommand {
         /// Timed steps per (context, mode); the median is reported.
         #[arg(long, default_value_t = 15)]
         runs: usize,
+        /// Timed wave steps (default: --runs), e.g. many more to profile the wave path.
+        #[arg(long)]
+        wave_runs: Option<usize>,
         /// TOML file of wave-index parameters (published defaults otherwise).
         #[arg(long)]
         wave_config: Option<PathBuf>,
@@ -183,6 +186,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             kv_heads,
             head_dim,
             runs,
+            wave_runs,
             wave_config,
             out,
         } => {
@@ -200,7 +204,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 n_kv_heads: kv_heads,
                 head_dim,
             };
-            crate::attnbench::run(&contexts, layout, runs, &wave, out)
+            crate::attnbench::run(&contexts, layout, runs, wave_runs, &wave, out)
         }
         BenchCommand::Generate {
             model,

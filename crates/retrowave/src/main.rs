@@ -1,5 +1,11 @@
 //! The `retrowave` command: fetch models, generate text, run benchmarks.
 
+/// mimalloc instead of glibc's allocator: decode steps allocate and free tens of kilobytes per
+/// head, which glibc keeps trimming back to the OS and faulting in again (3% of a 128K wave step
+/// went to zeroing fresh pages).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod attnbench;
 mod bench;
 mod eval;
