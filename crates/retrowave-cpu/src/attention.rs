@@ -113,6 +113,14 @@ impl CpuKv {
         self.wave.is_some()
     }
 
+    /// Whether decode steps of `layer` attend through the wave index (not one of the configured
+    /// dense layers).
+    pub fn wave_attends(&self, layer: usize) -> bool {
+        self.wave
+            .as_deref()
+            .is_some_and(|w| layer >= w.config().dense_layers)
+    }
+
     fn reserve(&mut self, needed: usize) -> Result<(), BackendError> {
         if needed <= self.cap {
             return Ok(());

@@ -291,7 +291,7 @@ impl Backend for CpuBackend {
             let w = k.cols;
             let rows = s.row * w..(s.row + s.n_tokens) * w;
             cache.write(layer, s.start_pos, &k.data[rows.clone()], &v.data[rows])?;
-            if s.n_tokens == 1 && cache.has_wave() {
+            if s.n_tokens == 1 && cache.wave_attends(layer) {
                 wave::update(cache, layer)?;
                 wave_seqs.push(i);
             } else {

@@ -284,6 +284,11 @@ pub struct WaveKv {
 }
 
 impl WaveKv {
+    /// The index parameters.
+    pub fn config(&self) -> &WaveConfig {
+        &self.cfg
+    }
+
     /// End of the indexed token range (the same for every head).
     pub fn indexed_end(&self) -> usize {
         self.heads
@@ -616,11 +621,14 @@ unsafe fn estimate_accumulate_avx2<const G: usize>(
     }
 }
 
-/// Hints up to the first 2 KiB of `xs` into the cache.
+/// Bytes of the next retrieval cluster's keys (and values) prefetched.
+const PREFETCH_RUN_BYTES: usize = 2048;
+
+/// Hints up to the first [`PREFETCH_RUN_BYTES`] of `xs` into the cache.
 #[inline]
 fn prefetch_run(xs: &[f16]) {
     #[cfg(target_arch = "x86_64")]
-    for off in (0..(xs.len() * 2).min(2048)).step_by(64) {
+    for off in (0..(xs.len() * 2).min(PREFETCH_RUN_BYTES)).step_by(64) {
         // SAFETY: prefetching an address inside a live slice only warms caches.
         unsafe {
             std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
@@ -965,6 +973,66 @@ mod tests {
         assert_eq!(s.head_steps, 2);
         assert_eq!(s.exact_tokens, 2 * n as u64);
         assert_eq!(s.estimation_clusters, 0);
+    }
+
+    /// `dense_layers` sends decode steps of the first layers to exact attention (through the
+    /// backend's dispatch), while the other layers keep attending through the index.
+    #[test]
+    fn dense_layers_attend_exactly() {
+        use retrowave_core::Backend;
+        let n = 3000;
+        let b = crate::CpuBackend::new();
+        let q = query(7);
+        let kw = HEADS.n_kv_heads * HEADS.head_dim;
+        let (k_new, v_new) = data(1, 99);
+        let acts = |data: Vec<f32>, cols: usize| crate::CpuActs {
+            data,
+            rows: 1,
+            cols,
+        };
+        let batch = BatchLayout {
+            seqs: vec![SeqRows {
+                slot: 0,
+                row: 0,
+                start_pos: n,
+                n_tokens: 1,
+            }],
+        };
+        let run = |dense_layers: usize| {
+            let mut kv = filled(n);
+            let cfg = WaveConfig {
+                dense_layers,
+                ..WaveConfig::published()
+            };
+            b.kv_build_index(&mut kv, &cfg).unwrap();
+            let before = b.kv_wave_stats(&kv).unwrap().head_steps;
+            let out = b
+                .attention(
+                    0,
+                    &acts(q.clone(), q.len()),
+                    &acts(k_new[..kw].to_vec(), kw),
+                    &acts(v_new[..kw].to_vec(), kw),
+                    &mut [&mut kv],
+                    &batch,
+                    HEADS,
+                )
+                .unwrap();
+            let steps = b.kv_wave_stats(&kv).unwrap().head_steps - before;
+            (out.data, steps, kv)
+        };
+        let (dense_out, dense_steps, kv) = run(1);
+        let want = crate::attention::attend(0, &q, &[&kv], &one(n), HEADS);
+        assert_eq!(
+            dense_out, want,
+            "layer 0 is dense: exact attention, bit for bit"
+        );
+        assert_eq!(dense_steps, 0, "no wave step was taken");
+        let (wave_out, wave_steps, _) = run(0);
+        assert_eq!(wave_steps, HEADS.n_kv_heads as u64);
+        assert_ne!(
+            wave_out, want,
+            "at published budgets wave attention is approximate"
+        );
     }
 
     #[test]

@@ -98,6 +98,9 @@ pub struct WaveConfig {
     pub retrieval_mass: f64,
     /// Cap of the adaptive retrieval budget, as a share of the prefill clusters (published: 0).
     pub max_retrieval_fraction: f64,
+    /// The first layers attend densely (exactly over every token) instead of through the index:
+    /// their attention is spread over the context, where zones cover it worst (published: 0).
+    pub dense_layers: usize,
 }
 
 impl Default for WaveConfig {
@@ -138,6 +141,7 @@ impl WaveConfig {
             min_retrieval_clusters: 0,
             retrieval_mass: 0.0,
             max_retrieval_fraction: 0.0,
+            dense_layers: 0,
         }
     }
 
