@@ -371,7 +371,7 @@ pub fn attend_into(
                         for sc in scores[..nk].iter_mut() {
                             *sc -= m_new;
                         }
-                        simd::exp_inplace(&mut scores[..nk]);
+                        simd::exp_inplace_scalar(&mut scores[..nk]);
                         let corr = simd::exp_approx(m_old - m_new);
                         let acc = &mut p.acc[idx * hd..(idx + 1) * hd];
                         if corr != 1.0 {
