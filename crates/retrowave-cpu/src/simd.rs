@@ -239,7 +239,7 @@ pub fn f32_to_f16(src: &[f32], dst: &mut [f16]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use super::{RawQ4_1, RawQ5_0, RawQ8_0, RawQ8_1};
     use std::arch::x86_64::*;
 
@@ -281,9 +281,10 @@ mod avx2 {
         }
     }
 
+    /// Vector [`super::exp_approx`]: `exp(x)` for 8 lanes, 0 below -87.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn exp8(x: __m256) -> __m256 {
+    pub(crate) fn exp8(x: __m256) -> __m256 {
         let x = _mm256_min_ps(
             _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
             _mm256_set1_ps(88.0),

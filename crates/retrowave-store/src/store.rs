@@ -152,12 +152,29 @@ struct Table {
     lru: VecDeque<(u64, ClusterRef)>,
     clock: u64,
     loads: HashMap<ClusterRef, Arc<LoadSlot>>,
+    tiers: TierCounts,
+    clusters: u64,
+    stats: StoreStats,
+}
+
+/// Record bytes and pages in host memory, and on disk only.
+#[derive(Debug, Default, Clone, Copy)]
+struct TierCounts {
     host_bytes: u64,
     host_pages: u64,
     disk_only_bytes: u64,
     disk_only_pages: u64,
-    clusters: u64,
-    stats: StoreStats,
+}
+
+/// Drops the host copy of a record that has an intact disk copy.
+fn demote(arena: &mut HostArena, tiers: &mut TierCounts, e: &mut Entry) {
+    if let Some(x) = e.host.take() {
+        arena.dealloc(x);
+    }
+    tiers.host_bytes -= e.bytes as u64;
+    tiers.host_pages -= e.pages as u64;
+    tiers.disk_only_bytes += e.bytes as u64;
+    tiers.disk_only_pages += e.pages as u64;
 }
 
 impl Table {
@@ -246,21 +263,21 @@ impl Table {
         let e = self.entry_mut(c)?;
         let (bytes, pages, was_disk) = (e.bytes as u64, e.pages as u64, e.disk.is_some());
         e.host = Some(ext);
-        self.host_bytes += bytes;
-        self.host_pages += pages;
+        self.tiers.host_bytes += bytes;
+        self.tiers.host_pages += pages;
         if was_disk {
-            self.disk_only_bytes -= bytes;
-            self.disk_only_pages -= pages;
+            self.tiers.disk_only_bytes -= bytes;
+            self.tiers.disk_only_pages -= pages;
         }
         Ok(())
     }
 
     fn publish_metrics(&self) {
         crate::metrics::tiers(
-            self.host_bytes,
-            self.host_pages,
-            self.disk_only_bytes,
-            self.disk_only_pages,
+            self.tiers.host_bytes,
+            self.tiers.host_pages,
+            self.tiers.disk_only_bytes,
+            self.tiers.disk_only_pages,
         );
     }
 }
@@ -366,10 +383,7 @@ impl TieredStore {
                 lru: VecDeque::new(),
                 clock: 0,
                 loads: HashMap::default(),
-                host_bytes: 0,
-                host_pages: 0,
-                disk_only_bytes: 0,
-                disk_only_pages: 0,
+                tiers: TierCounts::default(),
                 clusters: 0,
                 stats: StoreStats::default(),
             }),
@@ -551,8 +565,8 @@ impl TieredStore {
                 pins: 0,
                 stamp: t.clock,
             });
-            t.host_bytes += bytes as u64;
-            t.host_pages += pages as u64;
+            t.tiers.host_bytes += bytes as u64;
+            t.tiers.host_pages += pages as u64;
             t.lru.push_back((
                 t.clock,
                 ClusterRef {
@@ -583,11 +597,11 @@ impl TieredStore {
             }
             if let Some(x) = e.host {
                 t.arena.dealloc(x);
-                t.host_bytes -= e.bytes as u64;
-                t.host_pages -= e.pages as u64;
+                t.tiers.host_bytes -= e.bytes as u64;
+                t.tiers.host_pages -= e.pages as u64;
             } else if e.disk.is_some() {
-                t.disk_only_bytes -= e.bytes as u64;
-                t.disk_only_pages -= e.pages as u64;
+                t.tiers.disk_only_bytes -= e.bytes as u64;
+                t.tiers.disk_only_pages -= e.pages as u64;
             }
             if let (Some(d), Some(loc)) = (&self.shared.disk, e.disk) {
                 d.free(&loc);
@@ -778,11 +792,11 @@ impl TieredStore {
                 t.clusters -= 1;
                 if let Some(x) = e.host.take() {
                     t.arena.dealloc(x);
-                    t.host_bytes -= e.bytes as u64;
-                    t.host_pages -= e.pages as u64;
+                    t.tiers.host_bytes -= e.bytes as u64;
+                    t.tiers.host_pages -= e.pages as u64;
                 } else if e.disk.is_some() {
-                    t.disk_only_bytes -= e.bytes as u64;
-                    t.disk_only_pages -= e.pages as u64;
+                    t.tiers.disk_only_bytes -= e.bytes as u64;
+                    t.tiers.disk_only_pages -= e.pages as u64;
                 }
                 if let (Some(d), Some(loc)) = (&self.shared.disk, e.disk.take()) {
                     d.free(&loc);
@@ -792,8 +806,8 @@ impl TieredStore {
                 for e in head.clusters.iter().filter(|e| e.pins > 0) {
                     t.clusters -= 1;
                     if e.host.is_some() {
-                        t.host_bytes -= e.bytes as u64;
-                        t.host_pages -= e.pages as u64;
+                        t.tiers.host_bytes -= e.bytes as u64;
+                        t.tiers.host_pages -= e.pages as u64;
                     }
                 }
                 head.dead = true;
@@ -826,12 +840,12 @@ impl TieredStore {
     pub fn stats(&self) -> StoreStats {
         let t = self.table();
         let mut s = t.stats;
-        s.host_bytes = t.host_bytes;
-        s.host_pages = t.host_pages;
+        s.host_bytes = t.tiers.host_bytes;
+        s.host_pages = t.tiers.host_pages;
         s.arena_used_bytes = t.arena.used_bytes();
         s.arena_capacity_bytes = t.arena.capacity_bytes();
-        s.disk_bytes = t.disk_only_bytes;
-        s.disk_pages = t.disk_only_pages;
+        s.disk_bytes = t.tiers.disk_only_bytes;
+        s.disk_pages = t.tiers.disk_only_pages;
         s.clusters = t.clusters;
         if let Some(d) = &self.shared.disk {
             let c = d.counters();
@@ -1162,13 +1176,7 @@ fn evict_some(shared: &Shared, want: usize) -> Result<usize, StoreError> {
             freed += e.bytes as usize;
             if e.disk.is_some() {
                 // Clean: the disk copy is intact; drop the host copy.
-                if let Some(x) = e.host.take() {
-                    t.arena.dealloc(x);
-                }
-                t.host_bytes -= e.bytes as u64;
-                t.host_pages -= e.pages as u64;
-                t.disk_only_bytes += e.bytes as u64;
-                t.disk_only_pages += e.pages as u64;
+                demote(&mut t.arena, &mut t.tiers, e);
                 evicted += 1;
             } else {
                 e.pins += 1;
@@ -1224,13 +1232,7 @@ fn evict_some(shared: &Shared, want: usize) -> Result<usize, StoreError> {
                     written += 1;
                     e.disk = Some(loc);
                     if e.pins == 1 {
-                        if let Some(x) = e.host.take() {
-                            t.arena.dealloc(x);
-                        }
-                        t.host_bytes -= e.bytes as u64;
-                        t.host_pages -= e.pages as u64;
-                        t.disk_only_bytes += e.bytes as u64;
-                        t.disk_only_pages += e.pages as u64;
+                        demote(&mut t.arena, &mut t.tiers, e);
                         evicted += 1;
                     } else {
                         requeue = Some(e.stamp);
