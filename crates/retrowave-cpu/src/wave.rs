@@ -772,13 +772,13 @@ pub fn decode(
                 layer: layer as u32,
                 kv_head: h as u32,
             };
-            for (i, &c) in plan.retrieval.iter().enumerate() {
-                let run = wave.store.read(key, c).map_err(index_err)?;
+            let mut runs = plan.retrieval.iter().map(|&c| wave.store.read(key, c));
+            let mut next = runs.next().transpose().map_err(index_err)?;
+            while let Some(run) = next {
+                next = runs.next().transpose().map_err(index_err)?;
                 // Clusters are short runs at scattered places: start fetching the next one's
                 // keys and values while this one is attended.
-                if let Some(&next) = plan.retrieval.get(i + 1)
-                    && let Ok(n) = wave.store.read(key, next)
-                {
+                if let Some(n) = &next {
                     prefetch_run(n.keys);
                     prefetch_run(n.values);
                 }

@@ -15,6 +15,8 @@
 //! (which paths to measure, in that order), `--ops-per-call N` (ops per `submit` call, default
 //! 16 x qd; each call ends by draining the queue).
 
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -106,19 +108,6 @@ fn parse_args() -> Result<Args, String> {
     Ok(a)
 }
 
-/// splitmix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
-
 fn engine(choice: IoChoice, qd: u32) -> Result<IoEngine, String> {
     IoEngine::new(&IoOptions {
         choice,
@@ -134,9 +123,9 @@ fn write_file(file: &IoFile, size: u64, qd: u32) -> Result<(), String> {
     let block = 1usize << 20;
     let per_call = 32usize;
     let mut buf = AlignedBuf::zeroed(per_call * block);
-    let mut rng = Rng(1);
+    let mut rng = StdRng::seed_from_u64(1);
     for chunk in buf.chunks_mut(8) {
-        chunk.copy_from_slice(&rng.next().to_le_bytes()[..chunk.len()]);
+        chunk.copy_from_slice(&rng.next_u64().to_le_bytes()[..chunk.len()]);
     }
     let base = buf.as_mut_ptr();
     let started = Instant::now();
@@ -190,7 +179,7 @@ fn random_reads(e: &IoEngine, file: &IoFile, a: &Args, fixed: bool) -> Result<Ou
         unsafe { e.register_buffers(&[(base, buf.len())]) }.map_err(|e| e.to_string())?;
     }
     let blocks = a.size / a.bs as u64;
-    let mut rng = Rng(42);
+    let mut rng = StdRng::seed_from_u64(42);
     let limit = Duration::from_secs_f64(a.secs);
     let started = Instant::now();
     let mut done = 0u64;
@@ -198,7 +187,7 @@ fn random_reads(e: &IoEngine, file: &IoFile, a: &Args, fixed: bool) -> Result<Ou
         let ops: Vec<IoOp<'_>> = (0..per_call)
             .map(|i| IoOp {
                 file,
-                offset: rng.next() % blocks * a.bs as u64,
+                offset: rng.next_u64() % blocks * a.bs as u64,
                 buf: base.wrapping_add(i * a.bs),
                 len: a.bs,
                 kind: OpKind::Read,

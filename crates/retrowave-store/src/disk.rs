@@ -13,7 +13,7 @@ use crate::io::{IO_ALIGN, IoEngine, IoFile, IoOp, IoOptions, IoPath, OpKind};
 use crate::ranges::{Extent, RangeAllocator};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 const PRIVATE_PREFIX: &str = "retrowave-kv-";
@@ -227,7 +227,7 @@ impl DiskTier {
                 let loc = match self.alloc_blocks(item.record.len(), item.page_bytes, item.record) {
                     Ok(loc) => loc,
                     Err(e) => {
-                        self.release(stage);
+                        self.release_all(vec![stage]);
                         out[i] = Some(Err(e));
                         continue;
                     }
@@ -239,13 +239,7 @@ impl DiskTier {
             }
             let ops: Vec<IoOp<'_>> = ops_meta
                 .iter()
-                .map(|(_, loc, stage)| IoOp {
-                    file: &self.files[loc.file as usize].file,
-                    offset: loc.offset(),
-                    buf: stage.ptr(&self.staging),
-                    len: stage.len(),
-                    kind: OpKind::Write,
-                })
+                .map(|(_, loc, stage)| self.op(loc, stage, OpKind::Write))
                 .collect();
             // SAFETY: each op's buffer is a staging range reserved for this op until release.
             let results = unsafe { self.engine.submit(&ops) };
@@ -274,6 +268,7 @@ impl DiskTier {
                             self.full.store(true, Ordering::Relaxed);
                         } else {
                             c.io_errors += 1;
+                            crate::metrics::io_error();
                         }
                         Err(err)
                     }
@@ -296,16 +291,7 @@ impl DiskTier {
             pending = rest;
             let ops: Vec<IoOp<'_>> = batch
                 .iter()
-                .map(|(i, stage)| {
-                    let loc = items[*i].loc;
-                    IoOp {
-                        file: &self.files[loc.file as usize].file,
-                        offset: loc.offset(),
-                        buf: stage.ptr(&self.staging),
-                        len: stage.len(),
-                        kind: OpKind::Read,
-                    }
-                })
+                .map(|(i, stage)| self.op(items[*i].loc, stage, OpKind::Read))
                 .collect();
             let t0 = Instant::now();
             // Records are verified and copied out as their reads complete, while later reads
@@ -524,8 +510,15 @@ impl DiskTier {
         (taken, rest)
     }
 
-    fn release(&self, stage: Stage) {
-        self.release_all(vec![stage]);
+    /// The transfer of one record between its blocks and its staging range.
+    fn op(&self, loc: &DiskLoc, stage: &Stage, kind: OpKind) -> IoOp<'_> {
+        IoOp {
+            file: &self.files[loc.file as usize].file,
+            offset: loc.offset(),
+            buf: stage.ptr(&self.staging),
+            len: stage.len(),
+            kind,
+        }
     }
 
     fn release_all(&self, stages: Vec<Stage>) {
@@ -635,6 +628,3 @@ fn remove_stale(dir: &Path) {
         }
     }
 }
-
-/// Shares a [`DiskTier`] between the store and its prefetch thread.
-pub type SharedDisk = Arc<DiskTier>;

@@ -166,6 +166,21 @@ struct TierCounts {
     disk_only_pages: u64,
 }
 
+/// Frees both copies of a record that leaves the store, taking it out of the tier counts.
+fn release(arena: &mut HostArena, tiers: &mut TierCounts, disk: Option<&DiskTier>, e: &mut Entry) {
+    if let Some(x) = e.host.take() {
+        arena.dealloc(x);
+        tiers.host_bytes -= e.bytes as u64;
+        tiers.host_pages -= e.pages as u64;
+    } else if e.disk.is_some() {
+        tiers.disk_only_bytes -= e.bytes as u64;
+        tiers.disk_only_pages -= e.pages as u64;
+    }
+    if let (Some(d), Some(loc)) = (disk, e.disk.take()) {
+        d.free(&loc);
+    }
+}
+
 /// Drops the host copy of a record that has an intact disk copy.
 fn demote(arena: &mut HostArena, tiers: &mut TierCounts, e: &mut Entry) {
     if let Some(x) = e.host.take() {
@@ -490,7 +505,7 @@ impl TieredStore {
             while i < sizes.len() && (extents.is_empty() || chunk_bytes < chunk_limit) {
                 let s = sizes[i];
                 let bytes = layout.record_bytes(s);
-                let ext = match self.alloc_host(bytes) {
+                let ext = match alloc_host(&self.shared, bytes) {
                     Ok(e) => e,
                     Err(e) => {
                         let mut t = self.table();
@@ -588,24 +603,19 @@ impl TieredStore {
         let Some(h) = t.heads.get_mut(&head) else {
             return;
         };
-        for e in h.clusters.drain(first as usize..) {
+        for mut e in h.clusters.drain(first as usize..) {
             t.clusters -= 1;
             if e.pins > 0 {
                 // Nobody knows these ids yet; a reader guessing them keeps the record alive
                 // until the sequence ends.
                 continue;
             }
-            if let Some(x) = e.host {
-                t.arena.dealloc(x);
-                t.tiers.host_bytes -= e.bytes as u64;
-                t.tiers.host_pages -= e.pages as u64;
-            } else if e.disk.is_some() {
-                t.tiers.disk_only_bytes -= e.bytes as u64;
-                t.tiers.disk_only_pages -= e.pages as u64;
-            }
-            if let (Some(d), Some(loc)) = (&self.shared.disk, e.disk) {
-                d.free(&loc);
-            }
+            release(
+                &mut t.arena,
+                &mut t.tiers,
+                self.shared.disk.as_ref(),
+                &mut e,
+            );
         }
         if h.clusters.is_empty() && h.pinned == 0 {
             t.heads.remove(&head);
@@ -643,9 +653,7 @@ impl TieredStore {
         out: &mut Vec<u8>,
     ) -> Result<Vec<RecordSpan>, StoreError> {
         let start = out.len();
-        let mut total = 0usize;
         let spans = self.gather_with(head, clusters, |bytes| {
-            total = bytes;
             out.resize(start + bytes, 0);
             Ok(&mut out[start..])
         })?;
@@ -786,30 +794,16 @@ impl TieredStore {
                 continue;
             };
             for e in head.clusters.iter_mut() {
-                if e.pins > 0 {
-                    continue;
-                }
                 t.clusters -= 1;
-                if let Some(x) = e.host.take() {
-                    t.arena.dealloc(x);
+                if e.pins == 0 {
+                    release(&mut t.arena, &mut t.tiers, self.shared.disk.as_ref(), e);
+                } else if e.host.is_some() {
+                    // Read right now: its memory goes back when the reader unpins it.
                     t.tiers.host_bytes -= e.bytes as u64;
                     t.tiers.host_pages -= e.pages as u64;
-                } else if e.disk.is_some() {
-                    t.tiers.disk_only_bytes -= e.bytes as u64;
-                    t.tiers.disk_only_pages -= e.pages as u64;
-                }
-                if let (Some(d), Some(loc)) = (&self.shared.disk, e.disk.take()) {
-                    d.free(&loc);
                 }
             }
             if head.pinned > 0 {
-                for e in head.clusters.iter().filter(|e| e.pins > 0) {
-                    t.clusters -= 1;
-                    if e.host.is_some() {
-                        t.tiers.host_bytes -= e.bytes as u64;
-                        t.tiers.host_pages -= e.pages as u64;
-                    }
-                }
                 head.dead = true;
                 t.heads.insert(h, head);
             }
@@ -828,7 +822,7 @@ impl TieredStore {
                     return Ok(n);
                 }
             }
-            let k = self.evict_some(bytes as usize)?;
+            let k = evict_some(&self.shared, bytes as usize)?;
             if k == 0 {
                 return Ok(n);
             }
@@ -1056,15 +1050,6 @@ impl TieredStore {
             i += run;
         }
     }
-
-    /// A host extent for `bytes`, spilling cold records to disk as needed.
-    fn alloc_host(&self, bytes: usize) -> Result<Extent, StoreError> {
-        alloc_host(&self.shared, bytes)
-    }
-
-    fn evict_some(&self, want: usize) -> Result<usize, StoreError> {
-        evict_some(&self.shared, want)
-    }
 }
 
 struct Pinned {
@@ -1259,15 +1244,15 @@ fn evict_some(shared: &Shared, want: usize) -> Result<usize, StoreError> {
 }
 
 /// Loads disk-only clusters into host memory (one load per cluster however many ask), pinning
-/// each for the caller when `pin`. `urgent` counts for metrics only: every caller reads what is
-/// not in flight itself, so a needed-now read never queues behind speculative ones.
+/// each for the caller when `pin`. `urgent` is false for the prefetch thread's loads, which are
+/// counted as prefetched; every caller reads what is not in flight itself, so a needed-now read
+/// never queues behind speculative ones.
 fn load(
     shared: &Shared,
     refs: &[ClusterRef],
     pin: bool,
     urgent: bool,
 ) -> Vec<Result<(), StoreError>> {
-    let _ = urgent;
     let mut results: Vec<Option<Result<(), StoreError>>> = (0..refs.len()).map(|_| None).collect();
     loop {
         let mut mine: Vec<(usize, ClusterRef, Arc<LoadSlot>, u32, DiskLoc, usize)> = Vec::new();
@@ -1377,9 +1362,6 @@ fn load(
                     },
                     (Ok(x), r) => {
                         t.arena.dealloc(*x);
-                        if r.as_ref().is_some_and(|r| r.is_err()) {
-                            crate::metrics::io_error();
-                        }
                         r.unwrap_or_else(|| Err(StoreError::Internal("read result missing".into())))
                     }
                 };

@@ -7,39 +7,16 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, RngCore, SeedableRng};
 use retrowave_store::io::{
     AlignedBuf, IO_ALIGN, IoChoice, IoEngine, IoError, IoFile, IoOp, IoOptions, IoPath, OpKind,
 };
 
-/// splitmix64: small deterministic generator for test data and layouts.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn fill(&mut self, bytes: &mut [u8]) {
-        for chunk in bytes.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.below(i as u64 + 1) as usize;
-            v.swap(i, j);
-        }
-    }
+/// A deterministic generator for test data and layouts.
+fn seeded(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
 }
 
 fn engine(choice: IoChoice, queue_depth: u32) -> Option<IoEngine> {
@@ -84,7 +61,7 @@ struct Record {
 /// `count` records of random length (`min..=max`, aligned when `aligned`) at random
 /// non-overlapping offsets, laid out back to back in memory; returned in random order.
 fn random_records(
-    rng: &mut Rng,
+    rng: &mut StdRng,
     count: usize,
     aligned: bool,
     min: usize,
@@ -92,7 +69,7 @@ fn random_records(
 ) -> (Vec<Record>, usize) {
     let mut lens: Vec<usize> = (0..count)
         .map(|_| {
-            let len = min + rng.below((max - min + 1) as u64) as usize;
+            let len = min + rng.random_range(0..(max - min + 1) as u64) as usize;
             if aligned {
                 len / IO_ALIGN * IO_ALIGN
             } else {
@@ -100,17 +77,18 @@ fn random_records(
             }
         })
         .collect();
-    rng.shuffle(&mut lens);
+    lens.shuffle(rng);
     let mut records = Vec::with_capacity(count);
     let (mut offset, mut mem) = (0u64, 0usize);
     for len in lens {
-        let gap = rng.below(4) * IO_ALIGN as u64 + if aligned { 0 } else { rng.below(300) };
+        let gap = rng.random_range(0..4) * IO_ALIGN as u64
+            + if aligned { 0 } else { rng.random_range(0..300) };
         offset += gap;
         records.push(Record { offset, len, mem });
         offset += len as u64;
         mem += len.next_multiple_of(IO_ALIGN);
     }
-    rng.shuffle(&mut records);
+    records.shuffle(rng);
     (records, mem)
 }
 
@@ -157,13 +135,13 @@ fn round_trip(
     aligned: bool,
     seed: u64,
 ) {
-    let mut rng = Rng(seed);
+    let mut rng = seeded(seed);
     let (min, max) = if aligned { (4096, 65_536) } else { (1, 65_536) };
     let (records, arena_len) = random_records(&mut rng, 150, aligned, min, max);
     let file = IoFile::create(&dir.join(format!("rt-{seed}.dat")), direct).unwrap();
     assert_eq!(file.is_direct(), fd_is_direct(&file));
     let mut src = AlignedBuf::zeroed(arena_len);
-    rng.fill(&mut src);
+    rng.fill_bytes(&mut src);
     let before = writer.stats();
     let w = ops(&file, &records, &mut src, OpKind::Write);
     // SAFETY: ops cover disjoint parts of `src`, which outlives the call.
@@ -183,7 +161,7 @@ fn round_trip(
     for reader in readers {
         let mut dst = AlignedBuf::zeroed(arena_len);
         let mut order = records.clone();
-        rng.shuffle(&mut order);
+        order.shuffle(&mut rng);
         let r = ops(&file, &order, &mut dst, OpKind::Read);
         // SAFETY: as above, into `dst`.
         let results = unsafe { reader.submit(&r) };
@@ -251,7 +229,7 @@ fn batches_deeper_than_the_queue_keep_the_depth_bounded() {
             })
             .collect();
         let mut src = AlignedBuf::zeroed(300 * 8192);
-        Rng(7).fill(&mut src);
+        seeded(7).fill_bytes(&mut src);
         let w = ops(&file, &records, &mut src, OpKind::Write);
         // SAFETY: disjoint parts of `src`.
         assert_all_ok(&unsafe { e.submit(&w) }, &records);
@@ -277,7 +255,7 @@ fn registered_buffers_round_trip_inside_straddling_and_outside_the_region() {
         // 16 records of 4 pages, 6 pages apart in memory, starting one page in.
         let pages = 100;
         let mut src = AlignedBuf::zeroed(pages * 4096);
-        Rng(11).fill(&mut src);
+        seeded(11).fill_bytes(&mut src);
         let mut dst = AlignedBuf::zeroed(pages * 4096);
         let records: Vec<Record> = (0..16)
             .map(|i| Record {
@@ -315,7 +293,7 @@ fn truncate(file: &IoFile, len: u64) {
 
 fn write_pages(e: &IoEngine, file: &IoFile, pages: usize, seed: u64) -> AlignedBuf {
     let mut src = AlignedBuf::zeroed(pages * 4096);
-    Rng(seed).fill(&mut src);
+    seeded(seed).fill_bytes(&mut src);
     let op = IoOp {
         file,
         offset: 0,
@@ -497,7 +475,7 @@ fn writing_to_a_full_filesystem_gives_no_space() {
         // tmpfs supports O_DIRECT on recent kernels; either way is_direct must tell the truth.
         assert_eq!(file.is_direct(), fd_is_direct(&file), "{}", e.path());
         let mut src = AlignedBuf::zeroed(32 * 65_536);
-        Rng(9).fill(&mut src);
+        seeded(9).fill_bytes(&mut src);
         let p = src.as_mut_ptr();
         let batch: Vec<IoOp<'_>> = (0..32)
             .map(|i| IoOp {
@@ -576,7 +554,7 @@ fn misaligned_ops_on_a_direct_file_fail_alone() {
             "the test directory's filesystem should support O_DIRECT"
         );
         let mut buf = AlignedBuf::zeroed(8 * 4096);
-        Rng(1).fill(&mut buf);
+        seeded(1).fill_bytes(&mut buf);
         let p = buf.as_mut_ptr();
         let op = |offset: u64, at: usize, len: usize| IoOp {
             file: &file,
@@ -621,7 +599,7 @@ fn four_threads_share_one_engine() {
             for t in 0..4u64 {
                 let (e, file) = (&e, &file);
                 s.spawn(move || {
-                    let mut rng = Rng(100 + t);
+                    let mut rng = seeded(100 + t);
                     for round in 0..5u64 {
                         // Each thread owns slots t, t+4, t+8, ... of 8 KiB.
                         let records: Vec<Record> = (0..40)
@@ -632,7 +610,7 @@ fn four_threads_share_one_engine() {
                             })
                             .collect();
                         let mut src = AlignedBuf::zeroed(40 * 8192);
-                        rng.fill(&mut src);
+                        rng.fill_bytes(&mut src);
                         let w = ops(file, &records, &mut src, OpKind::Write);
                         // SAFETY: disjoint parts of this thread's `src`.
                         assert_all_ok(&unsafe { e.submit(&w) }, &records);

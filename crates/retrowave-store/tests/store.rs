@@ -433,19 +433,17 @@ fn a_truncated_or_removed_file_gives_errors_not_crashes() {
     check_cluster(&store, &b, 9).unwrap();
 }
 
-#[test]
-fn a_full_disk_quota_is_a_typed_error_and_nothing_is_lost() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(vec![dir.path().to_path_buf()], 256 << 10, IoChoice::Auto);
-    cfg.max_disk_bytes_per_dir = Some(512 << 10);
-    let store = TieredStore::new(cfg).unwrap();
+/// Appends heads of 30 clusters until the store refuses one, then checks that the refusal is a
+/// full disk (or host memory that cannot spill), that it was counted, and that everything
+/// appended before reads back intact.
+fn fill_until_full(store: &TieredStore, never: &str) {
     let mut kept = Vec::new();
     let err = loop {
-        match append(&store, head(1, kept.len() as u32, 0), 30) {
+        match append(store, head(1, kept.len() as u32, 0), 30) {
             Ok(a) => kept.push(a),
             Err(e) => break e,
         }
-        assert!(kept.len() < 200, "the quota never filled");
+        assert!(kept.len() < 200, "{never}");
     };
     assert!(
         matches!(
@@ -454,12 +452,21 @@ fn a_full_disk_quota_is_a_typed_error_and_nothing_is_lost() {
         ),
         "{err}"
     );
-    assert!(store.stats().disk_full > 0);
+    assert!(store.stats().disk_full > 0, "{:?}", store.stats());
     for a in &kept {
         for c in 0..30 {
-            check_cluster(&store, a, c).unwrap();
+            check_cluster(store, a, c).unwrap();
         }
     }
+}
+
+#[test]
+fn a_full_disk_quota_is_a_typed_error_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(vec![dir.path().to_path_buf()], 256 << 10, IoChoice::Auto);
+    cfg.max_disk_bytes_per_dir = Some(512 << 10);
+    let store = TieredStore::new(cfg).unwrap();
+    fill_until_full(&store, "the quota never filled");
     // Ending sequences frees the disk: appends work again.
     store.free_sequence(SeqId(1));
     append(&store, head(2, 0, 0), 30).unwrap();
@@ -485,36 +492,15 @@ fn a_full_filesystem_is_a_typed_error() {
         }
     }
     let _guard = Unmount(dir.path());
-    let run = || {
+    {
         let store = TieredStore::new(config(
             vec![dir.path().to_path_buf()],
             256 << 10,
             IoChoice::Auto,
         ))
         .unwrap();
-        let mut kept = Vec::new();
-        let err = loop {
-            match append(&store, head(1, kept.len() as u32, 0), 30) {
-                Ok(a) => kept.push(a),
-                Err(e) => break e,
-            }
-            assert!(kept.len() < 200, "1 MiB never filled");
-        };
-        assert!(
-            matches!(
-                err,
-                StoreError::DiskFull { .. } | StoreError::HostFull { .. }
-            ),
-            "{err}"
-        );
-        assert!(store.stats().disk_full > 0, "{:?}", store.stats());
-        for a in &kept {
-            for c in 0..30 {
-                check_cluster(&store, a, c).unwrap();
-            }
-        }
-    };
-    run();
+        fill_until_full(&store, "1 MiB never filled");
+    }
     // The store's files are gone after it is dropped.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }

@@ -16,6 +16,7 @@ use retrowave_store::{HeadRef, SeqId, StoreConfig, TieredStore};
 use serde_json::json;
 
 use crate::bench::{commit, cpu_device};
+use crate::eval::tasks::Rng;
 
 /// Parameters of the store benchmark.
 pub struct StoreBench {
@@ -37,13 +38,6 @@ pub struct StoreBench {
     pub gather_clusters: usize,
     /// JSON-lines output.
     pub out: PathBuf,
-}
-
-fn xorshift(x: &mut u64) -> u64 {
-    *x ^= *x << 13;
-    *x ^= *x >> 7;
-    *x ^= *x << 17;
-    *x
 }
 
 /// Single-thread memcpy bandwidth in GB/s (bytes copied per second), best of 5 passes over
@@ -77,12 +71,12 @@ fn disk_reads(
 ) -> Result<DiskResult> {
     let rec = locs[0].bytes as usize;
     let mut dst = vec![0u8; rec * batch];
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut x = Rng::new(0x9E37_79B9_7F4A_7C15);
     let (mut ops, mut bytes) = (0u64, 0u64);
     let t = Instant::now();
     while t.elapsed().as_secs_f64() < seconds {
         let picks: Vec<usize> = (0..batch)
-            .map(|_| xorshift(&mut x) as usize % locs.len())
+            .map(|_| x.below(locs.len() as u64) as usize)
             .collect();
         let items: Vec<ReadItem<'_>> = picks
             .iter()
@@ -116,9 +110,9 @@ fn fill_tier(tier: &DiskTier, n: usize, rec: usize, page_bytes: usize) -> Result
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut locs = Vec::with_capacity(n);
-    let mut x = 1u64;
+    let mut x = Rng::new(1);
     let recs: Vec<Vec<u8>> = (0..256)
-        .map(|_| (0..rec).map(|_| xorshift(&mut x) as u8).collect())
+        .map(|_| (0..rec).map(|_| x.next_u64() as u8).collect())
         .collect();
     let mut done = 0;
     while done < n {
@@ -308,9 +302,9 @@ pub fn run(cfg: StoreBench) -> Result<()> {
     let per_head = 4096usize;
     let heads = (cfg.host_bytes as usize / rec / per_head).max(1);
     let vb = layout.vector_bytes();
-    let mut x = 7u64;
+    let mut x = Rng::new(7);
     let kv: Vec<u8> = (0..per_head * cfg.cluster_tokens as usize * vb)
-        .map(|_| xorshift(&mut x) as u8)
+        .map(|_| x.next_u64() as u8)
         .collect();
     let sizes = vec![cfg.cluster_tokens; per_head];
     let hr = |h: usize| HeadRef {
@@ -337,9 +331,9 @@ pub fn run(cfg: StoreBench) -> Result<()> {
         let (mut bytes, mut calls) = (0u64, 0u64);
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs_f64(secs) {
-            let head = hr(xorshift(&mut x) as usize % heads);
+            let head = hr(x.below(heads as u64) as usize);
             let ids: Vec<u32> = (0..cfg.gather_clusters)
-                .map(|_| (xorshift(&mut x) % per_head as u64) as u32)
+                .map(|_| x.below(per_head as u64) as u32)
                 .collect();
             let spans = store.gather_into(head, &ids, &mut out)?;
             bytes += spans.iter().map(|s| s.bytes as u64).sum::<u64>();

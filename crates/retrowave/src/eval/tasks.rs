@@ -49,16 +49,17 @@ const NOUNS: &[&str] = &[
     "feather", "garnet", "hazel", "iris", "juniper", "koala", "lotus", "maple", "otter", "pine",
 ];
 
-/// A deterministic pseudo-random generator (splitmix64); small and good enough for task data.
+/// A deterministic pseudo-random generator (splitmix64); small and good enough for task data and
+/// benchmark access patterns.
 #[derive(Debug, Clone)]
-struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         Rng(seed)
     }
 
-    fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -67,7 +68,7 @@ impl Rng {
     }
 
     /// Uniform in `0..n` (0 when `n` is 0).
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
     }
 
