@@ -111,6 +111,16 @@ impl BatchLayout {
     }
 }
 
+/// How to pick one row's next token on the device: temperature (0 = greedy), top-k (0 = off),
+/// top-p (1 = off), and the uniform draw in [0, 1) that selects the token by inverse CDF.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowSampling {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub uniform: f32,
+}
+
 /// Sums partial activations across the workers of a tensor-parallel group.
 pub trait Collective<A>: Send + Sync {
     /// Number of workers in the group.
@@ -138,6 +148,31 @@ pub trait Backend: Send + Sync {
     /// operations inside it run on pool threads without a hand-off per operation).
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         f()
+    }
+
+    /// Reports a failure recorded by an operation that cannot return one (a GPU backend records
+    /// launch errors and exhausted device memory and reports them here, once per step).
+    fn check(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// Whether [`Backend::sample_rows`] picks tokens on the device (so that only token ids, not
+    /// the logits, travel back to the host).
+    fn samples_on_device(&self) -> bool {
+        false
+    }
+
+    /// Picks one token per row of `logits` (`[rows, vocab]`) on the device.
+    fn sample_rows(
+        &self,
+        logits: &Self::Acts,
+        rows: &[RowSampling],
+    ) -> Result<Vec<u32>, BackendError> {
+        let _ = (logits, rows);
+        Err(BackendError::Device(format!(
+            "the {} backend samples on the host",
+            self.name()
+        )))
     }
 
     /// Stacks the rows of several weights with the same input width into one matrix, so that
@@ -212,6 +247,21 @@ pub trait Backend: Send + Sync {
 
     /// A copy of a cache (to fork a sequence after a shared prefix).
     fn kv_clone(&self, kv: &Self::Kv) -> Result<Self::Kv, BackendError>;
+
+    /// Fills the cache with `len` tokens of synthetic keys and values (uniform random from
+    /// `seed`) without running the model: for benchmarks of long contexts, which say so.
+    fn kv_fill_synthetic(
+        &self,
+        kv: &mut Self::Kv,
+        len: usize,
+        seed: u64,
+    ) -> Result<(), BackendError> {
+        let _ = (kv, len, seed);
+        Err(BackendError::Device(format!(
+            "the {} backend cannot fill caches synthetically",
+            self.name()
+        )))
+    }
 
     /// Builds the wave index over everything the cache holds (called once the prompt is
     /// prefilled); later decode steps of this sequence attend through it and update it.

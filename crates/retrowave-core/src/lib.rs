@@ -8,7 +8,8 @@ pub mod wave;
 pub mod weights;
 
 pub use backend::{
-    Backend, BackendError, BatchLayout, Collective, HeadLayout, RopeParams, RopeStyle, SeqRows,
+    Backend, BackendError, BatchLayout, Collective, HeadLayout, RopeParams, RopeStyle, RowSampling,
+    SeqRows,
 };
 pub use dtype::TensorType;
 pub use wave::{

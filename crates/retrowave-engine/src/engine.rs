@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use retrowave_core::{AttentionMode, Backend, BatchLayout, SeqRows, WaveStats};
+use retrowave_core::{AttentionMode, Backend, BatchLayout, RowSampling, SeqRows, WaveStats};
 use retrowave_model::sampling::{Sampler, SamplingParams};
 use retrowave_model::tokenizer::Tokenizer;
 
@@ -77,6 +77,12 @@ pub enum Event {
         text: String,
         usage: Usage,
     },
+}
+
+/// What a step gave back: logits to sample on the host, or tokens picked on the device.
+enum Picked {
+    Logits(Vec<f32>),
+    Tokens(Vec<u32>),
 }
 
 struct Sequence {
@@ -268,7 +274,22 @@ impl<B: Backend + 'static> Engine<B> {
                 sampled.push(e.id);
             }
         }
-        let logits = match self.group.forward(&tokens, &batch, &logits_rows) {
+        // Backends that sample on the device return token ids only; the others return logits
+        // that the per-request samplers read here.
+        let result = if self.group.samples_on_device() {
+            let rows: Vec<RowSampling> = sampled
+                .iter()
+                .filter_map(|id| self.seqs.get_mut(id).map(|s| s.sampler.device_row()))
+                .collect();
+            self.group
+                .forward_sample(&tokens, &batch, &logits_rows, &rows)
+                .map(Picked::Tokens)
+        } else {
+            self.group
+                .forward(&tokens, &batch, &logits_rows)
+                .map(Picked::Logits)
+        };
+        let picked = match result {
             Ok(l) => l,
             Err(e) => {
                 // The step is undone on every worker; fail its sequences, keep the others.
@@ -305,20 +326,26 @@ impl<B: Backend + 'static> Engine<B> {
         let vocab = self.group.vocab();
         let mut events = Vec::new();
         for (i, id) in sampled.into_iter().enumerate() {
-            let row = &logits[i * vocab..(i + 1) * vocab];
-            events.extend(self.accept(id, row));
+            let token = match &picked {
+                Picked::Tokens(t) => t.get(i).copied(),
+                Picked::Logits(l) => l
+                    .get(i * vocab..(i + 1) * vocab)
+                    .and_then(|row| self.seqs.get_mut(&id).map(|s| s.sampler.sample(row))),
+            };
+            if let Some(token) = token {
+                events.extend(self.accept(id, token));
+            }
         }
         Ok(events)
     }
 
-    /// Samples the next token of `id` from `logits` and updates its text and state.
-    fn accept(&mut self, id: SeqId, logits: &[f32]) -> Vec<Event> {
+    /// Appends the sampled `token` to `id` and updates its text and state.
+    fn accept(&mut self, id: SeqId, token: u32) -> Vec<Event> {
         let tok = self.tokenizer.clone();
         let max_context = self.cfg.max_context;
         let Some(s) = self.seqs.get_mut(&id) else {
             return Vec::new();
         };
-        let token = s.sampler.sample(logits);
         if s.first_token.is_none() {
             s.first_token = Some(Instant::now());
         }

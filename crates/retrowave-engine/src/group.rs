@@ -9,7 +9,9 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread::JoinHandle;
 
-use retrowave_core::{Backend, BatchLayout, Collective, FidelitySample, WaveConfig, WaveStats};
+use retrowave_core::{
+    Backend, BatchLayout, Collective, FidelitySample, RowSampling, WaveConfig, WaveStats,
+};
 use retrowave_model::arch::{ModelConfig, WeightSource};
 
 use crate::EngineError;
@@ -59,6 +61,7 @@ enum Cmd {
         tokens: Arc<Vec<u32>>,
         batch: Arc<BatchLayout>,
         logits_rows: Arc<Vec<usize>>,
+        sampling: Option<Arc<Vec<RowSampling>>>,
     },
     Open {
         slot: usize,
@@ -74,6 +77,11 @@ enum Cmd {
     BuildIndex {
         slot: usize,
         cfg: WaveConfig,
+    },
+    FillSynthetic {
+        slot: usize,
+        len: usize,
+        seed: u64,
     },
     Fork {
         src: usize,
@@ -95,6 +103,7 @@ enum Cmd {
 enum Data {
     None,
     Logits(Vec<f32>),
+    Tokens(Vec<u32>),
     Stats(Option<WaveStats>),
     Probe(Vec<FidelitySample>),
 }
@@ -109,6 +118,7 @@ struct Remote {
 
 /// A group of workers that together hold the whole model.
 pub struct WorkerGroup<B: Backend + 'static> {
+    device_sampling: bool,
     local: Option<Worker<B>>,
     remotes: Vec<Remote>,
     vocab: usize,
@@ -134,12 +144,14 @@ impl<B: Backend + 'static> WorkerGroup<B> {
                 .ok_or_else(|| EngineError::Config("no shard".into()))?;
             let w = Worker::load(backend, cfg, src, shard, None)?;
             return Ok(WorkerGroup {
+                device_sampling: w.samples_on_device(),
                 local: Some(w),
                 remotes: Vec::new(),
                 vocab: cfg.vocab_size,
             });
         }
         let coll: Arc<dyn Collective<Vec<f32>>> = Arc::new(HostSum::new(world));
+        let device_sampling = backends.iter().all(|b| b.samples_on_device());
         let mut remotes = Vec::with_capacity(world);
         for (backend, shard) in backends.into_iter().zip(shards) {
             // Weights are loaded here (the source borrows the model file), then moved to the thread.
@@ -157,6 +169,7 @@ impl<B: Backend + 'static> WorkerGroup<B> {
             });
         }
         Ok(WorkerGroup {
+            device_sampling,
             local: None,
             remotes,
             vocab: cfg.vocab_size,
@@ -214,6 +227,22 @@ impl<B: Backend + 'static> WorkerGroup<B> {
                     slot,
                     cfg: cfg.clone(),
                 })
+                .map(|_| ()),
+        }
+    }
+
+    /// Fills the cache of `slot` with `len` synthetic tokens on every worker (benchmarks of long
+    /// contexts without a prefill; results from it must say so).
+    pub fn fill_synthetic(
+        &mut self,
+        slot: usize,
+        len: usize,
+        seed: u64,
+    ) -> Result<(), EngineError> {
+        match &mut self.local {
+            Some(w) => w.fill_synthetic(slot, len, seed),
+            None => self
+                .broadcast(|| Cmd::FillSynthetic { slot, len, seed })
                 .map(|_| ()),
         }
     }
@@ -305,6 +334,45 @@ impl<B: Backend + 'static> WorkerGroup<B> {
         }
     }
 
+    /// Whether the workers pick tokens on the device ([`WorkerGroup::forward_sample`]).
+    pub fn samples_on_device(&mut self) -> bool {
+        self.device_sampling
+    }
+
+    /// Runs one forward step on every worker and picks one token per logits row on the device
+    /// (`sampling[i]` for `logits_rows[i]`).
+    pub fn forward_sample(
+        &mut self,
+        tokens: &[u32],
+        batch: &BatchLayout,
+        logits_rows: &[usize],
+        sampling: &[RowSampling],
+    ) -> Result<Vec<u32>, EngineError> {
+        let out = match &mut self.local {
+            Some(w) => w.forward_sample(tokens, batch, logits_rows, sampling)?,
+            None => {
+                let (t, b, l, s) = (
+                    Arc::new(tokens.to_vec()),
+                    Arc::new(batch.clone()),
+                    Arc::new(logits_rows.to_vec()),
+                    Arc::new(sampling.to_vec()),
+                );
+                self.broadcast(|| Cmd::Forward {
+                    tokens: t.clone(),
+                    batch: b.clone(),
+                    logits_rows: l.clone(),
+                    sampling: Some(s.clone()),
+                })?
+                .into_iter()
+                .find_map(|d| match d {
+                    Data::Tokens(t) => Some(t),
+                    _ => None,
+                })
+            }
+        };
+        Ok(out.unwrap_or_default())
+    }
+
     /// Runs one forward step on every worker; returns the logits of `logits_rows`.
     pub fn forward(
         &mut self,
@@ -324,6 +392,7 @@ impl<B: Backend + 'static> WorkerGroup<B> {
                     tokens: t.clone(),
                     batch: b.clone(),
                     logits_rows: l.clone(),
+                    sampling: None,
                 })?
                 .into_iter()
                 .find_map(|d| match d {
@@ -343,9 +412,18 @@ fn serve<B: Backend>(mut w: Worker<B>, rx: Receiver<Cmd>, tx: Sender<Reply>) {
                 tokens,
                 batch,
                 logits_rows,
+                sampling: None,
             } => w
                 .forward(&tokens, &batch, &logits_rows)
                 .map(|l| l.map_or(Data::None, Data::Logits)),
+            Cmd::Forward {
+                tokens,
+                batch,
+                logits_rows,
+                sampling: Some(sampling),
+            } => w
+                .forward_sample(&tokens, &batch, &logits_rows, &sampling)
+                .map(|t| t.map_or(Data::None, Data::Tokens)),
             Cmd::Open { slot, max_tokens } => w.open_slot(slot, max_tokens).map(|_| Data::None),
             Cmd::Close { slot } => {
                 w.close_slot(slot);
@@ -357,6 +435,9 @@ fn serve<B: Backend>(mut w: Worker<B>, rx: Receiver<Cmd>, tx: Sender<Reply>) {
             }
             Cmd::BuildIndex { slot, cfg } => w.build_index(slot, &cfg).map(|_| Data::None),
             Cmd::Fork { src, dst } => w.fork_slot(src, dst).map(|_| Data::None),
+            Cmd::FillSynthetic { slot, len, seed } => {
+                w.fill_synthetic(slot, len, seed).map(|_| Data::None)
+            }
             Cmd::WaveStats { slot } => Ok(Data::Stats(w.wave_stats(slot))),
             Cmd::SetProbe { slot, on } => w.set_probe(slot, on).map(|_| Data::None),
             Cmd::TakeProbe { slot } => w.take_probe(slot).map(Data::Probe),

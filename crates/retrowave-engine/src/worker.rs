@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use retrowave_core::{
-    Backend, BatchLayout, Collective, FidelitySample, HeadLayout, RopeParams, WaveConfig, WaveStats,
+    Backend, BatchLayout, Collective, FidelitySample, HeadLayout, RopeParams, RowSampling,
+    WaveConfig, WaveStats,
 };
 use retrowave_model::arch::{ModelConfig, WeightSource};
 
@@ -50,6 +51,12 @@ struct Layer<B: Backend> {
     /// Gate, up.
     gate_up: Projections<B>,
     w_down: B::Matrix,
+}
+
+/// What a step returns on rank 0.
+enum StepOutput {
+    Logits(Vec<f32>),
+    Tokens(Vec<u32>),
 }
 
 /// A worker: weights, caches and forward for one shard.
@@ -212,6 +219,41 @@ impl<B: Backend> Worker<B> {
         batch: &BatchLayout,
         logits_rows: &[usize],
     ) -> Result<Option<Vec<f32>>, EngineError> {
+        Ok(match self.step(tokens, batch, logits_rows, None)? {
+            Some(StepOutput::Logits(l)) => Some(l),
+            _ => None,
+        })
+    }
+
+    /// Whether this worker's backend picks tokens on the device.
+    pub fn samples_on_device(&self) -> bool {
+        self.backend.samples_on_device()
+    }
+
+    /// As [`Worker::forward`], then picks one token per logits row on the device (`sampling[i]`
+    /// for `logits_rows[i]`); returns the tokens on rank 0.
+    pub fn forward_sample(
+        &mut self,
+        tokens: &[u32],
+        batch: &BatchLayout,
+        logits_rows: &[usize],
+        sampling: &[RowSampling],
+    ) -> Result<Option<Vec<u32>>, EngineError> {
+        Ok(
+            match self.step(tokens, batch, logits_rows, Some(sampling))? {
+                Some(StepOutput::Tokens(t)) => Some(t),
+                _ => None,
+            },
+        )
+    }
+
+    fn step(
+        &mut self,
+        tokens: &[u32],
+        batch: &BatchLayout,
+        logits_rows: &[usize],
+        sampling: Option<&[RowSampling]>,
+    ) -> Result<Option<StepOutput>, EngineError> {
         let positions = batch.positions();
         // Take the caches of the batch's slots out of the map for the duration of the step.
         let mut taken = Vec::with_capacity(batch.seqs.len());
@@ -233,7 +275,7 @@ impl<B: Backend> Worker<B> {
         let this = &*self;
         let result = this
             .backend
-            .run(|| -> Result<Option<Vec<f32>>, EngineError> {
+            .run(|| -> Result<Option<StepOutput>, EngineError> {
                 let b = &this.backend;
                 let mut x = b.embed(&this.embed, tokens)?;
                 let hd = this.heads.head_dim;
@@ -271,12 +313,20 @@ impl<B: Backend> Worker<B> {
                     b.add_assign(&mut x, &d);
                 }
                 if this.shard.rank != 0 || logits_rows.is_empty() {
+                    b.check()?;
                     return Ok(None);
                 }
                 let last = b.select_rows(&x, logits_rows);
                 let h = b.rms_norm(&last, &this.out_norm, this.rms_eps);
                 let logits = b.linear(&h, this.output.as_ref().unwrap_or(&this.embed), None);
-                Ok(Some(b.acts_to_host(&logits)))
+                if let Some(rows) = sampling {
+                    let t = b.sample_rows(&logits, rows)?;
+                    b.check()?;
+                    return Ok(Some(StepOutput::Tokens(t)));
+                }
+                let host = b.acts_to_host(&logits);
+                b.check()?;
+                Ok(Some(StepOutput::Logits(host)))
             });
         for ((slot, mut kv), s) in taken.into_iter().zip(&batch.seqs) {
             if result.is_err() {
@@ -296,6 +346,22 @@ impl<B: Backend> Worker<B> {
             .get_mut(&slot)
             .ok_or(EngineError::UnknownSlot(slot))?;
         backend.kv_build_index(kv, cfg)?;
+        Ok(())
+    }
+
+    /// Fills the cache of `slot` with `len` synthetic tokens (benchmarks only).
+    pub fn fill_synthetic(
+        &mut self,
+        slot: usize,
+        len: usize,
+        seed: u64,
+    ) -> Result<(), EngineError> {
+        let backend = &self.backend;
+        let kv = self
+            .caches
+            .get_mut(&slot)
+            .ok_or(EngineError::UnknownSlot(slot))?;
+        backend.kv_fill_synthetic(kv, len, seed)?;
         Ok(())
     }
 

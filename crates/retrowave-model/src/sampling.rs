@@ -99,6 +99,23 @@ impl Sampler {
         &self.params
     }
 
+    /// What a device needs to pick the next token as [`Sampler::sample`] would (the same
+    /// temperature, top-k and top-p, and this sampler's next uniform draw).
+    pub fn device_row(&mut self) -> retrowave_core::RowSampling {
+        let p = &self.params;
+        let greedy = p.temperature == 0.0 || p.top_k == 1;
+        retrowave_core::RowSampling {
+            temperature: if greedy { 0.0 } else { p.temperature },
+            top_k: p.top_k,
+            top_p: p.top_p,
+            uniform: if greedy {
+                0.0
+            } else {
+                self.rng.random::<f32>()
+            },
+        }
+    }
+
     /// Picks the next token from `logits`.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
