@@ -6,6 +6,7 @@ pub mod arch;
 pub mod chat;
 pub mod gguf;
 pub mod hf;
+pub mod random;
 pub mod registry;
 pub mod sampling;
 pub mod tokenizer;
