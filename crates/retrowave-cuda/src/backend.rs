@@ -1,0 +1,1563 @@
+//! [`CudaBackend`]: the model operations of [`Backend`] on one GPU.
+//!
+//! Everything runs in order on one non-blocking stream; host code only waits where it reads
+//! results back (`acts_to_host`). Operations that the trait declares infallible record the first
+//! failure (a launch error, GPU memory exhausted) and turn later operations into no-ops; the
+//! worker reads it through [`Backend::check`] at the end of the step, so a failure becomes an
+//! error of that step rather than a panic.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::{CudaBlas, sys as cublas_sys};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, sys,
+};
+use half::bf16;
+use retrowave_core::quant::dequantize_row;
+use retrowave_core::{
+    Backend, BackendError, BatchLayout, HeadLayout, RopeParams, RopeStyle, RowSampling, TensorType,
+    WeightView,
+};
+
+use crate::CudaError;
+use crate::compile::{self, ModuleReport};
+use crate::device::{self, DeviceInfo};
+
+/// Rows of queries per prefill attention CTA (from `kernels/common.cuh`).
+pub fn prefill_block_m() -> usize {
+    compile::header_define("PREFILL_BLOCK_M").unwrap_or(64) as usize
+}
+
+const KERNELS: &[&str] = &[
+    "embed_bf16",
+    "rms_norm",
+    "cast_f32_bf16",
+    "rope",
+    "silu_mul",
+    "add_inplace",
+    "add_bias",
+    "kv_append",
+    "fill_uniform_bf16",
+    "select_rows",
+    "argmax_rows",
+    "sample_rows",
+    "attn_decode_partial_hd64",
+    "attn_decode_partial_hd128",
+    "attn_decode_merge",
+    "attn_prefill_hd64",
+    "attn_prefill_hd128",
+];
+
+/// A weight matrix on the GPU: bf16, `[rows = out features, cols = in features]`, row-major.
+pub struct DevMatrix {
+    pub data: CudaSlice<bf16>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// A 1-D f32 parameter on the GPU.
+pub struct DevVector {
+    pub data: CudaSlice<f32>,
+    pub len: usize,
+}
+
+/// Activations on the GPU: f32 `[rows, cols]`, row-major.
+pub struct DevActs {
+    pub data: CudaSlice<f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// One sequence's KV cache on the GPU: bf16 `[layers][kv heads][cap][head_dim]` for K and for V.
+pub struct DevKv {
+    pub k: CudaSlice<bf16>,
+    pub v: CudaSlice<bf16>,
+    pub n_layers: usize,
+    pub n_kv: usize,
+    pub head_dim: usize,
+    pub cap: usize,
+    pub len: usize,
+}
+
+/// Per-sequence descriptor of a step, laid out like `struct SeqDesc` in `kernels/common.cuh`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SeqDesc {
+    pub k_base: u64,
+    pub v_base: u64,
+    pub cap: i32,
+    pub start_pos: i32,
+    pub n_tokens: i32,
+    pub row: i32,
+}
+
+// SAFETY: plain old data with the C layout the kernels expect.
+unsafe impl DeviceRepr for SeqDesc {}
+
+/// Threads of one flash-decoding CTA (4 warps, each owning 16 keys of every 64-key tile).
+pub const DECODE_THREADS: u32 = 128;
+/// Dynamic shared memory of one flash-decoding CTA (`DEC_SMEM`: 3 stages of 16 KB K + V tiles).
+pub const DECODE_SMEM: usize = 98304;
+
+/// The device tables of one step; see [`CudaBackend::step_tables`].
+pub struct StepTables {
+    pub descs: Vec<SeqDesc>,
+    pub row_seq: Vec<i32>,
+    pub decode_rows: Vec<i32>,
+    pub tile_seq: Vec<i32>,
+    pub tile_row0: Vec<i32>,
+    /// Keys per flash-decoding split, and splits of the longest decode row.
+    pub split: usize,
+    pub max_splits: usize,
+    d_descs: CudaSlice<SeqDesc>,
+    d_row_seq: CudaSlice<i32>,
+    d_decode_rows: CudaSlice<i32>,
+    d_tile_seq: CudaSlice<i32>,
+    d_tile_row0: CudaSlice<i32>,
+}
+
+/// The last positions uploaded: host copy and device buffer.
+type CachedPositions = (Vec<i32>, Arc<CudaSlice<i32>>);
+
+struct Inner {
+    positions: Mutex<Option<CachedPositions>>,
+    poison: std::sync::atomic::AtomicBool,
+    tables: Mutex<Option<Arc<StepTables>>>,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    funcs: HashMap<&'static str, CudaFunction>,
+    info: DeviceInfo,
+    reports: Vec<ModuleReport>,
+    _modules: Vec<Arc<CudaModule>>,
+    failure: Mutex<Option<String>>,
+}
+
+/// The CUDA backend of one GPU. Cloning shares the context, stream and kernels.
+#[derive(Clone)]
+pub struct CudaBackend {
+    inner: Arc<Inner>,
+}
+
+fn ceil_div(a: usize, b: usize) -> usize {
+    a.div_ceil(b.max(1))
+}
+
+fn grid_1d(n: usize, block: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (ceil_div(n, block).clamp(1, 65535 * 16) as u32, 1, 1),
+        block_dim: (block as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`, compiles (or loads from the cache) the kernels and creates the cuBLAS
+    /// handle. Fails with [`CudaError::NoDriver`] / [`CudaError::NoDevice`] where there is no GPU.
+    pub fn new(ordinal: usize) -> Result<Self, CudaError> {
+        let ctx = device::open(ordinal)?;
+        let info = device::info(&ctx)?;
+        // One stream, ordered: cudarc's cross-stream event tracking is not needed.
+        // SAFETY: every buffer of this backend is used on `stream` only.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx
+            .new_stream()
+            .map_err(CudaError::driver("cuStreamCreate"))?;
+        keep_pool_memory(&ctx)?;
+        let (modules, reports) = compile::load_modules(&ctx)?;
+        let mut funcs = HashMap::new();
+        for &name in KERNELS {
+            let f = modules
+                .iter()
+                .find_map(|m| m.load_function(name).ok())
+                .ok_or_else(|| CudaError::MissingKernel(name.to_string()))?;
+            funcs.insert(name, f);
+        }
+        let blas = CudaBlas::new(stream.clone()).map_err(|source| CudaError::Cublas {
+            what: "cublasCreate".into(),
+            source,
+        })?;
+        for r in &reports {
+            tracing::debug!(
+                file = r.file,
+                from_cache = r.from_cache,
+                seconds = r.seconds,
+                "kernel module"
+            );
+        }
+        let backend = CudaBackend {
+            inner: Arc::new(Inner {
+                ctx,
+                stream,
+                blas,
+                funcs,
+                info,
+                reports,
+                _modules: modules,
+                failure: Mutex::new(None),
+                tables: Mutex::new(None),
+                poison: std::sync::atomic::AtomicBool::new(false),
+                positions: Mutex::new(None),
+            }),
+        };
+        // Kernels that need more than the default 48 KB of dynamic shared memory.
+        for (name, bytes) in [
+            ("attn_decode_partial_hd64", DECODE_SMEM),
+            ("attn_decode_partial_hd128", DECODE_SMEM),
+            ("attn_prefill_hd64", prefill_smem_bytes(64)),
+            ("attn_prefill_hd128", prefill_smem_bytes(128)),
+        ] {
+            backend.set_max_dynamic_smem(name, bytes)?;
+        }
+        Ok(backend)
+    }
+
+    /// The device.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.inner.info
+    }
+
+    /// How each kernel module was obtained (compiled or cached, seconds).
+    pub fn module_reports(&self) -> &[ModuleReport] {
+        &self.inner.reports
+    }
+
+    /// The context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.inner.ctx
+    }
+
+    /// The stream every operation runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.inner.stream
+    }
+
+    /// A compiled kernel by name.
+    pub fn function(&self, name: &str) -> Result<&CudaFunction, CudaError> {
+        self.inner
+            .funcs
+            .get(name)
+            .ok_or_else(|| CudaError::MissingKernel(name.to_string()))
+    }
+
+    /// Waits for the stream and reports the first recorded failure.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.bind()?;
+        self.inner
+            .stream
+            .synchronize()
+            .map_err(CudaError::driver("cuStreamSynchronize"))?;
+        match self.take_failure() {
+            Some(f) => Err(CudaError::Unsupported(f)),
+            None => Ok(()),
+        }
+    }
+
+    fn bind(&self) -> Result<(), CudaError> {
+        self.inner
+            .ctx
+            .bind_to_thread()
+            .map_err(CudaError::driver("cuCtxSetCurrent"))
+    }
+
+    fn failed(&self) -> bool {
+        self.inner
+            .failure
+            .lock()
+            .map(|f| f.is_some())
+            .unwrap_or(true)
+    }
+
+    fn record(&self, e: impl std::fmt::Display) {
+        if let Ok(mut f) = self.inner.failure.lock()
+            && f.is_none()
+        {
+            tracing::error!("CUDA backend: {e}");
+            *f = Some(e.to_string());
+        }
+    }
+
+    fn take_failure(&self) -> Option<String> {
+        self.inner.failure.lock().ok().and_then(|mut f| f.take())
+    }
+
+    /// Uninitialised device memory for `n` elements (at least one, so that pointers are valid).
+    /// With [`Self::set_poison`] on, every byte is 0xFF (NaN in f32 and bf16), so that elements a
+    /// kernel fails to write show up in checks.
+    pub fn alloc<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>, CudaError> {
+        // SAFETY: every caller writes the elements it later reads.
+        let s = unsafe { self.inner.stream.alloc::<T>(n.max(1)) }
+            .map_err(CudaError::driver(format!("cuMemAllocAsync({n} elements)")))?;
+        if self.inner.poison.load(std::sync::atomic::Ordering::Relaxed) {
+            // SAFETY: the whole allocation, on its stream.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(
+                    dp(&s),
+                    0xFF,
+                    n.max(1) * std::mem::size_of::<T>(),
+                    self.inner.stream.cu_stream(),
+                )
+            }
+            .map_err(CudaError::driver("cuMemsetD8Async"))?;
+        }
+        Ok(s)
+    }
+
+    /// Fills every later allocation with 0xFF bytes (NaN) before use (kernel checks).
+    pub fn set_poison(&self, on: bool) {
+        self.inner
+            .poison
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Copies host data to new device memory.
+    pub fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>, CudaError> {
+        if data.is_empty() {
+            return self.alloc(1);
+        }
+        self.inner
+            .stream
+            .clone_htod(data)
+            .map_err(CudaError::driver("cuMemcpyHtoDAsync"))
+    }
+
+    /// Copies device data to the host (waits for the stream).
+    pub fn download<T: DeviceRepr>(
+        &self,
+        data: &CudaSlice<T>,
+        n: usize,
+    ) -> Result<Vec<T>, CudaError> {
+        let view = data.slice(0..n.min(data.len()));
+        self.inner
+            .stream
+            .clone_dtoh(&view)
+            .map_err(CudaError::driver("cuMemcpyDtoH"))
+    }
+
+    fn empty_acts(&self, cols: usize) -> DevActs {
+        match self.alloc::<f32>(1) {
+            Ok(data) => DevActs {
+                data,
+                rows: 0,
+                cols,
+            },
+            // Allocation of 4 bytes failed: the process is out of GPU memory; the recorded
+            // failure ends the step. A zero-capacity slice from a null allocation keeps types.
+            Err(e) => {
+                self.record(&e);
+                DevActs {
+                    data: self.inner.stream.null().expect("null device slice"),
+                    rows: 0,
+                    cols,
+                }
+            }
+        }
+    }
+
+    /// New activations `[rows, cols]` (uninitialised), or empty ones after recording a failure.
+    fn new_acts(&self, rows: usize, cols: usize) -> Option<DevActs> {
+        if self.failed() {
+            return None;
+        }
+        match self.alloc::<f32>(rows * cols) {
+            Ok(data) => Some(DevActs { data, rows, cols }),
+            Err(e) => {
+                self.record(e);
+                None
+            }
+        }
+    }
+
+    fn launch(
+        &self,
+        name: &str,
+        cfg: LaunchConfig,
+        args: &mut [*mut c_void],
+    ) -> Result<(), CudaError> {
+        let f = self.function(name)?;
+        // SAFETY: `args` point at live values whose types match the kernel's parameters (each
+        // call site passes them in the order of kernels/README.md).
+        unsafe {
+            sys::cuLaunchKernel(
+                f.cu_function(),
+                cfg.grid_dim.0,
+                cfg.grid_dim.1,
+                cfg.grid_dim.2,
+                cfg.block_dim.0,
+                cfg.block_dim.1,
+                cfg.block_dim.2,
+                cfg.shared_mem_bytes,
+                self.inner.stream.cu_stream(),
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(CudaError::driver(format!("launch {name}")))
+    }
+
+    /// Raises a kernel's dynamic shared memory limit (needed above 48 KB).
+    pub fn set_max_dynamic_smem(&self, name: &str, bytes: usize) -> Result<(), CudaError> {
+        let f = self.function(name)?;
+        f.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .map_err(CudaError::driver(format!("cuFuncSetAttribute({name})")))
+    }
+
+    /// `c[n, m] = a[n, k] @ w[m, k]^T` in bf16 with f32 accumulation and f32 output
+    /// (`a`, `w`, `c` raw device pointers).
+    pub fn gemm_bf16_f32(
+        &self,
+        a: sys::CUdeviceptr,
+        w: sys::CUdeviceptr,
+        c: sys::CUdeviceptr,
+        n: usize,
+        m: usize,
+        k: usize,
+    ) -> Result<(), CudaError> {
+        self.gemm_raw(a, w, c, n, m, k, cublas_sys::cudaDataType_t::CUDA_R_32F)
+    }
+
+    /// As [`Self::gemm_bf16_f32`] with a bf16 output (for measuring the cuBLAS rate).
+    pub fn gemm_bf16_bf16(
+        &self,
+        a: sys::CUdeviceptr,
+        w: sys::CUdeviceptr,
+        c: sys::CUdeviceptr,
+        n: usize,
+        m: usize,
+        k: usize,
+    ) -> Result<(), CudaError> {
+        self.gemm_raw(a, w, c, n, m, k, cublas_sys::cudaDataType_t::CUDA_R_16BF)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_raw(
+        &self,
+        a: sys::CUdeviceptr,
+        w: sys::CUdeviceptr,
+        c: sys::CUdeviceptr,
+        n: usize,
+        m: usize,
+        k: usize,
+        ctype: cublas_sys::cudaDataType_t,
+    ) -> Result<(), CudaError> {
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let int = |v: usize| {
+            i32::try_from(v)
+                .map_err(|_| CudaError::Unsupported(format!("GEMM dimension {v} too large")))
+        };
+        // Column-major view: C^T[m, n] = W^T^T[m, k] . A^T[k, n], i.e. op(W) = T, op(A) = N.
+        // SAFETY: the pointers are device buffers of the stated sizes on this handle's stream.
+        unsafe {
+            cublas_sys::cublasGemmEx(
+                *self.inner.blas.handle(),
+                cublas_sys::cublasOperation_t::CUBLAS_OP_T,
+                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+                int(m)?,
+                int(n)?,
+                int(k)?,
+                &alpha as *const f32 as *const c_void,
+                w as *const c_void,
+                cublas_sys::cudaDataType_t::CUDA_R_16BF,
+                int(k)?,
+                a as *const c_void,
+                cublas_sys::cudaDataType_t::CUDA_R_16BF,
+                int(k)?,
+                &beta as *const f32 as *const c_void,
+                c as *mut c_void,
+                ctype,
+                int(m)?,
+                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .result()
+        .map_err(|source| CudaError::Cublas {
+            what: format!("cublasGemmEx {n}x{m}x{k}"),
+            source,
+        })
+    }
+
+    /// Fills `n` bf16 elements at `ptr` with uniform values in `[-scale, scale]` from `seed`.
+    pub fn fill_uniform(
+        &self,
+        ptr: sys::CUdeviceptr,
+        n: usize,
+        seed: u64,
+        scale: f32,
+    ) -> Result<(), CudaError> {
+        let (mut p, mut nn, mut s, mut sc) = (ptr, n as i64, seed, scale);
+        self.launch(
+            "fill_uniform_bf16",
+            grid_1d(n.div_ceil(8), 256),
+            &mut [
+                ptr_of(&mut p),
+                ptr_of(&mut nn),
+                ptr_of(&mut s),
+                ptr_of(&mut sc),
+            ],
+        )
+    }
+
+    /// Casts `n` f32 values to bf16 (`x`, `y` device pointers).
+    pub fn cast_to_bf16(
+        &self,
+        x: sys::CUdeviceptr,
+        y: sys::CUdeviceptr,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        let (mut x, mut y, mut nn) = (x, y, n as i64);
+        self.launch(
+            "cast_f32_bf16",
+            grid_1d(n.div_ceil(4), 256),
+            &mut [ptr_of(&mut x), ptr_of(&mut y), ptr_of(&mut nn)],
+        )
+    }
+
+    /// The per-sequence table and row map of a step over `caches`.
+    pub fn seq_table(
+        &self,
+        caches: &[&DevKv],
+        batch: &BatchLayout,
+    ) -> Result<(Vec<SeqDesc>, Vec<i32>), CudaError> {
+        let mut descs = Vec::with_capacity(batch.seqs.len());
+        let mut row_seq = vec![0i32; batch.n_rows()];
+        for (i, (s, kv)) in batch.seqs.iter().zip(caches).enumerate() {
+            if s.start_pos + s.n_tokens > kv.cap {
+                return Err(CudaError::Unsupported(format!(
+                    "sequence needs {} cached tokens but its cache holds {}",
+                    s.start_pos + s.n_tokens,
+                    kv.cap
+                )));
+            }
+            let kp = dp(&kv.k);
+            let vp = dp(&kv.v);
+            descs.push(SeqDesc {
+                k_base: kp,
+                v_base: vp,
+                cap: kv.cap as i32,
+                start_pos: s.start_pos as i32,
+                n_tokens: s.n_tokens as i32,
+                row: s.row as i32,
+            });
+            for r in s.row..s.row + s.n_tokens {
+                if let Some(x) = row_seq.get_mut(r) {
+                    *x = i as i32;
+                }
+            }
+        }
+        Ok((descs, row_seq))
+    }
+
+    /// Split size (keys per CTA) for flash-decoding: one wave of two CTAs per multiprocessor over
+    /// the `n_kv * rows` (head, row) pairs, sized by the mean decode length (`lens` = keys each
+    /// decode row attends to), in multiples of 64 and at least 256. Returns (split, splits of the
+    /// longest row). Measured on an H200 against the alternatives (one to two waves, max-length
+    /// sizing): best or tied at every Llama-3-8B shape from 4K to 128K, batch 1 to 16.
+    pub fn decode_split(&self, n_kv: usize, lens: &[usize]) -> (usize, usize) {
+        let rows = lens.len().max(1);
+        let max_len = lens.iter().copied().max().unwrap_or(1).max(1);
+        let waves = 2 * self.inner.info.multiprocessors.max(1) as usize;
+        let per = (waves / (n_kv * rows).max(1)).max(1);
+        let mean = ceil_div(lens.iter().sum::<usize>().max(1), rows);
+        let split = (ceil_div(ceil_div(mean, per), 64) * 64).max(256);
+        (split, ceil_div(max_len, split).max(1))
+    }
+
+    /// The positions of a step on the device: every RoPE call of a step (Q and K of every layer)
+    /// asks for the same ones, so the last upload is reused while unchanged.
+    fn positions(&self, pos: Vec<i32>) -> Result<Arc<CudaSlice<i32>>, CudaError> {
+        let mut cached = self
+            .inner
+            .positions
+            .lock()
+            .map_err(|_| CudaError::Unsupported("position cache lock poisoned".into()))?;
+        if let Some((host, dev)) = cached.as_ref()
+            && *host == pos
+        {
+            return Ok(dev.clone());
+        }
+        let dev = Arc::new(self.upload(&pos)?);
+        *cached = Some((pos, dev.clone()));
+        Ok(dev)
+    }
+
+    /// The device tables of a step (sequence descriptors, row map, decode rows, prefill tiles).
+    /// Every layer of a step asks for the same tables: the last ones are kept and reused while
+    /// their contents are unchanged, so only the first layer uploads.
+    pub fn step_tables(
+        &self,
+        caches: &[&DevKv],
+        batch: &BatchLayout,
+        n_kv: usize,
+    ) -> Result<Arc<StepTables>, CudaError> {
+        let (descs, row_seq) = self.seq_table(caches, batch)?;
+        let decode: Vec<&retrowave_core::SeqRows> =
+            batch.seqs.iter().filter(|s| s.n_tokens == 1).collect();
+        let decode_rows: Vec<i32> = decode.iter().map(|s| s.row as i32).collect();
+        let lens: Vec<usize> = decode.iter().map(|s| s.start_pos + 1).collect();
+        let (split, max_splits) = self.decode_split(n_kv, &lens);
+        let bm = prefill_block_m();
+        let (mut tile_seq, mut tile_row0) = (Vec::new(), Vec::new());
+        for (i, s) in batch.seqs.iter().enumerate() {
+            if s.n_tokens > 1 {
+                for t in (0..s.n_tokens).step_by(bm) {
+                    tile_seq.push(i as i32);
+                    tile_row0.push((s.row + t) as i32);
+                }
+            }
+        }
+        let mut cached = self
+            .inner
+            .tables
+            .lock()
+            .map_err(|_| CudaError::Unsupported("step table lock poisoned".into()))?;
+        if let Some(t) = cached.as_ref()
+            && t.descs == descs
+            && t.row_seq == row_seq
+            && t.decode_rows == decode_rows
+            && t.tile_row0 == tile_row0
+            && t.tile_seq == tile_seq
+            && t.split == split
+        {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(StepTables {
+            d_descs: self.upload(&descs)?,
+            d_row_seq: self.upload(&row_seq)?,
+            d_decode_rows: self.upload(&decode_rows)?,
+            d_tile_seq: self.upload(&tile_seq)?,
+            d_tile_row0: self.upload(&tile_row0)?,
+            descs,
+            row_seq,
+            decode_rows,
+            tile_seq,
+            tile_row0,
+            split,
+            max_splits,
+        });
+        *cached = Some(t.clone());
+        Ok(t)
+    }
+
+    /// Writes a step's K/V rows (f32 `[rows, n_kv * hd]` at `k`, `v`) into the caches.
+    pub fn append_kv(
+        &self,
+        t: &StepTables,
+        layer: usize,
+        k: sys::CUdeviceptr,
+        v: sys::CUdeviceptr,
+        n_kv: usize,
+        hd: usize,
+    ) -> Result<(), CudaError> {
+        let rows = t.row_seq.len();
+        if rows == 0 {
+            return Ok(());
+        }
+        let (mut a, mut b, mut c, mut d) = (k, v, dp(&t.d_descs), dp(&t.d_row_seq));
+        let (mut r, mut l, mut n, mut h) = (rows as i32, layer as i32, n_kv as i32, hd as i32);
+        self.launch(
+            "kv_append",
+            LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &mut [
+                ptr_of(&mut a),
+                ptr_of(&mut b),
+                ptr_of(&mut c),
+                ptr_of(&mut d),
+                ptr_of(&mut r),
+                ptr_of(&mut l),
+                ptr_of(&mut n),
+                ptr_of(&mut h),
+            ],
+        )
+    }
+
+    /// Flash-decoding over the step's single-token rows: partial passes over splits of the keys,
+    /// then the log-sum-exp merge into `out` (f32 `[rows, n_heads * hd]`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_attention(
+        &self,
+        t: &StepTables,
+        layer: usize,
+        q: sys::CUdeviceptr,
+        out: sys::CUdeviceptr,
+        n_heads: usize,
+        n_kv: usize,
+        hd: usize,
+    ) -> Result<(), CudaError> {
+        let n_rows = t.decode_rows.len();
+        if n_rows == 0 {
+            return Ok(());
+        }
+        let (split, max_splits) = (t.split, t.max_splits);
+        let o_part = self.alloc::<f32>(n_rows * n_heads * max_splits * hd)?;
+        let lse_part = self.alloc::<f32>(n_rows * n_heads * max_splits)?;
+        let (pop, plp, prl) = (dp(&o_part), dp(&lse_part), dp(&t.d_decode_rows));
+        let name = if hd == 64 {
+            "attn_decode_partial_hd64"
+        } else {
+            "attn_decode_partial_hd128"
+        };
+        let (mut a1, mut a2, mut a3, mut a4) = (q, dp(&t.d_descs), dp(&t.d_row_seq), prl);
+        let (mut l, mut n1, mut n2, mut sp, mut ms, mut sc) = (
+            layer as i32,
+            n_heads as i32,
+            n_kv as i32,
+            split as i32,
+            max_splits as i32,
+            1.0 / (hd as f32).sqrt(),
+        );
+        let (mut a5, mut a6) = (pop, plp);
+        self.launch(
+            name,
+            LaunchConfig {
+                grid_dim: (n_kv as u32, n_rows as u32, max_splits as u32),
+                block_dim: (DECODE_THREADS, 1, 1),
+                shared_mem_bytes: DECODE_SMEM as u32,
+            },
+            &mut [
+                ptr_of(&mut a1),
+                ptr_of(&mut a2),
+                ptr_of(&mut a3),
+                ptr_of(&mut a4),
+                ptr_of(&mut l),
+                ptr_of(&mut n1),
+                ptr_of(&mut n2),
+                ptr_of(&mut sp),
+                ptr_of(&mut ms),
+                ptr_of(&mut sc),
+                ptr_of(&mut a5),
+                ptr_of(&mut a6),
+            ],
+        )?;
+        let (mut b1, mut b2, mut b3) = (pop, plp, prl);
+        let (mut nr, mut n1, mut ms, mut h) =
+            (n_rows as i32, n_heads as i32, max_splits as i32, hd as i32);
+        let (mut b4, mut b5) = (out, 0u64);
+        self.launch(
+            "attn_decode_merge",
+            LaunchConfig {
+                grid_dim: (n_heads as u32, n_rows as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &mut [
+                ptr_of(&mut b1),
+                ptr_of(&mut b2),
+                ptr_of(&mut b3),
+                ptr_of(&mut nr),
+                ptr_of(&mut n1),
+                ptr_of(&mut ms),
+                ptr_of(&mut h),
+                ptr_of(&mut b4),
+                ptr_of(&mut b5),
+            ],
+        )
+    }
+
+    /// Causal flash attention on the tensor cores over the step's prefill tiles (`qb` bf16
+    /// `[rows, n_heads, hd]`), into `out` (f32 `[rows, n_heads * hd]`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefill_attention(
+        &self,
+        t: &StepTables,
+        layer: usize,
+        qb: sys::CUdeviceptr,
+        out: sys::CUdeviceptr,
+        n_heads: usize,
+        n_kv: usize,
+        hd: usize,
+    ) -> Result<(), CudaError> {
+        if t.tile_seq.is_empty() {
+            return Ok(());
+        }
+        let name = if hd == 64 {
+            "attn_prefill_hd64"
+        } else {
+            "attn_prefill_hd128"
+        };
+        let (mut a1, mut a2, mut a3, mut a4) =
+            (qb, dp(&t.d_descs), dp(&t.d_tile_seq), dp(&t.d_tile_row0));
+        let (mut l, mut n1, mut n2, mut sc) = (
+            layer as i32,
+            n_heads as i32,
+            n_kv as i32,
+            1.0 / (hd as f32).sqrt(),
+        );
+        let (mut a5, mut a6) = (out, 0u64);
+        let smem = prefill_smem_bytes(hd);
+        self.launch(
+            name,
+            LaunchConfig {
+                grid_dim: (t.tile_seq.len() as u32, n_heads as u32, 1),
+                block_dim: (prefill_threads() as u32, 1, 1),
+                shared_mem_bytes: smem as u32,
+            },
+            &mut [
+                ptr_of(&mut a1),
+                ptr_of(&mut a2),
+                ptr_of(&mut a3),
+                ptr_of(&mut a4),
+                ptr_of(&mut l),
+                ptr_of(&mut n1),
+                ptr_of(&mut n2),
+                ptr_of(&mut sc),
+                ptr_of(&mut a5),
+                ptr_of(&mut a6),
+            ],
+        )
+    }
+
+    /// Attention of a step: appends K/V, then flash-decoding for single-token sequences and the
+    /// tensor-core prefill kernel for the others. Returns `[rows, n_heads * hd]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_impl(
+        &self,
+        layer: usize,
+        q: &DevActs,
+        k: &DevActs,
+        v: &DevActs,
+        caches: &mut [&mut DevKv],
+        batch: &BatchLayout,
+        heads: HeadLayout,
+    ) -> Result<DevActs, CudaError> {
+        let hd = heads.head_dim;
+        if hd != 64 && hd != 128 {
+            return Err(CudaError::Unsupported(format!(
+                "head_dim {hd}: the CUDA attention kernels support 64 and 128"
+            )));
+        }
+        let rows = batch.n_rows();
+        let (nh, nkv) = (heads.n_heads, heads.n_kv_heads);
+        if q.rows != rows || k.rows != rows || v.rows != rows {
+            return Err(CudaError::Unsupported(format!(
+                "attention: {rows} rows in the batch but q/k/v have {}/{}/{}",
+                q.rows, k.rows, v.rows
+            )));
+        }
+        let refs: Vec<&DevKv> = caches.iter().map(|c| &**c).collect();
+        let t = self.step_tables(&refs, batch, nkv)?;
+        self.append_kv(&t, layer, dp(&k.data), dp(&v.data), nkv, hd)?;
+        let out = self.alloc::<f32>(rows * nh * hd)?;
+        self.decode_attention(&t, layer, dp(&q.data), dp(&out), nh, nkv, hd)?;
+        if !t.tile_seq.is_empty() {
+            let qb = self.alloc::<bf16>(rows * nh * hd)?;
+            self.cast_to_bf16(dp(&q.data), dp(&qb), rows * nh * hd)?;
+            self.prefill_attention(&t, layer, dp(&qb), dp(&out), nh, nkv, hd)?;
+        }
+        for (s, kv) in batch.seqs.iter().zip(caches.iter_mut()) {
+            kv.len = kv.len.max(s.start_pos + s.n_tokens);
+        }
+        Ok(DevActs {
+            data: out,
+            rows,
+            cols: nh * hd,
+        })
+    }
+
+    fn load_matrix_impl(
+        &self,
+        w: &WeightView<'_>,
+        rows: Range<usize>,
+        cols: Range<usize>,
+    ) -> Result<DevMatrix, BackendError> {
+        if rows.end > w.rows || cols.end > w.cols || rows.start > rows.end || cols.start > cols.end
+        {
+            return Err(BackendError::BadSlice {
+                name: w.name.to_string(),
+                rows,
+                cols,
+                shape_rows: w.rows,
+                shape_cols: w.cols,
+            });
+        }
+        let (nr, nc) = (rows.len(), cols.len());
+        let mut host = vec![bf16::ZERO; nr * nc];
+        if w.dtype == TensorType::BF16 && nc == w.cols {
+            // Whole rows of bf16: upload the stored bytes as they are.
+            let rb = w.row_bytes();
+            let bytes = &w.data[rows.start * rb..rows.end * rb];
+            let data = if bytes.as_ptr().align_offset(2) == 0 {
+                // SAFETY: aligned to 2, a whole number of 2-byte elements; bf16 is plain bits.
+                let elems = unsafe {
+                    std::slice::from_raw_parts(bytes.as_ptr() as *const bf16, bytes.len() / 2)
+                };
+                self.bind()?;
+                self.upload(elems)?
+            } else {
+                let elems: Vec<bf16> = bytes
+                    .chunks_exact(2)
+                    .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                    .collect();
+                self.bind()?;
+                self.upload(&elems)?
+            };
+            return Ok(DevMatrix {
+                data,
+                rows: nr,
+                cols: nc,
+            });
+        }
+        match w.dtype {
+            TensorType::BF16 => {
+                for (i, r) in rows.clone().enumerate() {
+                    let src = w.row(r).unwrap_or(&[]);
+                    for (j, c) in cols.clone().enumerate() {
+                        host[i * nc + j] =
+                            bf16::from_bits(u16::from_le_bytes([src[2 * c], src[2 * c + 1]]));
+                    }
+                }
+            }
+            dtype => {
+                let mut row = vec![0f32; w.cols];
+                for (i, r) in rows.clone().enumerate() {
+                    let src = w.row(r).unwrap_or(&[]);
+                    dequantize_row(dtype, src, &mut row).map_err(|_| {
+                        BackendError::UnsupportedType {
+                            name: w.name.to_string(),
+                            dtype,
+                            backend: "cuda",
+                        }
+                    })?;
+                    for (j, c) in cols.clone().enumerate() {
+                        host[i * nc + j] = bf16::from_f32(row[c]);
+                    }
+                }
+            }
+        }
+        self.bind()?;
+        let data = self.upload(&host)?;
+        Ok(DevMatrix {
+            data,
+            rows: nr,
+            cols: nc,
+        })
+    }
+}
+
+/// The raw device address of a buffer (event tracking is off, so no guard is needed).
+fn dp<T>(s: &CudaSlice<T>) -> sys::CUdeviceptr {
+    let stream = s.stream().clone();
+    let (p, _guard) = s.device_ptr(&stream);
+    p
+}
+
+fn ptr_of<T>(v: &mut T) -> *mut c_void {
+    v as *mut T as *mut c_void
+}
+
+/// Threads of one prefill attention CTA (4 warps, 16 query rows each).
+pub fn prefill_threads() -> usize {
+    128
+}
+
+/// Dynamic shared memory of the prefill kernel: the Q tile and a ring of K/V tiles,
+/// `(PREFILL_BLOCK_M + 6 * 64) * hd * 2` bytes (attention_prefill.cu).
+pub fn prefill_smem_bytes(hd: usize) -> usize {
+    (prefill_block_m() + 6 * 64) * hd * 2
+}
+
+/// Keeps freed memory in the device's stream-ordered pool instead of returning it to the driver
+/// at every synchronisation, so per-step allocations cost no driver calls.
+fn keep_pool_memory(ctx: &Arc<CudaContext>) -> Result<(), CudaError> {
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: out-pointer; the device handle is the context's.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .map_err(CudaError::driver("cuDeviceGetDefaultMemPool"))?;
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: the attribute takes a u64.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut c_void,
+        )
+    }
+    .result()
+    .map_err(CudaError::driver("cuMemPoolSetAttribute"))
+}
+
+impl Backend for CudaBackend {
+    type Matrix = DevMatrix;
+    type Vector = DevVector;
+    type Acts = DevActs;
+    type Kv = DevKv;
+
+    fn name(&self) -> String {
+        format!(
+            "cuda:{} ({})",
+            self.inner.info.ordinal, self.inner.info.name
+        )
+    }
+
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        if let Err(e) = self.bind() {
+            self.record(e);
+        }
+        f()
+    }
+
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+
+    fn sample_rows(
+        &self,
+        logits: &DevActs,
+        rows: &[RowSampling],
+    ) -> Result<Vec<u32>, BackendError> {
+        let n = rows.len().min(logits.rows);
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        if let Some(f) = self.take_failure() {
+            return Err(BackendError::Device(f));
+        }
+        let out = self.alloc::<i32>(n)?;
+        let (mut l, mut o) = (dp(&logits.data), dp(&out));
+        let (mut r, mut v) = (n as i32, logits.cols as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        if rows.iter().all(|s| s.temperature <= 0.0) {
+            self.launch(
+                "argmax_rows",
+                cfg,
+                &mut [
+                    ptr_of(&mut l),
+                    ptr_of(&mut r),
+                    ptr_of(&mut v),
+                    ptr_of(&mut o),
+                ],
+            )?;
+        } else {
+            let temp: Vec<f32> = rows.iter().map(|s| s.temperature).collect();
+            let top_k: Vec<i32> = rows
+                .iter()
+                .map(|s| s.top_k.min(i32::MAX as usize) as i32)
+                .collect();
+            let top_p: Vec<f32> = rows.iter().map(|s| s.top_p).collect();
+            let uni: Vec<f32> = rows.iter().map(|s| s.uniform).collect();
+            let (dt, dk, dpp, du) = (
+                self.upload(&temp)?,
+                self.upload(&top_k)?,
+                self.upload(&top_p)?,
+                self.upload(&uni)?,
+            );
+            let (mut a, mut b, mut c, mut d) = (dp(&dt), dp(&dk), dp(&dpp), dp(&du));
+            self.launch(
+                "sample_rows",
+                cfg,
+                &mut [
+                    ptr_of(&mut l),
+                    ptr_of(&mut r),
+                    ptr_of(&mut v),
+                    ptr_of(&mut a),
+                    ptr_of(&mut b),
+                    ptr_of(&mut c),
+                    ptr_of(&mut d),
+                    ptr_of(&mut o),
+                ],
+            )?;
+        }
+        let t = self.download(&out, n)?;
+        Ok(t.into_iter().map(|x| x.max(0) as u32).collect())
+    }
+
+    fn check(&self) -> Result<(), BackendError> {
+        match self.take_failure() {
+            Some(f) => Err(BackendError::Device(f)),
+            None => Ok(()),
+        }
+    }
+
+    fn stack_matrices(&self, parts: &[&DevMatrix]) -> Option<DevMatrix> {
+        let cols = parts.first()?.cols;
+        if parts.iter().any(|p| p.cols != cols) || self.bind().is_err() {
+            return None;
+        }
+        let rows: usize = parts.iter().map(|p| p.rows).sum();
+        let mut data = self.alloc::<bf16>(rows * cols).ok()?;
+        let mut off = 0;
+        for p in parts {
+            let n = p.rows * cols;
+            let mut dst = data.slice_mut(off..off + n);
+            self.inner
+                .stream
+                .memcpy_dtod(&p.data.slice(0..n), &mut dst)
+                .ok()?;
+            off += n;
+        }
+        Some(DevMatrix { data, rows, cols })
+    }
+
+    fn split_cols(&self, x: &DevActs, widths: &[usize]) -> Vec<DevActs> {
+        let mut out = Vec::with_capacity(widths.len());
+        let mut c0 = 0;
+        for &w in widths {
+            let Some(part) = self.new_acts(x.rows, w) else {
+                out.push(self.empty_acts(w));
+                continue;
+            };
+            if x.rows > 0 && w > 0 && c0 + w <= x.cols {
+                let src = dp(&x.data);
+                let dst = dp(&part.data);
+                let copy = sys::CUDA_MEMCPY2D {
+                    srcXInBytes: c0 * 4,
+                    srcY: 0,
+                    srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                    srcHost: std::ptr::null(),
+                    srcDevice: src,
+                    srcArray: std::ptr::null_mut(),
+                    srcPitch: x.cols * 4,
+                    dstXInBytes: 0,
+                    dstY: 0,
+                    dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                    dstHost: std::ptr::null_mut(),
+                    dstDevice: dst,
+                    dstArray: std::ptr::null_mut(),
+                    dstPitch: w * 4,
+                    WidthInBytes: w * 4,
+                    Height: x.rows,
+                };
+                // SAFETY: both regions are device buffers of the described pitches and heights.
+                if let Err(e) =
+                    unsafe { sys::cuMemcpy2DAsync_v2(&copy, self.inner.stream.cu_stream()) }
+                        .result()
+                {
+                    self.record(CudaError::Driver {
+                        what: "cuMemcpy2DAsync".into(),
+                        source: e,
+                    });
+                }
+            }
+            c0 += w;
+            out.push(part);
+        }
+        out
+    }
+
+    fn load_matrix(
+        &self,
+        w: &WeightView<'_>,
+        rows: Range<usize>,
+        cols: Range<usize>,
+    ) -> Result<DevMatrix, BackendError> {
+        self.load_matrix_impl(w, rows, cols)
+    }
+
+    fn load_vector(
+        &self,
+        w: &WeightView<'_>,
+        range: Range<usize>,
+    ) -> Result<DevVector, BackendError> {
+        let n = w.n_elements();
+        if range.end > n || range.start > range.end {
+            return Err(BackendError::BadSlice {
+                name: w.name.to_string(),
+                rows: 0..1,
+                cols: range,
+                shape_rows: 1,
+                shape_cols: n,
+            });
+        }
+        let mut all = vec![0f32; n];
+        dequantize_row(w.dtype, w.data, &mut all).map_err(|_| BackendError::UnsupportedType {
+            name: w.name.to_string(),
+            dtype: w.dtype,
+            backend: "cuda",
+        })?;
+        self.bind()?;
+        let data = self.upload(&all[range.clone()])?;
+        Ok(DevVector {
+            data,
+            len: range.len(),
+        })
+    }
+
+    fn acts_from_host(&self, data: &[f32], rows: usize, cols: usize) -> DevActs {
+        if let Err(e) = self.bind() {
+            self.record(e);
+            return self.empty_acts(cols);
+        }
+        match self.upload(&data[..(rows * cols).min(data.len())]) {
+            Ok(d) => DevActs {
+                data: d,
+                rows,
+                cols,
+            },
+            Err(e) => {
+                self.record(e);
+                self.empty_acts(cols)
+            }
+        }
+    }
+
+    fn acts_to_host(&self, a: &DevActs) -> Vec<f32> {
+        if a.rows * a.cols == 0 || self.failed() {
+            return vec![0.0; a.rows * a.cols];
+        }
+        match self.download(&a.data, a.rows * a.cols) {
+            Ok(v) => v,
+            Err(e) => {
+                self.record(e);
+                vec![0.0; a.rows * a.cols]
+            }
+        }
+    }
+
+    fn acts_shape(&self, a: &DevActs) -> (usize, usize) {
+        (a.rows, a.cols)
+    }
+
+    fn select_rows(&self, a: &DevActs, rows: &[usize]) -> DevActs {
+        let Some(out) = self.new_acts(rows.len(), a.cols) else {
+            return self.empty_acts(a.cols);
+        };
+        if rows.is_empty() {
+            return out;
+        }
+        let idx: Vec<i32> = rows
+            .iter()
+            .map(|&r| r.min(a.rows.saturating_sub(1)) as i32)
+            .collect();
+        let r = self.upload(&idx).and_then(|d_idx| {
+            let mut x = dp(&a.data);
+            let mut i = dp(&d_idx);
+            let mut o = dp(&out.data);
+            let (mut n, mut c) = (rows.len() as i32, a.cols as i32);
+            self.launch(
+                "select_rows",
+                LaunchConfig {
+                    grid_dim: (rows.len() as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+                &mut [
+                    ptr_of(&mut x),
+                    ptr_of(&mut i),
+                    ptr_of(&mut o),
+                    ptr_of(&mut n),
+                    ptr_of(&mut c),
+                ],
+            )
+        });
+        if let Err(e) = r {
+            self.record(e);
+        }
+        out
+    }
+
+    fn embed(&self, table: &DevMatrix, tokens: &[u32]) -> Result<DevActs, BackendError> {
+        self.bind()?;
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= table.rows) {
+            return Err(BackendError::TokenOutOfRange {
+                token: t,
+                vocab: table.rows,
+            });
+        }
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let d = self.upload(&ids)?;
+        let out = self.alloc::<f32>(tokens.len() * table.cols)?;
+        {
+            let mut t = dp(&table.data);
+            let mut i = dp(&d);
+            let mut o = dp(&out);
+            let (mut r, mut h) = (tokens.len() as i32, table.cols as i32);
+            self.launch(
+                "embed_bf16",
+                LaunchConfig {
+                    grid_dim: (tokens.len().max(1) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+                &mut [
+                    ptr_of(&mut t),
+                    ptr_of(&mut i),
+                    ptr_of(&mut o),
+                    ptr_of(&mut r),
+                    ptr_of(&mut h),
+                ],
+            )?;
+        }
+        Ok(DevActs {
+            data: out,
+            rows: tokens.len(),
+            cols: table.cols,
+        })
+    }
+
+    fn rms_norm(&self, x: &DevActs, w: &DevVector, eps: f32) -> DevActs {
+        let Some(out) = self.new_acts(x.rows, x.cols) else {
+            return self.empty_acts(x.cols);
+        };
+        if x.rows == 0 || w.len != x.cols {
+            if w.len != x.cols {
+                self.record(format!(
+                    "rms_norm: weight of {} for rows of {}",
+                    w.len, x.cols
+                ));
+            }
+            return out;
+        }
+        let mut a = dp(&x.data);
+        let mut b = dp(&w.data);
+        let mut o = dp(&out.data);
+        let (mut r, mut c, mut e) = (x.rows as i32, x.cols as i32, eps);
+        let block = if x.cols <= 4096 { 256 } else { 512 };
+        if let Err(err) = self.launch(
+            "rms_norm",
+            LaunchConfig {
+                grid_dim: (x.rows as u32, 1, 1),
+                block_dim: (block as u32, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &mut [
+                ptr_of(&mut a),
+                ptr_of(&mut b),
+                ptr_of(&mut o),
+                ptr_of(&mut r),
+                ptr_of(&mut c),
+                ptr_of(&mut e),
+            ],
+        ) {
+            self.record(err);
+        }
+        out
+    }
+
+    fn linear(&self, x: &DevActs, w: &DevMatrix, bias: Option<&DevVector>) -> DevActs {
+        let Some(mut out) = self.new_acts(x.rows, w.rows) else {
+            return self.empty_acts(w.rows);
+        };
+        if x.rows == 0 {
+            return out;
+        }
+        if x.cols != w.cols {
+            self.record(format!(
+                "linear: input of {} columns for a matrix of {}",
+                x.cols, w.cols
+            ));
+            return out;
+        }
+        let r = self.alloc::<bf16>(x.rows * x.cols).and_then(|xb| {
+            let px = dp(&x.data);
+            let pxb = dp(&xb);
+            let pw = dp(&w.data);
+            let po = dp(&out.data);
+            self.cast_to_bf16(px, pxb, x.rows * x.cols)?;
+            self.gemm_bf16_f32(pxb, pw, po, x.rows, w.rows, w.cols)
+        });
+        if let Err(e) = r {
+            self.record(e);
+        }
+        if let Some(b) = bias {
+            self.add_bias(&mut out, b);
+        }
+        out
+    }
+
+    fn rope(
+        &self,
+        x: &mut DevActs,
+        positions: &[u32],
+        n_heads: usize,
+        head_dim: usize,
+        rope: &RopeParams,
+    ) {
+        if x.rows == 0 || self.failed() {
+            return;
+        }
+        let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+        let r = self.positions(pos).and_then(|d| {
+            let mut a = dp(&x.data);
+            let mut p = dp(&d);
+            let (mut rows, mut nh, mut hd, mut rd, mut th, mut neox) = (
+                x.rows as i32,
+                n_heads as i32,
+                head_dim as i32,
+                rope.dim as i32,
+                rope.theta,
+                i32::from(rope.style == RopeStyle::NeoX),
+            );
+            self.launch(
+                "rope",
+                LaunchConfig {
+                    grid_dim: (x.rows as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+                &mut [
+                    ptr_of(&mut a),
+                    ptr_of(&mut p),
+                    ptr_of(&mut rows),
+                    ptr_of(&mut nh),
+                    ptr_of(&mut hd),
+                    ptr_of(&mut rd),
+                    ptr_of(&mut th),
+                    ptr_of(&mut neox),
+                ],
+            )
+        });
+        if let Err(e) = r {
+            self.record(e);
+        }
+    }
+
+    fn silu_mul(&self, gate: &DevActs, up: &DevActs) -> DevActs {
+        let Some(out) = self.new_acts(gate.rows, gate.cols) else {
+            return self.empty_acts(gate.cols);
+        };
+        let n = gate.rows * gate.cols;
+        if n == 0 || (up.rows, up.cols) != (gate.rows, gate.cols) {
+            return out;
+        }
+        let mut g = dp(&gate.data);
+        let mut u = dp(&up.data);
+        let mut o = dp(&out.data);
+        let mut nn = n as i64;
+        if let Err(e) = self.launch(
+            "silu_mul",
+            grid_1d(n.div_ceil(4), 256),
+            &mut [
+                ptr_of(&mut g),
+                ptr_of(&mut u),
+                ptr_of(&mut o),
+                ptr_of(&mut nn),
+            ],
+        ) {
+            self.record(e);
+        }
+        out
+    }
+
+    fn add_bias(&self, x: &mut DevActs, bias: &DevVector) {
+        if x.rows == 0 || self.failed() || bias.len != x.cols {
+            return;
+        }
+        let mut a = dp(&x.data);
+        let mut b = dp(&bias.data);
+        let (mut r, mut c) = (x.rows as i32, x.cols as i32);
+        if let Err(e) = self.launch(
+            "add_bias",
+            grid_1d((x.rows * x.cols).div_ceil(4), 256),
+            &mut [
+                ptr_of(&mut a),
+                ptr_of(&mut b),
+                ptr_of(&mut r),
+                ptr_of(&mut c),
+            ],
+        ) {
+            self.record(e);
+        }
+    }
+
+    fn add_assign(&self, x: &mut DevActs, y: &DevActs) {
+        let n = x.rows * x.cols;
+        if n == 0 || self.failed() || (x.rows, x.cols) != (y.rows, y.cols) {
+            return;
+        }
+        let mut a = dp(&x.data);
+        let mut b = dp(&y.data);
+        let mut nn = n as i64;
+        if let Err(e) = self.launch(
+            "add_inplace",
+            grid_1d(n.div_ceil(4), 256),
+            &mut [ptr_of(&mut a), ptr_of(&mut b), ptr_of(&mut nn)],
+        ) {
+            self.record(e);
+        }
+    }
+
+    fn new_kv(
+        &self,
+        n_layers: usize,
+        heads: HeadLayout,
+        max_tokens: usize,
+    ) -> Result<DevKv, BackendError> {
+        self.bind()?;
+        let n = n_layers * heads.n_kv_heads * max_tokens * heads.head_dim;
+        let k = self.alloc::<bf16>(n)?;
+        let v = self.alloc::<bf16>(n)?;
+        Ok(DevKv {
+            k,
+            v,
+            n_layers,
+            n_kv: heads.n_kv_heads,
+            head_dim: heads.head_dim,
+            cap: max_tokens,
+            len: 0,
+        })
+    }
+
+    fn kv_len(&self, kv: &DevKv) -> usize {
+        kv.len
+    }
+
+    fn kv_truncate(&self, kv: &mut DevKv, len: usize) {
+        kv.len = kv.len.min(len);
+    }
+
+    fn kv_clone(&self, kv: &DevKv) -> Result<DevKv, BackendError> {
+        self.bind()?;
+        let n = kv.k.len();
+        let mut k = self.alloc::<bf16>(n)?;
+        let mut v = self.alloc::<bf16>(n)?;
+        let s = &self.inner.stream;
+        s.memcpy_dtod(&kv.k, &mut k)
+            .and_then(|_| s.memcpy_dtod(&kv.v, &mut v))
+            .map_err(|e| {
+                BackendError::from(CudaError::Driver {
+                    what: "cuMemcpyDtoDAsync".into(),
+                    source: e,
+                })
+            })?;
+        Ok(DevKv { k, v, ..*kv })
+    }
+
+    fn kv_fill_synthetic(&self, kv: &mut DevKv, len: usize, seed: u64) -> Result<(), BackendError> {
+        self.bind()?;
+        if len > kv.cap {
+            return Err(BackendError::OutOfMemory(format!(
+                "synthetic fill of {len} tokens into a cache of {}",
+                kv.cap
+            )));
+        }
+        let pk = dp(&kv.k);
+        let pv = dp(&kv.v);
+        self.fill_uniform(pk, kv.k.len(), seed, 2.0)?;
+        self.fill_uniform(pv, kv.v.len(), seed ^ 0x9e37_79b9_7f4a_7c15, 1.0)?;
+        kv.len = len;
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        layer: usize,
+        q: &DevActs,
+        k: &DevActs,
+        v: &DevActs,
+        caches: &mut [&mut DevKv],
+        batch: &BatchLayout,
+        heads: HeadLayout,
+    ) -> Result<DevActs, BackendError> {
+        if let Some(f) = self.take_failure() {
+            return Err(BackendError::Device(f));
+        }
+        Ok(self.attention_impl(layer, q, k, v, caches, batch, heads)?)
+    }
+}

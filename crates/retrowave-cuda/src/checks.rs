@@ -1,0 +1,555 @@
+//! Kernel checks against CPU references on fresh random inputs, with every device allocation
+//! poisoned (NaN) first so that an element a kernel fails to write fails the check. Run on a GPU
+//! by `retrowave bench gpu` and by this crate's tests where a GPU is present.
+
+use half::bf16;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use retrowave_core::{
+    Backend, BatchLayout, HeadLayout, RopeParams, RopeStyle, RowSampling, SeqRows, TensorType,
+    WeightView,
+};
+
+use crate::CudaBackend;
+
+/// The outcome of one check.
+#[derive(Debug, Clone)]
+pub struct CheckResult {
+    pub name: String,
+    /// ‖gpu − ref‖ / ‖ref‖.
+    pub rel_l2: f64,
+    /// Largest absolute difference.
+    pub max_abs: f64,
+    /// Elements that are NaN or infinite on the GPU.
+    pub non_finite: usize,
+    pub tolerance: f64,
+    pub passed: bool,
+}
+
+fn compare(name: String, gpu: &[f32], reference: &[f64], tolerance: f64) -> CheckResult {
+    let (mut num, mut den, mut max_abs, mut non_finite) = (0f64, 0f64, 0f64, 0usize);
+    for (&g, &r) in gpu.iter().zip(reference) {
+        if !g.is_finite() {
+            non_finite += 1;
+            continue;
+        }
+        let d = g as f64 - r;
+        num += d * d;
+        den += r * r;
+        max_abs = max_abs.max(d.abs());
+    }
+    let rel_l2 = (num / den.max(1e-300)).sqrt();
+    let passed = non_finite == 0 && gpu.len() == reference.len() && rel_l2 <= tolerance;
+    CheckResult {
+        name,
+        rel_l2,
+        max_abs,
+        non_finite,
+        tolerance,
+        passed,
+    }
+}
+
+fn rand_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+}
+
+fn bf16_round(x: f32) -> f64 {
+    bf16::from_f32(x).to_f64()
+}
+
+fn bf16_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter()
+        .flat_map(|&x| bf16::from_f32(x).to_bits().to_le_bytes())
+        .collect()
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Runs every check; returns their results (a failure to run is an error).
+pub fn run_all(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
+    b.set_poison(true);
+    let r = run_inner(b, seed);
+    b.set_poison(false);
+    r
+}
+
+fn run_inner(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = Vec::new();
+    let e = |x: retrowave_core::BackendError| x.to_string();
+
+    // Linear (cuBLAS bf16, f32 accumulation) with bias, odd sizes.
+    for &(n, k, m) in &[
+        (1usize, 576usize, 1536usize),
+        (7, 896, 4864),
+        (130, 1536, 256),
+    ] {
+        let x = rand_vec(&mut rng, n * k, 1.0);
+        let w = rand_vec(&mut rng, m * k, 0.1);
+        let bias = rand_vec(&mut rng, m, 0.5);
+        let wb = bf16_bytes(&w);
+        let view = WeightView::new("w", TensorType::BF16, m, k, &wb).map_err(|e| e.to_string())?;
+        let dm = b.load_matrix(&view, 0..m, 0..k).map_err(e)?;
+        let bb = f32_bytes(&bias);
+        let bview = WeightView::new("b", TensorType::F32, 1, m, &bb).map_err(|e| e.to_string())?;
+        let dv = b.load_vector(&bview, 0..m).map_err(e)?;
+        let xa = b.acts_from_host(&x, n, k);
+        let y = b.acts_to_host(&b.linear(&xa, &dm, Some(&dv)));
+        let mut r = vec![0f64; n * m];
+        for i in 0..n {
+            for j in 0..m {
+                let mut acc = 0f64;
+                for t in 0..k {
+                    acc += bf16_round(x[i * k + t]) * bf16_round(w[j * k + t]);
+                }
+                r[i * m + j] = acc + bias[j] as f64;
+            }
+        }
+        out.push(compare(
+            format!("linear {n}x{k} -> {m} + bias"),
+            &y,
+            &r,
+            1e-4,
+        ));
+    }
+
+    // RMSNorm, SwiGLU, residual add, embedding, row selection.
+    {
+        let (rows, cols) = (5usize, 1536usize);
+        let x = rand_vec(&mut rng, rows * cols, 2.0);
+        let w = rand_vec(&mut rng, cols, 1.0);
+        let wb = f32_bytes(&w);
+        let view =
+            WeightView::new("n", TensorType::F32, 1, cols, &wb).map_err(|e| e.to_string())?;
+        let dv = b.load_vector(&view, 0..cols).map_err(e)?;
+        let xa = b.acts_from_host(&x, rows, cols);
+        let y = b.acts_to_host(&b.rms_norm(&xa, &dv, 1e-5));
+        let mut r = vec![0f64; rows * cols];
+        for i in 0..rows {
+            let row = &x[i * cols..(i + 1) * cols];
+            let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / cols as f64;
+            let inv = 1.0 / (ms + 1e-5).sqrt();
+            for j in 0..cols {
+                r[i * cols + j] = row[j] as f64 * inv * w[j] as f64;
+            }
+        }
+        out.push(compare("rms_norm 5x1536".into(), &y, &r, 1e-6));
+
+        let g = rand_vec(&mut rng, rows * cols, 4.0);
+        let u = rand_vec(&mut rng, rows * cols, 4.0);
+        let (ga, ua) = (
+            b.acts_from_host(&g, rows, cols),
+            b.acts_from_host(&u, rows, cols),
+        );
+        let y = b.acts_to_host(&b.silu_mul(&ga, &ua));
+        let r: Vec<f64> = g
+            .iter()
+            .zip(&u)
+            .map(|(&g, &u)| g as f64 / (1.0 + (-(g as f64)).exp()) * u as f64)
+            .collect();
+        out.push(compare("silu_mul".into(), &y, &r, 1e-6));
+
+        let mut xa = b.acts_from_host(&g, rows, cols);
+        b.add_assign(&mut xa, &ua);
+        let y = b.acts_to_host(&xa);
+        let r: Vec<f64> = g
+            .iter()
+            .zip(&u)
+            .map(|(&a, &c)| a as f64 + c as f64)
+            .collect();
+        out.push(compare("add_inplace".into(), &y, &r, 1e-7));
+
+        let sel = b.acts_to_host(&b.select_rows(&xa, &[4, 0, 2]));
+        let r: Vec<f64> = [4usize, 0, 2]
+            .iter()
+            .flat_map(|&i| r[i * cols..(i + 1) * cols].to_vec())
+            .collect();
+        out.push(compare("select_rows".into(), &sel, &r, 0.0));
+
+        let (vocab, hidden) = (1000usize, 576usize);
+        let table = rand_vec(&mut rng, vocab * hidden, 1.0);
+        let tb = bf16_bytes(&table);
+        let view = WeightView::new("emb", TensorType::BF16, vocab, hidden, &tb)
+            .map_err(|e| e.to_string())?;
+        let dm = b.load_matrix(&view, 0..vocab, 0..hidden).map_err(e)?;
+        let toks = [999u32, 0, 17, 17, 512];
+        let y = b.acts_to_host(&b.embed(&dm, &toks).map_err(e)?);
+        let r: Vec<f64> = toks
+            .iter()
+            .flat_map(|&t| {
+                table[t as usize * hidden..(t as usize + 1) * hidden]
+                    .iter()
+                    .map(|&v| bf16_round(v))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        out.push(compare("embed_bf16".into(), &y, &r, 0.0));
+        let bad = b.embed(&dm, &[1000]);
+        out.push(CheckResult {
+            name: "embed rejects token 1000 of 1000".into(),
+            rel_l2: 0.0,
+            max_abs: 0.0,
+            non_finite: 0,
+            tolerance: 0.0,
+            passed: bad.is_err(),
+        });
+    }
+
+    // RoPE, both pairings, partial rotation.
+    for (style, rot) in [
+        (RopeStyle::NeoX, 128usize),
+        (RopeStyle::Interleaved, 64),
+        (RopeStyle::NeoX, 32),
+    ] {
+        let (rows, nh, hd) = (6usize, 3usize, if rot == 128 { 128 } else { 64 });
+        let x = rand_vec(&mut rng, rows * nh * hd, 1.0);
+        let pos: Vec<u32> = (0..rows).map(|i| (i * 7919 % 131072) as u32).collect();
+        let p = RopeParams {
+            style,
+            theta: 500000.0,
+            dim: rot,
+        };
+        let mut xa = b.acts_from_host(&x, rows, nh * hd);
+        b.rope(&mut xa, &pos, nh, hd, &p);
+        let y = b.acts_to_host(&xa);
+        let mut r: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        for (i, &p_i) in pos.iter().enumerate() {
+            for h in 0..nh {
+                let base = (i * nh + h) * hd;
+                for j in 0..rot / 2 {
+                    let f = (p.theta as f64).powf(-2.0 * j as f64 / rot as f64);
+                    let a = p_i as f64 * f;
+                    let (c, s) = (a.cos(), a.sin());
+                    let (i0, i1) = match style {
+                        RopeStyle::Interleaved => (base + 2 * j, base + 2 * j + 1),
+                        RopeStyle::NeoX => (base + j, base + j + rot / 2),
+                    };
+                    let (x0, x1) = (x[i0] as f64, x[i1] as f64);
+                    r[i0] = x0 * c - x1 * s;
+                    r[i1] = x0 * s + x1 * c;
+                }
+            }
+        }
+        out.push(compare(
+            format!("rope {style:?} rot {rot}/{hd}"),
+            &y,
+            &r,
+            1e-6,
+        ));
+    }
+
+    // Sampling on the device: greedy, and temperature/top-k/top-p by inverse CDF over the kept
+    // tokens in index order, against a sort-based reference.
+    {
+        let (rows, vocab) = (6usize, 151_936usize);
+        let logits = rand_vec(&mut rng, rows * vocab, 8.0);
+        let la = b.acts_from_host(&logits, rows, vocab);
+        let params: Vec<RowSampling> = (0..rows)
+            .map(|i| RowSampling {
+                temperature: [0.0, 0.7, 1.0, 1.3, 0.5, 1.0][i],
+                top_k: [0, 40, 0, 100, 0, 1000][i],
+                top_p: [1.0, 1.0, 0.9, 0.95, 1.0, 0.5][i],
+                uniform: rng.random_range(0.0..1.0),
+            })
+            .collect();
+        let got = b.sample_rows(&la, &params).map_err(e)?;
+        let want: Vec<u32> = (0..rows)
+            .map(|i| reference_sample(&logits[i * vocab..(i + 1) * vocab], &params[i]))
+            .collect();
+        let same = got.iter().zip(&want).filter(|(a, b)| a == b).count();
+        out.push(CheckResult {
+            name: format!("sample_rows {rows}x{vocab}: {got:?} vs {want:?}"),
+            rel_l2: 0.0,
+            max_abs: (rows - same) as f64,
+            non_finite: 0,
+            tolerance: 0.0,
+            passed: same == rows,
+        });
+        let greedy = vec![
+            RowSampling {
+                temperature: 0.0,
+                top_k: 0,
+                top_p: 1.0,
+                uniform: 0.0,
+            };
+            rows
+        ];
+        let got = b.sample_rows(&la, &greedy).map_err(e)?;
+        let want: Vec<u32> = (0..rows)
+            .map(|i| reference_sample(&logits[i * vocab..(i + 1) * vocab], &greedy[i]))
+            .collect();
+        out.push(CheckResult {
+            name: "argmax_rows 6x151936".into(),
+            rel_l2: 0.0,
+            max_abs: 0.0,
+            non_finite: 0,
+            tolerance: 0.0,
+            passed: got == want,
+        });
+    }
+
+    // Attention: prefill of several sequences (one with a cached prefix), then decode steps of
+    // sequences of different lengths, against exact attention over the bf16 cache.
+    for &(hd, nh, nkv) in &[(64usize, 9usize, 3usize), (128, 12, 2), (128, 32, 8)] {
+        out.extend(check_attention(b, &mut rng, hd, nh, nkv)?);
+    }
+    Ok(out)
+}
+
+fn reference_sample(logits: &[f32], p: &RowSampling) -> u32 {
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if p.temperature <= 0.0 {
+        return idx[0] as u32;
+    }
+    let k = if p.top_k == 0 {
+        idx.len()
+    } else {
+        p.top_k.min(idx.len())
+    };
+    idx.truncate(k);
+    let m = logits[idx[0]] as f64;
+    let w: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((logits[i] as f64 - m) / p.temperature as f64).exp())
+        .collect();
+    let z: f64 = w.iter().sum();
+    let mut keep = idx.len();
+    if p.top_p < 1.0 {
+        let mut c = 0.0;
+        for (j, x) in w.iter().enumerate() {
+            c += x / z;
+            if c >= p.top_p as f64 {
+                keep = j + 1;
+                break;
+            }
+        }
+    }
+    let mut kept: Vec<(usize, f64)> = idx[..keep]
+        .iter()
+        .copied()
+        .zip(w[..keep].iter().copied())
+        .collect();
+    kept.sort_by_key(|&(i, _)| i);
+    let mass: f64 = kept.iter().map(|&(_, x)| x).sum();
+    let mut r = p.uniform as f64 * mass;
+    for &(i, x) in &kept {
+        r -= x;
+        if r < 0.0 {
+            return i as u32;
+        }
+    }
+    kept[kept.len() - 1].0 as u32
+}
+
+fn reference_attention(
+    q: &[f32],
+    keys: &[Vec<f64>],
+    vals: &[Vec<f64>],
+    n_visible: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+) -> Vec<f64> {
+    // keys[h][t * hd + d]; q: [nh * hd] of one row.
+    let g = nh / nkv;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut o = vec![0f64; nh * hd];
+    for h in 0..nh {
+        let kh = h / g;
+        let s: Vec<f64> = (0..n_visible)
+            .map(|t| {
+                (0..hd)
+                    .map(|d| q[h * hd + d] as f64 * keys[kh][t * hd + d])
+                    .sum::<f64>()
+                    * scale
+            })
+            .collect();
+        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = s.iter().map(|&x| (x - m).exp()).collect();
+        let z: f64 = w.iter().sum();
+        for t in 0..n_visible {
+            for d in 0..hd {
+                o[h * hd + d] += w[t] / z * vals[kh][t * hd + d];
+            }
+        }
+    }
+    o
+}
+
+fn check_attention(
+    b: &CudaBackend,
+    rng: &mut StdRng,
+    hd: usize,
+    nh: usize,
+    nkv: usize,
+) -> Result<Vec<CheckResult>, String> {
+    let e = |x: retrowave_core::BackendError| x.to_string();
+    let heads = HeadLayout {
+        n_heads: nh,
+        n_kv_heads: nkv,
+        head_dim: hd,
+    };
+    let layers = 2usize;
+    let layer = 1usize;
+    // Sequence lengths: prompt lengths for a first prefill, a second chunk, then decode steps.
+    let first = [70usize, 1, 200];
+    let second = [0usize, 130, 3];
+    let cap = 3000;
+    let mut kvs = Vec::new();
+    for _ in 0..first.len() {
+        kvs.push(b.new_kv(layers, heads, cap).map_err(e)?);
+    }
+    // Host copies of what each cache holds, per KV head: keys[s][h][t*hd + d] (bf16-rounded).
+    let mut hk: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); nkv]; first.len()];
+    let mut hv = hk.clone();
+    let mut results = Vec::new();
+    let mut lens = vec![0usize; first.len()];
+    let steps: Vec<Vec<usize>> = vec![
+        first.to_vec(),
+        second.to_vec(),
+        vec![1, 1, 1],
+        vec![1, 1, 1],
+    ];
+    for (si, step) in steps.iter().enumerate() {
+        let mut seqs = Vec::new();
+        let mut row = 0;
+        let mut members = Vec::new();
+        for (i, &n) in step.iter().enumerate() {
+            if n == 0 {
+                continue;
+            }
+            seqs.push(SeqRows {
+                slot: i,
+                row,
+                start_pos: lens[i],
+                n_tokens: n,
+            });
+            members.push(i);
+            row += n;
+        }
+        let rows = row;
+        let batch = BatchLayout { seqs };
+        let q = rand_vec(rng, rows * nh * hd, 2.0);
+        let k = rand_vec(rng, rows * nkv * hd, 2.0);
+        let v = rand_vec(rng, rows * nkv * hd, 1.0);
+        let (qa, ka, va) = (
+            b.acts_from_host(&q, rows, nh * hd),
+            b.acts_from_host(&k, rows, nkv * hd),
+            b.acts_from_host(&v, rows, nkv * hd),
+        );
+        let mut taken: Vec<&mut crate::DevKv> = Vec::new();
+        {
+            let mut rest: &mut [crate::DevKv] = &mut kvs;
+            let mut idx = 0;
+            for &m in &members {
+                let (_, tail) = rest.split_at_mut(m - idx);
+                let (head, tail2) = tail.split_at_mut(1);
+                taken.push(&mut head[0]);
+                rest = tail2;
+                idx = m + 1;
+            }
+        }
+        let y = b
+            .attention(layer, &qa, &ka, &va, &mut taken, &batch, heads)
+            .map_err(e)?;
+        let y = b.acts_to_host(&y);
+        b.check().map_err(e)?;
+        // Reference: append, then attend causally.
+        let mut r = vec![0f64; rows * nh * hd];
+        for s in &batch.seqs {
+            let i = s.slot;
+            for t in 0..s.n_tokens {
+                let rr = s.row + t;
+                for h in 0..nkv {
+                    for d in 0..hd {
+                        hk[i][h].push(bf16_round(k[rr * nkv * hd + h * hd + d]));
+                        hv[i][h].push(bf16_round(v[rr * nkv * hd + h * hd + d]));
+                    }
+                }
+            }
+            for t in 0..s.n_tokens {
+                let rr = s.row + t;
+                let o = reference_attention(
+                    &q[rr * nh * hd..(rr + 1) * nh * hd],
+                    &hk[i],
+                    &hv[i],
+                    s.start_pos + t + 1,
+                    nh,
+                    nkv,
+                    hd,
+                );
+                r[rr * nh * hd..(rr + 1) * nh * hd].copy_from_slice(&o);
+            }
+            lens[i] += s.n_tokens;
+        }
+        let kind = if step.iter().all(|&n| n <= 1) {
+            "decode"
+        } else {
+            "prefill"
+        };
+        // Prefill rounds P to bf16 before the PV product (tensor cores): bf16-level tolerance.
+        let tol = if kind == "decode" { 1e-4 } else { 5e-3 };
+        results.push(compare(
+            format!("attention {kind} step {si} hd {hd} heads {nh}/{nkv} lens {lens:?}"),
+            &y,
+            &r,
+            tol,
+        ));
+    }
+    // A long decode (several splits) on one sequence: fill synthetically then compare.
+    {
+        let len = 5000usize;
+        let mut kv = b.new_kv(layers, heads, len + 1).map_err(e)?;
+        b.kv_fill_synthetic(&mut kv, len, 7).map_err(e)?;
+        let host_k = b.download(&kv.k, kv.k.len()).map_err(|x| x.to_string())?;
+        let host_v = b.download(&kv.v, kv.v.len()).map_err(|x| x.to_string())?;
+        let q = rand_vec(rng, nh * hd, 2.0);
+        let k = rand_vec(rng, nkv * hd, 2.0);
+        let v = rand_vec(rng, nkv * hd, 1.0);
+        let batch = BatchLayout {
+            seqs: vec![SeqRows {
+                slot: 0,
+                row: 0,
+                start_pos: len,
+                n_tokens: 1,
+            }],
+        };
+        let (qa, ka, va) = (
+            b.acts_from_host(&q, 1, nh * hd),
+            b.acts_from_host(&k, 1, nkv * hd),
+            b.acts_from_host(&v, 1, nkv * hd),
+        );
+        let y = b
+            .attention(layer, &qa, &ka, &va, &mut [&mut kv], &batch, heads)
+            .map_err(e)?;
+        let y = b.acts_to_host(&y);
+        let cap = len + 1;
+        let mut keys = vec![Vec::new(); nkv];
+        let mut vals = vec![Vec::new(); nkv];
+        for h in 0..nkv {
+            let base = (layer * nkv + h) * cap * hd;
+            keys[h] = host_k[base..base + len * hd]
+                .iter()
+                .map(|x| x.to_f64())
+                .collect();
+            vals[h] = host_v[base..base + len * hd]
+                .iter()
+                .map(|x| x.to_f64())
+                .collect();
+            keys[h].extend(k[h * hd..(h + 1) * hd].iter().map(|&x| bf16_round(x)));
+            vals[h].extend(v[h * hd..(h + 1) * hd].iter().map(|&x| bf16_round(x)));
+        }
+        let r = reference_attention(&q, &keys, &vals, len + 1, nh, nkv, hd);
+        results.push(compare(
+            format!("attention decode 5001 keys hd {hd} heads {nh}/{nkv}"),
+            &y,
+            &r,
+            1e-4,
+        ));
+    }
+    Ok(results)
+}

@@ -1,0 +1,60 @@
+//! Timing GPU work with events on the backend's stream (never host clocks around async work).
+
+use cudarc::driver::{CudaStream, sys};
+
+use crate::CudaError;
+
+/// Runs `f` `warmup` times, then `reps` times with events around each run, and returns the
+/// per-run times in microseconds, sorted.
+pub fn time_us(
+    stream: &CudaStream,
+    warmup: usize,
+    reps: usize,
+    mut f: impl FnMut() -> Result<(), CudaError>,
+) -> Result<Vec<f64>, CudaError> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let ctx = stream.context();
+    let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let mut events = Vec::with_capacity(reps + 1);
+    for _ in 0..=reps {
+        events.push(
+            ctx.new_event(flags)
+                .map_err(CudaError::driver("cuEventCreate"))?,
+        );
+    }
+    events[0]
+        .record(stream)
+        .map_err(CudaError::driver("cuEventRecord"))?;
+    for e in &events[1..] {
+        f()?;
+        e.record(stream)
+            .map_err(CudaError::driver("cuEventRecord"))?;
+    }
+    stream
+        .synchronize()
+        .map_err(CudaError::driver("cuStreamSynchronize"))?;
+    let mut out = Vec::with_capacity(reps);
+    for w in events.windows(2) {
+        let ms = w[0]
+            .elapsed_ms(&w[1])
+            .map_err(CudaError::driver("cuEventElapsedTime"))?;
+        out.push(ms as f64 * 1000.0);
+    }
+    out.sort_by(f64::total_cmp);
+    Ok(out)
+}
+
+/// The median of sorted values.
+pub fn median(sorted: &[f64]) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let n = sorted.len();
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
+}
