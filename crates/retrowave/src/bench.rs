@@ -16,6 +16,55 @@ use crate::load;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// GPU: kernel checks, measured ceilings (copy, cuBLAS), decode and prefill attention
+    /// kernels at the Llama-3-8B layer shape, end-to-end dense decode of a random-weight model.
+    Gpu {
+        #[arg(long, default_value = "cuda:0")]
+        device: String,
+        /// Model shape for the end-to-end decode (random weights).
+        #[arg(long, default_value = "configs/models/llama-3-8b.toml")]
+        shape: PathBuf,
+        /// Contexts of the end-to-end decode (empty: skip it).
+        #[arg(long, default_value = "8192,32768,131072", value_delimiter = ',')]
+        contexts: Vec<usize>,
+        /// Timed decode steps per context.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value = "bench/results/gpu.jsonl")]
+        out: PathBuf,
+    },
+    /// GPU against CPU on the golden prompts: greedy tokens and teacher-forced logits.
+    Parity {
+        #[arg(long, short)]
+        model: String,
+        /// Golden file with `prompts[].prompt_ids` (../shared/golden/<model>.json).
+        #[arg(long)]
+        golden: PathBuf,
+        #[arg(long, default_value = "cuda:0")]
+        device: String,
+        #[arg(long, default_value_t = 32)]
+        tokens: usize,
+        /// Largest |logit difference| accepted on the CPU's top-5 tokens.
+        #[arg(long, default_value_t = 1.0)]
+        tolerance: f32,
+        #[arg(long, default_value = "bench/results/gpu-parity.jsonl")]
+        out: PathBuf,
+    },
+    /// GPU prefill and decode tokens/s of a real model at one context.
+    GpuModel {
+        #[arg(long, short)]
+        model: String,
+        #[arg(long, default_value = "cuda:0")]
+        device: String,
+        #[arg(long, default_value_t = 32768)]
+        context: usize,
+        #[arg(long, default_value_t = 64)]
+        decode_tokens: usize,
+        #[arg(long, default_value_t = 8192)]
+        prefill_chunk: usize,
+        #[arg(long, default_value = "bench/results/gpu.jsonl")]
+        out: PathBuf,
+    },
     /// Prefill and decode tokens/s of one sequence at given prompt lengths.
     Generate {
         #[arg(long, short, default_value = registry::DEFAULT_MODEL)]
@@ -152,6 +201,31 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
+        BenchCommand::Gpu {
+            device,
+            shape,
+            contexts,
+            steps,
+            out,
+        } => crate::gpubench::run_gpu(&device, &shape, &contexts, steps, &out),
+        BenchCommand::Parity {
+            model,
+            golden,
+            device,
+            tokens,
+            tolerance,
+            out,
+        } => crate::gpubench::run_parity(&model, &golden, &device, tokens, tolerance, &out),
+        BenchCommand::GpuModel {
+            model,
+            device,
+            context,
+            decode_tokens,
+            prefill_chunk,
+            out,
+        } => {
+            crate::gpubench::run_model(&model, &device, context, decode_tokens, prefill_chunk, &out)
+        }
         BenchCommand::Store {
             dir,
             file_mib,

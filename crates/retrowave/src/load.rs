@@ -6,8 +6,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use retrowave_core::Backend;
 use retrowave_core::{AttentionMode, WaveConfig};
 use retrowave_cpu::CpuBackend;
+use retrowave_cuda::{CudaBackend, DeviceRequest};
 use retrowave_engine::{Engine, EngineConfig, SchedulerConfig, WorkerGroup};
 use retrowave_model::arch::{self, ModelConfig, ModelSource};
 use retrowave_model::registry::{self, FetchOptions, ModelSpec};
@@ -97,8 +99,46 @@ pub struct EngineOptions {
 
 /// Loads the weights onto CPU workers and builds an engine.
 pub fn engine(model: &LoadedModel, opts: EngineOptions) -> Result<Engine<CpuBackend>> {
-    let t = Instant::now();
     let backends = (0..opts.tp.max(1)).map(|_| CpuBackend::new()).collect();
+    engine_on(model, opts, backends)
+}
+
+/// The GPU backends for `--device` (one per tensor-parallel worker, on consecutive GPUs from the
+/// one named), or `None` for the CPU.
+pub fn cuda_backends(device: &str, tp: usize) -> Result<Option<Vec<CudaBackend>>> {
+    let req: DeviceRequest = device.parse()?;
+    let Some(first) = req.resolve()? else {
+        return Ok(None);
+    };
+    let t = Instant::now();
+    let backends = (0..tp.max(1))
+        .map(|i| CudaBackend::new(first + i))
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("cannot start the CUDA backend on {device}"))?;
+    for r in backends[0].module_reports() {
+        tracing::info!(
+            file = r.file,
+            cached = r.from_cache,
+            seconds = r.seconds,
+            "kernels"
+        );
+    }
+    tracing::info!(
+        device = %backends[0].info().name,
+        seconds = t.elapsed().as_secs_f64(),
+        "CUDA backend ready"
+    );
+    Ok(Some(backends))
+}
+
+/// Loads the weights onto the given backends (one per tensor-parallel worker) and builds an
+/// engine.
+pub fn engine_on<B: Backend + 'static>(
+    model: &LoadedModel,
+    opts: EngineOptions,
+    backends: Vec<B>,
+) -> Result<Engine<B>> {
+    let t = Instant::now();
     let group = WorkerGroup::load(&model.config, &model.source, backends)?;
     let max_context = if opts.max_context == 0 {
         model.config.context_length

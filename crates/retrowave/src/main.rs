@@ -9,6 +9,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod attnbench;
 mod bench;
 mod eval;
+mod gpubench;
 mod load;
 mod storebench;
 
@@ -66,9 +67,13 @@ struct ModelArgs {
     /// Registry name or path to a .gguf file or Hugging Face folder.
     #[arg(long, short, default_value = registry::DEFAULT_MODEL, env = "RETROWAVE_MODEL")]
     model: String,
-    /// Tensor-parallel degree (CPU workers).
+    /// Tensor-parallel degree (workers; on GPUs, consecutive devices from --device's).
     #[arg(long, default_value_t = 1)]
     tp: usize,
+    /// Where the model runs: auto (the first GPU if there is one, else the CPU), cpu, cuda or
+    /// cuda:N.
+    #[arg(long, default_value = "auto", env = "RETROWAVE_DEVICE")]
+    device: String,
     /// Context limit in tokens (0 = the model's).
     #[arg(long, default_value_t = 0)]
     max_context: usize,
@@ -200,7 +205,17 @@ fn fetch(name: Option<String>, list: bool, print_path: bool, force: bool) -> Res
 
 fn generate(args: GenerateArgs) -> Result<()> {
     let model = load::open(&args.model.model)?;
-    let mut engine = load::engine(&model, args.model.engine_options()?)?;
+    let opts = args.model.engine_options()?;
+    match load::cuda_backends(&args.model.device, args.model.tp)? {
+        Some(gpus) => generate_on(&args, load::engine_on(&model, opts, gpus)?),
+        None => generate_on(&args, load::engine(&model, opts)?),
+    }
+}
+
+fn generate_on<B: retrowave_core::Backend + 'static>(
+    args: &GenerateArgs,
+    mut engine: retrowave_engine::Engine<B>,
+) -> Result<()> {
     let tok = engine.tokenizer().clone();
     let prompt_ids = if args.chat {
         let template = tok
@@ -238,6 +253,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     };
     let start = Instant::now();
     let id = engine.add_request(prompt_ids, params)?;
+    let _ = &args.model;
     let mut out = std::io::stdout().lock();
     loop {
         let events = engine.step()?;

@@ -1,0 +1,31 @@
+#!/usr/bin/env python3
+"""Prints the short table of a device run from its JSON-lines files (retrowave's and PyTorch's)."""
+import json, sys
+recs = []
+for f in sys.argv[1:]:
+    try:
+        recs += [json.loads(l) for l in open(f) if l.strip()]
+    except FileNotFoundError:
+        pass
+sdpa = {(r["context"], r["batch"]): r for r in recs if r.get("bench") == "sdpa-decode-attention"}
+sdpf = {r["tokens"]: r for r in recs if r.get("bench") == "sdpa-prefill-attention"}
+print("decode attention (32/8 heads, hd 128, bf16): retrowave vs SDPA")
+for r in recs:
+    if r.get("bench") == "gpu-decode-attention":
+        s = sdpa.get((r["context"], r["batch"]))
+        su = s["us"] if s else float("nan")
+        print(f"  ctx {r['context']:>6} b{r['batch']}: {r['us']:8.1f} us {r['gbs']:6.0f} GB/s ({r['pct_of_copy']:3.0f}% of copy) | SDPA {su:8.1f} us | speedup {su / r['us']:.2f}x")
+for r in recs:
+    if r.get("bench") == "gpu-prefill-attention":
+        s = sdpf.get(r["tokens"])
+        print(f"  prefill {r['tokens']:>6}: {r['tflops']:5.0f} TFLOP/s = {r['pct_of_cublas']:3.0f}% of cuBLAS {r['cublas_tflops']:.0f} | SDPA {s['tflops'] if s else float('nan'):5.0f}")
+for r in recs:
+    if r.get("bench") == "gpu-e2e-decode":
+        print(f"  e2e ctx {r['context']:>6} batch {r['batch']:>2}: {r['tokens_per_s']:7.1f} tok/s = {r['pct_of_roofline']:3.0f}% of roofline {r['roofline_tokens_per_s']:.1f}")
+    if r.get("bench") == "gpu-parity" and "clear_positions" in r:
+        print(f"  parity {r['model']} prompt {r['prompt']}: greedy equal {r['greedy_equal_prefix']}/{r['tokens']} (CPU near-tie at {r['first_cpu_near_tie']}), forced argmax {r['forced_argmax_agree_clear']}/{r['clear_positions']}, top-5 |dlogit| vs CPU {r['max_abs_logit_diff_top5_vs_cpu']:.3f}, vs llama.cpp {r['max_abs_logit_diff_top5_vs_llamacpp']:.3f} {'ok' if r['passed'] else 'FAIL'}")
+    if r.get("bench") == "gpu-model":
+        print(f"  {r['model']} ctx {r['context']}: prefill {r['prefill_tokens_per_s']:.0f} tok/s, decode {r['decode_tokens_per_s']:.1f} tok/s")
+fails = [r for r in recs if r.get("bench") == "gpu-kernel-check" and not r["passed"]]
+checks = [r for r in recs if r.get("bench") == "gpu-kernel-check"]
+print(f"kernel checks: {len(checks) - len(fails)}/{len(checks)} passed" + "".join(f"\n  FAIL {r['check']} rel {r['rel_l2']:.2e} nan {r['non_finite']}" for r in fails))
