@@ -175,6 +175,30 @@ pub trait Backend: Send + Sync {
         )))
     }
 
+    /// Starts a decode step that the backend may run as a captured graph (CUDA graphs): returns
+    /// the sampled tokens when it replayed a graph captured for this shape (the step is then
+    /// done, caches included), or `None` when the worker should run the operations, which the
+    /// backend may be capturing; [`Backend::graph_step_end`] follows them.
+    fn graph_step_begin(
+        &self,
+        tokens: &[u32],
+        batch: &BatchLayout,
+        caches: &mut [&mut Self::Kv],
+        logits_rows: &[usize],
+        sampling: &[RowSampling],
+    ) -> Result<Option<Vec<u32>>, BackendError> {
+        let _ = (tokens, batch, caches, logits_rows, sampling);
+        Ok(None)
+    }
+
+    /// Ends a step started by [`Backend::graph_step_begin`] whose operations ran (`ok` false
+    /// when one failed): returns the sampled tokens when the step was captured (and then
+    /// launched), `None` when it ran directly.
+    fn graph_step_end(&self, ok: bool) -> Result<Option<Vec<u32>>, BackendError> {
+        let _ = ok;
+        Ok(None)
+    }
+
     /// Stacks the rows of several weights with the same input width into one matrix, so that
     /// projections of the same input (Q/K/V, gate/up) run as one operation. `None` when the
     /// backend cannot stack them (different storage types, say); callers then run them apart.

@@ -113,11 +113,88 @@ pub struct StepTables {
     /// Keys per flash-decoding split, and splits of the longest decode row.
     pub split: usize,
     pub max_splits: usize,
-    d_descs: CudaSlice<SeqDesc>,
-    d_row_seq: CudaSlice<i32>,
-    d_decode_rows: CudaSlice<i32>,
-    d_tile_seq: CudaSlice<i32>,
-    d_tile_row0: CudaSlice<i32>,
+    d_descs: sys::CUdeviceptr,
+    d_row_seq: sys::CUdeviceptr,
+    d_decode_rows: sys::CUdeviceptr,
+    d_tile_seq: sys::CUdeviceptr,
+    d_tile_row0: sys::CUdeviceptr,
+    /// The buffers behind the pointers, when these tables own them (the graph inputs own theirs).
+    _owned: Option<(CudaSlice<SeqDesc>, [CudaSlice<i32>; 4])>,
+}
+
+// SAFETY: the raw pointers are device addresses owned by `_owned` or by the backend's graph
+// inputs; they are only passed to kernels.
+unsafe impl Send for StepTables {}
+// SAFETY: as above.
+unsafe impl Sync for StepTables {}
+
+/// The host side of a step's tables.
+struct HostTables {
+    descs: Vec<SeqDesc>,
+    row_seq: Vec<i32>,
+    decode_rows: Vec<i32>,
+    tile_seq: Vec<i32>,
+    tile_row0: Vec<i32>,
+    split: usize,
+    max_splits: usize,
+}
+
+/// Persistent device inputs of captured decode steps: a graph reads its step's tokens,
+/// positions, tables and sampling parameters from these fixed addresses, rewritten before each
+/// replay.
+struct GraphInputs {
+    cap_rows: usize,
+    tokens: CudaSlice<i32>,
+    positions: CudaSlice<i32>,
+    select: CudaSlice<i32>,
+    descs: CudaSlice<SeqDesc>,
+    row_seq: CudaSlice<i32>,
+    decode_rows: CudaSlice<i32>,
+    temperature: CudaSlice<f32>,
+    top_k: CudaSlice<i32>,
+    top_p: CudaSlice<f32>,
+    uniform: CudaSlice<f32>,
+    out: CudaSlice<i32>,
+}
+
+/// What identifies a captured decode step: rows, flash-decoding split and splits, and whether
+/// every row is greedy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct GraphKey {
+    rows: usize,
+    split: usize,
+    max_splits: usize,
+    greedy: bool,
+}
+
+/// The inputs armed for the step being run or captured.
+struct Armed {
+    rows: usize,
+    tables: Arc<StepTables>,
+    greedy: bool,
+}
+
+/// An instantiated graph. CUDA graph handles may be used from any thread of the context (the
+/// backend serialises their use behind its graph-state lock).
+struct SendGraph(cudarc::driver::CudaGraph);
+
+// SAFETY: see above; the handles are only launched or destroyed under the lock.
+unsafe impl Send for SendGraph {}
+
+/// Whether decode steps may run as CUDA graphs (`RETROWAVE_CUDA_GRAPHS=0` turns them off).
+fn graphs_enabled() -> bool {
+    std::env::var("RETROWAVE_CUDA_GRAPHS").map_or(true, |v| v != "0")
+}
+
+#[derive(Default)]
+struct GraphState {
+    disabled: bool,
+    inputs: Option<GraphInputs>,
+    armed: Option<Armed>,
+    capturing: Option<GraphKey>,
+    graphs: HashMap<GraphKey, SendGraph>,
+    captures: usize,
+    replays: usize,
 }
 
 /// The last positions uploaded: host copy and device buffer.
@@ -127,6 +204,8 @@ struct Inner {
     positions: Mutex<Option<CachedPositions>>,
     poison: std::sync::atomic::AtomicBool,
     tables: Mutex<Option<Arc<StepTables>>>,
+    graph: Mutex<GraphState>,
+    _blas_workspace: CudaSlice<u8>,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
@@ -181,6 +260,23 @@ impl CudaBackend {
             what: "cublasCreate".into(),
             source,
         })?;
+        // A fixed cuBLAS workspace, so that GEMMs captured into graphs allocate nothing.
+        let ws_bytes = 32usize << 20;
+        // SAFETY: scratch for cuBLAS, never read by us.
+        let workspace = unsafe { stream.alloc::<u8>(ws_bytes) }
+            .map_err(CudaError::driver("cuMemAllocAsync(cuBLAS workspace)"))?;
+        {
+            let ws = dp(&workspace);
+            // SAFETY: the handle is live; the workspace outlives it (both in `Inner`).
+            unsafe {
+                cublas_sys::cublasSetWorkspace_v2(*blas.handle(), ws as *mut c_void, ws_bytes)
+            }
+            .result()
+            .map_err(|source| CudaError::Cublas {
+                what: "cublasSetWorkspace".into(),
+                source,
+            })?;
+        }
         for r in &reports {
             tracing::debug!(
                 file = r.file,
@@ -200,6 +296,8 @@ impl CudaBackend {
                 _modules: modules,
                 failure: Mutex::new(None),
                 tables: Mutex::new(None),
+                graph: Mutex::new(GraphState::default()),
+                _blas_workspace: workspace,
                 poison: std::sync::atomic::AtomicBool::new(false),
                 positions: Mutex::new(None),
             }),
@@ -589,15 +687,12 @@ impl CudaBackend {
         Ok(dev)
     }
 
-    /// The device tables of a step (sequence descriptors, row map, decode rows, prefill tiles).
-    /// Every layer of a step asks for the same tables: the last ones are kept and reused while
-    /// their contents are unchanged, so only the first layer uploads.
-    pub fn step_tables(
+    fn host_tables(
         &self,
         caches: &[&DevKv],
         batch: &BatchLayout,
         n_kv: usize,
-    ) -> Result<Arc<StepTables>, CudaError> {
+    ) -> Result<HostTables, CudaError> {
         let (descs, row_seq) = self.seq_table(caches, batch)?;
         let decode: Vec<&retrowave_core::SeqRows> =
             batch.seqs.iter().filter(|s| s.n_tokens == 1).collect();
@@ -614,6 +709,35 @@ impl CudaBackend {
                 }
             }
         }
+        Ok(HostTables {
+            descs,
+            row_seq,
+            decode_rows,
+            tile_seq,
+            tile_row0,
+            split,
+            max_splits,
+        })
+    }
+
+    /// The device tables of a step (sequence descriptors, row map, decode rows, prefill tiles).
+    /// Every layer of a step asks for the same tables: the last ones are kept and reused while
+    /// their contents are unchanged, so only the first layer uploads.
+    pub fn step_tables(
+        &self,
+        caches: &[&DevKv],
+        batch: &BatchLayout,
+        n_kv: usize,
+    ) -> Result<Arc<StepTables>, CudaError> {
+        let HostTables {
+            descs,
+            row_seq,
+            decode_rows,
+            tile_seq,
+            tile_row0,
+            split,
+            max_splits,
+        } = self.host_tables(caches, batch, n_kv)?;
         let mut cached = self
             .inner
             .tables
@@ -629,12 +753,22 @@ impl CudaBackend {
         {
             return Ok(t.clone());
         }
+        let owned = (
+            self.upload(&descs)?,
+            [
+                self.upload(&row_seq)?,
+                self.upload(&decode_rows)?,
+                self.upload(&tile_seq)?,
+                self.upload(&tile_row0)?,
+            ],
+        );
         let t = Arc::new(StepTables {
-            d_descs: self.upload(&descs)?,
-            d_row_seq: self.upload(&row_seq)?,
-            d_decode_rows: self.upload(&decode_rows)?,
-            d_tile_seq: self.upload(&tile_seq)?,
-            d_tile_row0: self.upload(&tile_row0)?,
+            d_descs: dp(&owned.0),
+            d_row_seq: dp(&owned.1[0]),
+            d_decode_rows: dp(&owned.1[1]),
+            d_tile_seq: dp(&owned.1[2]),
+            d_tile_row0: dp(&owned.1[3]),
+            _owned: Some(owned),
             descs,
             row_seq,
             decode_rows,
@@ -661,7 +795,7 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let (mut a, mut b, mut c, mut d) = (k, v, dp(&t.d_descs), dp(&t.d_row_seq));
+        let (mut a, mut b, mut c, mut d) = (k, v, t.d_descs, t.d_row_seq);
         let (mut r, mut l, mut n, mut h) = (rows as i32, layer as i32, n_kv as i32, hd as i32);
         self.launch(
             "kv_append",
@@ -703,13 +837,13 @@ impl CudaBackend {
         let (split, max_splits) = (t.split, t.max_splits);
         let o_part = self.alloc::<f32>(n_rows * n_heads * max_splits * hd)?;
         let lse_part = self.alloc::<f32>(n_rows * n_heads * max_splits)?;
-        let (pop, plp, prl) = (dp(&o_part), dp(&lse_part), dp(&t.d_decode_rows));
+        let (pop, plp, prl) = (dp(&o_part), dp(&lse_part), t.d_decode_rows);
         let name = if hd == 64 {
             "attn_decode_partial_hd64"
         } else {
             "attn_decode_partial_hd128"
         };
-        let (mut a1, mut a2, mut a3, mut a4) = (q, dp(&t.d_descs), dp(&t.d_row_seq), prl);
+        let (mut a1, mut a2, mut a3, mut a4) = (q, t.d_descs, t.d_row_seq, prl);
         let (mut l, mut n1, mut n2, mut sp, mut ms, mut sc) = (
             layer as i32,
             n_heads as i32,
@@ -787,8 +921,7 @@ impl CudaBackend {
         } else {
             "attn_prefill_hd128"
         };
-        let (mut a1, mut a2, mut a3, mut a4) =
-            (qb, dp(&t.d_descs), dp(&t.d_tile_seq), dp(&t.d_tile_row0));
+        let (mut a1, mut a2, mut a3, mut a4) = (qb, t.d_descs, t.d_tile_seq, t.d_tile_row0);
         let (mut l, mut n1, mut n2, mut sc) = (
             layer as i32,
             n_heads as i32,
@@ -847,7 +980,10 @@ impl CudaBackend {
             )));
         }
         let refs: Vec<&DevKv> = caches.iter().map(|c| &**c).collect();
-        let t = self.step_tables(&refs, batch, nkv)?;
+        let t = match self.armed(|a, _| a.tables.clone()) {
+            Some(t) => t,
+            None => self.step_tables(&refs, batch, nkv)?,
+        };
         self.append_kv(&t, layer, dp(&k.data), dp(&v.data), nkv, hd)?;
         let out = self.alloc::<f32>(rows * nh * hd)?;
         self.decode_attention(&t, layer, dp(&q.data), dp(&out), nh, nkv, hd)?;
@@ -864,6 +1000,245 @@ impl CudaBackend {
             rows,
             cols: nh * hd,
         })
+    }
+
+    /// Greedy (`argmax_rows`) or full (`sample_rows`) token choice for `n` rows of logits at
+    /// `logits`; `arrays` = temperature, top-k, top-p, uniform (unused when greedy), output.
+    fn launch_sampling(
+        &self,
+        logits: sys::CUdeviceptr,
+        n: usize,
+        vocab: usize,
+        greedy: bool,
+        arrays: [sys::CUdeviceptr; 5],
+    ) -> Result<(), CudaError> {
+        let (mut l, mut r, mut v) = (logits, n as i32, vocab as i32);
+        let [mut a, mut b, mut c, mut d, mut o] = arrays;
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        if greedy {
+            self.launch(
+                "argmax_rows",
+                cfg,
+                &mut [
+                    ptr_of(&mut l),
+                    ptr_of(&mut r),
+                    ptr_of(&mut v),
+                    ptr_of(&mut o),
+                ],
+            )
+        } else {
+            self.launch(
+                "sample_rows",
+                cfg,
+                &mut [
+                    ptr_of(&mut l),
+                    ptr_of(&mut r),
+                    ptr_of(&mut v),
+                    ptr_of(&mut a),
+                    ptr_of(&mut b),
+                    ptr_of(&mut c),
+                    ptr_of(&mut d),
+                    ptr_of(&mut o),
+                ],
+            )
+        }
+    }
+
+    /// Runs `f` on the armed step inputs while a decode step is being captured.
+    fn armed<R>(&self, f: impl FnOnce(&Armed, &GraphInputs) -> R) -> Option<R> {
+        let st = self.inner.graph.lock().ok()?;
+        match (&st.armed, &st.inputs) {
+            (Some(a), Some(i)) => Some(f(a, i)),
+            _ => None,
+        }
+    }
+
+    /// Decode steps captured and replayed as CUDA graphs so far.
+    pub fn graph_counts(&self) -> (usize, usize) {
+        self.inner
+            .graph
+            .lock()
+            .map(|g| (g.captures, g.replays))
+            .unwrap_or((0, 0))
+    }
+
+    fn write<T: DeviceRepr>(&self, dst: &mut CudaSlice<T>, data: &[T]) -> Result<(), CudaError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let mut view = dst.slice_mut(0..data.len());
+        self.inner
+            .stream
+            .memcpy_htod(data, &mut view)
+            .map_err(CudaError::driver("cuMemcpyHtoDAsync"))
+    }
+
+    fn graph_begin(
+        &self,
+        tokens: &[u32],
+        batch: &BatchLayout,
+        caches: &mut [&mut DevKv],
+        logits_rows: &[usize],
+        sampling: &[RowSampling],
+    ) -> Result<Option<Vec<u32>>, CudaError> {
+        let rows = batch.n_rows();
+        let eligible = graphs_enabled()
+            && rows > 0
+            && !caches.is_empty()
+            && caches.len() == batch.seqs.len()
+            && batch.seqs.iter().all(|s| s.n_tokens == 1)
+            && tokens.len() == rows
+            && sampling.len() == rows
+            && logits_rows.len() == rows
+            && logits_rows.iter().enumerate().all(|(i, &r)| i == r)
+            && !self.failed();
+        if !eligible {
+            return Ok(None);
+        }
+        self.bind()?;
+        let n_kv = caches[0].n_kv;
+        let refs: Vec<&DevKv> = caches.iter().map(|c| &**c).collect();
+        let h = self.host_tables(&refs, batch, n_kv)?;
+        let greedy = sampling.iter().all(|s| s.temperature <= 0.0);
+        let key = GraphKey {
+            rows,
+            split: h.split,
+            max_splits: h.max_splits,
+            greedy,
+        };
+        let mut st = self
+            .inner
+            .graph
+            .lock()
+            .map_err(|_| CudaError::Unsupported("graph state lock poisoned".into()))?;
+        if st.disabled {
+            return Ok(None);
+        }
+        if st.inputs.as_ref().is_none_or(|i| i.cap_rows < rows) {
+            let cap = rows.next_power_of_two().max(8);
+            st.graphs.clear();
+            st.inputs = Some(GraphInputs {
+                cap_rows: cap,
+                tokens: self.alloc(cap)?,
+                positions: self.alloc(cap)?,
+                select: self.alloc(cap)?,
+                descs: self.alloc(cap)?,
+                row_seq: self.alloc(cap)?,
+                decode_rows: self.alloc(cap)?,
+                temperature: self.alloc(cap)?,
+                top_k: self.alloc(cap)?,
+                top_p: self.alloc(cap)?,
+                uniform: self.alloc(cap)?,
+                out: self.alloc(cap)?,
+            });
+        }
+        let Some(mut inp) = st.inputs.take() else {
+            return Ok(None);
+        };
+        let written = (|| -> Result<(), CudaError> {
+            let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+            self.write(&mut inp.tokens, &ids)?;
+            let pos: Vec<i32> = batch.positions().iter().map(|&p| p as i32).collect();
+            self.write(&mut inp.positions, &pos)?;
+            let sel: Vec<i32> = (0..rows as i32).collect();
+            self.write(&mut inp.select, &sel)?;
+            self.write(&mut inp.descs, &h.descs)?;
+            self.write(&mut inp.row_seq, &h.row_seq)?;
+            self.write(&mut inp.decode_rows, &h.decode_rows)?;
+            let t: Vec<f32> = sampling.iter().map(|s| s.temperature).collect();
+            self.write(&mut inp.temperature, &t)?;
+            let k: Vec<i32> = sampling
+                .iter()
+                .map(|s| s.top_k.min(i32::MAX as usize) as i32)
+                .collect();
+            self.write(&mut inp.top_k, &k)?;
+            let p: Vec<f32> = sampling.iter().map(|s| s.top_p).collect();
+            self.write(&mut inp.top_p, &p)?;
+            let u: Vec<f32> = sampling.iter().map(|s| s.uniform).collect();
+            self.write(&mut inp.uniform, &u)
+        })();
+        let tables = Arc::new(StepTables {
+            d_descs: dp(&inp.descs),
+            d_row_seq: dp(&inp.row_seq),
+            d_decode_rows: dp(&inp.decode_rows),
+            d_tile_seq: 0,
+            d_tile_row0: 0,
+            _owned: None,
+            descs: h.descs,
+            row_seq: h.row_seq,
+            decode_rows: h.decode_rows,
+            tile_seq: h.tile_seq,
+            tile_row0: h.tile_row0,
+            split: h.split,
+            max_splits: h.max_splits,
+        });
+        st.inputs = Some(inp);
+        written?;
+        if let Some(g) = st.graphs.get(&key) {
+            g.0.launch().map_err(CudaError::driver("cuGraphLaunch"))?;
+            for (s, kv) in batch.seqs.iter().zip(caches.iter_mut()) {
+                kv.len = kv.len.max(s.start_pos + 1);
+            }
+            st.replays += 1;
+            let out = match st.inputs.as_ref() {
+                Some(i) => self.download(&i.out, rows)?,
+                None => return Ok(None),
+            };
+            return Ok(Some(out.into_iter().map(|x| x.max(0) as u32).collect()));
+        }
+        st.armed = Some(Armed {
+            rows,
+            tables,
+            greedy,
+        });
+        self.inner
+            .stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(CudaError::driver("cuStreamBeginCapture"))?;
+        st.capturing = Some(key);
+        Ok(None)
+    }
+
+    fn graph_end(&self, ok: bool) -> Result<Option<Vec<u32>>, CudaError> {
+        let mut st = self
+            .inner
+            .graph
+            .lock()
+            .map_err(|_| CudaError::Unsupported("graph state lock poisoned".into()))?;
+        let armed = st.armed.take();
+        let Some(key) = st.capturing.take() else {
+            return Ok(None);
+        };
+        let graph = self.inner.stream.end_capture(
+            sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
+        );
+        let graph = match (ok, graph) {
+            (true, Ok(Some(g))) => g,
+            (_, g) => {
+                // The ops failed while capturing (or the capture broke): run without graphs from
+                // now on; this step reports its error.
+                st.disabled = true;
+                tracing::error!(?key, result = ?g.err(), "CUDA graph capture failed; graphs disabled");
+                return Ok(None);
+            }
+        };
+        graph.launch().map_err(CudaError::driver("cuGraphLaunch"))?;
+        st.captures += 1;
+        let rows = armed.map(|a| a.rows).unwrap_or(0);
+        let out = match st.inputs.as_ref() {
+            Some(i) => self.download(&i.out, rows)?,
+            None => Vec::new(),
+        };
+        if st.graphs.len() >= 16 {
+            // Shapes come and go with batch sizes and lengths; keep the memory of few graphs.
+            st.graphs.clear();
+        }
+        st.graphs.insert(key, SendGraph(graph));
+        Ok(Some(out.into_iter().map(|x| x.max(0) as u32).collect()))
     }
 
     fn load_matrix_impl(
@@ -1013,6 +1388,21 @@ impl Backend for CudaBackend {
         true
     }
 
+    fn graph_step_begin(
+        &self,
+        tokens: &[u32],
+        batch: &BatchLayout,
+        caches: &mut [&mut DevKv],
+        logits_rows: &[usize],
+        sampling: &[RowSampling],
+    ) -> Result<Option<Vec<u32>>, BackendError> {
+        Ok(self.graph_begin(tokens, batch, caches, logits_rows, sampling)?)
+    }
+
+    fn graph_step_end(&self, ok: bool) -> Result<Option<Vec<u32>>, BackendError> {
+        Ok(self.graph_end(ok)?)
+    }
+
     fn sample_rows(
         &self,
         logits: &DevActs,
@@ -1025,26 +1415,32 @@ impl Backend for CudaBackend {
         if let Some(f) = self.take_failure() {
             return Err(BackendError::Device(f));
         }
+        if let Some((greedy, arrays)) = self
+            .armed(|a, inp| {
+                (a.rows == n).then(|| {
+                    (
+                        a.greedy,
+                        [
+                            dp(&inp.temperature),
+                            dp(&inp.top_k),
+                            dp(&inp.top_p),
+                            dp(&inp.uniform),
+                            dp(&inp.out),
+                        ],
+                    )
+                })
+            })
+            .flatten()
+        {
+            // Captured step: the tokens land in the graph's output buffer, read after launch.
+            self.launch_sampling(dp(&logits.data), n, logits.cols, greedy, arrays)?;
+            return Ok(Vec::new());
+        }
         let out = self.alloc::<i32>(n)?;
-        let (mut l, mut o) = (dp(&logits.data), dp(&out));
-        let (mut r, mut v) = (n as i32, logits.cols as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (n as u32, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        if rows.iter().all(|s| s.temperature <= 0.0) {
-            self.launch(
-                "argmax_rows",
-                cfg,
-                &mut [
-                    ptr_of(&mut l),
-                    ptr_of(&mut r),
-                    ptr_of(&mut v),
-                    ptr_of(&mut o),
-                ],
-            )?;
-        } else {
+        let greedy = rows.iter().all(|s| s.temperature <= 0.0);
+        let mut keep = Vec::new();
+        let mut arrays = [0u64, 0, 0, 0, dp(&out)];
+        if !greedy {
             let temp: Vec<f32> = rows.iter().map(|s| s.temperature).collect();
             let top_k: Vec<i32> = rows
                 .iter()
@@ -1058,22 +1454,10 @@ impl Backend for CudaBackend {
                 self.upload(&top_p)?,
                 self.upload(&uni)?,
             );
-            let (mut a, mut b, mut c, mut d) = (dp(&dt), dp(&dk), dp(&dpp), dp(&du));
-            self.launch(
-                "sample_rows",
-                cfg,
-                &mut [
-                    ptr_of(&mut l),
-                    ptr_of(&mut r),
-                    ptr_of(&mut v),
-                    ptr_of(&mut a),
-                    ptr_of(&mut b),
-                    ptr_of(&mut c),
-                    ptr_of(&mut d),
-                    ptr_of(&mut o),
-                ],
-            )?;
+            arrays[..4].copy_from_slice(&[dp(&dt), dp(&dk), dp(&dpp), dp(&du)]);
+            keep.push((dt, dk, dpp, du));
         }
+        self.launch_sampling(dp(&logits.data), n, logits.cols, greedy, arrays)?;
         let t = self.download(&out, n)?;
         Ok(t.into_iter().map(|x| x.max(0) as u32).collect())
     }
@@ -1235,9 +1619,17 @@ impl Backend for CudaBackend {
             .iter()
             .map(|&r| r.min(a.rows.saturating_sub(1)) as i32)
             .collect();
-        let r = self.upload(&idx).and_then(|d_idx| {
+        let in_order = idx.iter().enumerate().all(|(i, &r)| i as i32 == r);
+        let armed = self
+            .armed(|ar, inp| (in_order && ar.rows == idx.len()).then(|| dp(&inp.select)))
+            .flatten();
+        let d = match armed {
+            Some(p) => Ok((p, None)),
+            None => self.upload(&idx).map(|d| (dp(&d), Some(d))),
+        };
+        let r = d.and_then(|(pi, _keep)| {
             let mut x = dp(&a.data);
-            let mut i = dp(&d_idx);
+            let mut i = pi;
             let mut o = dp(&out.data);
             let (mut n, mut c) = (rows.len() as i32, a.cols as i32);
             self.launch(
@@ -1270,12 +1662,20 @@ impl Backend for CudaBackend {
                 vocab: table.rows,
             });
         }
-        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-        let d = self.upload(&ids)?;
+        let armed = self
+            .armed(|a, inp| (a.rows == tokens.len()).then(|| dp(&inp.tokens)))
+            .flatten();
+        let d = match armed {
+            Some(_) => None,
+            None => {
+                let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+                Some(self.upload(&ids)?)
+            }
+        };
         let out = self.alloc::<f32>(tokens.len() * table.cols)?;
         {
             let mut t = dp(&table.data);
-            let mut i = dp(&d);
+            let mut i = armed.or(d.as_ref().map(dp)).unwrap_or(0);
             let mut o = dp(&out);
             let (mut r, mut h) = (tokens.len() as i32, table.cols as i32);
             self.launch(
@@ -1383,9 +1783,16 @@ impl Backend for CudaBackend {
             return;
         }
         let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
-        let r = self.positions(pos).and_then(|d| {
+        let armed = self
+            .armed(|a, inp| (a.rows == pos.len()).then(|| dp(&inp.positions)))
+            .flatten();
+        let d = match armed {
+            Some(p) => Ok((p, None)),
+            None => self.positions(pos).map(|d| (dp(&d), Some(d))),
+        };
+        let r = d.and_then(|(pp, _keep)| {
             let mut a = dp(&x.data);
-            let mut p = dp(&d);
+            let mut p = pp;
             let (mut rows, mut nh, mut hd, mut rd, mut th, mut neox) = (
                 x.rows as i32,
                 n_heads as i32,

@@ -272,8 +272,34 @@ impl<B: Backend> Worker<B> {
                 }
             }
         }
+        // Single-worker decode steps that sample on the device may run as a captured graph: the
+        // backend replays one when it has captured this shape, else runs (and captures) the ops.
+        let graph = sampling.filter(|_| self.collective.is_none());
+        if let Some(rows) = graph {
+            let mut caches: Vec<&mut B::Kv> = taken.iter_mut().map(|(_, kv)| kv).collect();
+            let begun =
+                self.backend
+                    .graph_step_begin(tokens, batch, &mut caches, logits_rows, rows);
+            drop(caches);
+            match begun {
+                Ok(Some(t)) => {
+                    for (slot, kv) in taken {
+                        self.caches.insert(slot, kv);
+                    }
+                    return Ok(Some(StepOutput::Tokens(t)));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    for ((slot, mut kv), s) in taken.into_iter().zip(&batch.seqs) {
+                        self.backend.kv_truncate(&mut kv, s.start_pos);
+                        self.caches.insert(slot, kv);
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
         let this = &*self;
-        let result = this
+        let mut result = this
             .backend
             .run(|| -> Result<Option<StepOutput>, EngineError> {
                 let b = &this.backend;
@@ -328,6 +354,13 @@ impl<B: Backend> Worker<B> {
                 b.check()?;
                 Ok(Some(StepOutput::Logits(host)))
             });
+        if graph.is_some() {
+            match self.backend.graph_step_end(result.is_ok()) {
+                Ok(Some(t)) if result.is_ok() => result = Ok(Some(StepOutput::Tokens(t))),
+                Ok(_) => {}
+                Err(e) => result = Err(e.into()),
+            }
+        }
         for ((slot, mut kv), s) in taken.into_iter().zip(&batch.seqs) {
             if result.is_err() {
                 // A failed step leaves no partial token behind: rewind to the state before it.

@@ -269,6 +269,7 @@ fn e2e_bench(
         }
         let mut rng = StdRng::seed_from_u64(ctx as u64);
         let mut times = Vec::new();
+        let (caps0, reps0) = b.graph_counts();
         for step in 0..steps + 3 {
             let tokens: Vec<u32> = (0..batch)
                 .map(|_| rng.random_range(0..cfg.vocab_size as u32))
@@ -319,7 +320,8 @@ fn e2e_bench(
                     "kv": "synthetic uniform random (no prefill)", "context": ctx, "batch": batch,
                     "step_ms": step_s * 1e3, "tokens_per_s": tok_s, "bytes_per_step": bytes,
                     "roofline_tokens_per_s": roof_tok_s, "pct_of_roofline": pct,
-                    "copy_gbs": ceil.copy_gbs, "attention": "full", "cuda_graphs": false, "sampling": "greedy on the GPU (token ids back)",
+                    "copy_gbs": ceil.copy_gbs, "attention": "full", "cuda_graphs": {"captures": b.graph_counts().0 - caps0, "replays": b.graph_counts().1 - reps0},
+                    "sampling": "greedy on the GPU (token ids back)",
                     "device": card(b), "commit": commit()}),
         )?;
         let line = format!(
@@ -460,6 +462,38 @@ fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
+/// Greedy decode through device sampling (the serving path: token ids back, decode steps as
+/// CUDA graphs).
+fn greedy_device<B: Backend + 'static>(
+    g: &mut WorkerGroup<B>,
+    prompt: &[u32],
+    n: usize,
+) -> Result<Vec<u32>> {
+    let row = [RowSampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        uniform: 0.0,
+    }];
+    g.open_slot(0, prompt.len() + n + 1)?;
+    let one = |start: usize, len: usize| BatchLayout {
+        seqs: vec![SeqRows {
+            slot: 0,
+            row: 0,
+            start_pos: start,
+            n_tokens: len,
+        }],
+    };
+    let mut toks = g.forward_sample(prompt, &one(0, prompt.len()), &[prompt.len() - 1], &row)?;
+    while toks.len() < n {
+        let last = *toks.last().context("no token")?;
+        let t = g.forward_sample(&[last], &one(prompt.len() + toks.len() - 1, 1), &[0], &row)?;
+        toks.extend(t);
+    }
+    g.close_slot(0);
+    Ok(toks)
+}
+
 /// Teacher-forced logits of `path` (prompt + tokens) at the positions that predict each token.
 fn forced<B: Backend + 'static>(
     g: &mut WorkerGroup<B>,
@@ -544,6 +578,10 @@ pub fn run_parity(
         let prompt = ids(&p["prompt_ids"]);
         let (ct, cl) = greedy(&mut cpu_g, &prompt, n, vocab)?;
         let (gt, _) = greedy(&mut gpu_g, &prompt, n, vocab)?;
+        let (caps0, reps0) = b.graph_counts();
+        let gg = greedy_device(&mut gpu_g, &prompt, n)?;
+        let (caps1, reps1) = b.graph_counts();
+        let graph_equal = gg == gt;
         let gf = forced(&mut gpu_g, &prompt, &ct, vocab)?;
         let same = ct.iter().zip(&gt).take_while(|(a, b)| a == b).count();
         let (mut max_top5, mut agree_clear, mut clear, mut top2_ok) = (0f32, 0usize, 0usize, true);
@@ -588,8 +626,10 @@ pub fn run_parity(
             agree_clear == clear && top2_ok && same >= first_tie.min(n) && max_top5 <= tolerance;
         all_ok &= ok;
         println!(
-            "{} prompt {pi}: greedy equal {same}/{n} (first CPU near-tie at {first_tie}); forced argmax {agree_clear}/{clear} clear positions, near-ties in top-2: {top2_ok}; max |dlogit| vs CPU top-5 {max_top5:.3}; vs llama.cpp top-5 {gold_max:.3}, argmax {gold_agree}/{gold_clear} {}",
+            "{} prompt {pi}: greedy equal {same}/{n} (first CPU near-tie at {first_tie}); forced argmax {agree_clear}/{clear} clear positions, near-ties in top-2: {top2_ok}; max |dlogit| vs CPU top-5 {max_top5:.3}; vs llama.cpp top-5 {gold_max:.3}, argmax {gold_agree}/{gold_clear}; graph decode equal {graph_equal} ({} captures, {} replays) {}",
             m.config.name,
+            caps1 - caps0,
+            reps1 - reps0,
             if ok { "ok" } else { "DIFFERENT" }
         );
         append(
@@ -599,6 +639,8 @@ pub fn run_parity(
                     "forced_argmax_agree_clear": agree_clear, "clear_positions": clear,
                     "near_ties_in_top2": top2_ok, "margin": margin,
                     "max_abs_logit_diff_top5_vs_cpu": max_top5, "tolerance_top5": tolerance,
+                    "graph_tokens_equal": graph_equal, "graph_captures": caps1 - caps0,
+                    "graph_replays": reps1 - reps0,
                     "max_abs_logit_diff_top5_vs_llamacpp": gold_max,
                     "llamacpp_argmax_agree": gold_agree, "llamacpp_clear_positions": gold_clear,
                     "passed": ok, "device": card(&b), "commit": commit()}),
@@ -658,9 +700,16 @@ pub fn run_model(
     b.synchronize()?;
     let prefill_s = t.elapsed().as_secs_f64();
     let mut tok = argmax(&last[..m.config.vocab_size]);
+    let greedy = [RowSampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        uniform: 0.0,
+    }];
+    let (caps0, reps0) = b.graph_counts();
     let t = Instant::now();
     for i in 0..decode {
-        let l = g.forward(
+        let l = g.forward_sample(
             &[tok],
             &BatchLayout {
                 seqs: vec![SeqRows {
@@ -671,14 +720,17 @@ pub fn run_model(
                 }],
             },
             &[0],
+            &greedy,
         )?;
-        tok = argmax(&l[..m.config.vocab_size]);
+        tok = *l.first().context("no token")?;
     }
     let decode_s = t.elapsed().as_secs_f64();
     let rec = json!({"bench": "gpu-model", "model": m.config.name, "context": context,
         "prefill_chunk": chunk, "prefill_tokens_per_s": context as f64 / prefill_s,
         "decode_tokens": decode, "decode_tokens_per_s": decode as f64 / decode_s,
-        "weights": "real (dequantized to bf16)", "device": card(&b), "commit": commit()});
+        "weights": "real (dequantized to bf16)",
+        "cuda_graphs": {"captures": b.graph_counts().0 - caps0, "replays": b.graph_counts().1 - reps0},
+        "device": card(&b), "commit": commit()});
     println!("{rec}");
     append(out, &rec)?;
     let _ = SeqDesc::default();
