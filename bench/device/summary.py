@@ -23,9 +23,10 @@ for r in recs:
     if r.get("bench") == "gpu-e2e-decode":
         print(f"  e2e ctx {r['context']:>6} batch {r['batch']:>2}: {r['tokens_per_s']:7.1f} tok/s = {r['pct_of_roofline']:3.0f}% of roofline {r['roofline_tokens_per_s']:.1f}")
     if r.get("bench") == "gpu-parity" and "clear_positions" in r:
-        print(f"  parity {r['model']} prompt {r['prompt']}: greedy equal {r['greedy_equal_prefix']}/{r['tokens']} (CPU near-tie at {r['first_cpu_near_tie']}), forced argmax {r['forced_argmax_agree_clear']}/{r['clear_positions']}, top-5 |dlogit| vs CPU {r['max_abs_logit_diff_top5_vs_cpu']:.3f}, vs llama.cpp {r['max_abs_logit_diff_top5_vs_llamacpp']:.3f} {'ok' if r['passed'] else 'FAIL'}")
+        print(f"  parity {r['model']} prompt {r['prompt']}: graph decode equal {r.get('graph_tokens_equal')}, greedy equal {r['greedy_equal_prefix']}/{r['tokens']} (CPU near-tie at {r['first_cpu_near_tie']}), forced argmax {r['forced_argmax_agree_clear']}/{r['clear_positions']}, top-5 |dlogit| vs CPU {r['max_abs_logit_diff_top5_vs_cpu']:.3f}, vs llama.cpp {r['max_abs_logit_diff_top5_vs_llamacpp']:.3f} {'ok' if r['passed'] else 'FAIL'}")
     if r.get("bench") == "gpu-model":
-        print(f"  {r['model']} ctx {r['context']}: prefill {r['prefill_tokens_per_s']:.0f} tok/s, decode {r['decode_tokens_per_s']:.1f} tok/s")
+        g = r.get("cuda_graphs", {}).get("replays", 0) > 0
+        print(f"  {r['model']} ctx {r['context']}: prefill {r['prefill_tokens_per_s']:.0f} tok/s, decode {r['decode_tokens_per_s']:.1f} tok/s ({'CUDA graphs' if g else 'no graphs'}; {r.get('weights', '')})")
 fails = [r for r in recs if r.get("bench") == "gpu-kernel-check" and not r["passed"]]
 checks = [r for r in recs if r.get("bench") == "gpu-kernel-check"]
 print(f"kernel checks: {len(checks) - len(fails)}/{len(checks)} passed" + "".join(f"\n  FAIL {r['check']} rel {r['rel_l2']:.2e} nan {r['non_finite']}" for r in fails))

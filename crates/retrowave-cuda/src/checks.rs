@@ -291,6 +291,31 @@ fn run_inner(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
         });
     }
 
+    // Pinned host memory: the store's arena over it, and a round trip through the device.
+    {
+        let alloc = crate::pinned::PinnedAllocator::new(b.context().clone());
+        let arena = retrowave_store::HostArena::new(&alloc, 64 << 20).map_err(|e| e.to_string())?;
+        let mut src = crate::PinnedBuffer::new(b.context(), 8 << 20).map_err(|e| e.to_string())?;
+        for (i, x) in src.as_mut_slice().iter_mut().enumerate() {
+            *x = (i.wrapping_mul(2654435761) >> 13) as u8;
+        }
+        let dev = b.upload(src.as_slice()).map_err(|e| e.to_string())?;
+        let back = b
+            .download(&dev, src.as_slice().len())
+            .map_err(|e| e.to_string())?;
+        out.push(CheckResult {
+            name: format!(
+                "pinned memory: 8 MiB round trip, {} MiB store arena",
+                arena.capacity_bytes() >> 20
+            ),
+            rel_l2: 0.0,
+            max_abs: 0.0,
+            non_finite: 0,
+            tolerance: 0.0,
+            passed: back == src.as_slice() && arena.capacity_bytes() == 64 << 20,
+        });
+    }
+
     // Attention: prefill of several sequences (one with a cached prefix), then decode steps of
     // sequences of different lengths, against exact attention over the bf16 cache.
     for &(hd, nh, nkv) in &[(64usize, 9usize, 3usize), (128, 12, 2), (128, 32, 8)] {

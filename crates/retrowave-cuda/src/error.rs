@@ -55,6 +55,16 @@ impl CudaError {
     }
 }
 
+impl CudaError {
+    /// Maps a driver error of `what` (for callers outside this crate).
+    pub fn driver_error(what: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> Self {
+        move |source| CudaError::Driver {
+            what: what.to_string(),
+            source,
+        }
+    }
+}
+
 impl From<CudaError> for BackendError {
     fn from(e: CudaError) -> Self {
         match e {

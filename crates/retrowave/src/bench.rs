@@ -50,10 +50,14 @@ pub enum BenchCommand {
         #[arg(long, default_value = "bench/results/gpu-parity.jsonl")]
         out: PathBuf,
     },
-    /// GPU prefill and decode tokens/s of a real model at one context.
+    /// GPU prefill and decode tokens/s of a model at one context: real weights (--model) or
+    /// random weights of a shape (--random-weights configs/models/llama-3-8b.toml).
     GpuModel {
         #[arg(long, short)]
-        model: String,
+        model: Option<String>,
+        /// Model shape file: random bf16 weights and random prompt tokens (records say so).
+        #[arg(long)]
+        random_weights: Option<PathBuf>,
         #[arg(long, default_value = "cuda:0")]
         device: String,
         #[arg(long, default_value_t = 32768)]
@@ -218,14 +222,21 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         } => crate::gpubench::run_parity(&model, &golden, &device, tokens, tolerance, &out),
         BenchCommand::GpuModel {
             model,
+            random_weights,
             device,
             context,
             decode_tokens,
             prefill_chunk,
             out,
-        } => {
-            crate::gpubench::run_model(&model, &device, context, decode_tokens, prefill_chunk, &out)
-        }
+        } => crate::gpubench::run_model(
+            model.as_deref(),
+            random_weights.as_deref(),
+            &device,
+            context,
+            decode_tokens,
+            prefill_chunk,
+            &out,
+        ),
         BenchCommand::Store {
             dir,
             file_mib,
