@@ -29,6 +29,18 @@
 // Host split rule this kernel was tuned with (H200, Llama-3-8B layer): aim at one wave of
 // 2 CTAs per SM, T = 2 * SMs: per = max(1, T / (n_kv * n_rows)) splits for an average row,
 // split_tokens = max(256, round_up(ceil(mean_len / per), 64)), max_splits = ceil(max_len / split).
+// Measured again with the fused kernel (H200): one CTA per SM (T = SMs) was 0.7-1.1 us faster
+// at 32K batch 1-8 and 128K batch 2, 1.5-3 us slower at 128K batch 4-8 (see the report).
+//
+// attn_decode_fused_hd{64,128}: the same CTAs, plus the merge: the last CTA of each (row, KV
+// head) to finish (per-(row, KV head) counter, threadfence + atomicAdd) merges that group's
+// splits from o_part / lse_part (through L2, staged in the idle cp.async ring) into out /
+// lse_out and resets its counter; rows with one split write out directly. One launch per step
+// instead of two; attn_decode_merge is then not launched.
+//
+// Both kernels execute griddepcontrol.wait after reading the step tables (a no-op unless the
+// host launches them with programmatic stream serialization, which then overlaps their start
+// with the previous kernel's tail).
 // After the main loop each CTA executes griddepcontrol.launch_dependents, so a merge launched
 // with programmatic stream serialization can be scheduled early (see attn_decode_merge).
 // DEC_PDL_EARLY (experiment, off): trigger at the CTA's start instead.
@@ -104,11 +116,15 @@ __device__ __forceinline__ unsigned swz(int row, int ch) {
   return (unsigned)(row * (HD * 2) + ((ch ^ (row & 7)) << 4));
 }
 
-template <int HD>
+// FUSED: the attn_decode_fused_* entry points (the merge is done by the last CTA of each (row,
+// KV head), see there); otherwise attn_decode_partial_* (out, lse_out and counters unused).
+template <int HD, bool FUSED>
 __device__ __forceinline__ void decode_partial(const float* __restrict__ q, const SeqDesc* __restrict__ seqs,
                                                const int* __restrict__ row_seq, const int* __restrict__ rows_list,
                                                int layer, int n_heads, int n_kv, int split_tokens, int max_splits,
-                                               float scale, float* __restrict__ o_part, float* __restrict__ lse_part) {
+                                               float scale, float* __restrict__ o_part, float* __restrict__ lse_part,
+                                               float* __restrict__ out, float* __restrict__ lse_out,
+                                               int* __restrict__ counters) {
   constexpr int KT = HD / 16;                        // k16 steps over the head dim (Q K^T)
   constexpr int DT = HD / 8;                         // n8 tiles over the head dim (O)
   constexpr int TILE_BYTES = DEC_STAGE_BYTES / 2;    // K (or V) bytes of a tile
@@ -133,6 +149,15 @@ __device__ __forceinline__ void decode_partial(const float* __restrict__ q, cons
   const int len = sd.start_pos + (row - sd.row) + 1;
   const int begin = split * split_tokens;
   const int end = min(len, begin + split_tokens);
+  // Non-empty splits of this row (the host sizes max_splits for the longest row).
+  const int nv = min(max_splits, (len + split_tokens - 1) / split_tokens);
+  if (FUSED && begin >= end) return;  // nothing to write: the merge reads splits < nv only
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Programmatic dependent launch: everything above reads only the step tables; q, the KV cache
+  // and every output may belong to the previous kernel (no-op without the launch attribute).
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
 
   // o_part / lse_part index of head (kvh * G + gh) of row i, this split.
   auto part_idx = [&](int gh) -> size_t {
@@ -319,11 +344,89 @@ __device__ __forceinline__ void decode_partial(const float* __restrict__ q, cons
         L += red_ml[(w * DEC_HC + hh) * 2 + 1] * wt;
         O += red_acc[(w * DEC_HC + hh) * HD + d] * wt;
       }
-      const size_t pi = part_idx(cbase + hh);
-      o_part[pi * HD + d] = (L > 0.f) ? O / L : 0.f;
-      if (d == 0) lse_part[pi] = (L > 0.f) ? (M + __log2f(L)) * LN2 : -INFINITY;
+      const float ov = (L > 0.f) ? O / L : 0.f;
+      const float lv = (L > 0.f) ? (M + __log2f(L)) * LN2 : -INFINITY;
+      if (FUSED && nv == 1) {  // the row's only split: final output, no merge
+        const int h = kvh * G + cbase + hh;
+        out[((size_t)row * n_heads + h) * HD + d] = ov;
+        if (d == 0 && lse_out != nullptr) lse_out[(size_t)i * n_heads + h] = lv;
+      } else {
+        const size_t pi = part_idx(cbase + hh);
+        o_part[pi * HD + d] = ov;
+        if (d == 0) lse_part[pi] = lv;
+      }
     }
     __syncthreads();  // the buffer is reused by the next round's ring
+  }
+  if (!FUSED || nv == 1) return;
+
+  // ---- Fused merge: the last CTA of this (row, KV head) to finish merges its nv splits ----
+  // Classic threadfence reduction: every CTA makes its partial writes visible device-wide, then
+  // counts itself in; the CTA that sees nv - 1 knows all partials are in L2, merges them (reads
+  // through L2 only: cp.async.cg / ld.cg) and resets the counter for the next launch.
+  __shared__ int s_last;
+  __threadfence();
+  __syncthreads();
+  int* ctr = counters + (size_t)i * n_kv + kvh;
+  if (tid == 0) s_last = (atomicAdd(ctr, 1) == nv - 1);
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  if (tid == 0) *ctr = 0;
+
+  constexpr int C4 = HD / 4;                           // float4 columns of a head row
+  constexpr int HG = DEC_THREADS / C4;                 // heads merged at once (one float4 per thread)
+  constexpr int LSE_BYTES = 4096;
+  constexpr int MCS = (DEC_SMEM - LSE_BYTES) / (HG * HD * 4);  // splits per shared-memory chunk
+  static_assert(HG * MCS * 4 <= LSE_BYTES, "lse chunk fits");
+  float* mlse = reinterpret_cast<float*>(smem + DEC_SMEM - LSE_BYTES);  // [HG][MCS]
+  const float4* mbuf = reinterpret_cast<const float4*>(smem);           // [HG][MCS][C4]
+  const int hh = tid / C4, c = tid % C4;
+  for (int hg0 = 0; hg0 < G; hg0 += HG) {
+    const int nh = min(HG, G - hg0);
+    float M = -INFINITY, L = 0.f;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s0 = 0; s0 < nv; s0 += MCS) {
+      const int cs = min(MCS, nv - s0);
+      const int per_head = cs * C4;  // 16-byte pieces of one head (its splits are contiguous)
+      for (int p = tid; p < nh * per_head; p += DEC_THREADS) {
+        const int h2 = p / per_head, r = p - h2 * per_head;
+        cp_async16(sbase + (unsigned)((h2 * MCS * C4 + r) * 16), o_part + (part_idx(hg0 + h2) - split + s0) * HD + r * 4,
+                   true);
+      }
+      cp_async_commit();
+      for (int p = tid; p < nh * cs; p += DEC_THREADS) {
+        const int h2 = p / cs, s = p - h2 * cs;
+        mlse[h2 * MCS + s] = __ldcg(lse_part + part_idx(hg0 + h2) - split + s0 + s);
+      }
+      cp_async_wait<0>();
+      __syncthreads();
+      if (hh < nh) {
+        float cm = M;
+        for (int s = 0; s < cs; ++s) cm = fmaxf(cm, mlse[hh * MCS + s]);
+        const float ms = (cm == -INFINITY) ? 0.f : cm;
+        const float cr = __expf(M - ms);
+        L *= cr;
+        acc.x *= cr; acc.y *= cr; acc.z *= cr; acc.w *= cr;
+#pragma unroll 4
+        for (int s = 0; s < cs; ++s) {
+          const float w = __expf(mlse[hh * MCS + s] - ms);
+          const float4 v = mbuf[(hh * MCS + s) * C4 + c];
+          L += w;
+          acc.x = fmaf(w, v.x, acc.x); acc.y = fmaf(w, v.y, acc.y);
+          acc.z = fmaf(w, v.z, acc.z); acc.w = fmaf(w, v.w, acc.w);
+        }
+        M = cm;
+      }
+      __syncthreads();  // the chunk buffers are refilled next
+    }
+    if (hh < nh) {
+      const int h = kvh * G + hg0 + hh;
+      const float inv = (L > 0.f) ? 1.f / L : 0.f;
+      reinterpret_cast<float4*>(out + ((size_t)row * n_heads + h) * HD)[c] =
+          make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
+      if (c == 0 && lse_out != nullptr) lse_out[(size_t)i * n_heads + h] = (L > 0.f) ? M + __logf(L) : -INFINITY;
+    }
   }
 }
 
@@ -333,16 +436,41 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     attn_decode_partial_hd64(const float* q, const SeqDesc* seqs, const int* row_seq, const int* rows_list, int layer,
                              int n_heads, int n_kv, int split_tokens, int max_splits, float scale, float* o_part,
                              float* lse_part) {
-  dec::decode_partial<64>(q, seqs, row_seq, rows_list, layer, n_heads, n_kv, split_tokens, max_splits, scale, o_part,
-                          lse_part);
+  dec::decode_partial<64, false>(q, seqs, row_seq, rows_list, layer, n_heads, n_kv, split_tokens, max_splits, scale,
+                                 o_part, lse_part, nullptr, nullptr, nullptr);
 }
 
 extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     attn_decode_partial_hd128(const float* q, const SeqDesc* seqs, const int* row_seq, const int* rows_list, int layer,
                               int n_heads, int n_kv, int split_tokens, int max_splits, float scale, float* o_part,
                               float* lse_part) {
-  dec::decode_partial<128>(q, seqs, row_seq, rows_list, layer, n_heads, n_kv, split_tokens, max_splits, scale, o_part,
-                           lse_part);
+  dec::decode_partial<128, false>(q, seqs, row_seq, rows_list, layer, n_heads, n_kv, split_tokens, max_splits, scale,
+                                  o_part, lse_part, nullptr, nullptr, nullptr);
+}
+
+// Single-kernel flash-decoding: the partial kernel's grid, block and shared memory, plus the
+// merge. Arguments as attn_decode_partial_*, then out / lse_out as attn_decode_merge (out
+// [rows, n_heads * hd] written at rows_list[i]; lse_out [n_rows, n_heads] may be null) and
+// counters: n_rows * n_kv ints, zero before the first launch; every launch leaves them zero
+// (the last CTA of each (row, KV head) resets its counter), so one zeroed buffer serves every
+// launch that runs after the previous one completed (same stream or graph order; launches that
+// may overlap need separate buffers). A row with a single non-empty split writes `out`
+// directly; otherwise its CTAs write o_part / lse_part as the partial kernel does (empty splits
+// write nothing) and the last one to finish merges them.
+extern "C" __global__ void __launch_bounds__(DEC_THREADS)
+    attn_decode_fused_hd64(const float* q, const SeqDesc* seqs, const int* row_seq, const int* rows_list, int layer,
+                           int n_heads, int n_kv, int split_tokens, int max_splits, float scale, float* o_part,
+                           float* lse_part, float* out, float* lse_out, int* counters) {
+  dec::decode_partial<64, true>(q, seqs, row_seq, rows_list, layer, n_heads, n_kv, split_tokens, max_splits, scale,
+                                o_part, lse_part, out, lse_out, counters);
+}
+
+extern "C" __global__ void __launch_bounds__(DEC_THREADS)
+    attn_decode_fused_hd128(const float* q, const SeqDesc* seqs, const int* row_seq, const int* rows_list, int layer,
+                            int n_heads, int n_kv, int split_tokens, int max_splits, float scale, float* o_part,
+                            float* lse_part, float* out, float* lse_out, int* counters) {
+  dec::decode_partial<128, true>(q, seqs, row_seq, rows_list, layer, n_heads, n_kv, split_tokens, max_splits, scale,
+                                 o_part, lse_part, out, lse_out, counters);
 }
 // Merge the splits of each (row i, head h): grid (n_heads, n_rows), block MERGE_THREADS (256),
 // no dynamic shared memory; head_dim a multiple of 4, at most 1024.

@@ -48,6 +48,8 @@ const KERNELS: &[&str] = &[
     "attn_decode_partial_hd64",
     "attn_decode_partial_hd128",
     "attn_decode_merge",
+    "attn_decode_fused_hd64",
+    "attn_decode_fused_hd128",
     "attn_prefill_hd64",
     "attn_prefill_hd128",
 ];
@@ -118,8 +120,10 @@ pub struct StepTables {
     d_decode_rows: sys::CUdeviceptr,
     d_tile_seq: sys::CUdeviceptr,
     d_tile_row0: sys::CUdeviceptr,
+    /// Zeroed `[decode rows, n_kv]` counters of the fused flash-decoding merge.
+    d_counters: sys::CUdeviceptr,
     /// The buffers behind the pointers, when these tables own them (the graph inputs own theirs).
-    _owned: Option<(CudaSlice<SeqDesc>, [CudaSlice<i32>; 4])>,
+    _owned: Option<(CudaSlice<SeqDesc>, [CudaSlice<i32>; 5])>,
 }
 
 // SAFETY: the raw pointers are device addresses owned by `_owned` or by the backend's graph
@@ -155,6 +159,9 @@ struct GraphInputs {
     top_p: CudaSlice<f32>,
     uniform: CudaSlice<f32>,
     out: CudaSlice<i32>,
+    /// Fused-merge counters, `cap_rows * n_kv` zeros (each launch leaves them at zero).
+    counters: CudaSlice<i32>,
+    n_kv: usize,
 }
 
 /// What identifies a captured decode step: rows, flash-decoding split and splits, and whether
@@ -306,6 +313,8 @@ impl CudaBackend {
         for (name, bytes) in [
             ("attn_decode_partial_hd64", DECODE_SMEM),
             ("attn_decode_partial_hd128", DECODE_SMEM),
+            ("attn_decode_fused_hd64", DECODE_SMEM),
+            ("attn_decode_fused_hd128", DECODE_SMEM),
             ("attn_prefill_hd64", prefill_smem_bytes(64)),
             ("attn_prefill_hd128", prefill_smem_bytes(128)),
         ] {
@@ -654,7 +663,7 @@ impl CudaBackend {
         Ok((descs, row_seq))
     }
 
-    /// Split size (keys per CTA) for flash-decoding: one wave of two CTAs per multiprocessor over
+    /// Split size (keys per CTA) for flash-decoding: one wave of one or two CTAs per multiprocessor over
     /// the `n_kv * rows` (head, row) pairs, sized by the mean decode length (`lens` = keys each
     /// decode row attends to), in multiples of 64 and at least 256. Returns (split, splits of the
     /// longest row). Measured on an H200 against the alternatives (one to two waves, max-length
@@ -662,7 +671,14 @@ impl CudaBackend {
     pub fn decode_split(&self, n_kv: usize, lens: &[usize]) -> (usize, usize) {
         let rows = lens.len().max(1);
         let max_len = lens.iter().copied().max().unwrap_or(1).max(1);
-        let waves = 2 * self.inner.info.multiprocessors.max(1) as usize;
+        // One CTA per SM for up to 1 GB of bf16 KV at hd 128 (n_kv * keys <= 2^21), two above:
+        // measured best with the fused kernel on an H200 (32K b1-b8 and 128K b1-b8).
+        let sms = self.inner.info.multiprocessors.max(1) as usize;
+        let waves = if n_kv * lens.iter().sum::<usize>() <= 1 << 21 {
+            sms
+        } else {
+            2 * sms
+        };
         let per = (waves / (n_kv * rows).max(1)).max(1);
         let mean = ceil_div(lens.iter().sum::<usize>().max(1), rows);
         let split = (ceil_div(ceil_div(mean, per), 64) * 64).max(256);
@@ -753,6 +769,11 @@ impl CudaBackend {
         {
             return Ok(t.clone());
         }
+        let counters = self
+            .inner
+            .stream
+            .alloc_zeros::<i32>((decode_rows.len() * n_kv).max(1))
+            .map_err(CudaError::driver("cuMemsetAsync(counters)"))?;
         let owned = (
             self.upload(&descs)?,
             [
@@ -760,6 +781,7 @@ impl CudaBackend {
                 self.upload(&decode_rows)?,
                 self.upload(&tile_seq)?,
                 self.upload(&tile_row0)?,
+                counters,
             ],
         );
         let t = Arc::new(StepTables {
@@ -768,6 +790,7 @@ impl CudaBackend {
             d_decode_rows: dp(&owned.1[1]),
             d_tile_seq: dp(&owned.1[2]),
             d_tile_row0: dp(&owned.1[3]),
+            d_counters: dp(&owned.1[4]),
             _owned: Some(owned),
             descs,
             row_seq,
@@ -838,10 +861,12 @@ impl CudaBackend {
         let o_part = self.alloc::<f32>(n_rows * n_heads * max_splits * hd)?;
         let lse_part = self.alloc::<f32>(n_rows * n_heads * max_splits)?;
         let (pop, plp, prl) = (dp(&o_part), dp(&lse_part), t.d_decode_rows);
+        // One launch: each split's CTA writes its partial result, and the last CTA of every
+        // (row, KV head) merges the splits by log-sum-exp (per-pair counters, left at zero).
         let name = if hd == 64 {
-            "attn_decode_partial_hd64"
+            "attn_decode_fused_hd64"
         } else {
-            "attn_decode_partial_hd128"
+            "attn_decode_fused_hd128"
         };
         let (mut a1, mut a2, mut a3, mut a4) = (q, t.d_descs, t.d_row_seq, prl);
         let (mut l, mut n1, mut n2, mut sp, mut ms, mut sc) = (
@@ -852,7 +877,7 @@ impl CudaBackend {
             max_splits as i32,
             1.0 / (hd as f32).sqrt(),
         );
-        let (mut a5, mut a6) = (pop, plp);
+        let (mut a5, mut a6, mut a7, mut a8, mut a9) = (pop, plp, out, 0u64, t.d_counters);
         self.launch(
             name,
             LaunchConfig {
@@ -873,29 +898,9 @@ impl CudaBackend {
                 ptr_of(&mut sc),
                 ptr_of(&mut a5),
                 ptr_of(&mut a6),
-            ],
-        )?;
-        let (mut b1, mut b2, mut b3) = (pop, plp, prl);
-        let (mut nr, mut n1, mut ms, mut h) =
-            (n_rows as i32, n_heads as i32, max_splits as i32, hd as i32);
-        let (mut b4, mut b5) = (out, 0u64);
-        self.launch(
-            "attn_decode_merge",
-            LaunchConfig {
-                grid_dim: (n_heads as u32, n_rows as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            },
-            &mut [
-                ptr_of(&mut b1),
-                ptr_of(&mut b2),
-                ptr_of(&mut b3),
-                ptr_of(&mut nr),
-                ptr_of(&mut n1),
-                ptr_of(&mut ms),
-                ptr_of(&mut h),
-                ptr_of(&mut b4),
-                ptr_of(&mut b5),
+                ptr_of(&mut a7),
+                ptr_of(&mut a8),
+                ptr_of(&mut a9),
             ],
         )
     }
@@ -1118,7 +1123,11 @@ impl CudaBackend {
         if st.disabled {
             return Ok(None);
         }
-        if st.inputs.as_ref().is_none_or(|i| i.cap_rows < rows) {
+        if st
+            .inputs
+            .as_ref()
+            .is_none_or(|i| i.cap_rows < rows || i.n_kv != n_kv)
+        {
             let cap = rows.next_power_of_two().max(8);
             st.graphs.clear();
             st.inputs = Some(GraphInputs {
@@ -1134,6 +1143,12 @@ impl CudaBackend {
                 top_p: self.alloc(cap)?,
                 uniform: self.alloc(cap)?,
                 out: self.alloc(cap)?,
+                counters: self
+                    .inner
+                    .stream
+                    .alloc_zeros::<i32>(cap * n_kv.max(1))
+                    .map_err(CudaError::driver("cuMemsetAsync(counters)"))?,
+                n_kv,
             });
         }
         let Some(mut inp) = st.inputs.take() else {
@@ -1167,6 +1182,7 @@ impl CudaBackend {
             d_decode_rows: dp(&inp.decode_rows),
             d_tile_seq: 0,
             d_tile_row0: 0,
+            d_counters: dp(&inp.counters),
             _owned: None,
             descs: h.descs,
             row_seq: h.row_seq,
