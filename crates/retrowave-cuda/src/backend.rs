@@ -48,6 +48,14 @@ const KERNELS: &[&str] = &[
     "attn_decode_partial_hd64",
     "attn_decode_partial_hd128",
     "attn_decode_merge",
+    "dequant_q4_0_bf16",
+    "dequant_q4_1_bf16",
+    "dequant_q5_0_bf16",
+    "dequant_q8_0_bf16",
+    "dequant_q4_k_bf16",
+    "dequant_q6_k_bf16",
+    "dequant_f16_bf16",
+    "dequant_f32_bf16",
     "attn_decode_fused_hd64",
     "attn_decode_fused_hd128",
     "attn_prefill_hd64",
@@ -1294,6 +1302,30 @@ impl CudaBackend {
                 self.bind()?;
                 self.upload(&elems)?
             };
+            return Ok(DevMatrix {
+                data,
+                rows: nr,
+                cols: nc,
+            });
+        }
+        if crate::dequant::dequant_kernel_name(w.dtype).is_some() {
+            // Upload the stored blocks and dequantize on the GPU.
+            let rb = w.row_bytes();
+            let bytes = &w.data[rows.start * rb..rows.end * rb];
+            self.bind()?;
+            let src = self.upload(bytes)?;
+            let data = self.alloc::<bf16>(nr * nc)?;
+            crate::dequant::launch_dequant(
+                self,
+                w.dtype,
+                dp(&src),
+                dp(&data),
+                nr,
+                w.cols,
+                cols.start,
+                nc,
+                rb,
+            )?;
             return Ok(DevMatrix {
                 data,
                 rows: nr,

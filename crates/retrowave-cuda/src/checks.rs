@@ -291,6 +291,18 @@ fn run_inner(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
         });
     }
 
+    // Weight dequantization on the GPU, bit-exact against the CPU decoders.
+    for (name, passed, mismatches) in crate::dequant::check_dequant(b, seed ^ 0xdec0de)? {
+        out.push(CheckResult {
+            name: format!("{name} (bit-exact vs dequantize_row)"),
+            rel_l2: 0.0,
+            max_abs: mismatches as f64,
+            non_finite: 0,
+            tolerance: 0.0,
+            passed,
+        });
+    }
+
     // Pinned host memory: the store's arena over it, and a round trip through the device.
     {
         let alloc = crate::pinned::PinnedAllocator::new(b.context().clone());

@@ -15,6 +15,7 @@
 pub mod backend;
 pub mod checks;
 pub mod compile;
+pub mod dequant;
 pub mod device;
 mod error;
 pub mod pinned;
