@@ -359,6 +359,21 @@ impl CudaBackend {
             .ok_or_else(|| CudaError::MissingKernel(name.to_string()))
     }
 
+    /// Returns the memory cached in the device's stream-ordered pool to the driver (after the
+    /// stream is idle), so that `mem_get_info` sees what freed buffers held.
+    pub fn trim_pool(&self) -> Result<(), CudaError> {
+        self.synchronize()?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: out-pointer; the device handle is the context's.
+        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, self.inner.ctx.cu_device()) }
+            .result()
+            .map_err(CudaError::driver("cuDeviceGetDefaultMemPool"))?;
+        // SAFETY: a valid pool; trimming only releases unused memory.
+        unsafe { sys::cuMemPoolTrimTo(pool, 0) }
+            .result()
+            .map_err(CudaError::driver("cuMemPoolTrimTo"))
+    }
+
     /// Waits for the stream and reports the first recorded failure.
     pub fn synchronize(&self) -> Result<(), CudaError> {
         self.bind()?;

@@ -282,7 +282,8 @@ fn e2e_bench(
     let mut lines = Vec::new();
     let kv_per_token = (2 * cfg.n_layers * cfg.kv_dim() * 2) as f64;
     for &ctx in contexts {
-        b.synchronize()?;
+        // Freed caches of the previous context stay in the pool until trimmed.
+        b.trim_pool()?;
         let (free, _) = b.context().mem_get_info()?;
         let per_seq = kv_per_token * (ctx + steps + 8) as f64;
         let reserve = 4.0e9;
