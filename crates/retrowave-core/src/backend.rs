@@ -121,6 +121,18 @@ pub struct RowSampling {
     pub uniform: f32,
 }
 
+impl RowSampling {
+    /// The most likely token (temperature 0).
+    pub const fn greedy() -> Self {
+        RowSampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            uniform: 0.0,
+        }
+    }
+}
+
 /// Sums partial activations across the workers of a tensor-parallel group.
 pub trait Collective<A>: Send + Sync {
     /// Number of workers in the group.

@@ -502,7 +502,7 @@ impl CudaBackend {
         }
     }
 
-    fn launch(
+    pub(crate) fn launch(
         &self,
         name: &str,
         cfg: LaunchConfig,
@@ -1408,7 +1408,7 @@ fn dp<T>(s: &CudaSlice<T>) -> sys::CUdeviceptr {
     p
 }
 
-fn ptr_of<T>(v: &mut T) -> *mut c_void {
+pub(crate) fn ptr_of<T>(v: &mut T) -> *mut c_void {
     v as *mut T as *mut c_void
 }
 

@@ -268,15 +268,7 @@ fn run_inner(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
             tolerance: 0.0,
             passed: same == rows,
         });
-        let greedy = vec![
-            RowSampling {
-                temperature: 0.0,
-                top_k: 0,
-                top_p: 1.0,
-                uniform: 0.0,
-            };
-            rows
-        ];
+        let greedy = vec![RowSampling::greedy(); rows];
         let got = b.sample_rows(&la, &greedy).map_err(e)?;
         let want: Vec<u32> = (0..rows)
             .map(|i| reference_sample(&logits[i * vocab..(i + 1) * vocab], &greedy[i]))

@@ -5,8 +5,6 @@
 //! bit `bf16::from_f32` of what [`retrowave_core::quant::dequantize_row`] produces on the host;
 //! [`check_dequant`] verifies that on random blocks.
 
-use std::ffi::c_void;
-
 use cudarc::driver::{DevicePtr, LaunchConfig, sys};
 use half::bf16;
 use rand::rngs::StdRng;
@@ -14,6 +12,7 @@ use rand::{Rng, SeedableRng};
 use retrowave_core::TensorType;
 use retrowave_core::quant::dequantize_row;
 
+use crate::backend::ptr_of;
 use crate::{CudaBackend, CudaError};
 
 /// Every type with a GPU dequantization kernel, and the kernel's name.
@@ -171,8 +170,7 @@ fn launch_dequant_grid(
     b.context()
         .bind_to_thread()
         .map_err(CudaError::driver("cuCtxSetCurrent"))?;
-    launch(
-        b,
+    b.launch(
         p.name,
         cfg,
         &mut [
@@ -185,39 +183,6 @@ fn launch_dequant_grid(
             ptr_of(&mut rb),
         ],
     )
-}
-
-/// Launches kernel `name` on the backend's stream (the pattern of `CudaBackend::launch`).
-fn launch(
-    b: &CudaBackend,
-    name: &str,
-    cfg: LaunchConfig,
-    args: &mut [*mut c_void],
-) -> Result<(), CudaError> {
-    let f = b.function(name)?;
-    // SAFETY: `args` point at live values whose types match the kernel's parameters
-    // (`const unsigned char*, bf16*, long long, int, int, int, long long`, in that order).
-    unsafe {
-        sys::cuLaunchKernel(
-            f.cu_function(),
-            cfg.grid_dim.0,
-            cfg.grid_dim.1,
-            cfg.grid_dim.2,
-            cfg.block_dim.0,
-            cfg.block_dim.1,
-            cfg.block_dim.2,
-            cfg.shared_mem_bytes,
-            b.stream().cu_stream(),
-            args.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
-    }
-    .result()
-    .map_err(CudaError::driver(format!("launch {name}")))
-}
-
-fn ptr_of<T>(v: &mut T) -> *mut c_void {
-    v as *mut T as *mut c_void
 }
 
 /// Byte offsets of the f16 scale fields in one block of `t` (kept finite by the check).

@@ -314,15 +314,7 @@ fn e2e_bench(
                     .collect(),
             };
             let rows: Vec<usize> = (0..batch).collect();
-            let greedy = vec![
-                RowSampling {
-                    temperature: 0.0,
-                    top_k: 0,
-                    top_p: 1.0,
-                    uniform: 0.0,
-                };
-                batch
-            ];
+            let greedy = vec![RowSampling::greedy(); batch];
             let t = Instant::now();
             let picked = group.forward_sample(&tokens, &layout, &rows, &greedy)?;
             let dt = t.elapsed().as_secs_f64();
@@ -498,12 +490,7 @@ fn greedy_device<B: Backend + 'static>(
     prompt: &[u32],
     n: usize,
 ) -> Result<Vec<u32>> {
-    let row = [RowSampling {
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        uniform: 0.0,
-    }];
+    let row = [RowSampling::greedy()];
     g.open_slot(0, prompt.len() + n + 1)?;
     let one = |start: usize, len: usize| BatchLayout {
         seqs: vec![SeqRows {
@@ -745,12 +732,7 @@ pub fn run_model(
     b.synchronize()?;
     let prefill_s = t.elapsed().as_secs_f64();
     let mut tok = argmax(&last[..cfg.vocab_size]);
-    let greedy = [RowSampling {
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        uniform: 0.0,
-    }];
+    let greedy = [RowSampling::greedy()];
     let (caps0, reps0) = b.graph_counts();
     let t = Instant::now();
     for i in 0..decode {
