@@ -42,6 +42,36 @@ pub enum BackendError {
     Device(String),
 }
 
+/// Elements `range` of a weight read as one flat vector and dequantized to f32 (what every
+/// backend's `load_vector` starts from); `backend` names the caller in errors.
+pub fn vector_f32(
+    w: &WeightView<'_>,
+    range: Range<usize>,
+    backend: &'static str,
+) -> Result<Vec<f32>, BackendError> {
+    let n = w.n_elements();
+    if range.start > range.end || range.end > n {
+        return Err(BackendError::BadSlice {
+            name: w.name.to_string(),
+            rows: 0..1,
+            cols: range,
+            shape_rows: w.rows,
+            shape_cols: w.cols,
+        });
+    }
+    let mut all = vec![0f32; n];
+    crate::quant::dequantize_row(w.dtype, w.data, &mut all).map_err(|_| {
+        BackendError::UnsupportedType {
+            name: w.name.to_string(),
+            dtype: w.dtype,
+            backend,
+        }
+    })?;
+    all.truncate(range.end);
+    all.drain(..range.start);
+    Ok(all)
+}
+
 /// How rotary position embeddings pair the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RopeStyle {

@@ -9,7 +9,7 @@ pub mod weights;
 
 pub use backend::{
     Backend, BackendError, BatchLayout, Collective, HeadLayout, RopeParams, RopeStyle, RowSampling,
-    SeqRows,
+    SeqRows, vector_f32,
 };
 pub use dtype::TensorType;
 pub use wave::{

@@ -137,25 +137,7 @@ impl Backend for CpuBackend {
         w: &WeightView<'_>,
         range: Range<usize>,
     ) -> Result<Vec<f32>, BackendError> {
-        let n = w.rows * w.cols;
-        if range.start > range.end || range.end > n {
-            return Err(BackendError::BadSlice {
-                name: w.name.to_string(),
-                rows: 0..1,
-                cols: range,
-                shape_rows: w.rows,
-                shape_cols: w.cols,
-            });
-        }
-        let flat = WeightView {
-            rows: 1,
-            cols: n,
-            ..*w
-        };
-        let m = CpuMatrix::load(&flat, 0..1, 0..n)?;
-        let mut all = vec![0f32; n];
-        m.row_f32(0, &mut all)?;
-        Ok(all[range].to_vec())
+        retrowave_core::vector_f32(w, range, "cpu")
     }
 
     fn acts_from_host(&self, data: &[f32], rows: usize, cols: usize) -> CpuActs {

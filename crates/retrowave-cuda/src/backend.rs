@@ -29,7 +29,8 @@ use crate::device::{self, DeviceInfo};
 
 /// Rows of queries per prefill attention CTA (from `kernels/common.cuh`).
 pub fn prefill_block_m() -> usize {
-    compile::header_define("PREFILL_BLOCK_M").unwrap_or(64) as usize
+    static BLOCK_M: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BLOCK_M.get_or_init(|| compile::header_define("PREFILL_BLOCK_M").unwrap_or(64) as usize)
 }
 
 const KERNELS: &[&str] = &[
@@ -216,6 +217,8 @@ struct GraphState {
 type CachedPositions = (Vec<i32>, Arc<CudaSlice<i32>>);
 
 struct Inner {
+    /// `RETROWAVE_CUDA_GRAPHS` as read when the backend started.
+    graphs_enabled: bool,
     positions: Mutex<Option<CachedPositions>>,
     poison: std::sync::atomic::AtomicBool,
     tables: Mutex<Option<Arc<StepTables>>>,
@@ -315,6 +318,7 @@ impl CudaBackend {
                 _blas_workspace: workspace,
                 poison: std::sync::atomic::AtomicBool::new(false),
                 positions: Mutex::new(None),
+                graphs_enabled: graphs_enabled(),
             }),
         };
         // Kernels that need more than the default 48 KB of dynamic shared memory.
@@ -962,7 +966,7 @@ impl CudaBackend {
             name,
             LaunchConfig {
                 grid_dim: (t.tile_seq.len() as u32, n_heads as u32, 1),
-                block_dim: (prefill_threads() as u32, 1, 1),
+                block_dim: (PREFILL_THREADS, 1, 1),
                 shared_mem_bytes: smem as u32,
             },
             &mut [
@@ -1007,10 +1011,12 @@ impl CudaBackend {
                 q.rows, k.rows, v.rows
             )));
         }
-        let refs: Vec<&DevKv> = caches.iter().map(|c| &**c).collect();
         let t = match self.armed(|a, _| a.tables.clone()) {
             Some(t) => t,
-            None => self.step_tables(&refs, batch, nkv)?,
+            None => {
+                let refs: Vec<&DevKv> = caches.iter().map(|c| &**c).collect();
+                self.step_tables(&refs, batch, nkv)?
+            }
         };
         self.append_kv(&t, layer, dp(&k.data), dp(&v.data), nkv, hd)?;
         let out = self.alloc::<f32>(rows * nh * hd)?;
@@ -1114,7 +1120,7 @@ impl CudaBackend {
         sampling: &[RowSampling],
     ) -> Result<Option<Vec<u32>>, CudaError> {
         let rows = batch.n_rows();
-        let eligible = graphs_enabled()
+        let eligible = self.inner.graphs_enabled
             && rows > 0
             && !caches.is_empty()
             && caches.len() == batch.seqs.len()
@@ -1401,10 +1407,9 @@ impl CudaBackend {
     }
 }
 
-/// The raw device address of a buffer (event tracking is off, so no guard is needed).
-fn dp<T>(s: &CudaSlice<T>) -> sys::CUdeviceptr {
-    let stream = s.stream().clone();
-    let (p, _guard) = s.device_ptr(&stream);
+/// The raw device address of a buffer (event tracking is off, so the guard does nothing).
+pub fn dp<T>(s: &CudaSlice<T>) -> sys::CUdeviceptr {
+    let (p, _guard) = s.device_ptr(s.stream());
     p
 }
 
@@ -1413,9 +1418,7 @@ pub(crate) fn ptr_of<T>(v: &mut T) -> *mut c_void {
 }
 
 /// Threads of one prefill attention CTA (4 warps, 16 query rows each).
-pub fn prefill_threads() -> usize {
-    128
-}
+pub const PREFILL_THREADS: u32 = 128;
 
 /// Dynamic shared memory of the prefill kernel: the Q tile and a ring of K/V tiles,
 /// `(PREFILL_BLOCK_M + 6 * 64) * hd * 2` bytes (attention_prefill.cu).
@@ -1629,27 +1632,12 @@ impl Backend for CudaBackend {
         w: &WeightView<'_>,
         range: Range<usize>,
     ) -> Result<DevVector, BackendError> {
-        let n = w.n_elements();
-        if range.end > n || range.start > range.end {
-            return Err(BackendError::BadSlice {
-                name: w.name.to_string(),
-                rows: 0..1,
-                cols: range,
-                shape_rows: 1,
-                shape_cols: n,
-            });
-        }
-        let mut all = vec![0f32; n];
-        dequantize_row(w.dtype, w.data, &mut all).map_err(|_| BackendError::UnsupportedType {
-            name: w.name.to_string(),
-            dtype: w.dtype,
-            backend: "cuda",
-        })?;
+        let all = retrowave_core::vector_f32(w, range, "cuda")?;
         self.bind()?;
-        let data = self.upload(&all[range.clone()])?;
+        let data = self.upload(&all)?;
         Ok(DevVector {
             data,
-            len: range.len(),
+            len: all.len(),
         })
     }
 

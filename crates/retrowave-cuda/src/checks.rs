@@ -470,18 +470,12 @@ fn check_attention(
             b.acts_from_host(&k, rows, nkv * hd),
             b.acts_from_host(&v, rows, nkv * hd),
         );
-        let mut taken: Vec<&mut crate::DevKv> = Vec::new();
-        {
-            let mut rest: &mut [crate::DevKv] = &mut kvs;
-            let mut idx = 0;
-            for &m in &members {
-                let (_, tail) = rest.split_at_mut(m - idx);
-                let (head, tail2) = tail.split_at_mut(1);
-                taken.push(&mut head[0]);
-                rest = tail2;
-                idx = m + 1;
-            }
-        }
+        let mut taken: Vec<&mut crate::DevKv> = kvs
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| members.contains(i))
+            .map(|(_, kv)| kv)
+            .collect();
         let y = b
             .attention(layer, &qa, &ka, &va, &mut taken, &batch, heads)
             .map_err(e)?;

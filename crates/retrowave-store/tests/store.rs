@@ -312,12 +312,7 @@ fn striping_over_two_directories() {
 #[test]
 fn concurrent_writers_and_readers() {
     let dir = tempfile::tempdir().unwrap();
-    let store = TieredStore::new(config(
-        vec![dir.path().to_path_buf()],
-        1 << 20,
-        IoChoice::Auto,
-    ))
-    .unwrap();
+    let store = disk_store(dir.path(), 1 << 20);
     let shared = append(&store, head(100, 0, 0), 200).unwrap();
     std::thread::scope(|s| {
         for w in 0..4u64 {
@@ -352,6 +347,11 @@ fn concurrent_writers_and_readers() {
 }
 
 /// Spills everything of `a` to disk.
+/// A store with `host` bytes of host memory spilling to one file in `dir`.
+fn disk_store(dir: &std::path::Path, host: u64) -> TieredStore {
+    TieredStore::new(config(vec![dir.to_path_buf()], host, IoChoice::Auto)).unwrap()
+}
+
 fn spill_all(store: &TieredStore) {
     let cap = store.stats().arena_capacity_bytes;
     store.spill(cap).unwrap();
@@ -361,12 +361,7 @@ fn spill_all(store: &TieredStore) {
 #[test]
 fn a_flipped_byte_on_disk_is_detected() {
     let dir = tempfile::tempdir().unwrap();
-    let store = TieredStore::new(config(
-        vec![dir.path().to_path_buf()],
-        1 << 20,
-        IoChoice::Auto,
-    ))
-    .unwrap();
+    let store = disk_store(dir.path(), 1 << 20);
     let a = append(&store, head(1, 0, 0), 40).unwrap();
     spill_all(&store);
     // Flip one byte in the middle of the file, where some record lives.
@@ -399,12 +394,7 @@ fn a_flipped_byte_on_disk_is_detected() {
 #[test]
 fn a_truncated_or_removed_file_gives_errors_not_crashes() {
     let dir = tempfile::tempdir().unwrap();
-    let store = TieredStore::new(config(
-        vec![dir.path().to_path_buf()],
-        1 << 20,
-        IoChoice::Auto,
-    ))
-    .unwrap();
+    let store = disk_store(dir.path(), 1 << 20);
     let a = append(&store, head(1, 0, 0), 40).unwrap();
     spill_all(&store);
     let path = disk_file(&store);
@@ -493,12 +483,7 @@ fn a_full_filesystem_is_a_typed_error() {
     }
     let _guard = Unmount(dir.path());
     {
-        let store = TieredStore::new(config(
-            vec![dir.path().to_path_buf()],
-            256 << 10,
-            IoChoice::Auto,
-        ))
-        .unwrap();
+        let store = disk_store(dir.path(), 256 << 10);
         fill_until_full(&store, "1 MiB never filled");
     }
     // The store's files are gone after it is dropped.
@@ -508,12 +493,7 @@ fn a_full_filesystem_is_a_typed_error() {
 #[test]
 fn prefetch_loads_ahead_and_shares_reads() {
     let dir = tempfile::tempdir().unwrap();
-    let store = TieredStore::new(config(
-        vec![dir.path().to_path_buf()],
-        4 << 20,
-        IoChoice::Auto,
-    ))
-    .unwrap();
+    let store = disk_store(dir.path(), 4 << 20);
     let a = append(&store, head(1, 0, 0), 100).unwrap();
     spill_all(&store);
     let refs: Vec<ClusterRef> = (0..50)
@@ -567,12 +547,7 @@ fn private_files_are_removed_at_shutdown_and_stale_ones_at_start() {
     std::fs::create_dir(&live).unwrap();
     let unrelated = dir.path().join("keep-me");
     std::fs::write(&unrelated, b"x").unwrap();
-    let store = TieredStore::new(config(
-        vec![dir.path().to_path_buf()],
-        1 << 20,
-        IoChoice::Auto,
-    ))
-    .unwrap();
+    let store = disk_store(dir.path(), 1 << 20);
     assert!(!stale.exists(), "stale files of a dead process are removed");
     assert!(live.exists(), "files of a running process (pid 1) are kept");
     assert!(unrelated.exists());

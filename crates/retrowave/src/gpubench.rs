@@ -5,7 +5,7 @@
 //! Every record names the card and the commit.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use retrowave_core::{Backend, BatchLayout, HeadLayout, RowSampling, SeqRows};
 use retrowave_cpu::CpuBackend;
-use retrowave_cuda::backend::SeqDesc;
+use retrowave_cuda::backend::dp;
 use retrowave_cuda::timing::{median, time_us};
 use retrowave_cuda::{CudaBackend, DevKv, checks};
 use retrowave_engine::WorkerGroup;
@@ -133,14 +133,33 @@ fn ceilings(b: &CudaBackend, out: &Path) -> Result<Ceilings> {
     })
 }
 
-fn dp<T>(s: &cudarc::driver::CudaSlice<T>) -> u64 {
-    use cudarc::driver::DevicePtr;
-    let stream = s.stream().clone();
-    let (p, _g) = s.device_ptr(&stream);
-    p
+const L3_HEADS: (usize, usize, usize) = (32, 8, 128);
+
+/// One sequence (slot 0) with `n_tokens` rows from position `start_pos`.
+fn one_seq(start_pos: usize, n_tokens: usize) -> BatchLayout {
+    BatchLayout {
+        seqs: vec![SeqRows {
+            slot: 0,
+            row: 0,
+            start_pos,
+            n_tokens,
+        }],
+    }
 }
 
-const L3_HEADS: (usize, usize, usize) = (32, 8, 128);
+/// A decode step of `batch` sequences (slots and rows 0..batch), all at position `start_pos`.
+fn decode_batch(batch: usize, start_pos: usize) -> BatchLayout {
+    BatchLayout {
+        seqs: (0..batch)
+            .map(|i| SeqRows {
+                slot: i,
+                row: i,
+                start_pos,
+                n_tokens: 1,
+            })
+            .collect(),
+    }
+}
 
 fn decode_attention_bench(b: &CudaBackend, ceil: &Ceilings, out: &Path) -> Result<Vec<String>> {
     let (nh, nkv, hd) = L3_HEADS;
@@ -158,26 +177,15 @@ fn decode_attention_bench(b: &CudaBackend, ceil: &Ceilings, out: &Path) -> Resul
                 b.kv_fill_synthetic(&mut kv, ctx - 1, 100 + i as u64)?;
                 kvs.push(kv);
             }
-            let layout = BatchLayout {
-                seqs: (0..batch)
-                    .map(|i| SeqRows {
-                        slot: i,
-                        row: i,
-                        start_pos: ctx - 1,
-                        n_tokens: 1,
-                    })
-                    .collect(),
-            };
+            let layout = decode_batch(batch, ctx - 1);
             let refs: Vec<&DevKv> = kvs.iter().collect();
             let tables = b.step_tables(&refs, &layout, nkv)?;
-            let q = b.alloc::<f32>(batch * nh * hd)?;
             let o = b.alloc::<f32>(batch * nh * hd)?;
             let mut rng = StdRng::seed_from_u64(ctx as u64 + batch as u64);
             let qh: Vec<f32> = (0..batch * nh * hd)
                 .map(|_| rng.random_range(-2.0..2.0))
                 .collect();
             let qd = b.upload(&qh)?;
-            let _ = q;
             let t = time_us(b.stream(), 5, 50, || {
                 b.decode_attention(&tables, 0, dp(&qd), dp(&o), nh, nkv, hd)
             })?;
@@ -217,14 +225,7 @@ fn prefill_attention_bench(b: &CudaBackend, ceil: &Ceilings, out: &Path) -> Resu
         let mut kv = b.new_kv(1, heads, ctx)?;
         b.kv_fill_synthetic(&mut kv, ctx, 5)?;
         kv.len = 0;
-        let layout = BatchLayout {
-            seqs: vec![SeqRows {
-                slot: 0,
-                row: 0,
-                start_pos: 0,
-                n_tokens: ctx,
-            }],
-        };
+        let layout = one_seq(0, ctx);
         let tables = b.step_tables(&[&kv], &layout, nkv)?;
         let qb = b.alloc::<bf16>(ctx * nh * hd)?;
         b.fill_uniform(dp(&qb), ctx * nh * hd, 9, 2.0)?;
@@ -303,16 +304,7 @@ fn e2e_bench(
             let tokens: Vec<u32> = (0..batch)
                 .map(|_| rng.random_range(0..cfg.vocab_size as u32))
                 .collect();
-            let layout = BatchLayout {
-                seqs: (0..batch)
-                    .map(|i| SeqRows {
-                        slot: i,
-                        row: i,
-                        start_pos: ctx + step,
-                        n_tokens: 1,
-                    })
-                    .collect(),
-            };
+            let layout = decode_batch(batch, ctx + step);
             let rows: Vec<usize> = (0..batch).collect();
             let greedy = vec![RowSampling::greedy(); batch];
             let t = Instant::now();
@@ -437,18 +429,7 @@ fn greedy<B: Backend + 'static>(
     g.open_slot(0, prompt.len() + n + 1)?;
     let mut toks = Vec::new();
     let mut all = Vec::new();
-    let mut logits = g.forward(
-        prompt,
-        &BatchLayout {
-            seqs: vec![SeqRows {
-                slot: 0,
-                row: 0,
-                start_pos: 0,
-                n_tokens: prompt.len(),
-            }],
-        },
-        &[prompt.len() - 1],
-    )?;
+    let mut logits = g.forward(prompt, &one_seq(0, prompt.len()), &[prompt.len() - 1])?;
     for i in 0..n {
         let t = argmax(&logits[..vocab]);
         toks.push(t);
@@ -456,18 +437,7 @@ fn greedy<B: Backend + 'static>(
         if i + 1 == n {
             break;
         }
-        logits = g.forward(
-            &[t],
-            &BatchLayout {
-                seqs: vec![SeqRows {
-                    slot: 0,
-                    row: 0,
-                    start_pos: prompt.len() + i,
-                    n_tokens: 1,
-                }],
-            },
-            &[0],
-        )?;
+        logits = g.forward(&[t], &one_seq(prompt.len() + i, 1), &[0])?;
     }
     g.close_slot(0);
     Ok((toks, all))
@@ -492,18 +462,16 @@ fn greedy_device<B: Backend + 'static>(
 ) -> Result<Vec<u32>> {
     let row = [RowSampling::greedy()];
     g.open_slot(0, prompt.len() + n + 1)?;
-    let one = |start: usize, len: usize| BatchLayout {
-        seqs: vec![SeqRows {
-            slot: 0,
-            row: 0,
-            start_pos: start,
-            n_tokens: len,
-        }],
-    };
-    let mut toks = g.forward_sample(prompt, &one(0, prompt.len()), &[prompt.len() - 1], &row)?;
+    let mut toks =
+        g.forward_sample(prompt, &one_seq(0, prompt.len()), &[prompt.len() - 1], &row)?;
     while toks.len() < n {
         let last = *toks.last().context("no token")?;
-        let t = g.forward_sample(&[last], &one(prompt.len() + toks.len() - 1, 1), &[0], &row)?;
+        let t = g.forward_sample(
+            &[last],
+            &one_seq(prompt.len() + toks.len() - 1, 1),
+            &[0],
+            &row,
+        )?;
         toks.extend(t);
     }
     g.close_slot(0);
@@ -521,18 +489,7 @@ fn forced<B: Backend + 'static>(
     seq.extend_from_slice(&toks[..toks.len() - 1]);
     g.open_slot(0, seq.len() + 1)?;
     let rows: Vec<usize> = (prompt.len() - 1..seq.len()).collect();
-    let l = g.forward(
-        &seq,
-        &BatchLayout {
-            seqs: vec![SeqRows {
-                slot: 0,
-                row: 0,
-                start_pos: 0,
-                n_tokens: seq.len(),
-            }],
-        },
-        &rows,
-    )?;
+    let l = g.forward(&seq, &one_seq(0, seq.len()), &rows)?;
     g.close_slot(0);
     Ok(l.chunks(vocab).map(|c| c.to_vec()).collect())
 }
@@ -715,18 +672,7 @@ pub fn run_model(
         } else {
             vec![]
         };
-        last = g.forward(
-            &prompt[pos..pos + n],
-            &BatchLayout {
-                seqs: vec![SeqRows {
-                    slot: 0,
-                    row: 0,
-                    start_pos: pos,
-                    n_tokens: n,
-                }],
-            },
-            &rows,
-        )?;
+        last = g.forward(&prompt[pos..pos + n], &one_seq(pos, n), &rows)?;
         pos += n;
     }
     b.synchronize()?;
@@ -736,19 +682,7 @@ pub fn run_model(
     let (caps0, reps0) = b.graph_counts();
     let t = Instant::now();
     for i in 0..decode {
-        let l = g.forward_sample(
-            &[tok],
-            &BatchLayout {
-                seqs: vec![SeqRows {
-                    slot: 0,
-                    row: 0,
-                    start_pos: context + i,
-                    n_tokens: 1,
-                }],
-            },
-            &[0],
-            &greedy,
-        )?;
+        let l = g.forward_sample(&[tok], &one_seq(context + i, 1), &[0], &greedy)?;
         tok = *l.first().context("no token")?;
     }
     let decode_s = t.elapsed().as_secs_f64();
@@ -760,7 +694,5 @@ pub fn run_model(
         "device": card(&b), "commit": commit()});
     println!("{rec}");
     append(out, &rec)?;
-    let _ = SeqDesc::default();
-    let _: PathBuf = out.to_path_buf();
     Ok(())
 }
