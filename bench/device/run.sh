@@ -30,4 +30,4 @@ if [ -n "$MODELS" ]; then
   done
 fi
 "$BIN" bench gpu-model --random-weights configs/models/llama-3-8b.toml --context 32768 --decode-tokens 64 --out "$OUT/gpu.jsonl" 2>&1 | tee -a "$OUT/model.log"
-python3 bench/device/summary.py "$OUT/gpu.jsonl" "$OUT/sdpa.jsonl" "$OUT/parity.jsonl"
+python3 bench/device/summary.py "$OUT/gpu.jsonl" "$OUT/sdpa.jsonl" "$OUT/parity.jsonl" --json "$OUT/summary.json"

@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
 """Prints the short table of a device run from its JSON-lines files (retrowave's and PyTorch's)."""
 import json, sys
+args = sys.argv[1:]
+json_out = None
+if "--json" in args:
+    i = args.index("--json"); json_out = args[i + 1]; del args[i:i + 2]
 recs = []
-for f in sys.argv[1:]:
+for f in args:
     try:
         recs += [json.loads(l) for l in open(f) if l.strip()]
     except FileNotFoundError:
@@ -30,3 +34,35 @@ for r in recs:
 fails = [r for r in recs if r.get("bench") == "gpu-kernel-check" and not r["passed"]]
 checks = [r for r in recs if r.get("bench") == "gpu-kernel-check"]
 print(f"kernel checks: {len(checks) - len(fails)}/{len(checks)} passed" + "".join(f"\n  FAIL {r['check']} rel {r['rel_l2']:.2e} nan {r['non_finite']}" for r in fails))
+
+if json_out:
+    # One summary object of the run: every target of the CUDA backend issue next to its value.
+    dev = next((r["device"] for r in recs if r.get("bench") == "gpu-ceiling"), None)
+    ceil = {r["what"]: r["value"] for r in recs if r.get("bench") == "gpu-ceiling"}
+    out = {
+        "what": "CUDA backend run summary (issue 5)", "device": dev,
+        "commit": next((r["commit"] for r in recs if "commit" in r), None),
+        "ceilings": ceil,
+        "kernel_checks": {"passed": len(checks) - len(fails), "total": len(checks)},
+        "decode_attention": [
+            {"context": r["context"], "batch": r["batch"], "us": r["us"], "gbs": r["gbs"],
+             "pct_of_copy": r["pct_of_copy"],
+             "sdpa_us": sdpa.get((r["context"], r["batch"]), {}).get("us"),
+             "speed_vs_sdpa": (sdpa[(r["context"], r["batch"])]["us"] / r["us"]) if (r["context"], r["batch"]) in sdpa else None}
+            for r in recs if r.get("bench") == "gpu-decode-attention"],
+        "prefill_attention": [
+            {"tokens": r["tokens"], "tflops": r["tflops"], "pct_of_cublas": r["pct_of_cublas"],
+             "sdpa_tflops": sdpf.get(r["tokens"], {}).get("tflops")}
+            for r in recs if r.get("bench") == "gpu-prefill-attention"],
+        "e2e_decode": [
+            {k: r[k] for k in ("model", "context", "batch", "step_ms", "tokens_per_s", "roofline_tokens_per_s", "pct_of_roofline", "weights", "kv")}
+            for r in recs if r.get("bench") == "gpu-e2e-decode"],
+        "models": [
+            {k: r.get(k) for k in ("model", "context", "prefill_tokens_per_s", "decode_tokens_per_s", "cuda_graphs", "weights")}
+            for r in recs if r.get("bench") == "gpu-model"],
+        "parity": [
+            {k: r.get(k) for k in ("model", "prompt", "passed", "greedy_equal_prefix", "first_cpu_near_tie", "max_abs_logit_diff_top5_vs_cpu", "max_abs_logit_diff_top5_vs_llamacpp", "tolerance_top5", "graph_tokens_equal")}
+            for r in recs if r.get("bench") == "gpu-parity" and "clear_positions" in r],
+    }
+    json.dump(out, open(json_out, "w"), indent=1)
+    print("wrote", json_out)
