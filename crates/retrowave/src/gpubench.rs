@@ -641,25 +641,31 @@ pub fn run_model(
     out: &Path,
 ) -> Result<()> {
     let b = gpu(device)?;
-    let t_load = Instant::now();
+    // Seconds to put the weights on the GPU (file opening and prompt building excluded).
+    let load_s;
     let (cfg, weights, mut g, prompt) = match (model, random_weights) {
         (Some(model), None) => {
             let m = crate::load::open(model)?;
+            let t = Instant::now();
             let g = WorkerGroup::load(&m.config, &m.source, vec![b.clone()])?;
+            b.synchronize()?;
+            load_s = t.elapsed().as_secs_f64();
             let prompt = crate::bench::essay_prompt(&m.tokenizer, context)
                 .or_else(|_| random_prompt(context, m.config.vocab_size))?;
             (m.config.clone(), "real (dequantized to bf16)", g, prompt)
         }
         (None, Some(shape)) => {
             let cfg = load_shape(shape)?;
+            let t = Instant::now();
             let src = RandomWeights::new(&cfg, 1)?;
             let g = WorkerGroup::load(&cfg, &src as &dyn WeightSource, vec![b.clone()])?;
+            b.synchronize()?;
+            load_s = t.elapsed().as_secs_f64();
             let prompt = random_prompt(context, cfg.vocab_size)?;
             (cfg, "random (bf16); random prompt tokens", g, prompt)
         }
         _ => bail!("give exactly one of --model and --random-weights"),
     };
-    let load_s = t_load.elapsed().as_secs_f64();
     g.open_slot(0, context + decode + 1)?;
     b.synchronize()?;
     let t = Instant::now();
