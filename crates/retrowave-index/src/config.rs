@@ -1,5 +1,6 @@
 //! Every parameter of the wave index, with the published defaults and validation.
 
+use crate::select;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -243,41 +244,61 @@ impl WaveConfig {
     /// `min_retrieval_clusters` retrieval clusters, and with `retrieval_mass > 0` as many more
     /// (best first) as it takes to cover that share of the total score, up to the cap.
     pub fn step_budgets(&self, base_clusters: usize, updates: usize, scores: &[f32]) -> Budgets {
-        let mut b = self.budgets(base_clusters, updates);
-        b.retrieval = b.retrieval.max(self.min_retrieval_clusters);
-        if self.retrieval_mass > 0.0 {
-            let cap = Self {
-                retrieval_fraction: self.max_retrieval_fraction,
-                ..self.clone()
-            }
-            .budgets(base_clusters, updates)
-            .retrieval
-            .max(b.retrieval);
-            let mut live: Vec<f32> = scores
+        let mut b = self.fixed_step_budgets(base_clusters, updates);
+        if let Some(cap) = self.adaptive_cap(base_clusters, updates) {
+            let live: Vec<f32> = scores
                 .iter()
                 .copied()
                 .filter(|s| s.is_finite() && *s > 0.0)
                 .collect();
-            let total: f64 = live.iter().map(|&s| f64::from(s)).sum();
+            let (_, total) = live_total(scores);
             let cap = cap.min(live.len());
             if cap > 0 && total > 0.0 {
-                live.select_nth_unstable_by(cap - 1, |a, b| b.total_cmp(a));
-                let top = &mut live[..cap];
-                top.sort_unstable_by(|a, b| b.total_cmp(a));
-                let goal = self.retrieval_mass * total;
-                let mut acc = 0.0;
-                let mut k = cap;
-                for (i, &s) in top.iter().enumerate() {
-                    acc += f64::from(s);
-                    if acc >= goal {
-                        k = i + 1;
-                        break;
-                    }
-                }
-                b.retrieval = b.retrieval.max(k);
+                // The top `cap` scores: those above the cap-th largest, then enough equal to it.
+                let keys: Vec<u32> = live.iter().map(|&s| select::order_key(s)).collect();
+                let mut top = top_values(&live, &keys, cap);
+                b.retrieval = b.retrieval.max(self.covering(&mut top, total));
             }
         }
         b
+    }
+
+    /// The budgets of a step before the adaptive growth: the fixed ones, with at least
+    /// `min_retrieval_clusters` retrieval clusters.
+    pub(crate) fn fixed_step_budgets(&self, base_clusters: usize, updates: usize) -> Budgets {
+        let mut b = self.budgets(base_clusters, updates);
+        b.retrieval = b.retrieval.max(self.min_retrieval_clusters);
+        b
+    }
+
+    /// Most retrieval clusters the adaptive budget may reach (at least the fixed budget), or
+    /// `None` when the budget does not adapt.
+    pub(crate) fn adaptive_cap(&self, base_clusters: usize, updates: usize) -> Option<usize> {
+        (self.retrieval_mass > 0.0).then(|| {
+            let capped = WaveConfig {
+                retrieval_fraction: self.max_retrieval_fraction,
+                ..self.clone()
+            };
+            capped
+                .budgets(base_clusters, updates)
+                .retrieval
+                .max(self.fixed_step_budgets(base_clusters, updates).retrieval)
+        })
+    }
+
+    /// How many of the scores `top` (sorted here, best first) it takes to reach
+    /// `retrieval_mass` of `total`; all of them if they do not.
+    pub(crate) fn covering(&self, top: &mut [f32], total: f64) -> usize {
+        top.sort_unstable_by(|a, b| b.total_cmp(a));
+        let goal = self.retrieval_mass * total;
+        let mut acc = 0.0;
+        for (i, &s) in top.iter().enumerate() {
+            acc += f64::from(s);
+            if acc >= goal {
+                return i + 1;
+            }
+        }
+        top.len()
     }
 
     /// Clusters the GPU cluster cache holds for a retrieval budget of `retrieval` clusters.
@@ -290,6 +311,51 @@ impl WaveConfig {
         self.exec_buffer_min_clusters
             .max(self.exec_buffer_ratio.saturating_mul(retrieval))
     }
+}
+
+/// How many `scores` are live (finite and positive) and their sum, in f64 over four
+/// interleaved partial sums (one long chain of dependent adds was the slowest part of a step's
+/// planning).
+pub(crate) fn live_total(scores: &[f32]) -> (usize, f64) {
+    let mut sums = [0f64; 4];
+    let mut count = 0;
+    let mut chunks = scores.chunks_exact(4);
+    let live = |s: f32| {
+        if s.is_finite() && s > 0.0 {
+            f64::from(s)
+        } else {
+            0.0
+        }
+    };
+    for c in &mut chunks {
+        for (sum, &s) in sums.iter_mut().zip(c) {
+            *sum += live(s);
+            count += usize::from(s.is_finite() && s > 0.0);
+        }
+    }
+    for &s in chunks.remainder() {
+        sums[0] += live(s);
+        count += usize::from(s.is_finite() && s > 0.0);
+    }
+    (count, (sums[0] + sums[1]) + (sums[2] + sums[3]))
+}
+
+/// The `k` largest of `values` (whose [`select::order_key`]s are `keys`), in no order.
+pub(crate) fn top_values(values: &[f32], keys: &[u32], k: usize) -> Vec<f32> {
+    let Some((t, above)) = select::kth_largest(keys, k) else {
+        return values.to_vec();
+    };
+    let mut ties = k - above;
+    let mut top = Vec::with_capacity(k);
+    for (&v, &key) in values.iter().zip(keys) {
+        if key > t {
+            top.push(v);
+        } else if key == t && ties > 0 {
+            ties -= 1;
+            top.push(v);
+        }
+    }
+    top
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ pub mod fidelity;
 pub mod index;
 pub mod kmeans;
 pub mod kv;
+pub mod select;
 pub mod zones;
 
 pub use attention::{
@@ -34,5 +35,6 @@ pub use index::{ClusterIndex, IndexError};
 pub use kmeans::{Clustering, Segment, kmeans, kmeans_segments, segments};
 pub use kv::{HeadDims, KvView, ShapeError};
 pub use zones::{
-    Zone, ZonePlan, plan_zones, plan_zones_with_budgets, score_clusters, score_clusters_cfg,
+    Zone, ZonePlan, plan_step, plan_zones, plan_zones_with_budgets, score_clusters,
+    score_clusters_cfg,
 };

@@ -5,6 +5,7 @@ use std::ops::Range;
 use crate::config::{Budgets, WaveConfig};
 use crate::index::{ClusterIndex, IndexError};
 use crate::kv::{ShapeError, dot};
+use crate::select;
 
 /// Scores every cluster of `index` for the query heads of one GQA group, `queries` being
 /// `[heads, key_dim]`: for each head a softmax over the non-empty clusters of
@@ -148,6 +149,36 @@ pub fn plan_zones_with_budgets(
             max: u32::MAX as usize,
         })
     };
+    let ranked: Vec<u32> = (0..index.n_clusters())
+        .filter(|&c| index.sizes()[c] > 0)
+        .map(to_u32)
+        .collect::<Result<_, _>>()?;
+    plan_from_ranked(index, scores, budgets, n_tokens, ranked.len(), ranked)
+}
+
+/// The plan with `budgets` from `candidates` (ascending ids that hold the top clusters up to
+/// the budgets) out of `n_live` non-empty clusters.
+fn plan_from_ranked(
+    index: &ClusterIndex,
+    scores: &[f32],
+    budgets: Budgets,
+    n_tokens: usize,
+    n_live: usize,
+    mut candidates: Vec<u32>,
+) -> Result<ZonePlan, IndexError> {
+    let indexed = index.indexed_range();
+    if n_tokens < indexed.end {
+        return Err(IndexError::SequenceTooShort {
+            indexed_end: indexed.end,
+            n_tokens,
+        });
+    }
+    let to_u32 = |x: usize| {
+        u32::try_from(x).map_err(|_| ShapeError::TooManyTokens {
+            n_tokens: x,
+            max: u32::MAX as usize,
+        })
+    };
     let mut steady = Vec::new();
     if indexed.start > 0 {
         steady.push(0..to_u32(indexed.start)?);
@@ -155,43 +186,139 @@ pub fn plan_zones_with_budgets(
     if n_tokens > indexed.end {
         steady.push(to_u32(indexed.end)?..to_u32(n_tokens)?);
     }
-    let mut ranked: Vec<u32> = (0..index.n_clusters())
-        .filter(|&c| index.sizes()[c] > 0)
-        .map(to_u32)
-        .collect::<Result<_, _>>()?;
-    let r = budgets.retrieval.min(ranked.len());
-    let e = budgets.estimation.min(ranked.len() - r);
-    select_zones(&mut ranked, scores, r, r + e);
+    let r = budgets.retrieval.min(n_live);
+    let e = budgets.estimation.min(n_live - r);
+    select_zones(&mut candidates, scores, r, r + e);
     Ok(ZonePlan {
         steady,
-        retrieval: ranked[..r].to_vec(),
-        estimation: ranked[r..r + e].to_vec(),
+        retrieval: candidates[..r].to_vec(),
+        estimation: candidates[r..r + e].to_vec(),
     })
+}
+
+/// The plan of one decode step under `cfg`: the same plan as
+/// `plan_zones_with_budgets(index, scores, index.step_budgets(cfg, scores), n_tokens)`, found
+/// with less work. The clusters that could be in any zone (the top `cap + estimation` by score,
+/// `cap` the most retrieval clusters the adaptive budget may reach) are picked by one radix
+/// selection over all clusters; the adaptive budget and the split into zones then look at those
+/// candidates only.
+pub fn plan_step(
+    index: &ClusterIndex,
+    cfg: &WaveConfig,
+    scores: &[f32],
+    n_tokens: usize,
+) -> Result<ZonePlan, IndexError> {
+    if scores.len() != index.n_clusters() {
+        return Err(IndexError::ScoresLen {
+            got: scores.len(),
+            clusters: index.n_clusters(),
+        });
+    }
+    let (base, updates) = (index.base_clusters(), index.updates());
+    let fixed = cfg.fixed_step_budgets(base, updates);
+    let cap = cfg.adaptive_cap(base, updates);
+    // Non-empty clusters (in id order) with their keys, compacted without branches.
+    let n = scores.len();
+    let mut ids = vec![0u32; n];
+    let mut keys = vec![0u32; n];
+    let mut w = 0;
+    for (c, (&s, &size)) in scores.iter().zip(index.sizes()).enumerate() {
+        ids[w] = c as u32;
+        keys[w] = select::order_key(s);
+        w += usize::from(size > 0);
+    }
+    ids.truncate(w);
+    keys.truncate(w);
+    let (live, total) = crate::config::live_total(scores);
+    // Scores that rank above every finite one (NaN, +inf), live scores on empty clusters or
+    // more clusters than u32 ids: the candidates might not hold the top live scores; take the
+    // general path.
+    let unusual = u32::try_from(n).is_err()
+        || scores
+            .iter()
+            .zip(index.sizes())
+            .any(|(&s, &size)| s.is_nan() || s == f32::INFINITY || (size == 0 && s > 0.0));
+    if unusual {
+        let budgets = index.step_budgets(cfg, scores);
+        return plan_zones_with_budgets(index, scores, budgets, n_tokens);
+    }
+    let n_live = ids.len();
+    let most = cap
+        .unwrap_or(0)
+        .max(fixed.retrieval)
+        .saturating_add(fixed.estimation);
+    let m_max = most.min(ids.len());
+    // The candidates, in id order (ties at the threshold: the lowest ids, as the ranking has it).
+    if m_max < ids.len() {
+        let (t, above) = select::kth_largest(&keys, m_max).unwrap_or((u32::MAX, 0));
+        let mut ties = m_max - above;
+        let mut w = 0;
+        for i in 0..ids.len() {
+            let k = keys[i];
+            let tie = k == t && ties > 0;
+            ties -= usize::from(tie);
+            ids[w] = ids[i];
+            keys[w] = k;
+            w += usize::from(k > t || tie);
+        }
+        ids.truncate(w);
+        keys.truncate(w);
+    }
+    let mut budgets = fixed;
+    if let Some(cap) = cap {
+        // Live scores rank above every other score here (no NaN or +inf), so the top `cap`
+        // live scores are the top `cap` candidates.
+        let cap = cap.min(live);
+        if cap > 0 && total > 0.0 {
+            let values: Vec<f32> = ids.iter().map(|&c| scores[c as usize]).collect();
+            let mut top = crate::config::top_values(&values, &keys, cap);
+            budgets.retrieval = budgets.retrieval.max(cfg.covering(&mut top, total));
+        }
+    }
+    plan_from_ranked(index, scores, budgets, n_tokens, n_live, ids)
 }
 
 /// Puts the top `r` of `ids` (by score descending, then id ascending: a total order, since ids
 /// are distinct) in `ids[..r]` and the next `m - r` in `ids[r..m]`, each part in ascending id
 /// order (the order of the store and of the mean values, so the kernels walk memory forwards);
-/// the rest is left in unspecified order. Two selections in O(n), no sort by score.
+/// the rest is left in unspecified order. `ids` must be ascending. The r-th and m-th scores are
+/// found by radix selection and the parts filled in one pass in id order: O(n), no sort.
 fn select_zones(ids: &mut [u32], scores: &[f32], r: usize, m: usize) {
-    let rank = |a: &u32, b: &u32| {
-        scores[*b as usize]
-            .total_cmp(&scores[*a as usize])
-            .then(a.cmp(b))
-    };
+    debug_assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids must be ascending");
     let m = m.min(ids.len());
     let r = r.min(m);
     if m == 0 {
         return;
     }
-    if m < ids.len() {
-        ids.select_nth_unstable_by(m - 1, rank);
+    let keys: Vec<u32> = ids
+        .iter()
+        .map(|&c| select::order_key(scores[c as usize]))
+        .collect();
+    // Threshold keys and how many of the keys equal to them are still to be taken (the ones of
+    // the lowest ids, since ties rank by ascending id).
+    let (tm, above_m) = select::kth_largest(&keys, m).unwrap_or((u32::MAX, m));
+    let (tr, above_r) = select::kth_largest(&keys, r).unwrap_or((u32::MAX, r));
+    let (mut tie_m, mut tie_r) = (m - above_m, r - above_r);
+    let take = |key: u32, t: u32, tie: &mut usize| {
+        key > t
+            || (key == t && *tie > 0 && {
+                *tie -= 1;
+                true
+            })
+    };
+    let mut retrieval = Vec::with_capacity(r);
+    let mut estimation = Vec::with_capacity(m - r);
+    for (&c, &key) in ids.iter().zip(&keys) {
+        if take(key, tm, &mut tie_m) {
+            if take(key, tr, &mut tie_r) {
+                retrieval.push(c);
+            } else {
+                estimation.push(c);
+            }
+        }
     }
-    if r > 0 && r < m {
-        ids[..m].select_nth_unstable_by(r - 1, rank);
-    }
-    ids[..r].sort_unstable();
-    ids[r..m].sort_unstable();
+    ids[..r].copy_from_slice(&retrieval);
+    ids[r..m].copy_from_slice(&estimation);
 }
 
 impl ZonePlan {
@@ -348,6 +475,49 @@ mod tests {
             select_zones(&mut got, &scores, r, m);
             proptest::prop_assert_eq!(&got[..r], &want_r[..]);
             proptest::prop_assert_eq!(&got[r..m], &want_e[..]);
+        }
+
+        /// The fused step planner gives the plan of step_budgets + plan_zones_with_budgets,
+        /// adaptive budgets or not, with ties, zeros, negative scores and the odd NaN or +inf.
+        #[test]
+        fn plan_step_equals_budgets_then_plan(
+            raw in proptest::collection::vec(0u8..40, 40),
+            mass in 0.0f64..=1.0,
+            cap in 0.0f64..0.6,
+            min_r in 0usize..6,
+            retrieval in 0.0f64..0.3,
+            estimation in 0.0f64..0.5,
+        ) {
+            let (index, _) = random_index();
+            let n = index.n_clusters();
+            let scores: Vec<f32> = (0..n)
+                .map(|c| match raw[c % 40] {
+                    0 => f32::NAN,
+                    1 => f32::INFINITY,
+                    2 => -1.0,
+                    3 | 4 => 0.0,
+                    _ if index.sizes()[c] == 0 => f32::NEG_INFINITY,
+                    x => f32::from(x % 7) * 0.125 + 0.01,
+                })
+                .collect();
+            let cfg = WaveConfig {
+                retrieval_fraction: retrieval,
+                estimation_fraction: estimation,
+                min_retrieval_clusters: min_r,
+                retrieval_mass: if mass < 0.2 { 0.0 } else { mass },
+                max_retrieval_fraction: cap,
+                ..WaveConfig::published()
+            };
+            let want = plan_zones_with_budgets(&index, &scores, index.step_budgets(&cfg, &scores), 130).unwrap();
+            let got = plan_step(&index, &cfg, &scores, 130).unwrap();
+            proptest::prop_assert_eq!(got, want);
+            // The same without the odd scores (the fast path).
+            let tame: Vec<f32> = scores.iter().zip(index.sizes()).map(|(&x, &size)| {
+                if size == 0 { f32::NEG_INFINITY } else if x.is_nan() || x == f32::INFINITY { 0.5 } else { x }
+            }).collect();
+            let want = plan_zones_with_budgets(&index, &tame, index.step_budgets(&cfg, &tame), 130).unwrap();
+            let got = plan_step(&index, &cfg, &tame, 130).unwrap();
+            proptest::prop_assert_eq!(got, want);
         }
 
         /// The whole planner against the full-sort reference, on an index with empty clusters.
