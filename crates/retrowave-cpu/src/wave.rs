@@ -9,6 +9,7 @@
 //! with the estimation formula (`exp(q.c_i) * VS_i` over `|C_i| exp(q.c_i)`), which is exactly the
 //! log-sum-exp merge of the two parts. Units run in parallel across sequences and KV heads.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use half::f16;
@@ -17,7 +18,7 @@ use retrowave_core::{
     BackendError, BatchLayout, ClusterStore, FidelitySample, HeadKey, HeadLayout, WaveConfig,
     WaveStats,
 };
-use retrowave_index::{ClusterIndex, HeadDims, KvView, ZonePlan, plan_zones_with_budgets};
+use retrowave_index::{ClusterIndex, HeadDims, KvView, ZonePlan, plan_step};
 
 use crate::attention::CpuKv;
 use crate::decode_kernel::GroupState;
@@ -33,6 +34,11 @@ struct WaveHead {
     /// no more precision than that).
     codes: Vec<i8>,
     code_scales: Vec<f32>,
+    /// The same codes for the AVX-512 VNNI kernel (empty on CPUs without it): blocks of
+    /// [`VNNI_BLOCK`] clusters, each `[head_dim / 4][VNNI_BLOCK][4]` bytes biased by 128 (`vpdpbusd`
+    /// multiplies unsigned by signed bytes), so that one 64-byte load holds four dimensions of
+    /// sixteen clusters and the dot products land in the lanes without horizontal sums.
+    vnni_codes: Vec<u8>,
     /// `ln |C_i|` (`-inf` for empty clusters), for ranking by estimated mass.
     ln_sizes: Vec<f32>,
     /// `[clusters, head_dim]`: mean values `value_sum / |C_i|` in f16 for the estimation zone.
@@ -45,6 +51,7 @@ impl WaveHead {
             index,
             codes: Vec::new(),
             code_scales: Vec::new(),
+            vnni_codes: Vec::new(),
             ln_sizes: Vec::new(),
             value_means: Vec::new(),
         };
@@ -72,6 +79,12 @@ impl WaveHead {
                 }
             }
         }
+        let n = self.code_scales.len();
+        self.vnni_codes = if has_avx512_vnni() && hd.is_multiple_of(4) {
+            vnni_layout(&self.codes, n, hd)
+        } else {
+            Vec::new()
+        };
         self.ln_sizes = self
             .index
             .sizes()
@@ -97,6 +110,43 @@ impl WaveHead {
     }
 }
 
+/// Clusters per block of [`WaveHead::vnni_codes`].
+const VNNI_BLOCK: usize = 16;
+
+/// Whether the CPU has AVX-512 with VNNI (checked once).
+fn has_avx512_vnni() -> bool {
+    static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// Row-major int8 codes of `n` clusters as [`WaveHead::vnni_codes`] (padding clusters are zero
+/// codes).
+fn vnni_layout(codes: &[i8], n: usize, hd: usize) -> Vec<u8> {
+    let quads = hd / 4;
+    let mut out = vec![128u8; n.div_ceil(VNNI_BLOCK) * quads * VNNI_BLOCK * 4];
+    for (c, row) in codes.chunks_exact(hd).take(n).enumerate() {
+        let (b, j) = (c / VNNI_BLOCK, c % VNNI_BLOCK);
+        for (q, quad) in row.chunks_exact(4).enumerate() {
+            let at = ((b * quads + q) * VNNI_BLOCK + j) * 4;
+            for (o, &x) in out[at..at + 4].iter_mut().zip(quad) {
+                *o = (i16::from(x) + 128) as u8;
+            }
+        }
+    }
+    out
+}
+
 /// `out[g * n + c] = (q_g . code_c) * code_scale_c * scale` for every non-empty cluster `c`
 /// (`-inf` for empty ones); `qs` is `[group, hd]`.
 #[inline(never)]
@@ -114,6 +164,24 @@ fn centroid_logits(
     out.resize(group * n, f32::NEG_INFINITY);
     #[cfg(target_arch = "x86_64")]
     {
+        if !head.vnni_codes.is_empty() {
+            // Queries quantized to int8: `vpdpbusd` over sixteen clusters at a time.
+            let (qi, qscale) = quantize_queries(qs, group, hd);
+            macro_rules! dispatch {
+                ($($g:literal)*) => {
+                    match group {
+                        $($g => {
+                            // SAFETY: AVX-512 VNNI was detected (the codes exist only then); the
+                            // kernel checks every slice length.
+                            unsafe { centroid_logits_vnni::<$g>(head, &qi, &qscale, hd, scale, out) };
+                            return;
+                        })*
+                        _ => {}
+                    }
+                };
+            }
+            dispatch!(1 2 3 4 5 6 7 8);
+        }
         if hd.is_multiple_of(32) && crate::decode_kernel::has_avx2_f16c() {
             // Queries quantized to int8 as well: integer dot products, 32 per instruction pair.
             let (qi, qscale) = quantize_queries(qs, group, hd);
@@ -222,6 +290,88 @@ unsafe fn centroid_logits_i8<const G: usize>(
             let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
             let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01));
             out[g * n + c] = _mm_cvtsi128_si32(s1) as f32 * qscale[g] * kscale;
+        }
+    }
+}
+
+/// [`centroid_logits`] over [`WaveHead::vnni_codes`]: per block of sixteen clusters and per
+/// four dimensions one 64-byte load and one `vpdpbusd` per query head, the sixteen sums in the
+/// lanes; the bias of the codes is taken off once (`128 * sum(q)`). The integer sums, and so the
+/// logits, are exactly those of [`centroid_logits_i8`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn centroid_logits_vnni<const G: usize>(
+    head: &WaveHead,
+    qi: &[i8],
+    qscale: &[f32],
+    hd: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let n = head.index.n_clusters();
+    let sizes = head.index.sizes();
+    let quads = hd / 4;
+    let blocks = n.div_ceil(VNNI_BLOCK);
+    assert!(
+        hd.is_multiple_of(4)
+            && head.vnni_codes.len() >= blocks * quads * VNNI_BLOCK * 4
+            && head.code_scales.len() >= n
+            && sizes.len() >= n
+            && qi.len() >= G * hd
+            && qscale.len() >= G
+            && out.len() >= G * n
+    );
+    // Each head's query as little-endian groups of four bytes, and the bias correction.
+    let qq: Vec<i32> = qi[..G * hd]
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes([c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8]))
+        .collect();
+    let bias: [i32; G] = std::array::from_fn(|g| {
+        128 * qi[g * hd..(g + 1) * hd]
+            .iter()
+            .map(|&x| i32::from(x))
+            .sum::<i32>()
+    });
+    let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+    for b in 0..blocks {
+        let c0 = b * VNNI_BLOCK;
+        let cn = (n - c0).min(VNNI_BLOCK);
+        let mut acc = [_mm512_setzero_si512(); G];
+        // SAFETY: block b spans quads * 64 bytes inside vnni_codes (checked above); qq has
+        // G * quads entries.
+        unsafe {
+            let base = head.vnni_codes.as_ptr().add(b * quads * VNNI_BLOCK * 4);
+            for q in 0..quads {
+                let v = _mm512_loadu_si512(base.add(q * VNNI_BLOCK * 4).cast());
+                for (g, a) in acc.iter_mut().enumerate() {
+                    let qv = _mm512_set1_epi32(*qq.get_unchecked(g * quads + q));
+                    *a = _mm512_dpbusd_epi32(*a, v, qv);
+                }
+            }
+        }
+        let mut ks = [0f32; VNNI_BLOCK];
+        let mut live: u16 = 0;
+        for j in 0..cn {
+            ks[j] = head.code_scales[c0 + j] * scale;
+            if sizes[c0 + j] > 0 {
+                live |= 1 << j;
+            }
+        }
+        let all: u16 = if cn == VNNI_BLOCK {
+            u16::MAX
+        } else {
+            (1u16 << cn) - 1
+        };
+        // SAFETY: ks has 16 lanes; the store covers out[g * n + c0 .. + cn] (masked to cn).
+        unsafe {
+            let ksv = _mm512_loadu_ps(ks.as_ptr());
+            for (g, a) in acc.iter().enumerate() {
+                let dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(*a, _mm512_set1_epi32(bias[g])));
+                let x = _mm512_mul_ps(_mm512_mul_ps(dot, _mm512_set1_ps(qscale[g])), ksv);
+                let x = _mm512_mask_blend_ps(live, neg_inf, x);
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(g * n + c0), all, x);
+            }
         }
     }
 }
@@ -342,6 +492,7 @@ impl WaveKv {
                 .iter()
                 .map(|h| {
                     h.codes.len()
+                        + h.vnni_codes.len()
                         + h.value_means.len() * 2
                         + (h.index.centroids().len() + h.index.value_sums().len()) * 4
                         + h.index.all_members().len() * 4
@@ -581,22 +732,23 @@ unsafe fn estimate_accumulate_avx2<const G: usize>(
     use std::arch::x86_64::*;
     const BLOCK: usize = 64;
     let e = means.len();
-    let mut start = 0;
-    let prefetch = |from: usize| {
-        for mean in means.iter().skip(from).take(BLOCK) {
+    // Hints one mean into L2 (a burst of prefetches into L1 would hold its few miss buffers).
+    let prefetch = |i: usize| {
+        if let Some(mean) = means.get(i) {
             for off in (0..hd * 2).step_by(64) {
                 // SAFETY: prefetching inside a live slice (off < hd * 2 bytes) only warms caches.
                 unsafe {
-                    _mm_prefetch::<_MM_HINT_T0>(mean.as_ptr().cast::<i8>().add(off));
+                    _mm_prefetch::<_MM_HINT_T1>(mean.as_ptr().cast::<i8>().add(off));
                 }
             }
         }
     };
-    prefetch(0);
+    for i in 0..BLOCK {
+        prefetch(i);
+    }
+    let mut start = 0;
     while start < e {
         let end = (start + BLOCK).min(e);
-        // The means are scattered over the index: fetch the next block's while this one runs.
-        prefetch(end);
         for d in (0..hd).step_by(8) {
             let mut a = [_mm256_setzero_ps(); G];
             for (g, ag) in a.iter_mut().enumerate() {
@@ -604,6 +756,11 @@ unsafe fn estimate_accumulate_avx2<const G: usize>(
                 *ag = unsafe { _mm256_loadu_ps(acc.as_ptr().add(g * hd + d)) };
             }
             for (i, mean) in means.iter().enumerate().take(end).skip(start) {
+                // The means are scattered over the index: fetch the next block's, one per
+                // mean of this block, during the first pass over it.
+                if d == 0 {
+                    prefetch(i + BLOCK);
+                }
                 // SAFETY: d + 8 <= hd <= mean.len().
                 let m = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(mean.as_ptr().add(d).cast())) };
                 for (g, ag) in a.iter_mut().enumerate() {
@@ -621,19 +778,35 @@ unsafe fn estimate_accumulate_avx2<const G: usize>(
     }
 }
 
-/// Bytes of the next retrieval cluster's keys (and values) prefetched.
-const PREFETCH_RUN_BYTES: usize = 2048;
+/// Time spent in each phase of the wave decode units since the process started (scoring,
+/// zone selection, exact attention, estimation), summed over threads; only counted while
+/// [`set_phase_timing`] is on (the attention benchmark turns it on).
+static PHASE_NS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+static PHASE_TIMING: AtomicBool = AtomicBool::new(false);
 
-/// Hints up to the first [`PREFETCH_RUN_BYTES`] of `xs` into the cache.
-#[inline]
-fn prefetch_run(xs: &[f16]) {
-    #[cfg(target_arch = "x86_64")]
-    for off in (0..(xs.len() * 2).min(PREFETCH_RUN_BYTES)).step_by(64) {
-        // SAFETY: prefetching an address inside a live slice only warms caches.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                xs.as_ptr().cast::<i8>().add(off),
-            );
+/// Turns the per-phase timing of wave decode on or off.
+pub fn set_phase_timing(on: bool) {
+    PHASE_TIMING.store(on, Ordering::Relaxed);
+}
+
+/// Nanoseconds spent so far in scoring, selection, exact attention and estimation.
+pub fn phase_nanos() -> [u64; 4] {
+    std::array::from_fn(|i| PHASE_NS[i].load(Ordering::Relaxed))
+}
+
+/// Adds the time since the last lap to a phase, when timing is on.
+struct PhaseClock(Option<Instant>);
+
+impl PhaseClock {
+    fn start() -> Self {
+        PhaseClock(PHASE_TIMING.load(Ordering::Relaxed).then(Instant::now))
+    }
+
+    fn lap(&mut self, phase: usize) {
+        if let Some(t) = &mut self.0 {
+            let now = Instant::now();
+            PHASE_NS[phase].fetch_add((now - *t).as_nanos() as u64, Ordering::Relaxed);
+            *t = now;
         }
     }
 }
@@ -743,6 +916,7 @@ pub fn decode(
             let qrow = &q[s.row * nq * hd..(s.row + 1) * nq * hd];
             let qs = &qrow[h * group * hd..(h + 1) * group * hd];
             let mut scratch = SCRATCH.take();
+            let mut clock = PhaseClock::start();
             score(
                 head,
                 qs,
@@ -752,10 +926,10 @@ pub fn decode(
                 wave.cfg.rank_by_size,
                 &mut scratch,
             );
+            clock.lap(0);
             let (scores, logits) = (&scratch.scores, &scratch.logits);
-            let budgets = head.index.step_budgets(&wave.cfg, scores);
-            let plan = plan_zones_with_budgets(&head.index, scores, budgets, n_tokens)
-                .map_err(index_err)?;
+            let plan = plan_step(&head.index, &wave.cfg, scores, n_tokens).map_err(index_err)?;
+            clock.lap(1);
             let mut st = GroupState::new(group, hd);
             let (keys, values) = kv.head_keys(layer, h);
             let mut stats = WaveStats {
@@ -763,28 +937,26 @@ pub fn decode(
                 context_tokens: n_tokens as u64,
                 ..WaveStats::default()
             };
+            // The steady zone and every retrieval cluster in one call: the kernel's tiles span
+            // the clusters (short runs scattered over the store) and prefetch the next tile.
+            let mut runs: Vec<(&[f16], &[f16])> =
+                Vec::with_capacity(plan.steady.len() + plan.retrieval.len());
             for r in &plan.steady {
                 let (a, b) = (r.start as usize * hd, r.end as usize * hd);
-                st.attend(qs, &keys[a..b], &values[a..b], scale);
+                runs.push((&keys[a..b], &values[a..b]));
                 stats.steady_tokens += u64::from(r.end - r.start);
             }
             let key = HeadKey {
                 layer: layer as u32,
                 kv_head: h as u32,
             };
-            let mut runs = plan.retrieval.iter().map(|&c| wave.store.read(key, c));
-            let mut next = runs.next().transpose().map_err(index_err)?;
-            while let Some(run) = next {
-                next = runs.next().transpose().map_err(index_err)?;
-                // Clusters are short runs at scattered places: start fetching the next one's
-                // keys and values while this one is attended.
-                if let Some(n) = &next {
-                    prefetch_run(n.keys);
-                    prefetch_run(n.values);
-                }
-                st.attend(qs, run.keys, run.values, scale);
+            for &c in &plan.retrieval {
+                let run = wave.store.read(key, c).map_err(index_err)?;
                 stats.exact_tokens += (run.keys.len() / hd) as u64;
+                runs.push((run.keys, run.values));
             }
+            st.attend_runs(qs, &runs, scale);
+            clock.lap(2);
             stats.exact_tokens += stats.steady_tokens;
             let n = head.index.n_clusters();
             let sizes: Vec<f32> = plan
@@ -805,6 +977,7 @@ pub fn decode(
                 }
             }
             estimate(&mut st, &lg, &sizes, &means);
+            clock.lap(3);
             stats.retrieval_clusters = plan.retrieval.len() as u64;
             stats.estimation_clusters = plan.estimation.len() as u64;
             stats.estimated_tokens = sizes.iter().map(|&s| s as u64).sum();
@@ -1142,6 +1315,43 @@ mod tests {
         // Rewinding into the indexed range drops the index; the exact cache still serves.
         kv.truncate(100);
         assert!(!kv.has_wave());
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn vnni_logits_equal_the_avx2_int8_ones() {
+        if !has_avx512_vnni() || !crate::decode_kernel::has_avx2_f16c() {
+            eprintln!("no AVX-512 VNNI here: nothing to compare");
+            return;
+        }
+        // 2000 tokens: a partial last block of clusters and some empty clusters.
+        let kv = filled(2000);
+        let wave = build(&kv, &WaveConfig::published()).unwrap();
+        let (hd, group) = (HEADS.head_dim, HEADS.group());
+        let q = query(5);
+        for h in 0..HEADS.n_kv_heads {
+            let head = WaveHead::new(wave.index(0, h, HEADS.n_kv_heads).unwrap().clone());
+            assert!(!head.vnni_codes.is_empty());
+            let n = head.index.n_clusters();
+            let qs = &q[h * group * hd..(h + 1) * group * hd];
+            let (qi, qscale) = quantize_queries(qs, group, hd);
+            let mut vnni = vec![f32::NAN; group * n];
+            let mut avx2 = vec![f32::NAN; group * n];
+            // SAFETY: both feature sets were detected above.
+            unsafe {
+                centroid_logits_vnni::<2>(&head, &qi, &qscale, hd, 0.3, &mut vnni);
+                centroid_logits_i8::<2>(&head, &qi, &qscale, hd, 0.3, &mut avx2);
+            }
+            for c in 0..n {
+                if head.index.sizes()[c] == 0 {
+                    assert_eq!(vnni[c], f32::NEG_INFINITY);
+                    assert_eq!(vnni[n + c], f32::NEG_INFINITY);
+                } else {
+                    assert_eq!(vnni[c].to_bits(), avx2[c].to_bits(), "cluster {c}");
+                    assert_eq!(vnni[n + c].to_bits(), avx2[n + c].to_bits(), "cluster {c}");
+                }
+            }
+        }
     }
 
     #[test]

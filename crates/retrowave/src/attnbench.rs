@@ -167,10 +167,22 @@ pub fn run(
         b.kv_build_index(&mut kv, wave)?;
         let build = t.elapsed().as_secs_f64();
         let before = b.kv_wave_stats(&kv).unwrap_or_default();
+        let phases0 = retrowave_cpu::wave::phase_nanos();
+        retrowave_cpu::wave::set_phase_timing(true);
         let sparse = time_steps(&b, &mut kv, heads, ctx, wave_runs.unwrap_or(runs))?;
+        retrowave_cpu::wave::set_phase_timing(false);
+        let phases1 = retrowave_cpu::wave::phase_nanos();
         let after = b.kv_wave_stats(&kv).unwrap_or_default();
         let steps = (after.head_steps - before.head_steps).max(1) / heads.n_kv_heads as u64;
         let wave_bytes = (after.bytes_read - before.bytes_read) as f64 / steps as f64;
+        // CPU time per step in each phase of the wave units, summed over the threads (the two
+        // warm-up steps of time_steps are in the sums too).
+        let timed_steps = (wave_runs.unwrap_or(runs) + 2) as f64;
+        let phase_us: Vec<f64> = phases0
+            .iter()
+            .zip(&phases1)
+            .map(|(a, b)| (b - a) as f64 / 1e3 / timed_steps)
+            .collect();
         let exact_share = (after.exact_tokens - before.exact_tokens) as f64
             / (after.context_tokens - before.context_tokens).max(1) as f64;
         for (mode, secs, bytes) in [
@@ -194,10 +206,14 @@ pub fn run(
                 "speedup_vs_full": dense / secs, "synthetic_kv": true,
                 "index_build_seconds": if mode == "wave" { Some(build) } else { None },
                 "exact_token_share": if mode == "wave" { Some(exact_share) } else { None },
+                "wave_phase_cpu_us": if mode == "wave" { Some(json!({"score": phase_us[0], "select": phase_us[1], "exact": phase_us[2], "estimate": phase_us[3]})) } else { None },
                 "runs": if mode == "wave" { wave_runs.unwrap_or(runs) } else { runs }, "threads": threads, "device": device, "commit": commit, "timestamp": ts,
             }));
         }
-        eprintln!("context {ctx}: index build {build:.1} s");
+        eprintln!(
+            "context {ctx}: index build {build:.1} s; wave CPU us/step (all threads): score {:.0}, select {:.0}, exact {:.0}, estimate {:.0}",
+            phase_us[0], phase_us[1], phase_us[2], phase_us[3]
+        );
     }
     crate::eval::run::append_records(&out, &records)?;
     eprintln!("records appended to {}", out.display());
