@@ -10,9 +10,9 @@ pub mod scheduler;
 pub mod shard;
 pub mod worker;
 
-pub use engine::{Engine, EngineConfig, Event, FinishReason, Usage};
+pub use engine::{Engine, EngineConfig, EngineStats, Event, FinishReason, RequestOptions, Usage};
 pub use group::WorkerGroup;
-pub use scheduler::{SchedulerConfig, SeqId, StepPlan};
+pub use scheduler::{AdmissionConfig, SchedulerConfig, SeqId, StepPlan};
 
 use retrowave_core::BackendError;
 use retrowave_model::arch::ArchError;
@@ -33,6 +33,10 @@ pub enum EngineError {
     EmptyPrompt,
     #[error("the prompt has {tokens} tokens; this engine accepts at most {max}")]
     PromptTooLong { tokens: usize, max: usize },
+    #[error(
+        "the request needs {tokens} KV tokens (prompt + max_tokens), more than the whole KV budget of {budget} tokens"
+    )]
+    ExceedsKvBudget { tokens: usize, budget: usize },
     #[error("token id {token} is outside the vocabulary of {vocab} tokens")]
     TokenOutOfRange { token: u32, vocab: usize },
     #[error("no KV cache slot {0} on a worker")]

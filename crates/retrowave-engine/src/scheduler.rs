@@ -4,6 +4,11 @@
 //! Policy (continuous batching with chunked prefill): every decoding sequence gets its next token
 //! first, so running requests never stall behind a long prompt; the remaining token budget goes
 //! to prompt chunks in arrival order.
+//!
+//! Admission ([`admit`]) is pure as well: requests wait in a FIFO queue until their KV reservation
+//! (prompt + `max_tokens`, at most the context) fits the KV budget beside the running sequences.
+//! The queue is strict FIFO: a large request at its head is not overtaken by smaller ones behind
+//! it, so no request starves.
 
 /// Identifies a sequence (one request) in the engine.
 pub type SeqId = u64;
@@ -27,6 +32,41 @@ impl Default for SchedulerConfig {
             max_seqs: 32,
         }
     }
+}
+
+/// Limits of admission: how many sequences run at once and how many KV tokens they may reserve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AdmissionConfig {
+    /// Most KV tokens reserved by the running sequences together (each reserves its prompt plus
+    /// `max_tokens`, at most the context); 0 = no limit.
+    pub kv_budget_tokens: usize,
+    /// Most running sequences; 0 = no limit.
+    pub max_running: usize,
+}
+
+impl AdmissionConfig {
+    /// Whether a request reserving `tokens` could ever run (alone).
+    pub fn fits_alone(&self, tokens: usize) -> bool {
+        self.kv_budget_tokens == 0 || tokens <= self.kv_budget_tokens
+    }
+}
+
+/// How many requests from the front of the waiting queue start now. `running` sequences reserve
+/// `reserved` tokens; `waiting` are the reservations of the waiting requests in arrival order.
+pub fn admit(cfg: &AdmissionConfig, running: usize, reserved: usize, waiting: &[usize]) -> usize {
+    let mut n = 0;
+    let mut reserved = reserved;
+    for &r in waiting {
+        if cfg.max_running > 0 && running + n >= cfg.max_running {
+            break;
+        }
+        if cfg.kv_budget_tokens > 0 && reserved.saturating_add(r) > cfg.kv_budget_tokens {
+            break;
+        }
+        reserved = reserved.saturating_add(r);
+        n += 1;
+    }
+    n
 }
 
 /// What the scheduler needs to know of a sequence.
@@ -145,6 +185,34 @@ mod tests {
             ]
         );
         assert_eq!(p.n_tokens(), 75);
+    }
+
+    #[test]
+    fn admission_is_fifo_within_the_kv_budget() {
+        let cfg = AdmissionConfig {
+            kv_budget_tokens: 100,
+            max_running: 0,
+        };
+        // 30 of 100 reserved: 40 and 30 fit, 50 does not, and 5 behind it waits its turn.
+        assert_eq!(admit(&cfg, 1, 30, &[40, 30, 50, 5]), 2);
+        assert_eq!(admit(&cfg, 0, 0, &[100]), 1);
+        assert_eq!(admit(&cfg, 0, 0, &[101]), 0);
+        assert_eq!(admit(&cfg, 3, 100, &[1]), 0);
+        assert!(cfg.fits_alone(100) && !cfg.fits_alone(101));
+        let unlimited = AdmissionConfig::default();
+        assert_eq!(admit(&unlimited, 50, usize::MAX, &[usize::MAX, 7]), 2);
+        assert!(unlimited.fits_alone(usize::MAX));
+    }
+
+    #[test]
+    fn admission_respects_max_running() {
+        let cfg = AdmissionConfig {
+            kv_budget_tokens: 0,
+            max_running: 4,
+        };
+        assert_eq!(admit(&cfg, 2, 0, &[1, 1, 1]), 2);
+        assert_eq!(admit(&cfg, 4, 0, &[1]), 0);
+        assert_eq!(admit(&cfg, 0, 0, &[]), 0);
     }
 
     #[test]
