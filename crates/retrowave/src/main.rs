@@ -11,6 +11,8 @@ mod bench;
 mod eval;
 mod gpubench;
 mod load;
+mod serve;
+mod servebench;
 mod storebench;
 
 use std::io::Write;
@@ -37,6 +39,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve a model over an OpenAI-compatible HTTP API (default: SmolLM2 on the best device).
+    Serve(serve::ServeArgs),
     /// Download, assemble and verify a registry model (or list them).
     Fetch {
         /// Model name (default: the default model).
@@ -148,6 +152,7 @@ fn main() {
             print_path,
             force,
         } => fetch(name, list, print_path, force),
+        Command::Serve(args) => serve::run(args),
         Command::Generate(args) => generate(args),
         Command::Eval(args) => eval::cli::run(args),
         Command::Bench { which } => bench::run(which),
