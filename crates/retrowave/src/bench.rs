@@ -16,6 +16,9 @@ use crate::load;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// Load generator for `retrowave serve`: request throughput, output tokens/s, time to first
+    /// token and inter-token latency (p50, p99) under concurrent streaming requests.
+    Serve(crate::servebench::ServeBenchArgs),
     /// GPU: kernel checks, measured ceilings (copy, cuBLAS), decode and prefill attention
     /// kernels at the Llama-3-8B layer shape, end-to-end dense decode of a random-weight model.
     Gpu {
@@ -205,6 +208,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
+        BenchCommand::Serve(args) => crate::servebench::run(args),
         BenchCommand::Gpu {
             device,
             shape,
