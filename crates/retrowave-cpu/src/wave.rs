@@ -164,33 +164,23 @@ fn centroid_logits(
     out.resize(group * n, f32::NEG_INFINITY);
     #[cfg(target_arch = "x86_64")]
     {
-        if !head.vnni_codes.is_empty() {
-            // Queries quantized to int8: `vpdpbusd` over sixteen clusters at a time.
+        // Queries quantized to int8 as well: integer dot products, with `vpdpbusd` over sixteen
+        // clusters at a time where AVX-512 VNNI is (the blocked codes exist only then), else
+        // 32 products per AVX2 instruction pair.
+        let vnni = !head.vnni_codes.is_empty();
+        if vnni || (hd.is_multiple_of(32) && crate::decode_kernel::has_avx2_f16c()) {
             let (qi, qscale) = quantize_queries(qs, group, hd);
             macro_rules! dispatch {
                 ($($g:literal)*) => {
                     match group {
-                        $($g => {
-                            // SAFETY: AVX-512 VNNI was detected (the codes exist only then); the
-                            // kernel checks every slice length.
-                            unsafe { centroid_logits_vnni::<$g>(head, &qi, &qscale, hd, scale, out) };
-                            return;
-                        })*
-                        _ => {}
-                    }
-                };
-            }
-            dispatch!(1 2 3 4 5 6 7 8);
-        }
-        if hd.is_multiple_of(32) && crate::decode_kernel::has_avx2_f16c() {
-            // Queries quantized to int8 as well: integer dot products, 32 per instruction pair.
-            let (qi, qscale) = quantize_queries(qs, group, hd);
-            macro_rules! dispatch {
-                ($($g:literal)*) => {
-                    match group {
-                        $($g => {
-                            // SAFETY: AVX2 was detected; the kernel checks every slice length.
-                            unsafe { centroid_logits_i8::<$g>(head, &qi, &qscale, hd, scale, out) };
+                        // SAFETY: the kernel's features were detected (above); each kernel
+                        // checks every slice length.
+                        $($g => unsafe {
+                            if vnni {
+                                centroid_logits_vnni::<$g>(head, &qi, &qscale, hd, scale, out)
+                            } else {
+                                centroid_logits_i8::<$g>(head, &qi, &qscale, hd, scale, out)
+                            }
                             return;
                         })*
                         _ => {}

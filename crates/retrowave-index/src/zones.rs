@@ -130,30 +130,25 @@ pub fn plan_zones_with_budgets(
     budgets: Budgets,
     n_tokens: usize,
 ) -> Result<ZonePlan, IndexError> {
-    let indexed = index.indexed_range();
-    if n_tokens < indexed.end {
-        return Err(IndexError::SequenceTooShort {
-            indexed_end: indexed.end,
-            n_tokens,
-        });
-    }
     if scores.len() != index.n_clusters() {
         return Err(IndexError::ScoresLen {
             got: scores.len(),
             clusters: index.n_clusters(),
         });
     }
-    let to_u32 = |x: usize| {
-        u32::try_from(x).map_err(|_| ShapeError::TooManyTokens {
-            n_tokens: x,
-            max: u32::MAX as usize,
-        })
-    };
     let ranked: Vec<u32> = (0..index.n_clusters())
         .filter(|&c| index.sizes()[c] > 0)
         .map(to_u32)
         .collect::<Result<_, _>>()?;
     plan_from_ranked(index, scores, budgets, n_tokens, ranked.len(), ranked)
+}
+
+/// A token or cluster count as a u32 id, or the error that says it does not fit.
+fn to_u32(x: usize) -> Result<u32, ShapeError> {
+    u32::try_from(x).map_err(|_| ShapeError::TooManyTokens {
+        n_tokens: x,
+        max: u32::MAX as usize,
+    })
 }
 
 /// The plan with `budgets` from `candidates` (ascending ids that hold the top clusters up to
@@ -173,12 +168,6 @@ fn plan_from_ranked(
             n_tokens,
         });
     }
-    let to_u32 = |x: usize| {
-        u32::try_from(x).map_err(|_| ShapeError::TooManyTokens {
-            n_tokens: x,
-            max: u32::MAX as usize,
-        })
-    };
     let mut steady = Vec::new();
     if indexed.start > 0 {
         steady.push(0..to_u32(indexed.start)?);
