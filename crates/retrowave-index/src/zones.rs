@@ -130,17 +130,23 @@ pub fn plan_zones_with_budgets(
     budgets: Budgets,
     n_tokens: usize,
 ) -> Result<ZonePlan, IndexError> {
+    check_scores(index, scores)?;
+    let ranked: Vec<u32> = (0..index.n_clusters())
+        .filter(|&c| index.sizes()[c] > 0)
+        .map(to_u32)
+        .collect::<Result<_, _>>()?;
+    plan_from_ranked(index, scores, budgets, n_tokens, ranked.len(), ranked)
+}
+
+/// One score per cluster of `index`, or the error that says otherwise.
+fn check_scores(index: &ClusterIndex, scores: &[f32]) -> Result<(), IndexError> {
     if scores.len() != index.n_clusters() {
         return Err(IndexError::ScoresLen {
             got: scores.len(),
             clusters: index.n_clusters(),
         });
     }
-    let ranked: Vec<u32> = (0..index.n_clusters())
-        .filter(|&c| index.sizes()[c] > 0)
-        .map(to_u32)
-        .collect::<Result<_, _>>()?;
-    plan_from_ranked(index, scores, budgets, n_tokens, ranked.len(), ranked)
+    Ok(())
 }
 
 /// A token or cluster count as a u32 id, or the error that says it does not fit.
@@ -197,12 +203,7 @@ pub fn plan_step(
     scores: &[f32],
     n_tokens: usize,
 ) -> Result<ZonePlan, IndexError> {
-    if scores.len() != index.n_clusters() {
-        return Err(IndexError::ScoresLen {
-            got: scores.len(),
-            clusters: index.n_clusters(),
-        });
-    }
+    check_scores(index, scores)?;
     let (base, updates) = (index.base_clusters(), index.updates());
     let fixed = cfg.fixed_step_budgets(base, updates);
     let cap = cfg.adaptive_cap(base, updates);

@@ -390,6 +390,17 @@ impl ChatTemplate {
         &self.source
     }
 
+    /// Renders `messages` as the prompt of the assistant's next turn, with `tok`'s BOS and EOS
+    /// strings (empty where the model has none).
+    pub fn render_prompt(
+        &self,
+        messages: &[ChatMessage],
+        tok: &crate::tokenizer::Tokenizer,
+    ) -> Result<String, ChatError> {
+        let special = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("");
+        self.render(messages, true, special(tok.bos_id()), special(tok.eos_id()))
+    }
+
     /// Render a conversation. `add_generation_prompt` appends the opening of the assistant's
     /// turn; `bos_token` / `eos_token` are the model's special token strings (templates such as
     /// Llama's write them into the prompt).

@@ -246,21 +246,12 @@ fn prompt_tokens(
                     "this model has no chat template; use /v1/completions",
                 )
             })?;
-            let special =
-                |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("").to_string();
-            let text = template
-                .render(
-                    &messages,
-                    true,
-                    &special(tok.bos_id()),
-                    &special(tok.eos_id()),
+            let text = template.render_prompt(&messages, tok).map_err(|e| {
+                ApiError::invalid(
+                    Some("messages"),
+                    format!("cannot apply the chat template: {e}"),
                 )
-                .map_err(|e| {
-                    ApiError::invalid(
-                        Some("messages"),
-                        format!("cannot apply the chat template: {e}"),
-                    )
-                })?;
+            })?;
             tokio::task::block_in_place(|| tok.encode(&text, true, true)).map_err(encode_error)
         }
     }

@@ -70,6 +70,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Untimed steps before the timed ones of [`time_steps`].
+const WARMUP_STEPS: usize = 2;
+
 /// Times decode steps of one layer (write one token, attend) and restores the cache after each.
 fn time_steps(
     b: &CpuBackend,
@@ -106,13 +109,13 @@ fn time_steps(
         }],
     };
     let mut times = Vec::new();
-    for i in 0..runs + 2 {
+    for i in 0..runs + WARMUP_STEPS {
         let t = Instant::now();
         let out = b.run(|| b.attention(0, &q, &k, &v, &mut [&mut *kv], &batch, heads))?;
         let dt = t.elapsed().as_secs_f64();
         black_box(out);
         b.kv_truncate(kv, ctx);
-        if i >= 2 {
+        if i >= WARMUP_STEPS {
             times.push(dt);
         }
     }
@@ -175,9 +178,9 @@ pub fn run(
         let after = b.kv_wave_stats(&kv).unwrap_or_default();
         let steps = (after.head_steps - before.head_steps).max(1) / heads.n_kv_heads as u64;
         let wave_bytes = (after.bytes_read - before.bytes_read) as f64 / steps as f64;
-        // CPU time per step in each phase of the wave units, summed over the threads (the two
+        // CPU time per step in each phase of the wave units, summed over the threads (the
         // warm-up steps of time_steps are in the sums too).
-        let timed_steps = (wave_runs.unwrap_or(runs) + 2) as f64;
+        let timed_steps = (wave_runs.unwrap_or(runs) + WARMUP_STEPS) as f64;
         let phase_us: Vec<f64> = phases0
             .iter()
             .zip(&phases1)

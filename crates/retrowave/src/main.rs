@@ -232,17 +232,7 @@ fn generate_on<B: retrowave_core::Backend + 'static>(
             messages.push(ChatMessage::new("system", s.as_str()));
         }
         messages.push(ChatMessage::new("user", args.prompt.as_str()));
-        let bos = tok
-            .bos_id()
-            .and_then(|i| tok.token_text(i))
-            .unwrap_or("")
-            .to_string();
-        let eos = tok
-            .eos_id()
-            .and_then(|i| tok.token_text(i))
-            .unwrap_or("")
-            .to_string();
-        let text = template.render(&messages, true, &bos, &eos)?;
+        let text = template.render_prompt(&messages, &tok)?;
         tok.encode(&text, true, true)?
     } else {
         tok.encode(&args.prompt, true, false)?
