@@ -230,6 +230,55 @@ fn wave_attention_answers_a_2k_needle_question_as_dense_attention_does() {
     let again = records(&out_file2);
     let c = again.iter().find(|r| r["kind"] == "case").unwrap();
     assert_eq!(c["answer"], full["answer"]);
+
+    // Teacher forcing on the same case: every mode is fed full attention's answer; full against
+    // itself agrees exactly, and a wave config from a file that retrieves every cluster differs
+    // only by float rounding.
+    let all = dir.path().join("everything.toml");
+    std::fs::write(&all, "min_retrieval_clusters = 100000\n").unwrap();
+    let out_file3 = dir.path().join("eval3.jsonl");
+    let out = run(&[
+        "eval",
+        "--data",
+        cases_file.to_str().unwrap(),
+        "--attention",
+        &format!("full,full,wave={},wave:published", all.display()),
+        "--teacher-forced",
+        "--out",
+        out_file3.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let forced = records(&out_file3);
+    let cases: Vec<_> = forced.iter().filter(|r| r["kind"] == "case").collect();
+    assert_eq!(cases.len(), 4, "{forced:?}");
+    for (r, label) in cases
+        .iter()
+        .zip(["full", "full", "wave:everything", "wave:published"])
+    {
+        assert_eq!(r["attention"], label, "{r}");
+        assert_eq!(r["teacher_forced"], true, "{r}");
+        // Every mode carries the baseline's answer (whose ending may differ from the run
+        // above in float rounding: the batch holds four rows here).
+        assert_eq!(r["answer"], cases[0]["answer"], "{r}");
+        assert_eq!(
+            r["answer"].as_str().unwrap().trim(),
+            c["answer"].as_str().unwrap().trim()
+        );
+    }
+    let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap();
+    assert_eq!(f(cases[1], "top1_agreement"), 100.0);
+    assert_eq!(f(cases[1], "mean_kl"), 0.0);
+    assert!(f(cases[2], "top1_agreement") >= 90.0, "{}", cases[2]);
+    assert!(f(cases[2], "mean_kl") < 0.02, "{}", cases[2]);
+    assert!(f(cases[3], "mean_kl") > 0.0, "{}", cases[3]);
+    assert_eq!(f(cases[2], "exact_share"), 1.0, "{}", cases[2]);
+    let out = run(&["eval", "--attention", "full,wave=/nonexistent/w.toml"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("/nonexistent/w.toml"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use retrowave_core::AttentionMode;
 use retrowave_model::registry;
 use serde_json::json;
 
@@ -40,6 +39,8 @@ pub struct EvalArgs {
     #[arg(long)]
     data: Option<PathBuf>,
     /// Attention modes to compare, comma-separated; the first is the baseline of the gap.
+    /// `full`, `wave`, `wave:published`, or `wave=FILE.toml` for wave-index parameters from a
+    /// file (labelled `wave:<file stem>`).
     #[arg(long, value_delimiter = ',', default_value = "full,wave")]
     attention: Vec<String>,
     /// TOML file of wave-index parameters for the wave mode.
@@ -52,6 +53,11 @@ pub struct EvalArgs {
     /// steps of every case (slow: exact attention in f64 beside every wave step).
     #[arg(long, default_value_t = 0)]
     fidelity: usize,
+    /// Feed every mode the first mode's greedy answer and report, per mode, how often its most
+    /// likely next token agrees with the first mode's and the mean KL divergence from it: a
+    /// measure of an approximation's damage that does not hang on where greedy answers diverge.
+    #[arg(long)]
+    teacher_forced: bool,
     /// Tensor-parallel degree (CPU workers).
     #[arg(long, default_value_t = 1)]
     tp: usize,
@@ -67,11 +73,22 @@ pub struct EvalArgs {
 pub fn run(args: EvalArgs) -> Result<()> {
     let model = load::open(&args.model)?;
     let tok = model.tokenizer.clone();
-    let modes = args
-        .attention
-        .iter()
-        .map(|a| load::attention_mode(a, args.wave_config.as_deref()))
-        .collect::<Result<Vec<_>>>()?;
+    let mut modes = Vec::with_capacity(args.attention.len());
+    let mut names = Vec::with_capacity(args.attention.len());
+    for a in &args.attention {
+        if let Some(file) = a.strip_prefix("wave=") {
+            let path = std::path::Path::new(file);
+            modes.push(load::attention_mode("wave", Some(path))?);
+            let stem = path
+                .file_stem()
+                .map_or_else(|| file.to_string(), |s| s.to_string_lossy().into_owned());
+            names.push(format!("wave:{stem}"));
+        } else {
+            let mode = load::attention_mode(a, args.wave_config.as_deref())?;
+            names.push(mode.label());
+            modes.push(mode);
+        }
+    }
     if modes.is_empty() {
         bail!("--attention names no mode");
     }
@@ -132,6 +149,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         modes: modes.clone(),
         max_tokens: args.max_tokens,
         fidelity_steps: args.fidelity,
+        teacher_forced: args.teacher_forced,
     };
     let out = args
         .out
@@ -139,8 +157,6 @@ pub fn run(args: EvalArgs) -> Result<()> {
         .unwrap_or_else(|| run::default_out(&args.model));
     let device = cpu_device();
     let commit = commit();
-    let names: Vec<String> = modes.iter().map(AttentionMode::label).collect();
-    let wave_cfg = modes.iter().find_map(|m| m.wave().cloned());
     let bar = ProgressBar::new(cases.len() as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -148,7 +164,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut table = Table::new(&modes);
+    let mut table = Table::new(&names, args.teacher_forced);
     let mut fidelity = Vec::new();
     for (case, &n_tokens) in cases.iter().zip(&lens) {
         let r = run::run_case(&mut group, &tok, case, &settings, max_context)?;
@@ -165,6 +181,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 "length": length, "prompt_tokens": r.prompt_tokens, "depth": case.depth,
                 "seed": case.seed, "attention": mode, "score": a.score, "answer": a.text,
                 "expected": case.outputs, "answer_tokens": a.tokens, "case_seconds": r.seconds,
+                "top1_agreement": a.forced.map(|f| f.top1_percent()),
+                "mean_kl": a.forced.map(|f| f.mean_kl()),
+                "mean_nll": a.forced.map(|f| f.nll / f.steps.max(1) as f64),
+                "teacher_forced": args.teacher_forced,
                 "exact_share": a.wave.map(|w| w.exact_tokens as f64 / w.context_tokens.max(1) as f64),
                 "estimated_share": a.wave.map(|w| w.estimated_tokens as f64 / w.context_tokens.max(1) as f64),
                 "device": device, "commit": commit,
@@ -189,12 +209,16 @@ pub fn run(args: EvalArgs) -> Result<()> {
     println!("{}", table.render());
     let ts = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let mut records = Vec::new();
-    for (task, length, means, n) in table.rows() {
-        for (mode, mean) in names.iter().zip(&means) {
+    for row in table.rows() {
+        let cells = names.iter().zip(&modes).zip(&row.means).zip(&row.agreement);
+        for (((mode, m), mean), ag) in cells {
             records.push(json!({
-                "bench": "eval", "kind": "summary", "model": args.model, "task": task,
-                "length": length, "cases": n, "attention": mode, "score": mean,
-                "gap_vs_first": mean - means[0], "wave_config": wave_cfg.as_ref().map(|c| json!(c)),
+                "bench": "eval", "kind": "summary", "model": args.model, "task": row.task,
+                "length": row.length, "cases": row.cases, "attention": mode, "score": mean,
+                "gap_vs_first": mean - row.means[0], "wave_config": m.wave().map(|c| json!(c)),
+                "teacher_forced": args.teacher_forced,
+                "top1_agreement": args.teacher_forced.then(|| ag.top1_percent()),
+                "mean_kl": args.teacher_forced.then(|| ag.mean_kl()),
                 "device": device, "commit": commit, "timestamp": ts,
             }));
         }

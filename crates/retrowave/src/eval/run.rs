@@ -27,6 +27,55 @@ pub struct Answer {
     pub score: f64,
     pub tokens: usize,
     pub wave: Option<WaveStats>,
+    /// With teacher forcing: how this mode's next-token distributions agreed with the
+    /// baseline's (the first mode) along the baseline's answer.
+    pub forced: Option<Agreement>,
+}
+
+/// How one mode's next-token distributions compare with the baseline's along the baseline's
+/// greedy answer (teacher forcing): a measure of the damage an approximation does that does not
+/// depend on where a greedy answer first happens to diverge.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Agreement {
+    /// Answer positions compared.
+    pub steps: usize,
+    /// Positions where this mode's most likely token is the baseline's.
+    pub top1: usize,
+    /// Sum over positions of KL(baseline || this mode), in nats.
+    pub kl: f64,
+    /// Sum over positions of -log p(baseline's token) under this mode, in nats.
+    pub nll: f64,
+}
+
+impl Agreement {
+    /// Adds one position: the baseline's and this mode's logits.
+    fn add(&mut self, base: &[f32], mine: &[f32]) {
+        let lp = |l: &[f32]| {
+            let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let z = l.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
+            l.iter().map(|&x| x as f64 - z).collect::<Vec<f64>>()
+        };
+        let (p, q) = (lp(base), lp(mine));
+        let token = argmax(base) as usize;
+        self.steps += 1;
+        self.top1 += usize::from(argmax(mine) as usize == token);
+        self.kl += p
+            .iter()
+            .zip(&q)
+            .map(|(&a, &b)| if a > -60.0 { a.exp() * (a - b) } else { 0.0 })
+            .sum::<f64>();
+        self.nll -= q.get(token).copied().unwrap_or(f64::NEG_INFINITY);
+    }
+
+    /// Share of positions whose top token agrees, in percent.
+    pub fn top1_percent(&self) -> f64 {
+        100.0 * self.top1 as f64 / self.steps.max(1) as f64
+    }
+
+    /// Mean KL divergence per position.
+    pub fn mean_kl(&self) -> f64 {
+        self.kl / self.steps.max(1) as f64
+    }
 }
 
 /// Everything one case produced.
@@ -47,6 +96,9 @@ pub struct EvalSettings {
     pub max_tokens: usize,
     /// Record fidelity samples over the first `fidelity_steps` decode steps of the wave mode.
     pub fidelity_steps: usize,
+    /// Feed every mode the first mode's greedy answer and compare their next-token
+    /// distributions with its ([`Answer::forced`]); the answers are then all the first mode's.
+    pub teacher_forced: bool,
 }
 
 /// Runs `case` in every mode of `settings`.
@@ -111,6 +163,7 @@ pub fn run_case(
             done[i] = finished(tok, g, settings.max_tokens);
         }
         let mut fidelity = Vec::new();
+        let mut forced = vec![Agreement::default(); n_modes];
         let mut step = 0;
         while done.iter().any(|d| !d) {
             let live: Vec<usize> = (0..n_modes).filter(|&i| !done[i]).collect();
@@ -133,9 +186,21 @@ pub fn run_case(
             let rows: Vec<usize> = (0..live.len()).collect();
             let logits = group.forward(&tokens, &batch, &rows)?;
             let vocab = group.vocab();
-            for (r, &i) in live.iter().enumerate() {
-                generated[i].push(argmax(&logits[r * vocab..(r + 1) * vocab]));
-                done[i] = finished(tok, &generated[i], settings.max_tokens);
+            if settings.teacher_forced {
+                // Every mode is live until the baseline (row 0) finishes.
+                let base = &logits[..vocab];
+                let next = argmax(base);
+                for (r, &i) in live.iter().enumerate() {
+                    forced[i].add(base, &logits[r * vocab..(r + 1) * vocab]);
+                    generated[i].push(next);
+                }
+                let end = finished(tok, &generated[0], settings.max_tokens);
+                done.iter_mut().for_each(|d| *d = end);
+            } else {
+                for (r, &i) in live.iter().enumerate() {
+                    generated[i].push(argmax(&logits[r * vocab..(r + 1) * vocab]));
+                    done[i] = finished(tok, &generated[i], settings.max_tokens);
+                }
             }
             step += 1;
             if step == settings.fidelity_steps {
@@ -166,6 +231,7 @@ pub fn run_case(
                 text,
                 tokens: g.len(),
                 wave,
+                forced: settings.teacher_forced.then_some(forced[i]),
             });
         }
         Ok(CaseResult {
@@ -195,16 +261,48 @@ fn finished(tok: &Tokenizer, ids: &[u32], max_tokens: usize) -> bool {
 /// Mean scores per (task, length, mode) over cases.
 #[derive(Debug, Default)]
 pub struct Table {
-    /// (task, length) -> per mode (sum of scores, cases).
-    cells: BTreeMap<(String, usize), Vec<(f64, usize)>>,
+    /// (task, length) -> per mode.
+    cells: BTreeMap<(String, usize), Vec<Cell>>,
     modes: Vec<String>,
+    forced: bool,
+}
+
+/// Sums over the cases of one (task, length, mode).
+#[derive(Debug, Default, Clone, Copy)]
+struct Cell {
+    score: f64,
+    cases: usize,
+    agreement: Agreement,
+}
+
+/// One row of a [`Table`]: a (task, length) with its means per mode.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub task: String,
+    pub length: usize,
+    /// Mean score per mode.
+    pub means: Vec<f64>,
+    pub cases: usize,
+    /// Agreement with the first mode, summed over cases, per mode (teacher forcing).
+    pub agreement: Vec<Agreement>,
+}
+
+impl Agreement {
+    fn merge(&mut self, o: &Agreement) {
+        self.steps += o.steps;
+        self.top1 += o.top1;
+        self.kl += o.kl;
+        self.nll += o.nll;
+    }
 }
 
 impl Table {
-    pub fn new(modes: &[AttentionMode]) -> Self {
+    /// A table of the modes labelled `labels`; `forced` for teacher-forced runs.
+    pub fn new(labels: &[String], forced: bool) -> Self {
         Table {
             cells: BTreeMap::new(),
-            modes: modes.iter().map(AttentionMode::label).collect(),
+            modes: labels.to_vec(),
+            forced,
         }
     }
 
@@ -212,45 +310,73 @@ impl Table {
         let row = self
             .cells
             .entry((task.to_string(), length))
-            .or_insert_with(|| vec![(0.0, 0); self.modes.len()]);
+            .or_insert_with(|| vec![Cell::default(); self.modes.len()]);
         for (cell, a) in row.iter_mut().zip(&result.answers) {
-            cell.0 += a.score;
-            cell.1 += 1;
+            cell.score += a.score;
+            cell.cases += 1;
+            if let Some(f) = &a.forced {
+                cell.agreement.merge(f);
+            }
         }
     }
 
-    /// Rows of (task, length, mean score per mode).
-    pub fn rows(&self) -> Vec<(String, usize, Vec<f64>, usize)> {
+    /// The rows, by task and length.
+    pub fn rows(&self) -> Vec<Row> {
         self.cells
             .iter()
-            .map(|((task, len), cells)| {
-                let means = cells
+            .map(|((task, len), cells)| Row {
+                task: task.clone(),
+                length: *len,
+                means: cells
                     .iter()
-                    .map(|&(s, n)| if n > 0 { s / n as f64 } else { 0.0 })
-                    .collect();
-                let n = cells.first().map_or(0, |c| c.1);
-                (task.clone(), *len, means, n)
+                    .map(|c| c.score / c.cases.max(1) as f64)
+                    .collect(),
+                cases: cells.first().map_or(0, |c| c.cases),
+                agreement: cells.iter().map(|c| c.agreement).collect(),
             })
             .collect()
     }
 
-    /// The table as text, with the gap of each mode to the first.
+    /// The table as text: scores and the gap of each mode to the first, or with teacher forcing
+    /// each mode's top-1 agreement with the first (percent) and mean KL divergence (millinats).
     pub fn render(&self) -> String {
         let mut s = format!("{:<20} {:>7} {:>6}", "task", "length", "cases");
-        for m in &self.modes {
-            s.push_str(&format!(" {m:>8}"));
-        }
-        for m in self.modes.iter().skip(1) {
-            s.push_str(&format!(" {:>10}", format!("{m}-{}", self.modes[0])));
+        if self.forced {
+            for m in self.modes.iter().skip(1) {
+                s.push_str(&format!(" {:>22}", format!("{m} top1%/mKL")));
+            }
+        } else {
+            for m in &self.modes {
+                s.push_str(&format!(" {m:>8}"));
+            }
+            for m in self.modes.iter().skip(1) {
+                s.push_str(&format!(" {:>10}", format!("{m}-{}", self.modes[0])));
+            }
         }
         s.push('\n');
-        for (task, len, means, n) in self.rows() {
+        for Row {
+            task,
+            length: len,
+            means,
+            cases: n,
+            agreement: agree,
+        } in self.rows()
+        {
             s.push_str(&format!("{task:<20} {len:>7} {n:>6}"));
-            for m in &means {
-                s.push_str(&format!(" {m:>8.1}"));
-            }
-            for m in means.iter().skip(1) {
-                s.push_str(&format!(" {:>+10.1}", m - means[0]));
+            if self.forced {
+                for a in agree.iter().skip(1) {
+                    s.push_str(&format!(
+                        " {:>22}",
+                        format!("{:.1}/{:.1}", a.top1_percent(), 1000.0 * a.mean_kl())
+                    ));
+                }
+            } else {
+                for m in &means {
+                    s.push_str(&format!(" {m:>8.1}"));
+                }
+                for m in means.iter().skip(1) {
+                    s.push_str(&format!(" {:>+10.1}", m - means[0]));
+                }
             }
             s.push('\n');
         }
