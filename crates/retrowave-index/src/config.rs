@@ -146,13 +146,13 @@ impl WaveConfig {
         }
     }
 
-    /// retrowave's defaults: the published parameters with a retrieval budget of at least 32
-    /// clusters that grows (up to 2.5% of the clusters) until it covers 90% of the clusters'
-    /// estimated attention mass (see the README's accuracy section for the measurements behind
-    /// the values).
+    /// retrowave's defaults: the published parameters with a retrieval budget of at least 64
+    /// clusters (1024 tokens exact: what short contexts need, negligible at 128K) that grows (up
+    /// to 2.5% of the clusters) until it covers 90% of the clusters' estimated attention mass
+    /// (see the README's accuracy section for the measurements behind the values).
     pub const fn retrowave() -> Self {
         let mut c = Self::published();
-        c.min_retrieval_clusters = 32;
+        c.min_retrieval_clusters = 64;
         c.retrieval_mass = 0.9;
         c.max_retrieval_fraction = 0.025;
         c
@@ -494,9 +494,11 @@ mod tests {
         assert_eq!(WaveConfig::preset("published"), Some(published.clone()));
         assert_eq!(WaveConfig::preset("nope"), None);
         // Few clusters: the minimum applies.
-        assert_eq!(rw.step_budgets(100, 0, &[1.0; 100]).retrieval, 32);
+        assert_eq!(rw.step_budgets(100, 0, &[1.0; 100]).retrieval, 64);
         // Flat scores: 90% of the mass needs 900 clusters, capped at 2.5% = 25.
-        assert_eq!(rw.step_budgets(1000, 0, &scores).retrieval, 32);
+        assert_eq!(rw.step_budgets(1000, 0, &scores).retrieval, 64);
+        // ... and with more clusters the cap is above the minimum: 2.5% of 8192 = 205.
+        assert_eq!(rw.step_budgets(8192, 0, &vec![1.0; 8192]).retrieval, 205);
         let cfg = WaveConfig {
             min_retrieval_clusters: 0,
             ..rw.clone()

@@ -115,7 +115,8 @@ pub enum BenchCommand {
         /// Timed wave steps (default: --runs), e.g. many more to profile the wave path.
         #[arg(long)]
         wave_runs: Option<usize>,
-        /// TOML file of wave-index parameters (published defaults otherwise).
+        /// TOML file of wave-index parameters (retrowave's defaults otherwise; keys not given keep
+        /// them).
         #[arg(long)]
         wave_config: Option<PathBuf>,
         /// JSON-lines file to append to (default bench/results/attention-cpu.jsonl).
