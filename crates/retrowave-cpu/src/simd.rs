@@ -148,6 +148,35 @@ pub fn exp_inplace(xs: &mut [f32]) {
     }
 }
 
+/// `dst[i] = exp(src[i] - shift)` (as [`exp_inplace`]), returning the sum of `dst`: one pass
+/// for what a subtraction, an exponential and a sum would read three times.
+#[inline]
+pub fn exp_shift_sum(src: &[f32], shift: f32, dst: &mut [f32]) -> f32 {
+    let n = src.len().min(dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: AVX2 and FMA are available.
+        return unsafe { avx2::exp_shift_sum(&src[..n], shift, &mut dst[..n]) };
+    }
+    let mut sum = 0.0;
+    for (d, &x) in dst[..n].iter_mut().zip(&src[..n]) {
+        *d = exp_approx(x - shift);
+        sum += *d;
+    }
+    sum
+}
+
+/// The largest of `xs` (`-inf` for none; NaNs are ignored where the vector path runs).
+#[inline]
+pub fn max_f32(xs: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: AVX2 is available.
+        return unsafe { avx2::max_f32(xs) };
+    }
+    xs.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
 /// [`exp_inplace`] one value at a time with the scalar [`exp_approx`]: the prefill attention
 /// keeps these numerics (the vector version differs by an ulp, which the model's 8-bit
 /// activations amplify into logit changes past the golden tests' tolerance).
@@ -310,6 +339,49 @@ pub(crate) mod avx2 {
         );
         let y = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
         _mm256_and_ps(y, _mm256_cmp_ps(x, _mm256_set1_ps(-87.0), _CMP_GT_OQ))
+    }
+
+    /// See [`super::exp_shift_sum`]; `src` and `dst` have the same length.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn exp_shift_sum(src: &[f32], shift: f32, dst: &mut [f32]) -> f32 {
+        let n = src.len().min(dst.len());
+        let sh = _mm256_set1_ps(shift);
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n <= both lengths.
+            let x = unsafe { _mm256_loadu_ps(src.as_ptr().add(i)) };
+            let y = exp8(_mm256_sub_ps(x, sh));
+            unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(i), y) };
+            acc = _mm256_add_ps(acc, y);
+            i += 8;
+        }
+        let mut sum = hsum(acc);
+        for j in i..n {
+            dst[j] = super::exp_approx(src[j] - shift);
+            sum += dst[j];
+        }
+        sum
+    }
+
+    /// See [`super::max_f32`].
+    #[target_feature(enable = "avx2")]
+    pub(super) fn max_f32(xs: &[f32]) -> f32 {
+        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i + 8 <= xs.len() {
+            // SAFETY: i + 8 <= xs.len().
+            m = _mm256_max_ps(m, unsafe { _mm256_loadu_ps(xs.as_ptr().add(i)) });
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
+        let mut best = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for &x in &xs[i..] {
+            best = best.max(x);
+        }
+        best
     }
 
     #[inline]

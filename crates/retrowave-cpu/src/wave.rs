@@ -636,20 +636,21 @@ fn update_layer(kv: &CpuKv, wave: &mut WaveKv, layer: usize) -> Result<(), Backe
     Ok(())
 }
 
-/// Folds the estimation clusters into `st`: `logits` is `[group, e]` (`q . c_i * scale` per query
-/// head), `sizes` their sizes and `means` their mean values (`value_sum / size`, f16). Each
-/// cluster's mean is read once for the whole group.
+/// Folds the estimation clusters into `st`: `logits` is `[group, e]`, the logits of each
+/// cluster's `|C_i|` copies of its centroid (`q . c_i * scale + ln |C_i|` per query head), and
+/// `means` their mean values (`value_sum / size`, f16). Each cluster's mean is read once for the
+/// whole group.
 #[inline(never)]
-fn estimate(st: &mut GroupState, logits: &[f32], sizes: &[f32], means: &[&[f16]]) {
+fn estimate(st: &mut GroupState, logits: &[f32], means: &[&[f16]]) {
     let group = st.m.len();
-    let (hd, e) = (st.acc.len() / group.max(1), sizes.len());
+    let (hd, e) = (st.acc.len() / group.max(1), means.len());
     if e == 0 {
         return;
     }
     let mut w = vec![0f32; group * e];
     for g in 0..group {
         let lg = &logits[g * e..(g + 1) * e];
-        let tmax = lg.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let tmax = simd::max_f32(lg);
         let mn = st.m[g].max(tmax);
         if mn == f32::NEG_INFINITY {
             continue;
@@ -662,16 +663,9 @@ fn estimate(st: &mut GroupState, logits: &[f32], sizes: &[f32], means: &[&[f16]]
         }
         st.l[g] *= corr;
         st.m[g] = mn;
-        let wg = &mut w[g * e..(g + 1) * e];
-        for (x, &l) in wg.iter_mut().zip(lg) {
-            *x = l - mn;
-        }
-        simd::exp_inplace(wg);
-        // weight of the cluster's |C_i| copies: size * w; the mean value carries size.
-        for (x, &size) in wg.iter_mut().zip(sizes) {
-            *x *= size;
-        }
-        st.l[g] += wg.iter().sum::<f32>();
+        // w = |C_i| exp(q . c_i * scale - mn): the weight of the cluster's copies, whose mean
+        // value stands for their sum over |C_i|.
+        st.l[g] += simd::exp_shift_sum(lg, mn, &mut w[g * e..(g + 1) * e]);
     }
     #[cfg(target_arch = "x86_64")]
     if hd.is_multiple_of(8)
@@ -842,27 +836,26 @@ fn score(
     let (logits, scores, e) = (&s.logits, &mut s.scores, &mut s.e);
     scores.clear();
     scores.resize(n, 0.0);
-    e.clear();
+    // Every element of `e` is written before it is read.
     e.resize(n, 0.0);
     for g in 0..group {
         let lg = &logits[g * n..(g + 1) * n];
-        let max = lg.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = simd::max_f32(lg);
         if max == f32::NEG_INFINITY {
             continue;
         }
-        if by_size {
-            // Softmax over q.c_i + ln|C_i|: the estimated mass of each cluster.
-            for ((ev, &x), &ln) in e.iter_mut().zip(lg).zip(&head.ln_sizes) {
-                *ev = x + ln;
-            }
-            let max = e.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            for ev in e.iter_mut() {
-                *ev -= max;
-            }
-        } else {
-            for (ev, &x) in e.iter_mut().zip(lg) {
-                *ev = x - max;
-            }
+        if !by_size {
+            let z = simd::exp_shift_sum(lg, max, e);
+            simd::axpy(scores, 1.0 / z, e);
+            continue;
+        }
+        // Softmax over q.c_i + ln|C_i|: the estimated mass of each cluster.
+        for ((ev, &x), &ln) in e.iter_mut().zip(lg).zip(&head.ln_sizes) {
+            *ev = x + ln;
+        }
+        let max = simd::max_f32(e);
+        for ev in e.iter_mut() {
+            *ev -= max;
         }
         simd::exp_inplace(e);
         let z: f32 = e.iter().sum();
@@ -949,28 +942,29 @@ pub fn decode(
             clock.lap(2);
             stats.exact_tokens += stats.steady_tokens;
             let n = head.index.n_clusters();
-            let sizes: Vec<f32> = plan
-                .estimation
-                .iter()
-                .map(|&c| head.index.sizes()[c as usize] as f32)
-                .collect();
             let means: Vec<&[f16]> = plan
                 .estimation
                 .iter()
                 .map(|&c| &head.value_means[c as usize * hd..(c as usize + 1) * hd])
                 .collect();
             let e = plan.estimation.len();
+            // The logits of the cluster's |C_i| copies: q . c_i * scale + ln |C_i|.
             let mut lg = vec![0f32; group * e];
             for g in 0..group {
+                let lgg = &logits[g * n..(g + 1) * n];
                 for (x, &c) in lg[g * e..(g + 1) * e].iter_mut().zip(&plan.estimation) {
-                    *x = logits[g * n + c as usize];
+                    *x = lgg[c as usize] + head.ln_sizes[c as usize];
                 }
             }
-            estimate(&mut st, &lg, &sizes, &means);
+            estimate(&mut st, &lg, &means);
             clock.lap(3);
             stats.retrieval_clusters = plan.retrieval.len() as u64;
             stats.estimation_clusters = plan.estimation.len() as u64;
-            stats.estimated_tokens = sizes.iter().map(|&s| s as u64).sum();
+            stats.estimated_tokens = plan
+                .estimation
+                .iter()
+                .map(|&c| u64::from(head.index.sizes()[c as usize]))
+                .sum();
             stats.bytes_read = (head.codes.len()
                 + n * 4 * 2
                 + stats.exact_tokens as usize * hd * 4

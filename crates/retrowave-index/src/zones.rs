@@ -191,6 +191,10 @@ fn plan_from_ranked(
     })
 }
 
+/// Top key bits of the candidate histogram of [`plan_step`]: for positive scores the sign, the
+/// exponent and 3 mantissa bits (buckets an eighth of an octave wide).
+const HIST_BITS: u32 = 12;
+
 /// The plan of one decode step under `cfg`: the same plan as
 /// `plan_zones_with_budgets(index, scores, index.step_budgets(cfg, scores), n_tokens)`, found
 /// with less work. The clusters that could be in any zone (the top `cap + estimation` by score,
@@ -207,31 +211,42 @@ pub fn plan_step(
     let (base, updates) = (index.base_clusters(), index.updates());
     let fixed = cfg.fixed_step_budgets(base, updates);
     let cap = cfg.adaptive_cap(base, updates);
-    // Non-empty clusters (in id order) with their keys, compacted without branches.
+    // One pass over every cluster: the non-empty ones (in id order) with their keys, compacted
+    // without branches; the live count and total; whether any score is unusual; and a histogram
+    // of the keys' top bits (for live scores: the exponent and 3 mantissa bits), which bounds
+    // the candidates before the exact selection over far fewer keys.
     let n = scores.len();
     let mut ids = vec![0u32; n];
     let mut keys = vec![0u32; n];
+    let mut hist = vec![0u32; 1 << HIST_BITS];
     let mut w = 0;
+    // Summed as `config::live_total` sums (four interleaved lanes, the tail in the first), so
+    // the total and the adaptive budget are bit-for-bit the reference's.
+    let mut sums = [0f64; 4];
+    let whole = n - n % 4;
+    let mut live = 0usize;
+    let mut unusual = u32::try_from(n).is_err();
     for (c, (&s, &size)) in scores.iter().zip(index.sizes()).enumerate() {
+        let k = select::order_key(s);
         ids[w] = c as u32;
-        keys[w] = select::order_key(s);
-        w += usize::from(size > 0);
+        keys[w] = k;
+        let filled = size > 0;
+        w += usize::from(filled);
+        hist[(k >> (32 - HIST_BITS)) as usize] += u32::from(filled);
+        let is_live = s.is_finite() && s > 0.0;
+        live += usize::from(is_live);
+        sums[if c < whole { c & 3 } else { 0 }] += if is_live { f64::from(s) } else { 0.0 };
+        // Scores that rank above every finite one (NaN, +inf) or live scores on empty clusters:
+        // the candidates might not hold the top live scores; take the general path.
+        unusual |= s.is_nan() || s == f32::INFINITY || (!filled && s > 0.0);
     }
-    ids.truncate(w);
-    keys.truncate(w);
-    let (live, total) = crate::config::live_total(scores);
-    // Scores that rank above every finite one (NaN, +inf), live scores on empty clusters or
-    // more clusters than u32 ids: the candidates might not hold the top live scores; take the
-    // general path.
-    let unusual = u32::try_from(n).is_err()
-        || scores
-            .iter()
-            .zip(index.sizes())
-            .any(|(&s, &size)| s.is_nan() || s == f32::INFINITY || (size == 0 && s > 0.0));
+    let total = (sums[0] + sums[1]) + (sums[2] + sums[3]);
     if unusual {
         let budgets = index.step_budgets(cfg, scores);
         return plan_zones_with_budgets(index, scores, budgets, n_tokens);
     }
+    ids.truncate(w);
+    keys.truncate(w);
     let n_live = ids.len();
     let most = cap
         .unwrap_or(0)
@@ -240,6 +255,26 @@ pub fn plan_step(
     let m_max = most.min(ids.len());
     // The candidates, in id order (ties at the threshold: the lowest ids, as the ranking has it).
     if m_max < ids.len() {
+        // Every key of the top `m_max` lies in the histogram buckets from `floor` up: keep only
+        // those, then select exactly among them.
+        let mut floor = hist.len() - 1;
+        let mut seen = hist[floor] as usize;
+        while seen < m_max && floor > 0 {
+            floor -= 1;
+            seen += hist[floor] as usize;
+        }
+        if floor > 0 {
+            let low = (floor as u32) << (32 - HIST_BITS);
+            let mut w = 0;
+            for i in 0..ids.len() {
+                let k = keys[i];
+                ids[w] = ids[i];
+                keys[w] = k;
+                w += usize::from(k >= low);
+            }
+            ids.truncate(w);
+            keys.truncate(w);
+        }
         let (t, above) = select::kth_largest(&keys, m_max).unwrap_or((u32::MAX, 0));
         let mut ties = m_max - above;
         let mut w = 0;
