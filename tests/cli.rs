@@ -190,8 +190,12 @@ fn wave_attention_answers_a_2k_needle_question_as_dense_attention_does() {
         "{full}\n{wave}"
     );
     assert_eq!(wave["score"], 100.0);
+    // At 2K the default's 64 retrieval clusters (1024 tokens) and the steady zone are a little
+    // over half the context; a fifth more is estimated from cluster summaries, the rest skipped.
     let share = wave["exact_share"].as_f64().unwrap();
-    assert!(share > 0.0 && share < 0.5, "{wave}");
+    assert!(share > 0.0 && share < 0.6, "{wave}");
+    let estimated = wave["estimated_share"].as_f64().unwrap();
+    assert!(estimated > 0.1 && share + estimated < 0.9, "{wave}");
     // The table and the fidelity summary are printed; fidelity records are written per head.
     let stdout = text(&out.stdout);
     assert!(
