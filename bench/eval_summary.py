@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Summarise `retrowave eval` records: mean score per (task, length, attention) over the case
 records (all runs in the file), the gap to full attention, and per-attention fidelity means.
+Teacher-forced records (`--teacher-forced`, whose answers are all the baseline's) are summarised
+apart: top-1 agreement and mean KL divergence from the baseline per (task, length, attention).
 
 usage: python3 bench/eval_summary.py bench/results/eval-smollm2-135m.jsonl [...]
 """
@@ -11,12 +13,26 @@ from collections import defaultdict
 
 for path in sys.argv[1:]:
     rows = [json.loads(l) for l in open(path) if l.strip()]
-    cases = [r for r in rows if r.get("kind") == "case"]
+    forced = [r for r in rows if r.get("kind") == "case" and r.get("teacher_forced")]
+    cases = [r for r in rows if r.get("kind") == "case" and not r.get("teacher_forced")]
     modes = sorted({r["attention"] for r in cases}, key=lambda m: (m != "full", m))
     cells = defaultdict(list)
     for r in cases:
         cells[(r["task"], r["length"], r["attention"])].append(r["score"])
     print(f"## {path}")
+    agree = defaultdict(list)
+    for r in forced:
+        if r.get("mean_kl") is not None and r["attention"] != "full":
+            agree[(r["task"], r["length"], r["attention"])].append((r["top1_agreement"], r["mean_kl"]))
+    if agree:
+        print("| task | length | attention | cases | top-1 agreement % (mean over cases) | KL millinats (mean over cases) |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for (task, length, m), v in sorted(agree.items()):
+            print(f"| {task} | {length} | {m} | {len(v)} | {statistics.mean(a for a, _ in v):.1f} | "
+                  f"{1000 * statistics.mean(k for _, k in v):.1f} |")
+        print()
+    if not cases:
+        continue
     print("| task | length | cases | " + " | ".join(modes) + " | " +
           " | ".join(f"{m} - full" for m in modes if m != "full") + " |")
     print("|" + " --- |" * (3 + 2 * len(modes) - 1))
