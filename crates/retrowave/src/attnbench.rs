@@ -209,6 +209,7 @@ pub fn run(
                 "speedup_vs_full": dense / secs, "synthetic_kv": true,
                 "index_build_seconds": if mode == "wave" { Some(build) } else { None },
                 "exact_token_share": if mode == "wave" { Some(exact_share) } else { None },
+                "wave_config": if mode == "wave" { Some(json!(wave)) } else { None },
                 "wave_phase_cpu_us": if mode == "wave" { Some(json!({"score": phase_us[0], "select": phase_us[1], "exact": phase_us[2], "estimate": phase_us[3]})) } else { None },
                 "runs": if mode == "wave" { wave_runs.unwrap_or(runs) } else { runs }, "threads": threads, "device": device, "commit": commit, "timestamp": ts,
             }));
