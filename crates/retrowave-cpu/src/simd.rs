@@ -153,15 +153,38 @@ pub fn exp_inplace(xs: &mut [f32]) {
 #[inline]
 pub fn exp_shift_sum(src: &[f32], shift: f32, dst: &mut [f32]) -> f32 {
     let n = src.len().min(dst.len());
+    // SAFETY: both pointers are valid for `n` elements.
+    unsafe { exp_shift_sum_raw(src.as_ptr(), dst.as_mut_ptr(), n, shift) }
+}
+
+/// [`exp_shift_sum`] in place: `xs[i] = exp(xs[i] - shift)`, returning their sum.
+#[inline]
+pub fn exp_shift_sum_inplace(xs: &mut [f32], shift: f32) -> f32 {
+    let p = xs.as_mut_ptr();
+    // SAFETY: `p` is valid for `xs.len()` elements; each element is read before it is written.
+    unsafe { exp_shift_sum_raw(p, p, xs.len(), shift) }
+}
+
+/// The body of [`exp_shift_sum`] over `n` elements of `src` into `dst`, which may be the same
+/// memory (element `i` is read before element `i` is written, and no other element between).
+///
+/// # Safety
+/// `src` must be readable and `dst` writable for `n` f32s.
+#[inline]
+unsafe fn exp_shift_sum_raw(src: *const f32, dst: *mut f32, n: usize, shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
-        // SAFETY: AVX2 and FMA are available.
-        return unsafe { avx2::exp_shift_sum(&src[..n], shift, &mut dst[..n]) };
+        // SAFETY: AVX2 and FMA are available; the caller vouches for the pointers.
+        return unsafe { avx2::exp_shift_sum(src, dst, n, shift) };
     }
     let mut sum = 0.0;
-    for (d, &x) in dst[..n].iter_mut().zip(&src[..n]) {
-        *d = exp_approx(x - shift);
-        sum += *d;
+    for i in 0..n {
+        // SAFETY: i < n, inside both buffers.
+        unsafe {
+            let y = exp_approx(*src.add(i) - shift);
+            *dst.add(i) = y;
+            sum += y;
+        }
     }
     sum
 }
@@ -341,25 +364,33 @@ pub(crate) mod avx2 {
         _mm256_and_ps(y, _mm256_cmp_ps(x, _mm256_set1_ps(-87.0), _CMP_GT_OQ))
     }
 
-    /// See [`super::exp_shift_sum`]; `src` and `dst` have the same length.
+    /// See [`super::exp_shift_sum_raw`] (whose safety contract the caller keeps).
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn exp_shift_sum(src: &[f32], shift: f32, dst: &mut [f32]) -> f32 {
-        let n = src.len().min(dst.len());
+    pub(super) unsafe fn exp_shift_sum(
+        src: *const f32,
+        dst: *mut f32,
+        n: usize,
+        shift: f32,
+    ) -> f32 {
         let sh = _mm256_set1_ps(shift);
         let mut acc = _mm256_setzero_ps();
         let mut i = 0;
         while i + 8 <= n {
-            // SAFETY: i + 8 <= n <= both lengths.
-            let x = unsafe { _mm256_loadu_ps(src.as_ptr().add(i)) };
-            let y = exp8(_mm256_sub_ps(x, sh));
-            unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(i), y) };
+            // SAFETY: i + 8 <= n, inside both buffers; the load precedes the store.
+            let y = exp8(_mm256_sub_ps(unsafe { _mm256_loadu_ps(src.add(i)) }, sh));
+            unsafe { _mm256_storeu_ps(dst.add(i), y) };
             acc = _mm256_add_ps(acc, y);
             i += 8;
         }
         let mut sum = hsum(acc);
-        for j in i..n {
-            dst[j] = super::exp_approx(src[j] - shift);
-            sum += dst[j];
+        while i < n {
+            // SAFETY: i < n.
+            unsafe {
+                let y = super::exp_approx(*src.add(i) - shift);
+                *dst.add(i) = y;
+                sum += y;
+            }
+            i += 1;
         }
         sum
     }

@@ -844,23 +844,17 @@ fn score(
         if max == f32::NEG_INFINITY {
             continue;
         }
-        if !by_size {
-            let z = simd::exp_shift_sum(lg, max, e);
-            simd::axpy(scores, 1.0 / z, e);
-            continue;
-        }
-        // Softmax over q.c_i + ln|C_i|: the estimated mass of each cluster.
-        for ((ev, &x), &ln) in e.iter_mut().zip(lg).zip(&head.ln_sizes) {
-            *ev = x + ln;
-        }
-        let max = simd::max_f32(e);
-        for ev in e.iter_mut() {
-            *ev -= max;
-        }
-        simd::exp_inplace(e);
-        let z: f32 = e.iter().sum();
-        let inv = 1.0 / z;
-        simd::axpy(scores, inv, e);
+        let z = if by_size {
+            // Softmax over q.c_i + ln|C_i|: the estimated mass of each cluster.
+            for ((ev, &x), &ln) in e.iter_mut().zip(lg).zip(&head.ln_sizes) {
+                *ev = x + ln;
+            }
+            let max = simd::max_f32(e);
+            simd::exp_shift_sum_inplace(e, max)
+        } else {
+            simd::exp_shift_sum(lg, max, e)
+        };
+        simd::axpy(scores, 1.0 / z, e);
     }
     for (s, &size) in scores.iter_mut().zip(sizes) {
         if size == 0 {

@@ -32,6 +32,18 @@ pub struct Answer {
     pub forced: Option<Agreement>,
 }
 
+/// `ln softmax(logits)` in f64.
+fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let m = f64::from(logits.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+    let z = logits
+        .iter()
+        .map(|&x| (f64::from(x) - m).exp())
+        .sum::<f64>()
+        .ln()
+        + m;
+    logits.iter().map(|&x| f64::from(x) - z).collect()
+}
+
 /// How one mode's next-token distributions compare with the baseline's along the baseline's
 /// greedy answer (teacher forcing): a measure of the damage an approximation does that does not
 /// depend on where a greedy answer first happens to diverge.
@@ -48,18 +60,13 @@ pub struct Agreement {
 }
 
 impl Agreement {
-    /// Adds one position: the baseline's and this mode's logits.
-    fn add(&mut self, base: &[f32], mine: &[f32]) {
-        let lp = |l: &[f32]| {
-            let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let z = l.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
-            l.iter().map(|&x| x as f64 - z).collect::<Vec<f64>>()
-        };
-        let (p, q) = (lp(base), lp(mine));
-        let token = argmax(base) as usize;
+    /// Adds one position: the baseline's log-probabilities ([`log_softmax`]) and chosen token,
+    /// and this mode's logits.
+    fn add(&mut self, base: &[f64], token: usize, mine: &[f32]) {
+        let q = log_softmax(mine);
         self.steps += 1;
         self.top1 += usize::from(argmax(mine) as usize == token);
-        self.kl += p
+        self.kl += base
             .iter()
             .zip(&q)
             .map(|(&a, &b)| if a > -60.0 { a.exp() * (a - b) } else { 0.0 })
@@ -188,10 +195,11 @@ pub fn run_case(
             let vocab = group.vocab();
             if settings.teacher_forced {
                 // Every mode is live until the baseline (row 0) finishes.
-                let base = &logits[..vocab];
-                let next = argmax(base);
+                let next = argmax(&logits[..vocab]);
+                // The baseline's distribution once per position, for every mode.
+                let base = log_softmax(&logits[..vocab]);
                 for (r, &i) in live.iter().enumerate() {
-                    forced[i].add(base, &logits[r * vocab..(r + 1) * vocab]);
+                    forced[i].add(&base, next as usize, &logits[r * vocab..(r + 1) * vocab]);
                     generated[i].push(next);
                 }
                 let end = finished(tok, &generated[0], settings.max_tokens);
