@@ -80,6 +80,7 @@ fn time_steps(
     heads: HeadLayout,
     ctx: usize,
     runs: usize,
+    layers: usize,
 ) -> Result<f64> {
     let qw = heads.n_heads * heads.head_dim;
     let kw = heads.n_kv_heads * heads.head_dim;
@@ -109,15 +110,19 @@ fn time_steps(
         }],
     };
     let mut times = Vec::new();
+    // Each step runs every layer in turn, as a decode step does: a layer's step then finds in
+    // the caches what the other layers left there, not its own data of the step before.
     for i in 0..runs + WARMUP_STEPS {
-        let t = Instant::now();
-        let out = b.run(|| b.attention(0, &q, &k, &v, &mut [&mut *kv], &batch, heads))?;
-        let dt = t.elapsed().as_secs_f64();
-        black_box(out);
-        b.kv_truncate(kv, ctx);
-        if i >= WARMUP_STEPS {
-            times.push(dt);
+        for layer in 0..layers {
+            let t = Instant::now();
+            let out = b.run(|| b.attention(layer, &q, &k, &v, &mut [&mut *kv], &batch, heads))?;
+            let dt = t.elapsed().as_secs_f64();
+            black_box(out);
+            if i >= WARMUP_STEPS {
+                times.push(dt);
+            }
         }
+        b.kv_truncate(kv, ctx);
     }
     Ok(median(times))
 }
@@ -129,8 +134,10 @@ pub fn run(
     runs: usize,
     wave_runs: Option<usize>,
     wave: &WaveConfig,
+    layers: usize,
     out: Option<PathBuf>,
 ) -> Result<()> {
+    let layers = layers.max(1);
     let b = CpuBackend::new();
     let threads = b.threads();
     eprintln!("measuring memory bandwidth ({threads} threads)...");
@@ -155,24 +162,27 @@ pub fn run(
     );
     let kw = heads.n_kv_heads * heads.head_dim;
     for &ctx in contexts {
-        let mut kv = b.new_kv(1, heads, ctx + 1)?;
+        let mut kv = b.new_kv(layers, heads, ctx + 1)?;
         let chunk = 4096;
-        let mut start = 0;
-        while start < ctx {
-            let n = chunk.min(ctx - start);
-            let (k, v) = synthetic_rows(start, n, kw, 1);
-            kv.write(0, start, &k, &v)?;
-            start += n;
+        for layer in 0..layers {
+            let mut start = 0;
+            while start < ctx {
+                let n = chunk.min(ctx - start);
+                let (k, v) = synthetic_rows(start, n, kw, 1 + layer as u64);
+                kv.write(layer, start, &k, &v)?;
+                start += n;
+            }
         }
         let dense_bytes = (ctx + 1) * kw * 2 * 2;
-        let dense = time_steps(&b, &mut kv, heads, ctx, runs)?;
+        let dense = time_steps(&b, &mut kv, heads, ctx, runs, layers)?;
         let t = Instant::now();
         b.kv_build_index(&mut kv, wave)?;
-        let build = t.elapsed().as_secs_f64();
+        // Per layer.
+        let build = t.elapsed().as_secs_f64() / layers as f64;
         let before = b.kv_wave_stats(&kv).unwrap_or_default();
         let phases0 = retrowave_cpu::wave::phase_nanos();
         retrowave_cpu::wave::set_phase_timing(true);
-        let sparse = time_steps(&b, &mut kv, heads, ctx, wave_runs.unwrap_or(runs))?;
+        let sparse = time_steps(&b, &mut kv, heads, ctx, wave_runs.unwrap_or(runs), layers)?;
         retrowave_cpu::wave::set_phase_timing(false);
         let phases1 = retrowave_cpu::wave::phase_nanos();
         let after = b.kv_wave_stats(&kv).unwrap_or_default();
@@ -180,7 +190,7 @@ pub fn run(
         let wave_bytes = (after.bytes_read - before.bytes_read) as f64 / steps as f64;
         // CPU time per step in each phase of the wave units, summed over the threads (the
         // warm-up steps of time_steps are in the sums too).
-        let timed_steps = (wave_runs.unwrap_or(runs) + WARMUP_STEPS) as f64;
+        let timed_steps = ((wave_runs.unwrap_or(runs) + WARMUP_STEPS) * layers) as f64;
         let phase_us: Vec<f64> = phases0
             .iter()
             .zip(&phases1)
@@ -206,7 +216,7 @@ pub fn run(
                 "n_heads": heads.n_heads, "n_kv_heads": heads.n_kv_heads, "head_dim": heads.head_dim,
                 "kv_dtype": "f16", "bytes_per_step": bytes, "gb_per_s": gbs,
                 "fraction_of_bandwidth": gbs / bw, "memory_bandwidth_gb_s": bw,
-                "speedup_vs_full": dense / secs, "synthetic_kv": true,
+                "speedup_vs_full": dense / secs, "synthetic_kv": true, "layers": layers,
                 "index_build_seconds": if mode == "wave" { Some(build) } else { None },
                 "exact_token_share": if mode == "wave" { Some(exact_share) } else { None },
                 "wave_config": if mode == "wave" { Some(json!(wave)) } else { None },

@@ -119,6 +119,11 @@ pub enum BenchCommand {
         /// them).
         #[arg(long)]
         wave_config: Option<PathBuf>,
+        /// Layers of KV (each its own data and index), attended in turn every step as in a
+        /// decode step, so that no layer finds its own data of the step before in the caches
+        /// (1: the same layer repeated, on warm caches).
+        #[arg(long, default_value_t = 4)]
+        layers: usize,
         /// JSON-lines file to append to (default bench/results/attention-cpu.jsonl).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -278,6 +283,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             runs,
             wave_runs,
             wave_config,
+            layers,
             out,
         } => {
             if kv_heads == 0 || heads % kv_heads != 0 || head_dim == 0 {
@@ -294,7 +300,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 n_kv_heads: kv_heads,
                 head_dim,
             };
-            crate::attnbench::run(&contexts, layout, runs, wave_runs, &wave, out)
+            crate::attnbench::run(&contexts, layout, runs, wave_runs, &wave, layers, out)
         }
         BenchCommand::Generate {
             model,
