@@ -113,6 +113,19 @@ __device__ __forceinline__ void decode_partial(const float* __restrict__ q, cons
   if (FUSED && begin >= end) return;  // nothing to write: the merge reads splits < nv only
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Before the wait: hint the first tiles' keys and values into L2, so that their HBM latency
+  // passes while the previous kernel finishes (a launch with programmatic serialization starts
+  // this CTA early). A prefetch into L2, the point of coherence, never reads stale data, even for
+  // the newest key that the previous kernel may still be writing.
+  if (begin < end) {
+    const bf16* kp = seq_k(sd, layer, n_kv, kvh, HD) + (size_t)begin * HD;
+    const bf16* vp = seq_v(sd, layer, n_kv, kvh, HD) + (size_t)begin * HD;
+    const int lines = (min(end - begin, (DEC_STAGES - 1) * TILE_T) * HD * 2 + 127) / 128;
+    for (int c = tid; c < lines; c += DEC_THREADS) {
+      asm volatile("prefetch.global.L2 [%0];\n" ::"l"(reinterpret_cast<const char*>(kp) + c * 128));
+      asm volatile("prefetch.global.L2 [%0];\n" ::"l"(reinterpret_cast<const char*>(vp) + c * 128));
+    }
+  }
   // Programmatic dependent launch: everything above reads only the step tables; q, the KV cache
   // and every output may belong to the previous kernel (no-op without the launch attribute).
   asm volatile("griddepcontrol.wait;\n" ::: "memory");

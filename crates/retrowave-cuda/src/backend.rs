@@ -61,6 +61,9 @@ const KERNELS: &[&str] = &[
     "attn_decode_fused_hd128",
     "attn_prefill_hd64",
     "attn_prefill_hd128",
+    "wave_logits_hd64",
+    "wave_logits_hd128",
+    "wave_select",
 ];
 
 /// A weight matrix on the GPU: bf16, `[rows = out features, cols = in features]`, row-major.
@@ -111,8 +114,11 @@ unsafe impl DeviceRepr for SeqDesc {}
 
 /// Threads of one flash-decoding CTA (4 warps, each owning 16 keys of every 64-key tile).
 pub const DECODE_THREADS: u32 = 128;
-/// Dynamic shared memory of one flash-decoding CTA (`DEC_SMEM`: 3 stages of 16 KB K + V tiles).
-pub const DECODE_SMEM: usize = 98304;
+/// Dynamic shared memory of one flash-decoding CTA (`DEC_SMEM`: [`compile::decode_stages`]
+/// stages of 16 KB K + 16 KB V tiles; 96 KB at the default 3).
+pub fn decode_smem() -> usize {
+    crate::compile::decode_stages() * 32768
+}
 
 /// The device tables of one step; see [`CudaBackend::step_tables`].
 pub struct StepTables {
@@ -200,6 +206,27 @@ unsafe impl Send for SendGraph {}
 /// Whether decode steps may run as CUDA graphs (`RETROWAVE_CUDA_GRAPHS=0` turns them off).
 fn graphs_enabled() -> bool {
     std::env::var("RETROWAVE_CUDA_GRAPHS").map_or(true, |v| v != "0")
+}
+
+/// CTAs per multiprocessor that the flash-decoding split aims at, when `RETROWAVE_DECODE_WAVES`
+/// sets it (an experiment: otherwise the measured rule of [`CudaBackend::decode_split`]).
+fn decode_waves() -> Option<usize> {
+    static W: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *W.get_or_init(|| {
+        std::env::var("RETROWAVE_DECODE_WAVES")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .map(|w| w.clamp(1, 16))
+    })
+}
+
+/// Whether flash-decoding is launched with programmatic stream serialization (PDL), so that its
+/// CTAs start, read the step tables and hint their first tiles into L2 while the previous kernel
+/// of the stream finishes: on (`RETROWAVE_PDL=0` turns it off; read once). Measured on an H200:
+/// random-weight Llama-3-8B decode at 32K 150.4-150.9 -> 154.2-154.5 tokens/s.
+pub fn pdl_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RETROWAVE_PDL").map_or(true, |v| v != "0"))
 }
 
 #[derive(Default)]
@@ -323,12 +350,13 @@ impl CudaBackend {
         };
         // Kernels that need more than the default 48 KB of dynamic shared memory.
         for (name, bytes) in [
-            ("attn_decode_partial_hd64", DECODE_SMEM),
-            ("attn_decode_partial_hd128", DECODE_SMEM),
-            ("attn_decode_fused_hd64", DECODE_SMEM),
-            ("attn_decode_fused_hd128", DECODE_SMEM),
+            ("attn_decode_partial_hd64", decode_smem()),
+            ("attn_decode_partial_hd128", decode_smem()),
+            ("attn_decode_fused_hd64", decode_smem()),
+            ("attn_decode_fused_hd128", decode_smem()),
             ("attn_prefill_hd64", prefill_smem_bytes(64)),
             ("attn_prefill_hd128", prefill_smem_bytes(128)),
+            ("wave_select", crate::wave::WAVE_SELECT_SMEM),
         ] {
             backend.set_max_dynamic_smem(name, bytes)?;
         }
@@ -534,6 +562,50 @@ impl CudaBackend {
         .map_err(CudaError::driver(format!("launch {name}")))
     }
 
+    /// [`Self::launch`] with programmatic stream serialization when `pdl` is set: the kernel may
+    /// start before the previous kernel of the stream has finished and must wait for it
+    /// (`griddepcontrol.wait`) before it reads anything that kernel writes.
+    pub(crate) fn launch_pdl(
+        &self,
+        name: &str,
+        cfg: LaunchConfig,
+        args: &mut [*mut c_void],
+        pdl: bool,
+    ) -> Result<(), CudaError> {
+        if !pdl {
+            return self.launch(name, cfg, args);
+        }
+        let f = self.function(name)?;
+        // SAFETY: a zeroed attribute is a valid bit pattern (plain C data); id and value are
+        // then set for the one attribute used.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.inner.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: as in `launch`; `config` and `attr` outlive the call.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                f.cu_function(),
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(CudaError::driver(format!("launch {name} (PDL)")))
+    }
+
     /// Raises a kernel's dynamic shared memory limit (needed above 48 KB).
     pub fn set_max_dynamic_smem(&self, name: &str, bytes: usize) -> Result<(), CudaError> {
         let f = self.function(name)?;
@@ -701,7 +773,12 @@ impl CudaBackend {
         // One CTA per SM for up to 1 GB of bf16 KV at hd 128 (n_kv * keys <= 2^21), two above:
         // measured best with the fused kernel on an H200 (32K b1-b8 and 128K b1-b8).
         let sms = self.inner.info.multiprocessors.max(1) as usize;
-        let waves = if n_kv * lens.iter().sum::<usize>() <= 1 << 21 {
+        // Two CTAs fit on a multiprocessor only with rings of up to 3 stages.
+        let waves = if let Some(w) = decode_waves() {
+            w * sms
+        } else if n_kv * lens.iter().sum::<usize>() <= 1 << 21
+            || crate::compile::decode_stages() > 3
+        {
             sms
         } else {
             2 * sms
@@ -905,12 +982,12 @@ impl CudaBackend {
             1.0 / (hd as f32).sqrt(),
         );
         let (mut a5, mut a6, mut a7, mut a8, mut a9) = (pop, plp, out, 0u64, t.d_counters);
-        self.launch(
+        self.launch_pdl(
             name,
             LaunchConfig {
                 grid_dim: (n_kv as u32, n_rows as u32, max_splits as u32),
                 block_dim: (DECODE_THREADS, 1, 1),
-                shared_mem_bytes: DECODE_SMEM as u32,
+                shared_mem_bytes: decode_smem() as u32,
             },
             &mut [
                 ptr_of(&mut a1),
@@ -929,6 +1006,7 @@ impl CudaBackend {
                 ptr_of(&mut a8),
                 ptr_of(&mut a9),
             ],
+            pdl_enabled(),
         )
     }
 

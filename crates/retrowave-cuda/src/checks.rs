@@ -325,7 +325,159 @@ fn run_inner(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
     for &(hd, nh, nkv) in &[(64usize, 9usize, 3usize), (128, 12, 2), (128, 32, 8)] {
         out.extend(check_attention(b, &mut rng, hd, nh, nkv)?);
     }
+    // Wave selection: GQA-summed cluster scores against an f64 reference, and the zones from
+    // those scores against a full sort (ties by id, empty clusters never chosen).
+    // (clusters, retrieval, estimation) per row: a long context, a short one where the budgets
+    // exceed the live clusters, and one of a single chunk; then a context too long for the keys
+    // to fit in shared memory.
+    let rows: &[(usize, usize, usize)] = &[(8192, 205, 1900), (300, 30, 300), (97, 5, 20)];
+    for &(hd, nh, nkv) in &[(128usize, 8usize, 2usize), (64, 14, 2), (128, 32, 8)] {
+        out.extend(check_wave_select(b, &mut rng, hd, nh, nkv, rows)?);
+    }
+    let rows: &[(usize, usize, usize)] = &[(41000, 738, 9500), (513, 40, 100)];
+    out.extend(check_wave_select(b, &mut rng, 128, 8, 2, rows)?);
     Ok(out)
+}
+
+/// One row of units per entry of `sizes` x KV heads: random bf16 centroids (every 11th a copy
+/// of the one before, so scores tie), every 37th cluster empty.
+fn check_wave_select(
+    b: &CudaBackend,
+    rng: &mut StdRng,
+    hd: usize,
+    nh: usize,
+    nkv: usize,
+    rows: &[(usize, usize, usize)],
+) -> Result<Vec<CheckResult>, String> {
+    use crate::wave::{WaveUnit, reference_split};
+    let e = |x: crate::CudaError| x.to_string();
+    let group = nh / nkv;
+    let mut cents: Vec<Vec<f32>> = Vec::new();
+    let mut lns: Vec<Vec<f32>> = Vec::new();
+    let mut keep = Vec::new();
+    let mut units = Vec::new();
+    for (row, &(n, r, est)) in rows.iter().enumerate() {
+        for _ in 0..nkv {
+            let mut c = rand_vec(rng, n * hd, 1.0);
+            for i in (11..n).step_by(11) {
+                let (a, bb) = c.split_at_mut(i * hd);
+                bb[..hd].copy_from_slice(&a[(i - 1) * hd..]);
+            }
+            let c: Vec<f32> = c.iter().map(|&x| bf16_round(x) as f32).collect();
+            let ln: Vec<f32> = (0..n)
+                .map(|i| {
+                    if i % 37 == 36 {
+                        f32::NEG_INFINITY
+                    } else {
+                        ((i % 29) as f32 + 1.0).ln()
+                    }
+                })
+                .collect();
+            let cb: Vec<bf16> = c.iter().map(|&x| bf16::from_f32(x)).collect();
+            let dc = b.upload(&cb).map_err(e)?;
+            let dl = b.upload(&ln).map_err(e)?;
+            units.push(WaveUnit {
+                centroids: crate::backend::dp(&dc),
+                ln_sizes: crate::backend::dp(&dl),
+                n_clusters: n as i32,
+                q_row: row as i32,
+                retrieval: r as i32,
+                estimation: est as i32,
+            });
+            keep.push((dc, dl));
+            cents.push(c);
+            lns.push(ln);
+        }
+    }
+    let q = rand_vec(rng, rows.len() * nh * hd, 2.0);
+    let dq = b.upload(&q).map_err(e)?;
+    let max_ids = rows.iter().map(|r| r.1 + r.2).max().unwrap_or(1);
+    let sel = b
+        .wave_select(&units, crate::backend::dp(&dq), nh, nkv, hd, max_ids)
+        .map_err(e)?;
+    let scores = b
+        .download(&sel.scores, units.len() * sel.max_clusters)
+        .map_err(e)?;
+    let ids = b.download(&sel.ids, units.len() * max_ids).map_err(e)?;
+    let counts = b.download(&sel.counts, units.len() * 2).map_err(e)?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let (mut gpu_s, mut ref_s) = (Vec::new(), Vec::new());
+    let mut mismatched = 0usize;
+    for (u, unit) in units.iter().enumerate() {
+        let n = unit.n_clusters as usize;
+        let kvh = u % nkv;
+        let row = unit.q_row as usize;
+        let live: Vec<bool> = lns[u].iter().map(|&l| l != f32::NEG_INFINITY).collect();
+        // Reference scores: per query head, the softmax over live clusters of scale * q . c.
+        let mut want = vec![0f64; n];
+        for g in 0..group {
+            let qg = &q[(row * nh + kvh * group + g) * hd..][..hd];
+            let l: Vec<f64> = (0..n)
+                .map(|c| {
+                    scale
+                        * cents[u][c * hd..(c + 1) * hd]
+                            .iter()
+                            .zip(qg)
+                            .map(|(&x, &y)| f64::from(x) * f64::from(y))
+                            .sum::<f64>()
+                })
+                .collect();
+            let m = (0..n)
+                .filter(|&c| live[c])
+                .map(|c| l[c])
+                .fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = (0..n).filter(|&c| live[c]).map(|c| (l[c] - m).exp()).sum();
+            for c in (0..n).filter(|&c| live[c]) {
+                want[c] += (l[c] - m).exp() / z;
+            }
+        }
+        let got = &scores[u * sel.max_clusters..u * sel.max_clusters + n];
+        for c in 0..n {
+            if live[c] {
+                gpu_s.push(got[c]);
+                ref_s.push(want[c]);
+            } else if got[c] != f32::NEG_INFINITY {
+                mismatched += 1;
+            }
+        }
+        // The zones from the GPU's own scores, exactly.
+        let (ret, est) = reference_split(
+            got,
+            &live,
+            unit.retrieval as usize,
+            unit.estimation as usize,
+        );
+        let (nr, ne) = (counts[2 * u] as usize, counts[2 * u + 1] as usize);
+        let list = &ids[u * max_ids..];
+        if nr != ret.len()
+            || ne != est.len()
+            || list[..nr] != ret[..]
+            || list[nr..nr + ne] != est[..]
+        {
+            mismatched += 1;
+        }
+    }
+    let res = compare(
+        format!(
+            "wave scores hd{hd} {nh}/{nkv} heads, {:?} clusters",
+            rows.iter().map(|r| r.0).collect::<Vec<_>>()
+        ),
+        &gpu_s,
+        &ref_s,
+        1e-4,
+    );
+    let zones = CheckResult {
+        name: format!(
+            "wave zones hd{hd} {nh}/{nkv} heads, {} rows (units with wrong lists)",
+            rows.len()
+        ),
+        rel_l2: mismatched as f64,
+        max_abs: mismatched as f64,
+        non_finite: 0,
+        tolerance: 0.0,
+        passed: mismatched == 0,
+    };
+    Ok(vec![res, zones])
 }
 
 fn reference_sample(logits: &[f32], p: &RowSampling) -> u32 {

@@ -37,6 +37,7 @@ pub const SOURCES: &[(&str, &str)] = &[
         "attention_prefill.cu",
         include_str!("../../../kernels/attention_prefill.cu"),
     ),
+    ("wave.cu", include_str!("../../../kernels/wave.cu")),
 ];
 
 /// Where compiled kernels are cached: `$RETROWAVE_KERNEL_CACHE`, else
@@ -115,7 +116,21 @@ pub fn options(arch: &str, include: &Path) -> Vec<String> {
         "--std=c++17".into(),
         "-lineinfo".into(),
         format!("-I{}", include.display()),
+        format!("-DDEC_STAGES={}", decode_stages()),
     ]
+}
+
+/// Depth of the flash-decoding kernel's cp.async ring of K/V tiles (`DEC_STAGES`): 3 unless
+/// `RETROWAVE_DECODE_STAGES` (2 to 6) says otherwise, read once. Deeper rings keep more bytes in
+/// flight per multiprocessor at the price of shared memory (32 KB a stage).
+pub fn decode_stages() -> usize {
+    static STAGES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *STAGES.get_or_init(|| {
+        std::env::var("RETROWAVE_DECODE_STAGES")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .map_or(3, |n| n.clamp(2, 6))
+    })
 }
 
 /// Compiles one source to a cubin (`as_ptx` false) or PTX.

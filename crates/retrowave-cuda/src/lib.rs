@@ -20,6 +20,7 @@ pub mod device;
 mod error;
 pub mod pinned;
 pub mod timing;
+pub mod wave;
 
 pub use backend::{CudaBackend, DevActs, DevKv, DevMatrix, DevVector};
 pub use device::{DeviceInfo, DeviceRequest, cuda_devices};

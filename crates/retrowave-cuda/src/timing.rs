@@ -46,6 +46,43 @@ pub fn time_us(
     Ok(out)
 }
 
+/// Runs `f` `warmup` times, then `reps` times back to back between two events, and returns the
+/// mean time per run in microseconds: nothing between the runs, as consecutive kernels of a
+/// decode step run.
+pub fn time_back_to_back_us(
+    stream: &CudaStream,
+    warmup: usize,
+    reps: usize,
+    mut f: impl FnMut() -> Result<(), CudaError>,
+) -> Result<f64, CudaError> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let ctx = stream.context();
+    let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let start = ctx
+        .new_event(flags)
+        .map_err(CudaError::driver("cuEventCreate"))?;
+    let end = ctx
+        .new_event(flags)
+        .map_err(CudaError::driver("cuEventCreate"))?;
+    start
+        .record(stream)
+        .map_err(CudaError::driver("cuEventRecord"))?;
+    for _ in 0..reps {
+        f()?;
+    }
+    end.record(stream)
+        .map_err(CudaError::driver("cuEventRecord"))?;
+    stream
+        .synchronize()
+        .map_err(CudaError::driver("cuStreamSynchronize"))?;
+    let ms = start
+        .elapsed_ms(&end)
+        .map_err(CudaError::driver("cuEventElapsedTime"))?;
+    Ok(ms as f64 * 1000.0 / reps.max(1) as f64)
+}
+
 /// The median of sorted values.
 pub fn median(sorted: &[f64]) -> f64 {
     if sorted.is_empty() {

@@ -33,6 +33,13 @@ pub enum BenchCommand {
         /// Timed decode steps per context.
         #[arg(long, default_value_t = 10)]
         steps: usize,
+        /// Only the ceilings and the decode attention kernel (e.g. to compare
+        /// `RETROWAVE_DECODE_STAGES` settings).
+        #[arg(long)]
+        decode_attention_only: bool,
+        /// Contexts of the decode attention kernel benchmark.
+        #[arg(long, default_value = "32768,131072", value_delimiter = ',')]
+        decode_contexts: Vec<usize>,
         #[arg(long, default_value = "bench/results/gpu.jsonl")]
         out: PathBuf,
     },
@@ -220,8 +227,18 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             shape,
             contexts,
             steps,
+            decode_attention_only,
+            decode_contexts,
             out,
-        } => crate::gpubench::run_gpu(&device, &shape, &contexts, steps, &out),
+        } => crate::gpubench::run_gpu(
+            &device,
+            &shape,
+            &contexts,
+            steps,
+            decode_attention_only,
+            &decode_contexts,
+            &out,
+        ),
         BenchCommand::Parity {
             model,
             golden,

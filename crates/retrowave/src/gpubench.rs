@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use retrowave_core::{Backend, BatchLayout, HeadLayout, RowSampling, SeqRows};
 use retrowave_cpu::CpuBackend;
 use retrowave_cuda::backend::dp;
-use retrowave_cuda::timing::{median, time_us};
+use retrowave_cuda::timing::{median, time_back_to_back_us, time_us};
 use retrowave_cuda::{CudaBackend, DevKv, checks};
 use retrowave_engine::WorkerGroup;
 use retrowave_model::arch::{ModelConfig, WeightSource};
@@ -161,7 +161,12 @@ fn decode_batch(batch: usize, start_pos: usize) -> BatchLayout {
     }
 }
 
-fn decode_attention_bench(b: &CudaBackend, ceil: &Ceilings, out: &Path) -> Result<Vec<String>> {
+fn decode_attention_bench(
+    b: &CudaBackend,
+    ceil: &Ceilings,
+    contexts: &[usize],
+    out: &Path,
+) -> Result<Vec<String>> {
     let (nh, nkv, hd) = L3_HEADS;
     let heads = HeadLayout {
         n_heads: nh,
@@ -169,7 +174,7 @@ fn decode_attention_bench(b: &CudaBackend, ceil: &Ceilings, out: &Path) -> Resul
         head_dim: hd,
     };
     let mut lines = Vec::new();
-    for &ctx in &[32768usize, 131072] {
+    for &ctx in contexts {
         for &batch in &[1usize, 2, 4, 8] {
             let mut kvs: Vec<DevKv> = Vec::new();
             for i in 0..batch {
@@ -190,6 +195,9 @@ fn decode_attention_bench(b: &CudaBackend, ceil: &Ceilings, out: &Path) -> Resul
                 b.decode_attention(&tables, 0, dp(&qd), dp(&o), nh, nkv, hd)
             })?;
             let us = median(&t);
+            let b2b = time_back_to_back_us(b.stream(), 5, 50, || {
+                b.decode_attention(&tables, 0, dp(&qd), dp(&o), nh, nkv, hd)
+            })?;
             let bytes = (batch * ctx * nkv * hd * 2 * 2) as f64;
             let gbs = bytes / (us * 1e-6) / 1e9;
             let pct = 100.0 * gbs / ceil.copy_gbs;
@@ -198,17 +206,75 @@ fn decode_attention_bench(b: &CudaBackend, ceil: &Ceilings, out: &Path) -> Resul
                 &json!({"bench": "gpu-decode-attention", "context": ctx, "batch": batch,
                         "heads": nh, "kv_heads": nkv, "head_dim": hd, "dtype": "bf16",
                         "split_tokens": tables.split, "splits": tables.max_splits,
+                        "decode_waves_env": std::env::var("RETROWAVE_DECODE_WAVES").ok(),
                         "us": us, "us_p10": t[t.len() / 10], "us_p90": t[t.len() * 9 / 10],
                         "kv_bytes": bytes, "gbs": gbs, "copy_gbs": ceil.copy_gbs,
                         "pct_of_copy": pct, "kv": "synthetic uniform random",
+                        "decode_stages": retrowave_cuda::compile::decode_stages(),
+                        "pdl": retrowave_cuda::backend::pdl_enabled(),
+                        "us_back_to_back": b2b,
+                        "gbs_back_to_back": bytes / (b2b * 1e-6) / 1e9,
                         "device": card(b), "commit": commit()}),
             )?;
             let line = format!(
-                "decode attn ctx {ctx:>6} batch {batch}: {us:>8.1} us  {gbs:>6.0} GB/s  {pct:>4.0}% of copy"
+                "decode attn ctx {ctx:>6} batch {batch}: {us:>8.1} us  {gbs:>6.0} GB/s  {pct:>4.0}% of copy; back to back {b2b:>8.1} us  {:>4.0}%",
+                100.0 * bytes / (b2b * 1e-6) / 1e9 / ceil.copy_gbs
             );
             println!("{line}");
             lines.push(line);
         }
+    }
+    Ok(lines)
+}
+
+/// Wave selection (scoring + zones) at the Llama-3-8B layer shape, 128K context (8192 clusters
+/// of 16 tokens per KV head; published budgets 205 + 1900 clusters), random bf16 centroids.
+fn wave_select_bench(b: &CudaBackend, out: &Path) -> Result<Vec<String>> {
+    use retrowave_cuda::wave::WaveUnit;
+    let (nh, nkv, hd) = L3_HEADS;
+    let clusters = 8192usize;
+    let mut lines = Vec::new();
+    let mut rng = StdRng::seed_from_u64(17);
+    let cent = b.alloc::<bf16>(clusters * hd * nkv)?;
+    b.fill_uniform(dp(&cent), clusters * hd * nkv, 3, 1.0)?;
+    let ln: Vec<f32> = (0..clusters)
+        .map(|i| ((i % 29) as f32 + 1.0).ln())
+        .collect();
+    let dln = b.upload(&ln)?;
+    for &batch in &[1usize, 8, 32] {
+        let units: Vec<WaveUnit> = (0..batch * nkv)
+            .map(|u| WaveUnit {
+                centroids: dp(&cent) + ((u % nkv) * clusters * hd * 2) as u64,
+                ln_sizes: dp(&dln),
+                n_clusters: clusters as i32,
+                q_row: (u / nkv) as i32,
+                retrieval: 205,
+                estimation: 1900,
+            })
+            .collect();
+        let qh: Vec<f32> = (0..batch * nh * hd)
+            .map(|_| rng.random_range(-2.0..2.0))
+            .collect();
+        let qd = b.upload(&qh)?;
+        let t = time_us(b.stream(), 3, 20, || {
+            b.wave_select(&units, dp(&qd), nh, nkv, hd, 2105)
+                .map(|_| ())
+        })?;
+        let us = median(&t);
+        append(
+            out,
+            &json!({"bench": "gpu-wave-select", "batch": batch, "heads": nh, "kv_heads": nkv,
+                    "head_dim": hd, "clusters_per_head": clusters, "retrieval": 205,
+                    "estimation": 1900, "us": us, "us_p10": t[t.len() / 10],
+                    "us_p90": t[t.len() * 9 / 10],
+                    "centroid_bytes": batch * nkv * clusters * hd * 2,
+                    "note": "one layer; scoring + zone selection, incl. the per-call uploads and allocations",
+                    "device": card(b), "commit": commit()}),
+        )?;
+        let line =
+            format!("wave select 128K (8192 clusters x {nkv} heads) batch {batch}: {us:>8.1} us");
+        println!("{line}");
+        lines.push(line);
     }
     Ok(lines)
 }
@@ -354,6 +420,8 @@ pub fn run_gpu(
     shape: &Path,
     contexts: &[usize],
     steps: usize,
+    decode_attention_only: bool,
+    decode_contexts: &[usize],
     out: &Path,
 ) -> Result<()> {
     let b = gpu(device)?;
@@ -373,6 +441,14 @@ pub fn run_gpu(
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if decode_attention_only {
+        let ceil = ceilings(&b, out)?;
+        for l in decode_attention_bench(&b, &ceil, decode_contexts, out)? {
+            println!("{l}");
+        }
+        wave_select_bench(&b, out)?;
+        return Ok(());
+    }
     let results = checks::run_all(&b, rand::random()).map_err(anyhow::Error::msg)?;
     let failed = results.iter().filter(|r| !r.passed).count();
     for r in &results {
@@ -400,7 +476,8 @@ pub fn run_gpu(
         ceil.copy_gbs,
         ceil.gemm_tflops
     )];
-    table.extend(decode_attention_bench(&b, &ceil, out)?);
+    table.extend(decode_attention_bench(&b, &ceil, decode_contexts, out)?);
+    table.extend(wave_select_bench(&b, out)?);
     table.extend(prefill_attention_bench(&b, &ceil, out)?);
     if !contexts.is_empty() {
         match e2e_bench(&b, &ceil, shape, contexts, steps, out) {

@@ -1,0 +1,224 @@
+//! Wave attention on the GPU, first step: cluster scoring for GQA groups and the split of the
+//! clusters into the retrieval and estimation zones (`kernels/wave.cu`), batched over units (one
+//! unit = one decode row and one KV head, each with its own index in device memory).
+
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, sys};
+
+use crate::CudaError;
+use crate::backend::{CudaBackend, dp, ptr_of};
+
+/// One (decode row, KV head) of a wave step, as the kernels read it (`WaveUnit` in
+/// `kernels/wave.cu`). Units are ordered row-major: unit `u` serves KV head `u % n_kv`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WaveUnit {
+    /// `bf16 [n_clusters][head_dim]` centroids.
+    pub centroids: u64,
+    /// `f32 [n_clusters]`: `ln |C_i|`, `-inf` for empty clusters (never chosen).
+    pub ln_sizes: u64,
+    pub n_clusters: i32,
+    /// Activation row of the unit's query.
+    pub q_row: i32,
+    /// Clusters wanted in the retrieval zone.
+    pub retrieval: i32,
+    /// Clusters wanted in the estimation zone.
+    pub estimation: i32,
+}
+
+// SAFETY: plain old data with the C layout the kernels expect.
+unsafe impl DeviceRepr for WaveUnit {}
+
+/// Clusters per `wave_logits` CTA (`WAVE_CHUNK`).
+const WAVE_CHUNK: usize = 256;
+/// Largest GQA group the kernels take (`WAVE_MAX_G`).
+pub const WAVE_MAX_G: usize = 16;
+/// Dynamic shared memory `wave_select` may use for a unit's score keys (4 bytes a cluster: up to
+/// 40960 clusters, 655K tokens of context at 16 a cluster; longer contexts keep them in global
+/// memory).
+pub const WAVE_SELECT_SMEM: usize = 160 * 1024;
+
+/// What [`CudaBackend::wave_select`] leaves on the device.
+pub struct WaveSelection {
+    /// `i32 [units][max_ids]`: each unit's retrieval clusters (ascending ids), then its
+    /// estimation clusters (ascending ids).
+    pub ids: CudaSlice<i32>,
+    /// `i32 [units][2]`: retrieval and estimation counts.
+    pub counts: CudaSlice<i32>,
+    /// `f32 [units][max_clusters]`: each cluster's score (the group's summed softmax; `-inf` for
+    /// empty clusters).
+    pub scores: CudaSlice<f32>,
+    /// `f32 [units][group][max_clusters]`: `scale * q_g . c_i` (`-inf` for empty clusters).
+    pub logits: CudaSlice<f32>,
+    pub max_clusters: usize,
+    pub max_ids: usize,
+    pub units: usize,
+}
+
+impl CudaBackend {
+    /// Scores every unit's clusters for its query heads and splits them into the zones (see
+    /// `kernels/wave.cu`). `q` is the step's f32 query activation `[rows, n_heads * hd]`; at most
+    /// `max_ids` clusters a unit are selected.
+    pub fn wave_select(
+        &self,
+        units: &[WaveUnit],
+        q: sys::CUdeviceptr,
+        n_heads: usize,
+        n_kv: usize,
+        hd: usize,
+        max_ids: usize,
+    ) -> Result<WaveSelection, CudaError> {
+        if n_kv == 0 || !n_heads.is_multiple_of(n_kv) || n_heads / n_kv > WAVE_MAX_G {
+            return Err(CudaError::Unsupported(format!(
+                "wave selection needs query heads a multiple of KV heads and groups of at most \
+                 {WAVE_MAX_G} (got {n_heads} query / {n_kv} KV heads)"
+            )));
+        }
+        let name = match hd {
+            64 => "wave_logits_hd64",
+            128 => "wave_logits_hd128",
+            _ => {
+                return Err(CudaError::Unsupported(format!(
+                    "wave selection supports head_dim 64 and 128, not {hd}"
+                )));
+            }
+        };
+        if units.is_empty() || !units.len().is_multiple_of(n_kv) {
+            return Err(CudaError::Unsupported(format!(
+                "wave selection needs whole rows of {n_kv} units, got {}",
+                units.len()
+            )));
+        }
+        if let Some(u) = units
+            .iter()
+            .find(|u| u.n_clusters < 0 || u.retrieval < 0 || u.estimation < 0)
+        {
+            return Err(CudaError::Unsupported(format!(
+                "wave unit with negative sizes: {u:?}"
+            )));
+        }
+        let group = n_heads / n_kv;
+        let n_units = units.len();
+        let max_clusters = units
+            .iter()
+            .map(|u| u.n_clusters as usize)
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let max_ids = max_ids.max(1);
+        let n_chunks = max_clusters.div_ceil(WAVE_CHUNK);
+        let d_units = self.upload(units)?;
+        let logits = self.alloc::<f32>(n_units * group * max_clusters)?;
+        let part_max = self.alloc::<f32>(n_units * group * n_chunks)?;
+        let part_sum = self.alloc::<f32>(n_units * group * n_chunks)?;
+        let scores = self.alloc::<f32>(n_units * max_clusters)?;
+        let keys = self.alloc::<u32>(n_units * max_clusters)?;
+        let ids = self.alloc::<i32>(n_units * max_ids)?;
+        let counts = self.alloc::<i32>(n_units * 2)?;
+        let (mut a_units, mut a_q) = (dp(&d_units), q);
+        let (mut nh, mut nk, mut sc, mut mc) = (
+            n_heads as i32,
+            n_kv as i32,
+            1.0f32 / (hd as f32).sqrt(),
+            max_clusters as i32,
+        );
+        let (mut a_l, mut a_pm, mut a_ps) = (dp(&logits), dp(&part_max), dp(&part_sum));
+        self.launch(
+            name,
+            LaunchConfig {
+                grid_dim: (n_chunks as u32, n_units as u32, 1),
+                block_dim: (WAVE_CHUNK as u32, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &mut [
+                ptr_of(&mut a_units),
+                ptr_of(&mut a_q),
+                ptr_of(&mut nh),
+                ptr_of(&mut nk),
+                ptr_of(&mut sc),
+                ptr_of(&mut mc),
+                ptr_of(&mut a_l),
+                ptr_of(&mut a_pm),
+                ptr_of(&mut a_ps),
+            ],
+        )?;
+        let (mut nch, mut grp, mut mi) = (n_chunks as i32, group as i32, max_ids as i32);
+        let smem = max_clusters * 4;
+        let mut in_smem = i32::from(smem <= WAVE_SELECT_SMEM);
+        let (mut a_s, mut a_k, mut a_i, mut a_c) = (dp(&scores), dp(&keys), dp(&ids), dp(&counts));
+        self.launch(
+            "wave_select",
+            LaunchConfig {
+                grid_dim: (n_units as u32, 1, 1),
+                block_dim: (1024, 1, 1),
+                shared_mem_bytes: if in_smem == 1 { smem as u32 } else { 0 },
+            },
+            &mut [
+                ptr_of(&mut a_units),
+                ptr_of(&mut a_l),
+                ptr_of(&mut a_pm),
+                ptr_of(&mut a_ps),
+                ptr_of(&mut nch),
+                ptr_of(&mut grp),
+                ptr_of(&mut mc),
+                ptr_of(&mut a_s),
+                ptr_of(&mut a_k),
+                ptr_of(&mut in_smem),
+                ptr_of(&mut a_i),
+                ptr_of(&mut mi),
+                ptr_of(&mut a_c),
+            ],
+        )?;
+        Ok(WaveSelection {
+            ids,
+            counts,
+            scores,
+            logits,
+            max_clusters,
+            max_ids,
+            units: n_units,
+        })
+    }
+}
+
+/// The reference split of one unit's clusters, from its scores: the non-empty clusters ranked by
+/// score (descending, by [`f32::total_cmp`]) then id (ascending); the first `r` are the retrieval
+/// zone, the next `e` the estimation zone, each returned in ascending id order. `live[c]` says
+/// whether cluster `c` is non-empty.
+pub fn reference_split(scores: &[f32], live: &[bool], r: usize, e: usize) -> (Vec<i32>, Vec<i32>) {
+    let mut ranked: Vec<usize> = (0..scores.len()).filter(|&c| live[c]).collect();
+    ranked.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    let m = (r + e).min(ranked.len());
+    let r = r.min(m);
+    let mut ret: Vec<i32> = ranked[..r].iter().map(|&c| c as i32).collect();
+    let mut est: Vec<i32> = ranked[r..m].iter().map(|&c| c as i32).collect();
+    ret.sort_unstable();
+    est.sort_unstable();
+    (ret, est)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_split_ranks_by_score_then_id_and_skips_empty_clusters() {
+        let scores = [0.5, 0.9, 0.5, f32::NEG_INFINITY, 0.1, 0.5, 0.7];
+        let live = [true, true, true, false, true, true, true];
+        // Ranked: 1 (0.9), 6 (0.7), 0, 2, 5 (0.5 ties by id), 4 (0.1).
+        assert_eq!(
+            reference_split(&scores, &live, 2, 2),
+            (vec![1, 6], vec![0, 2])
+        );
+        assert_eq!(
+            reference_split(&scores, &live, 3, 10),
+            (vec![0, 1, 6], vec![2, 4, 5])
+        );
+        assert_eq!(reference_split(&scores, &live, 0, 1), (vec![], vec![1]));
+    }
+
+    #[test]
+    fn wave_unit_has_the_kernel_layout() {
+        // Two pointers and four ints: 32 bytes, as `WaveUnit` in kernels/wave.cu.
+        assert_eq!(std::mem::size_of::<WaveUnit>(), 32);
+    }
+}
