@@ -127,88 +127,79 @@ __device__ void logits(const WaveUnit* __restrict__ units, const float* __restri
   }
 }
 
-// Block-wide exclusive prefix sum of one value per thread (SEL_THREADS threads); returns the
-// thread's offset and writes the block's total to *total.
-__device__ __forceinline__ int block_scan(int v_in, int* warp_tot, int* total) {
+// Block-wide exclusive prefix sum of one value per thread (SEL_THREADS threads, 64-bit so that
+// two 32-bit counts travel packed); returns the thread's offset and writes the block's total to
+// *total.
+__device__ __forceinline__ unsigned long long block_scan(unsigned long long v_in,
+                                                         unsigned long long* warp_tot,
+                                                         unsigned long long* total) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  int incl_w = v_in;
+  unsigned long long incl = v_in;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, incl_w, o);
-    if (lane >= o) incl_w += y;
+    const unsigned long long y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += y;
   }
-  const int in_warp = incl_w - v_in;
   __syncthreads();
-  if (lane == 31) warp_tot[warp] = incl_w;
+  if (lane == 31) warp_tot[warp] = incl;
   __syncthreads();
   if (warp == 0) {
-    int v = warp_tot[lane];  // SEL_THREADS / 32 == 32 warps
-    int incl = v;
+    const unsigned long long v = warp_tot[lane];  // SEL_THREADS / 32 == 32 warps
+    unsigned long long w = v;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, incl, o);
-      if (lane >= o) incl += y;
+      const unsigned long long y = __shfl_up_sync(0xffffffffu, w, o);
+      if (lane >= o) w += y;
     }
-    warp_tot[lane] = incl - v;
-    if (lane == 31) *total = incl;
+    warp_tot[lane] = w - v;
+    if (lane == 31) *total = w;
   }
   __syncthreads();
-  return warp_tot[warp] + in_warp;
+  return warp_tot[warp] + incl - v_in;
 }
 
-// The k-th largest key (k >= 1) among keys[0 .. n) and how many keys are strictly larger.
-__device__ void kth_largest(const unsigned* keys, int n, int k, unsigned* hist, unsigned* shared3,
-                            unsigned& key_out, int& above_out) {
-  const int tid = threadIdx.x, lane = tid & 31;
-  unsigned prefix = 0, mask = 0;
-  int above = 0;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
-    __syncthreads();
-    // Scores crowd into a few buckets (they share sign and exponent bits), so the lanes of a
-    // warp that hit the same bucket add their count once, through one leader.
-    for (int i0 = tid - lane; i0 < n; i0 += blockDim.x) {
-      const int i = i0 + lane;
-      const unsigned x = i < n ? keys[i] : 0u;
-      const bool in = i < n && (x & mask) == prefix;
-      const unsigned bin = in ? (x >> shift) & 255u : 256u;
-      const unsigned peers = __match_any_sync(0xffffffffu, bin);
-      if (in && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], (unsigned)__popc(peers));
-    }
-    __syncthreads();
-    if (tid < 32) {
-      // Lane l owns bins 255 - 8l .. 248 - 8l (from the top); suffix sums from the top.
-      unsigned own = 0;
+// One radix step of the selection of the k-th largest key: every thread holds SEL_BINS / 1024
+// bins of `hist` counted from the top; finds the bin where the count from the top reaches
+// `need` and how many keys lie in the bins above it. Thread 0 of the finding thread writes
+// out[0] = bin, out[1] = count above.
+#define SEL_BITS 11
+#define SEL_BINS (1 << SEL_BITS)
+__device__ __forceinline__ void find_bin(const unsigned* hist, unsigned need_m, unsigned need_r,
+                                         unsigned long long* warp_tot, unsigned long long* total,
+                                         const unsigned* hist_r, unsigned* out_m,
+                                         unsigned* out_r) {
+  const int tid = threadIdx.x;
+  constexpr int PER = SEL_BINS / SEL_THREADS;
+  unsigned own_m = 0, own_r = 0;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) own += hist[255 - 8 * lane - j];
-      unsigned incl = own;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const unsigned y = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += y;
-      }
-      const unsigned before = incl - own;  // keys in the bins above this lane's
-      const bool here = before < (unsigned)(k - above) && incl >= (unsigned)(k - above);
-      const unsigned hit = __ballot_sync(0xffffffffu, here);
-      if (lane == __ffs(hit) - 1) {
-        unsigned cum = before;
-        int b = 255 - 8 * lane;
-        for (int j = 0; j < 8; ++j, --b) {
-          if (cum + hist[b] >= (unsigned)(k - above)) break;
-          cum += hist[b];
-        }
-        shared3[0] = (unsigned)b;
-        shared3[1] = cum;
-      }
-    }
-    __syncthreads();
-    prefix |= shared3[0] << shift;
-    mask |= 255u << shift;
-    above += (int)shared3[1];
-    __syncthreads();
+  for (int j = 0; j < PER; ++j) {
+    own_m += hist[SEL_BINS - 1 - PER * tid - j];
+    own_r += hist_r[SEL_BINS - 1 - PER * tid - j];
   }
-  key_out = prefix;
-  above_out = above;
+  const unsigned long long before =
+      block_scan((unsigned long long)own_m | ((unsigned long long)own_r << 32), warp_tot, total);
+  const unsigned bm = (unsigned)before, br = (unsigned)(before >> 32);
+  if (bm < need_m && bm + own_m >= need_m) {
+    unsigned cum = bm;
+    int b = SEL_BINS - 1 - PER * tid;
+    for (int j = 0; j < PER; ++j, --b) {
+      if (cum + hist[b] >= need_m) break;
+      cum += hist[b];
+    }
+    out_m[0] = (unsigned)b;
+    out_m[1] = cum;
+  }
+  if (br < need_r && br + own_r >= need_r) {
+    unsigned cum = br;
+    int b = SEL_BINS - 1 - PER * tid;
+    for (int j = 0; j < PER; ++j, --b) {
+      if (cum + hist_r[b] >= need_r) break;
+      cum += hist_r[b];
+    }
+    out_r[0] = (unsigned)b;
+    out_r[1] = cum;
+  }
+  __syncthreads();
 }
 
 }  // namespace wave
@@ -226,19 +217,27 @@ extern "C" __global__ void __launch_bounds__(WAVE_CHUNK)
 
 // keys: scratch [n_units][max_clusters] for the scores' order keys, used when keys_in_smem is 0;
 // otherwise the keys live in max_clusters * 4 bytes of dynamic shared memory (the selection
-// passes read them eight times: from L2 each pass would wait on its latency).
+// passes read them several times: from L2 each pass would wait on its latency).
 // scores: [n_units][max_clusters].
+//
+// Selection: the keys of the live clusters share their bits above the highest bit in which their
+// min and max differ; radix passes of SEL_BITS bits from there find both thresholds (the m-th and
+// the r-th largest key) at once, at most three passes. Then each thread takes a contiguous run of
+// ids and two block scans place the members of each zone at their rank in id order (ties at a
+// threshold go to the lowest ids).
 extern "C" __global__ void __launch_bounds__(SEL_THREADS)
     wave_select(const WaveUnit* units, const float* logits, const float* part_max,
                 const float* part_sum, int n_chunks, int group, int max_clusters, float* scores,
                 unsigned* keys, int keys_in_smem, int* ids, int max_ids, int* counts) {
   extern __shared__ unsigned skeys[];
   __shared__ float m_s[WAVE_MAX_G], iz_s[WAVE_MAX_G];
-  __shared__ unsigned hist[256];
-  __shared__ unsigned sh3[3];
-  __shared__ int warp_tot[32];
-  __shared__ int total_s;
-  const int u = blockIdx.x, tid = threadIdx.x;
+  __shared__ unsigned hist_m[SEL_BINS], hist_r[SEL_BINS];
+  __shared__ unsigned res_m[2], res_r[2];
+  __shared__ unsigned long long warp_tot[32];
+  __shared__ unsigned long long total_s;
+  __shared__ unsigned red_min[32], red_max[32];
+  __shared__ int red_live[32];
+  const int u = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const WaveUnit wu = units[u];
   const int n = wu.n_clusters, G = group;
   if (tid < G) {
@@ -256,10 +255,12 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   __syncthreads();
   unsigned* kk = keys_in_smem ? skeys : keys + (size_t)u * max_clusters;
   float* sc = scores + (size_t)u * max_clusters;
+  const float* lns = reinterpret_cast<const float*>(wu.ln_sizes);
   int live = 0;
+  unsigned kmin = 0xffffffffu, kmax = 0u;
   for (int c = tid; c < n; c += SEL_THREADS) {
     float s = -INFINITY;
-    if (reinterpret_cast<const float*>(wu.ln_sizes)[c] != -INFINITY) {
+    if (lns[c] != -INFINITY) {
       s = 0.f;
       for (int g = 0; g < G; ++g) {
         const float l = logits[((size_t)u * G + g) * max_clusters + c];
@@ -268,60 +269,109 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
       live += 1;
     }
     sc[c] = s;
-    kk[c] = wave::order_key(s);
+    const unsigned x = wave::order_key(s);
+    kk[c] = x;
+    if (s != -INFINITY) {
+      kmin = min(kmin, x);
+      kmax = max(kmax, x);
+    }
   }
-  // Live clusters over the block.
   live = __reduce_add_sync(0xffffffffu, live);
-  if ((tid & 31) == 0) warp_tot[tid >> 5] = live;
-  __syncthreads();
-  if (tid == 0) {
-    int t = 0;
-    for (int w = 0; w < SEL_THREADS / 32; ++w) t += warp_tot[w];
-    total_s = t;
+  kmin = __reduce_min_sync(0xffffffffu, kmin);
+  kmax = __reduce_max_sync(0xffffffffu, kmax);
+  if (lane == 0) {
+    red_live[warp] = live;
+    red_min[warp] = kmin;
+    red_max[warp] = kmax;
   }
   __syncthreads();
-  const int n_live = total_s;
+  if (warp == 0) {
+    live = __reduce_add_sync(0xffffffffu, red_live[lane]);
+    kmin = __reduce_min_sync(0xffffffffu, red_min[lane]);
+    kmax = __reduce_max_sync(0xffffffffu, red_max[lane]);
+    if (lane == 0) {
+      red_live[0] = live;
+      red_min[0] = kmin;
+      red_max[0] = kmax;
+    }
+  }
+  __syncthreads();
+  const int n_live = red_live[0];
+  kmin = red_min[0];
+  kmax = red_max[0];
   const int m_want = min(min(wu.retrieval + wu.estimation, n_live), max_ids);
   const int r_want = min(wu.retrieval, m_want);
-  __syncthreads();
   if (m_want == 0) {
     if (tid == 0) counts[2 * u] = counts[2 * u + 1] = 0;
     return;
   }
-  unsigned tm, tr = 0xffffffffu;
-  int above_m, above_r = 0;
-  wave::kth_largest(kk, n, m_want, hist, sh3, tm, above_m);
-  if (r_want > 0) wave::kth_largest(kk, n, r_want, hist, sh3, tr, above_r);
-  // Ties at a threshold go to the lowest ids: walk the ids in blocks of SEL_THREADS, counting the
-  // ties taken so far, and place each zone's members at their rank in id order.
-  int ties_m = m_want - above_m, ties_r = r_want - above_r;
-  int base_r = 0, base_e = 0;
+  // Radix passes over the bits below the live keys' common prefix (at most three of SEL_BITS).
+  const int top = 32 - __clz(kmin ^ kmax);  // bits in which live keys differ (0: all equal)
+  unsigned pre_m = kmax & ~((top >= 32) ? 0u : ((1u << top) - 1u)), pre_r = pre_m;
+  unsigned msk = (top >= 32) ? 0u : ~((1u << top) - 1u);
+  unsigned above_m = 0, above_r = 0;
+  const unsigned need_m0 = (unsigned)m_want, need_r0 = (unsigned)max(r_want, 1);
+  for (int hi = top; hi > 0; hi -= SEL_BITS) {
+    const int shift = max(hi - SEL_BITS, 0), bits = hi - shift;
+    const unsigned bmask = (1u << bits) - 1u;
+    for (int i = tid; i < SEL_BINS; i += SEL_THREADS) hist_m[i] = hist_r[i] = 0;
+    __syncthreads();
+    for (int c = tid; c < n; c += SEL_THREADS) {
+      const unsigned x = kk[c];
+      const unsigned b = (x >> shift) & bmask;
+      if ((x & msk) == pre_m) atomicAdd(&hist_m[b], 1u);
+      if ((x & msk) == pre_r) atomicAdd(&hist_r[b], 1u);
+    }
+    __syncthreads();
+    wave::find_bin(hist_m, need_m0 - above_m, need_r0 - above_r, warp_tot, &total_s, hist_r, res_m,
+                   res_r);
+    pre_m |= res_m[0] << shift;
+    above_m += res_m[1];
+    pre_r |= res_r[0] << shift;
+    above_r += res_r[1];
+    msk |= bmask << shift;
+    __syncthreads();
+  }
+  const unsigned tm = pre_m, tr = r_want > 0 ? pre_r : 0xffffffffu;
+  if (r_want == 0) above_r = 0;
+  // Emission: thread t takes ids [t * per, (t + 1) * per).
+  const int per = (n + SEL_THREADS - 1) / SEL_THREADS;
+  const int c0 = min(n, tid * per), c1 = min(n, c0 + per);
+  unsigned tie_m = 0, tie_r = 0;
+  for (int c = c0; c < c1; ++c) {
+    const unsigned x = kk[c];
+    tie_m += x == tm;
+    tie_r += r_want > 0 && x == tr;
+  }
+  const unsigned long long tb =
+      wave::block_scan((unsigned long long)tie_m | ((unsigned long long)tie_r << 32), warp_tot,
+                       &total_s);
+  unsigned rank_m = (unsigned)tb, rank_r = (unsigned)(tb >> 32);
+  const unsigned ties_m = (unsigned)m_want - above_m, ties_r = (unsigned)r_want - above_r;
+  unsigned cnt_r = 0, cnt_e = 0;
+  for (int c = c0; c < c1; ++c) {
+    const unsigned x = kk[c];
+    const bool in_m = x > tm || (x == tm && rank_m++ < ties_m);
+    const bool in_r = r_want > 0 && (x > tr || (x == tr && rank_r++ < ties_r));
+    cnt_r += in_r;
+    cnt_e += in_m && !in_r;
+  }
+  const unsigned long long ob =
+      wave::block_scan((unsigned long long)cnt_r | ((unsigned long long)cnt_e << 32), warp_tot,
+                       &total_s);
+  unsigned pos_r = (unsigned)ob, pos_e = (unsigned)(ob >> 32);
+  rank_m = (unsigned)tb;
+  rank_r = (unsigned)(tb >> 32);
   int* out = ids + (size_t)u * max_ids;
-  for (int c0 = 0; c0 < n; c0 += SEL_THREADS) {
-    const int c = c0 + tid;
-    const unsigned x = c < n ? kk[c] : 0u;
-    // Ties of each threshold among this block, ranked by id.
-    const int tie_m = c < n && x == tm;
-    const int tie_r = c < n && r_want > 0 && x == tr;
-    // Two counts per scan, in the low and high 16 bits (a block holds at most 1024 of each).
-    const int ranks = wave::block_scan(tie_m | (tie_r << 16), warp_tot, &total_s);
-    const int rank_m = ranks & 0xffff, rank_r = ranks >> 16;
-    const int n_tie_m = total_s & 0xffff, n_tie_r = total_s >> 16;
-    const bool in_m = c < n && (x > tm || (tie_m && rank_m < ties_m));
-    const bool in_r = in_m && r_want > 0 && (x > tr || (tie_r && rank_r < ties_r));
-    const bool in_e = in_m && !in_r;
-    const int pos = wave::block_scan((int)in_r | ((int)in_e << 16), warp_tot, &total_s);
-    const int pos_r = pos & 0xffff, pos_e = pos >> 16;
-    const int cnt_r = total_s & 0xffff, cnt_e = total_s >> 16;
-    if (in_r) out[base_r + pos_r] = c;
-    if (in_e) out[r_want + base_e + pos_e] = c;
-    base_r += cnt_r;
-    base_e += cnt_e;
-    ties_m = max(0, ties_m - n_tie_m);
-    ties_r = max(0, ties_r - n_tie_r);
+  for (int c = c0; c < c1; ++c) {
+    const unsigned x = kk[c];
+    const bool in_m = x > tm || (x == tm && rank_m++ < ties_m);
+    const bool in_r = r_want > 0 && (x > tr || (x == tr && rank_r++ < ties_r));
+    if (in_r) out[pos_r++] = c;
+    else if (in_m) out[r_want + pos_e++] = c;
   }
   if (tid == 0) {
-    counts[2 * u] = base_r;
-    counts[2 * u + 1] = base_e;
+    counts[2 * u] = (int)(unsigned)total_s;
+    counts[2 * u + 1] = (int)(unsigned)(total_s >> 32);
   }
 }
