@@ -30,6 +30,7 @@
 struct WaveUnit {
   unsigned long long centroids;  // const bf16* [n_clusters][hd]
   unsigned long long ln_sizes;   // const float* [n_clusters]: ln |C_i|, -inf for empty clusters
+  unsigned long long means;      // const bf16* [n_clusters][hd]: value_sum / |C_i| (estimation)
   int n_clusters;
   int q_row;                     // activation row of the unit's query
   int retrieval;                 // clusters wanted in the retrieval zone
@@ -220,6 +221,15 @@ extern "C" __global__ void __launch_bounds__(WAVE_CHUNK)
 // passes read them several times: from L2 each pass would wait on its latency).
 // scores: [n_units][max_clusters].
 //
+// wave_estimate_partial_hd{64,128}: grid (ceil(max_ids / EST_CHUNK), n_units), block 128. The
+// estimation zone attends, per query head g, to |C_i| copies of each estimation cluster's
+// centroid with its mean value: weights w = exp(logit_g,i + ln |C_i| - m) over the chunk's
+// EST_CHUNK clusters (m their max); writes the chunk's m, sum of w and sum of w * mean_i (not
+// normalised) to est_m / est_l [u][chunk][g] and est_acc [u][chunk][g][hd].
+// wave_estimate_merge_hd{64,128}: grid (n_units), block hd: merges a unit's chunks by their
+// maxima into out [u][g][hd] (the normalised estimate) and lse [u][g] (-inf: nothing estimated),
+// ready to merge with the exact part by log-sum-exp.
+//
 // Selection: the keys of the live clusters share their bits above the highest bit in which their
 // min and max differ; radix passes of SEL_BITS bits from there find both thresholds (the m-th and
 // the r-th largest key) at once, at most three passes. Then each thread takes a contiguous run of
@@ -373,5 +383,159 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   if (tid == 0) {
     counts[2 * u] = (int)(unsigned)total_s;
     counts[2 * u + 1] = (int)(unsigned)(total_s >> 32);
+  }
+}
+
+#define EST_CHUNK 64
+#define EST_WARPS 4
+
+namespace wave {
+
+template <int HD>
+__device__ void estimate_partial(const WaveUnit* __restrict__ units, const float* __restrict__ logits,
+                                 const int* __restrict__ ids, const int* __restrict__ counts,
+                                 int max_ids, int max_clusters, int group, float* __restrict__ est_m,
+                                 float* __restrict__ est_l, float* __restrict__ est_acc) {
+  constexpr int DPL = HD / 32;  // dims per lane: 4 at hd 128, 2 at hd 64
+  __shared__ float w[WAVE_MAX_G][EST_CHUNK];
+  __shared__ int cid[EST_CHUNK];
+  __shared__ float m_s[WAVE_MAX_G];
+  __shared__ float red[EST_WARPS][WAVE_MAX_G][HD];
+  const int u = blockIdx.y, chunk = blockIdx.x, n_chunks = gridDim.x, tid = threadIdx.x;
+  const int lane = tid & 31, warp = tid >> 5, G = group;
+  const WaveUnit wu = units[u];
+  const int n_r = counts[2 * u], n_e = counts[2 * u + 1];
+  const int j0 = chunk * EST_CHUNK, nj = max(0, min(EST_CHUNK, n_e - j0));
+  const size_t part = (size_t)u * n_chunks + chunk;
+  if (nj == 0) {  // past this unit's estimation zone: an empty partial
+    for (int i = tid; i < G; i += blockDim.x) {
+      est_m[part * G + i] = -INFINITY;
+      est_l[part * G + i] = 0.f;
+    }
+    for (int i = tid; i < G * HD; i += blockDim.x) est_acc[part * G * HD + i] = 0.f;
+    return;
+  }
+  const float* lns = reinterpret_cast<const float*>(wu.ln_sizes);
+  for (int j = tid; j < EST_CHUNK; j += blockDim.x) {
+    const int c = j < nj ? ids[(size_t)u * max_ids + n_r + j0 + j] : -1;
+    cid[j] = c;
+    const float ln = c >= 0 ? lns[c] : -INFINITY;
+    for (int g = 0; g < G; ++g)
+      w[g][j] = c >= 0 ? logits[((size_t)u * G + g) * max_clusters + c] + ln : -INFINITY;
+  }
+  __syncthreads();
+  if (tid < G) {
+    float m = -INFINITY;
+    for (int j = 0; j < nj; ++j) m = fmaxf(m, w[tid][j]);
+    m_s[tid] = m;
+  }
+  __syncthreads();
+  for (int i = tid; i < G * EST_CHUNK; i += blockDim.x) {
+    const int g = i / EST_CHUNK, j = i % EST_CHUNK;
+    const float x = w[g][j];
+    w[g][j] = (x == -INFINITY || m_s[g] == -INFINITY) ? 0.f : __expf(x - m_s[g]);
+  }
+  __syncthreads();
+  // Each warp sums every EST_WARPS-th cluster of the chunk; a lane owns DPL dims of every head.
+  float acc[WAVE_MAX_G][DPL];
+#pragma unroll
+  for (int g = 0; g < WAVE_MAX_G; ++g)
+#pragma unroll
+    for (int d = 0; d < DPL; ++d) acc[g][d] = 0.f;
+  const bf16* means = reinterpret_cast<const bf16*>(wu.means);
+#pragma unroll 4
+  for (int j = warp; j < nj; j += EST_WARPS) {
+    const bf16* row = means + (size_t)cid[j] * HD + lane * DPL;
+    float x[DPL];
+    if (DPL == 4) {
+      const uint2 raw = *reinterpret_cast<const uint2*>(row);
+      x[0] = __uint_as_float(raw.x << 16);
+      x[1] = __uint_as_float(raw.x & 0xffff0000u);
+      x[2] = __uint_as_float(raw.y << 16);
+      x[3] = __uint_as_float(raw.y & 0xffff0000u);
+    } else {
+      const unsigned raw = *reinterpret_cast<const unsigned*>(row);
+      x[0] = __uint_as_float(raw << 16);
+      x[1] = __uint_as_float(raw & 0xffff0000u);
+    }
+#pragma unroll
+    for (int g = 0; g < WAVE_MAX_G; ++g) {
+      if (g < G) {
+        const float wg = w[g][j];
+#pragma unroll
+        for (int d = 0; d < DPL; ++d) acc[g][d] += wg * x[d];
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g)
+#pragma unroll
+    for (int d = 0; d < DPL; ++d) red[warp][g][lane * DPL + d] = acc[g][d];
+  __syncthreads();
+  for (int i = tid; i < G * HD; i += blockDim.x) {
+    const int g = i / HD, d = i % HD;
+    float a = 0.f;
+#pragma unroll
+    for (int k = 0; k < EST_WARPS; ++k) a += red[k][g][d];
+    est_acc[part * G * HD + i] = a;
+  }
+  if (tid < G) {
+    float l = 0.f;
+    for (int j = 0; j < nj; ++j) l += w[tid][j];
+    est_m[part * G + tid] = m_s[tid];
+    est_l[part * G + tid] = l;
+  }
+}
+
+}  // namespace wave
+
+extern "C" __global__ void __launch_bounds__(EST_WARPS * 32)
+    wave_estimate_partial_hd64(const WaveUnit* units, const float* logits, const int* ids,
+                               const int* counts, int max_ids, int max_clusters, int group,
+                               float* est_m, float* est_l, float* est_acc) {
+  wave::estimate_partial<64>(units, logits, ids, counts, max_ids, max_clusters, group, est_m, est_l,
+                             est_acc);
+}
+extern "C" __global__ void __launch_bounds__(EST_WARPS * 32)
+    wave_estimate_partial_hd128(const WaveUnit* units, const float* logits, const int* ids,
+                                const int* counts, int max_ids, int max_clusters, int group,
+                                float* est_m, float* est_l, float* est_acc) {
+  wave::estimate_partial<128>(units, logits, ids, counts, max_ids, max_clusters, group, est_m,
+                              est_l, est_acc);
+}
+
+// Block 256 threads; merges the chunks of unit blockIdx.x: the per-(head, chunk) scale factors
+// first (one thread each, into shared memory), then each (head, dimension) sums its chunks.
+extern "C" __global__ void __launch_bounds__(256)
+    wave_estimate_merge(const float* est_m, const float* est_l, const float* est_acc, int n_chunks,
+                        int group, int hd, float* out, float* lse) {
+  __shared__ float mx[WAVE_MAX_G], lsum[WAVE_MAX_G];
+  extern __shared__ float fac[];  // [group][n_chunks]
+  const int u = blockIdx.x, tid = threadIdx.x, G = group;
+  if (tid < G) {
+    float m = -INFINITY;
+    for (int k = 0; k < n_chunks; ++k) m = fmaxf(m, est_m[((size_t)u * n_chunks + k) * G + tid]);
+    mx[tid] = m;
+  }
+  __syncthreads();
+  for (int i = tid; i < G * n_chunks; i += blockDim.x) {
+    const int g = i / n_chunks, k = i % n_chunks;
+    const float mk = est_m[((size_t)u * n_chunks + k) * G + g];
+    fac[i] = (mk == -INFINITY || mx[g] == -INFINITY) ? 0.f : __expf(mk - mx[g]);
+  }
+  __syncthreads();
+  if (tid < G) {
+    float l = 0.f;
+    for (int k = 0; k < n_chunks; ++k)
+      l += est_l[((size_t)u * n_chunks + k) * G + tid] * fac[tid * n_chunks + k];
+    lsum[tid] = l;
+    lse[(size_t)u * G + tid] = l > 0.f ? mx[tid] + __logf(l) : -INFINITY;
+  }
+  __syncthreads();
+  for (int i = tid; i < G * hd; i += blockDim.x) {
+    const int g = i / hd, d = i % hd;
+    float a = 0.f;
+    for (int k = 0; k < n_chunks; ++k)
+      a += est_acc[(((size_t)u * n_chunks + k) * G + g) * hd + d] * fac[g * n_chunks + k];
+    out[(size_t)u * G * hd + i] = lsum[g] > 0.f ? a / lsum[g] : 0.f;
   }
 }

@@ -64,6 +64,9 @@ const KERNELS: &[&str] = &[
     "wave_logits_hd64",
     "wave_logits_hd128",
     "wave_select",
+    "wave_estimate_partial_hd64",
+    "wave_estimate_partial_hd128",
+    "wave_estimate_merge",
 ];
 
 /// A weight matrix on the GPU: bf16, `[rows = out features, cols = in features]`, row-major.

@@ -354,6 +354,7 @@ fn check_wave_select(
     let group = nh / nkv;
     let mut cents: Vec<Vec<f32>> = Vec::new();
     let mut lns: Vec<Vec<f32>> = Vec::new();
+    let mut means: Vec<Vec<f32>> = Vec::new();
     let mut keep = Vec::new();
     let mut units = Vec::new();
     for (row, &(n, r, est)) in rows.iter().enumerate() {
@@ -374,17 +375,25 @@ fn check_wave_select(
                 })
                 .collect();
             let cb: Vec<bf16> = c.iter().map(|&x| bf16::from_f32(x)).collect();
+            let mv: Vec<f32> = rand_vec(rng, n * hd, 1.5)
+                .iter()
+                .map(|&x| bf16_round(x) as f32)
+                .collect();
+            let mb: Vec<bf16> = mv.iter().map(|&x| bf16::from_f32(x)).collect();
             let dc = b.upload(&cb).map_err(e)?;
             let dl = b.upload(&ln).map_err(e)?;
+            let dm = b.upload(&mb).map_err(e)?;
             units.push(WaveUnit {
                 centroids: crate::backend::dp(&dc),
                 ln_sizes: crate::backend::dp(&dl),
+                means: crate::backend::dp(&dm),
                 n_clusters: n as i32,
                 q_row: row as i32,
                 retrieval: r as i32,
                 estimation: est as i32,
             });
-            keep.push((dc, dl));
+            keep.push((dc, dl, dm));
+            means.push(mv);
             cents.push(c);
             lns.push(ln);
         }
@@ -400,6 +409,14 @@ fn check_wave_select(
         .map_err(e)?;
     let ids = b.download(&sel.ids, units.len() * max_ids).map_err(e)?;
     let counts = b.download(&sel.counts, units.len() * 2).map_err(e)?;
+    let est = b.wave_estimate(&sel).map_err(e)?;
+    let est_out = b.download(&est.out, units.len() * group * hd).map_err(e)?;
+    let est_lse = b.download(&est.lse, units.len() * group).map_err(e)?;
+    let logits = b
+        .download(&sel.logits, units.len() * group * sel.max_clusters)
+        .map_err(e)?;
+    let (mut gpu_o, mut ref_o, mut gpu_lse, mut ref_lse) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let scale = 1.0 / (hd as f64).sqrt();
     let (mut gpu_s, mut ref_s) = (Vec::new(), Vec::new());
     let mut mismatched = 0usize;
@@ -456,6 +473,34 @@ fn check_wave_select(
         {
             mismatched += 1;
         }
+        // The estimation zone from the GPU's own logits and zones: per head, attention to |C_i|
+        // copies of each cluster's centroid carrying its mean value.
+        let est_ids = &list[nr..nr + ne];
+        for g in 0..group {
+            let lg = &logits[(u * group + g) * sel.max_clusters..];
+            let x: Vec<f64> = est_ids
+                .iter()
+                .map(|&c| f64::from(lg[c as usize]) + f64::from(lns[u][c as usize]))
+                .collect();
+            let m = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = x.iter().map(|&v| (v - m).exp()).collect();
+            let l: f64 = w.iter().sum();
+            for d in 0..hd {
+                let a: f64 = est_ids
+                    .iter()
+                    .zip(&w)
+                    .map(|(&c, &wc)| wc * f64::from(means[u][c as usize * hd + d]))
+                    .sum();
+                gpu_o.push(est_out[(u * group + g) * hd + d]);
+                ref_o.push(if l > 0.0 { a / l } else { 0.0 });
+            }
+            gpu_lse.push(est_lse[u * group + g]);
+            ref_lse.push(if l > 0.0 {
+                m + l.ln()
+            } else {
+                f64::NEG_INFINITY
+            });
+        }
     }
     let res = compare(
         format!(
@@ -477,7 +522,25 @@ fn check_wave_select(
         tolerance: 0.0,
         passed: mismatched == 0,
     };
-    Ok(vec![res, zones])
+    let est_o = compare(
+        format!(
+            "wave estimation hd{hd} {nh}/{nkv} heads, {} rows: outputs",
+            rows.len()
+        ),
+        &gpu_o,
+        &ref_o,
+        1e-4,
+    );
+    let est_l = compare(
+        format!(
+            "wave estimation hd{hd} {nh}/{nkv} heads, {} rows: lse",
+            rows.len()
+        ),
+        &gpu_lse,
+        &ref_lse,
+        1e-5,
+    );
+    Ok(vec![res, zones, est_o, est_l])
 }
 
 fn reference_sample(logits: &[f32], p: &RowSampling) -> u32 {

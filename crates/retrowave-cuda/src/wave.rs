@@ -16,6 +16,8 @@ pub struct WaveUnit {
     pub centroids: u64,
     /// `f32 [n_clusters]`: `ln |C_i|`, `-inf` for empty clusters (never chosen).
     pub ln_sizes: u64,
+    /// `bf16 [n_clusters][head_dim]` mean values (`value_sum / |C_i|`) for the estimation zone.
+    pub means: u64,
     pub n_clusters: i32,
     /// Activation row of the unit's query.
     pub q_row: i32,
@@ -51,7 +53,23 @@ pub struct WaveSelection {
     pub logits: CudaSlice<f32>,
     pub max_clusters: usize,
     pub max_ids: usize,
-    pub units: usize,
+    /// The units, on the device.
+    pub units: CudaSlice<WaveUnit>,
+    pub n_units: usize,
+    pub group: usize,
+    pub head_dim: usize,
+}
+
+/// Estimation-zone clusters per `wave_estimate_partial` CTA (`EST_CHUNK`).
+const EST_CHUNK: usize = 64;
+
+/// What [`CudaBackend::wave_estimate`] leaves on the device.
+pub struct WaveEstimate {
+    /// `f32 [units][group][head_dim]`: each query head's estimate (normalised).
+    pub out: CudaSlice<f32>,
+    /// `f32 [units][group]`: its log-sum-exp (`-inf` where nothing was estimated), for the merge
+    /// with the exact part.
+    pub lse: CudaSlice<f32>,
 }
 
 impl CudaBackend {
@@ -175,8 +193,85 @@ impl CudaBackend {
             logits,
             max_clusters,
             max_ids,
-            units: n_units,
+            units: d_units,
+            n_units,
+            group,
+            head_dim: hd,
         })
+    }
+
+    /// The estimation zone of every unit of a selection: per query head, attention to `|C_i|`
+    /// copies of each estimation cluster's centroid carrying its mean value, as an output and its
+    /// log-sum-exp (see `kernels/wave.cu`).
+    pub fn wave_estimate(&self, sel: &WaveSelection) -> Result<WaveEstimate, CudaError> {
+        let (group, hd, n_units) = (sel.group, sel.head_dim, sel.n_units);
+        let name = if hd == 64 {
+            "wave_estimate_partial_hd64"
+        } else {
+            "wave_estimate_partial_hd128"
+        };
+        let n_chunks = sel.max_ids.div_ceil(EST_CHUNK).max(1);
+        if group * n_chunks * 4 > 48 * 1024 {
+            return Err(CudaError::Unsupported(format!(
+                "wave estimation of up to {} clusters for groups of {group} heads needs more \
+                 shared memory than one merge CTA has",
+                sel.max_ids
+            )));
+        }
+        let est_m = self.alloc::<f32>(n_units * n_chunks * group)?;
+        let est_l = self.alloc::<f32>(n_units * n_chunks * group)?;
+        let est_acc = self.alloc::<f32>(n_units * n_chunks * group * hd)?;
+        let out = self.alloc::<f32>(n_units * group * hd)?;
+        let lse = self.alloc::<f32>(n_units * group)?;
+        let (mut a_u, mut a_l, mut a_i, mut a_c) = (
+            dp(&sel.units),
+            dp(&sel.logits),
+            dp(&sel.ids),
+            dp(&sel.counts),
+        );
+        let (mut mi, mut mc, mut grp) = (sel.max_ids as i32, sel.max_clusters as i32, group as i32);
+        let (mut a_m, mut a_s, mut a_a) = (dp(&est_m), dp(&est_l), dp(&est_acc));
+        self.launch(
+            name,
+            LaunchConfig {
+                grid_dim: (n_chunks as u32, n_units as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &mut [
+                ptr_of(&mut a_u),
+                ptr_of(&mut a_l),
+                ptr_of(&mut a_i),
+                ptr_of(&mut a_c),
+                ptr_of(&mut mi),
+                ptr_of(&mut mc),
+                ptr_of(&mut grp),
+                ptr_of(&mut a_m),
+                ptr_of(&mut a_s),
+                ptr_of(&mut a_a),
+            ],
+        )?;
+        let (mut nch, mut h) = (n_chunks as i32, hd as i32);
+        let (mut a_o, mut a_lse) = (dp(&out), dp(&lse));
+        self.launch(
+            "wave_estimate_merge",
+            LaunchConfig {
+                grid_dim: (n_units as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: (group * n_chunks * 4) as u32,
+            },
+            &mut [
+                ptr_of(&mut a_m),
+                ptr_of(&mut a_s),
+                ptr_of(&mut a_a),
+                ptr_of(&mut nch),
+                ptr_of(&mut grp),
+                ptr_of(&mut h),
+                ptr_of(&mut a_o),
+                ptr_of(&mut a_lse),
+            ],
+        )?;
+        Ok(WaveEstimate { out, lse })
     }
 }
 
@@ -218,7 +313,7 @@ mod tests {
 
     #[test]
     fn wave_unit_has_the_kernel_layout() {
-        // Two pointers and four ints: 32 bytes, as `WaveUnit` in kernels/wave.cu.
-        assert_eq!(std::mem::size_of::<WaveUnit>(), 32);
+        // Three pointers and four ints: 40 bytes, as `WaveUnit` in kernels/wave.cu.
+        assert_eq!(std::mem::size_of::<WaveUnit>(), 40);
     }
 }

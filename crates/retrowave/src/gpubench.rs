@@ -246,6 +246,7 @@ fn wave_select_bench(b: &CudaBackend, out: &Path) -> Result<Vec<String>> {
             .map(|u| WaveUnit {
                 centroids: dp(&cent) + ((u % nkv) * clusters * hd * 2) as u64,
                 ln_sizes: dp(&dln),
+                means: dp(&cent) + (((u + 1) % nkv) * clusters * hd * 2) as u64,
                 n_clusters: clusters as i32,
                 q_row: (u / nkv) as i32,
                 retrieval: 205,
@@ -261,18 +262,23 @@ fn wave_select_bench(b: &CudaBackend, out: &Path) -> Result<Vec<String>> {
                 .map(|_| ())
         })?;
         let us = median(&t);
+        let sel = b.wave_select(&units, dp(&qd), nh, nkv, hd, 2105)?;
+        let te = time_us(b.stream(), 3, 20, || b.wave_estimate(&sel).map(|_| ()))?;
+        let us_est = median(&te);
         append(
             out,
             &json!({"bench": "gpu-wave-select", "batch": batch, "heads": nh, "kv_heads": nkv,
                     "head_dim": hd, "clusters_per_head": clusters, "retrieval": 205,
                     "estimation": 1900, "us": us, "us_p10": t[t.len() / 10],
+                    "estimate_us": us_est, "mean_bytes": batch * nkv * 1900 * hd * 2,
                     "us_p90": t[t.len() * 9 / 10],
                     "centroid_bytes": batch * nkv * clusters * hd * 2,
                     "note": "one layer; scoring + zone selection, incl. the per-call uploads and allocations",
                     "device": card(b), "commit": commit()}),
         )?;
-        let line =
-            format!("wave select 128K (8192 clusters x {nkv} heads) batch {batch}: {us:>8.1} us");
+        let line = format!(
+            "wave select 128K (8192 clusters x {nkv} heads) batch {batch}: {us:>8.1} us; estimate {us_est:>8.1} us"
+        );
         println!("{line}");
         lines.push(line);
     }
