@@ -159,47 +159,44 @@ __device__ __forceinline__ unsigned long long block_scan(unsigned long long v_in
   return warp_tot[warp] + incl - v_in;
 }
 
-// One radix step of the selection of the k-th largest key: every thread holds SEL_BINS / 1024
-// bins of `hist` counted from the top; finds the bin where the count from the top reaches
-// `need` and how many keys lie in the bins above it. Thread 0 of the finding thread writes
-// out[0] = bin, out[1] = count above.
+// One radix step of the selection of the k-th largest key. Every thread holds SEL_BINS / 1024
+// bins of a histogram counted from the top, and `before` keys lie in the bins above its own;
+// the thread whose bins hold the need-th key from the top writes out[0] = its bin and out[1] =
+// the keys in the bins above that bin.
 #define SEL_BITS 11
 #define SEL_BINS (1 << SEL_BITS)
-__device__ __forceinline__ void find_bin(const unsigned* hist, unsigned need_m, unsigned need_r,
-                                         unsigned long long* warp_tot, unsigned long long* total,
-                                         const unsigned* hist_r, unsigned* out_m,
-                                         unsigned* out_r) {
+__device__ __forceinline__ void locate_bin(const unsigned* hist, unsigned before, unsigned own,
+                                           unsigned need, unsigned* out) {
+  constexpr int PER = SEL_BINS / SEL_THREADS;
+  if (before < need && before + own >= need) {
+    unsigned cum = before;
+    int b = SEL_BINS - 1 - PER * (int)threadIdx.x;
+    for (int j = 0; j < PER; ++j, --b) {
+      if (cum + hist[b] >= need) break;
+      cum += hist[b];
+    }
+    out[0] = (unsigned)b;
+    out[1] = cum;
+  }
+}
+
+// Both thresholds' radix step at once: one block scan over the two histograms' counts.
+__device__ __forceinline__ void find_bins(const unsigned* hist_m, const unsigned* hist_r,
+                                          unsigned need_m, unsigned need_r,
+                                          unsigned long long* warp_tot, unsigned long long* total,
+                                          unsigned* out_m, unsigned* out_r) {
   const int tid = threadIdx.x;
   constexpr int PER = SEL_BINS / SEL_THREADS;
   unsigned own_m = 0, own_r = 0;
 #pragma unroll
   for (int j = 0; j < PER; ++j) {
-    own_m += hist[SEL_BINS - 1 - PER * tid - j];
+    own_m += hist_m[SEL_BINS - 1 - PER * tid - j];
     own_r += hist_r[SEL_BINS - 1 - PER * tid - j];
   }
   const unsigned long long before =
       block_scan((unsigned long long)own_m | ((unsigned long long)own_r << 32), warp_tot, total);
-  const unsigned bm = (unsigned)before, br = (unsigned)(before >> 32);
-  if (bm < need_m && bm + own_m >= need_m) {
-    unsigned cum = bm;
-    int b = SEL_BINS - 1 - PER * tid;
-    for (int j = 0; j < PER; ++j, --b) {
-      if (cum + hist[b] >= need_m) break;
-      cum += hist[b];
-    }
-    out_m[0] = (unsigned)b;
-    out_m[1] = cum;
-  }
-  if (br < need_r && br + own_r >= need_r) {
-    unsigned cum = br;
-    int b = SEL_BINS - 1 - PER * tid;
-    for (int j = 0; j < PER; ++j, --b) {
-      if (cum + hist_r[b] >= need_r) break;
-      cum += hist_r[b];
-    }
-    out_r[0] = (unsigned)b;
-    out_r[1] = cum;
-  }
+  locate_bin(hist_m, (unsigned)before, own_m, need_m, out_m);
+  locate_bin(hist_r, (unsigned)(before >> 32), own_r, need_r, out_r);
   __syncthreads();
 }
 
@@ -333,8 +330,8 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
       if ((x & msk) == pre_r) atomicAdd(&hist_r[b], 1u);
     }
     __syncthreads();
-    wave::find_bin(hist_m, need_m0 - above_m, need_r0 - above_r, warp_tot, &total_s, hist_r, res_m,
-                   res_r);
+    wave::find_bins(hist_m, hist_r, need_m0 - above_m, need_r0 - above_r, warp_tot, &total_s,
+                    res_m, res_r);
     pre_m |= res_m[0] << shift;
     above_m += res_m[1];
     pre_r |= res_r[0] << shift;

@@ -15,14 +15,9 @@ pub fn time_us(
     for _ in 0..warmup {
         f()?;
     }
-    let ctx = stream.context();
-    let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
     let mut events = Vec::with_capacity(reps + 1);
     for _ in 0..=reps {
-        events.push(
-            ctx.new_event(flags)
-                .map_err(CudaError::driver("cuEventCreate"))?,
-        );
+        events.push(timing_event(stream)?);
     }
     events[0]
         .record(stream)
@@ -58,14 +53,7 @@ pub fn time_back_to_back_us(
     for _ in 0..warmup {
         f()?;
     }
-    let ctx = stream.context();
-    let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
-    let start = ctx
-        .new_event(flags)
-        .map_err(CudaError::driver("cuEventCreate"))?;
-    let end = ctx
-        .new_event(flags)
-        .map_err(CudaError::driver("cuEventCreate"))?;
+    let (start, end) = (timing_event(stream)?, timing_event(stream)?);
     start
         .record(stream)
         .map_err(CudaError::driver("cuEventRecord"))?;
@@ -81,6 +69,14 @@ pub fn time_back_to_back_us(
         .elapsed_ms(&end)
         .map_err(CudaError::driver("cuEventElapsedTime"))?;
     Ok(ms as f64 * 1000.0 / reps.max(1) as f64)
+}
+
+/// A new event (with timing) in the stream's context.
+fn timing_event(stream: &CudaStream) -> Result<cudarc::driver::CudaEvent, CudaError> {
+    stream
+        .context()
+        .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+        .map_err(CudaError::driver("cuEventCreate"))
 }
 
 /// The median of sorted values.
