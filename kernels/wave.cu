@@ -69,36 +69,59 @@ __device__ void logits(const WaveUnit* __restrict__ units, const float* __restri
   for (int i = tid; i < G * HD; i += blockDim.x)
     qs[i] = q[(size_t)wu.q_row * n_heads * HD + (size_t)kvh * G * HD + i] * scale;
   __syncthreads();
-  const int c = chunk * WAVE_CHUNK + tid;
-  float acc[WAVE_MAX_G];
+  // The chunk's rows are read coalesced: LPR lanes per row (16 bytes each), RPI rows per warp
+  // instruction, each warp 32 rows; every lane keeps its 8 dimensions of 4 query heads in
+  // registers, and the row's partial dot products meet across its LPR lanes by shuffles. Groups
+  // of more than 4 heads take further rounds over the (then cached) rows.
+  constexpr int LPR = HD / 8, RPI = 32 / LPR;
+  __shared__ float lg[WAVE_MAX_G][WAVE_CHUNK];
+  const int sub = lane % LPR, n = wu.n_clusters;
+  const bf16* cbase = reinterpret_cast<const bf16*>(wu.centroids);
+  for (int gb = 0; gb < G; gb += 4) {
+    float qr[4][8];
 #pragma unroll
-  for (int g = 0; g < WAVE_MAX_G; ++g) acc[g] = 0.f;
-  const bool live = c < wu.n_clusters &&
-                    reinterpret_cast<const float*>(wu.ln_sizes)[c] != -INFINITY;
-  if (live) {
-    const uint4* row = reinterpret_cast<const uint4*>(reinterpret_cast<const bf16*>(wu.centroids) +
-                                                      (size_t)c * HD);
+    for (int k = 0; k < 4; ++k)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) qr[k][j] = gb + k < G ? qs[(gb + k) * HD + sub * 8 + j] : 0.f;
 #pragma unroll 4
-    for (int d8 = 0; d8 < HD / 8; ++d8) {
-      const uint4 raw = row[d8];
-      const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
+    for (int it = 0; it < 32 / RPI; ++it) {
+      const int r = warp * 32 + it * RPI + lane / LPR;
+      const int cr = chunk * WAVE_CHUNK + r;
+      uint4 raw = make_uint4(0u, 0u, 0u, 0u);
+      if (cr < n) raw = __ldg(reinterpret_cast<const uint4*>(cbase + (size_t)cr * HD) + sub);
+      const unsigned wv[4] = {raw.x, raw.y, raw.z, raw.w};
       float x[8];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        x[2 * j] = __uint_as_float(w[j] << 16);
-        x[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+        x[2 * j] = __uint_as_float(wv[j] << 16);
+        x[2 * j + 1] = __uint_as_float(wv[j] & 0xffff0000u);
+      }
+      float pk[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        float a = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) a += qr[k][j] * x[j];
+        pk[k] = a;
       }
 #pragma unroll
-      for (int g = 0; g < WAVE_MAX_G; ++g) {
-        if (g < G) {
-          const float4 a = *reinterpret_cast<const float4*>(&qs[g * HD + d8 * 8]);
-          const float4 b = *reinterpret_cast<const float4*>(&qs[g * HD + d8 * 8 + 4]);
-          acc[g] += a.x * x[0] + a.y * x[1] + a.z * x[2] + a.w * x[3] + b.x * x[4] + b.y * x[5] +
-                    b.z * x[6] + b.w * x[7];
-        }
+      for (int off = LPR / 2; off > 0; off >>= 1)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) pk[k] += __shfl_xor_sync(0xffffffffu, pk[k], off);
+      if (sub == 0) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+          if (gb + k < G) lg[gb + k][r] = pk[k];
       }
     }
   }
+  __syncthreads();
+  const int c = chunk * WAVE_CHUNK + tid;
+  float acc[WAVE_MAX_G];
+#pragma unroll
+  for (int g = 0; g < WAVE_MAX_G; ++g) acc[g] = g < G ? lg[g][tid] : 0.f;
+  const bool live = c < wu.n_clusters &&
+                    reinterpret_cast<const float*>(wu.ln_sizes)[c] != -INFINITY;
   // Per head: store the logit, then the chunk's max and sum of exp(logit - max).
   for (int g = 0; g < G; ++g) {
     const float l = live ? acc[g] : -INFINITY;

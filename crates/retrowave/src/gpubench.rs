@@ -235,8 +235,13 @@ fn wave_select_bench(b: &CudaBackend, out: &Path) -> Result<Vec<String>> {
     let clusters = 8192usize;
     let mut lines = Vec::new();
     let mut rng = StdRng::seed_from_u64(17);
-    let cent = b.alloc::<bf16>(clusters * hd * nkv)?;
-    b.fill_uniform(dp(&cent), clusters * hd * nkv, 3, 1.0)?;
+    // Every unit its own centroids and means (as every sequence has its own index), so that the
+    // reads come from HBM, not from L2.
+    let max_units = 32 * nkv;
+    let cent = b.alloc::<bf16>(clusters * hd * max_units)?;
+    b.fill_uniform(dp(&cent), clusters * hd * max_units, 3, 1.0)?;
+    let means = b.alloc::<bf16>(clusters * hd * max_units)?;
+    b.fill_uniform(dp(&means), clusters * hd * max_units, 4, 1.0)?;
     let ln: Vec<f32> = (0..clusters)
         .map(|i| ((i % 29) as f32 + 1.0).ln())
         .collect();
@@ -244,9 +249,9 @@ fn wave_select_bench(b: &CudaBackend, out: &Path) -> Result<Vec<String>> {
     for &batch in &[1usize, 8, 32] {
         let units: Vec<WaveUnit> = (0..batch * nkv)
             .map(|u| WaveUnit {
-                centroids: dp(&cent) + ((u % nkv) * clusters * hd * 2) as u64,
+                centroids: dp(&cent) + (u * clusters * hd * 2) as u64,
                 ln_sizes: dp(&dln),
-                means: dp(&cent) + (((u + 1) % nkv) * clusters * hd * 2) as u64,
+                means: dp(&means) + (u * clusters * hd * 2) as u64,
                 n_clusters: clusters as i32,
                 q_row: (u / nkv) as i32,
                 retrieval: 205,
@@ -273,7 +278,7 @@ fn wave_select_bench(b: &CudaBackend, out: &Path) -> Result<Vec<String>> {
                     "estimate_us": us_est, "mean_bytes": batch * nkv * 1900 * hd * 2,
                     "us_p90": t[t.len() * 9 / 10],
                     "centroid_bytes": batch * nkv * clusters * hd * 2,
-                    "note": "one layer; scoring + zone selection, incl. the per-call uploads and allocations",
+                    "note": "one layer; scoring + zone selection, incl. the per-call uploads and allocations; every unit its own centroids and means (read from HBM)",
                     "device": card(b), "commit": commit()}),
         )?;
         let line = format!(
