@@ -531,10 +531,14 @@ extern "C" __global__ void __launch_bounds__(256)
   __shared__ float mx[WAVE_MAX_G], lsum[WAVE_MAX_G];
   extern __shared__ float fac[];  // [group][n_chunks]
   const int u = blockIdx.x, tid = threadIdx.x, G = group;
-  if (tid < G) {
+  const int lane = tid & 31, warp = tid >> 5, n_warps = blockDim.x >> 5;
+  // One warp per head: the maximum over the chunks.
+  for (int g = warp; g < G; g += n_warps) {
     float m = -INFINITY;
-    for (int k = 0; k < n_chunks; ++k) m = fmaxf(m, est_m[((size_t)u * n_chunks + k) * G + tid]);
-    mx[tid] = m;
+    for (int k = lane; k < n_chunks; k += 32)
+      m = fmaxf(m, est_m[((size_t)u * n_chunks + k) * G + g]);
+    m = wave::warp_max(m);
+    if (lane == 0) mx[g] = m;
   }
   __syncthreads();
   for (int i = tid; i < G * n_chunks; i += blockDim.x) {
@@ -543,12 +547,15 @@ extern "C" __global__ void __launch_bounds__(256)
     fac[i] = (mk == -INFINITY || mx[g] == -INFINITY) ? 0.f : __expf(mk - mx[g]);
   }
   __syncthreads();
-  if (tid < G) {
+  for (int g = warp; g < G; g += n_warps) {
     float l = 0.f;
-    for (int k = 0; k < n_chunks; ++k)
-      l += est_l[((size_t)u * n_chunks + k) * G + tid] * fac[tid * n_chunks + k];
-    lsum[tid] = l;
-    lse[(size_t)u * G + tid] = l > 0.f ? mx[tid] + __logf(l) : -INFINITY;
+    for (int k = lane; k < n_chunks; k += 32)
+      l += est_l[((size_t)u * n_chunks + k) * G + g] * fac[g * n_chunks + k];
+    l = wave::warp_sum(l);
+    if (lane == 0) {
+      lsum[g] = l;
+      lse[(size_t)u * G + g] = l > 0.f ? mx[g] + __logf(l) : -INFINITY;
+    }
   }
   __syncthreads();
   for (int i = tid; i < G * hd; i += blockDim.x) {
