@@ -7,6 +7,13 @@ typedef __nv_bfloat16 bf16;
 // Rows of queries one prefill attention CTA handles. The host reads this value from this file.
 #define PREFILL_BLOCK_M 64
 
+// Shapes of the wave kernels (wave.cu). The host reads these values from here.
+#define WAVE_CHUNK 256   // clusters per wave_logits CTA (its threads)
+#define WAVE_MAX_G 16    // largest GQA group
+#define SEL_THREADS 1024 // threads of a wave_select CTA
+#define EST_CHUNK 64     // estimation clusters per wave_estimate_partial CTA
+#define EST_WARPS 4      // warps of a wave_estimate_partial CTA
+
 // One sequence of a step: where its KV cache lives and which activation rows belong to it.
 // Layer l, KV head h, token t is at base + ((l * n_kv + h) * cap + t) * head_dim.
 struct SeqDesc {

@@ -5,8 +5,8 @@
 // is one (decode row, KV head): its index (centroids, sizes) lives in device memory and its query
 // heads are kvh * G .. kvh * G + G - 1 of row q_row of the f32 activation q.
 //
-// wave_logits_hd{64,128}: grid (ceil(max_clusters / 256), n_units), block 256, one thread per
-// cluster: logits[u][g][c] = scale * q_g . c_c (f32; -inf for empty clusters, whose ln size is
+// wave_logits_hd{64,128}: grid (ceil(max_clusters / 256), n_units), block 256 (the chunk's rows
+// read coalesced, see there): logits[u][g][c] = scale * q_g . c_c (f32; -inf for empty clusters, whose ln size is
 // -inf) and, per 256-cluster chunk, the max and the sum of exp(logit - max) of each head g into
 // part_max / part_sum [u][g][chunk].
 //
@@ -17,15 +17,12 @@
 // order of the cluster-ordered store, so the attention kernels walk memory forwards), with
 // counts[u] = {n_r, n_e} (fewer when fewer clusters are non-empty). The scores are also left in
 // scores[u][c] (f32) for checks and for the adaptive budget. Radix selection on the scores' order
-// keys (8 bits a pass), no sort.
+// keys (SEL_BITS bits a pass), no sort.
 
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
 #endif
 
-#define WAVE_CHUNK 256      // clusters per wave_logits CTA
-#define WAVE_MAX_G 16       // largest GQA group
-#define SEL_THREADS 1024
 
 struct WaveUnit {
   unsigned long long centroids;  // const bf16* [n_clusters][hd]
@@ -406,8 +403,6 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   }
 }
 
-#define EST_CHUNK 64
-#define EST_WARPS 4
 
 namespace wave {
 

@@ -646,18 +646,31 @@ fn update_layer(kv: &CpuKv, wave: &mut WaveKv, layer: usize) -> Result<(), Backe
     Ok(())
 }
 
-/// Folds the estimation clusters into `st`: `logits` is `[group, e]`, the logits of each
-/// cluster's `|C_i|` copies of its centroid (`q . c_i * scale + ln |C_i|` per query head), and
-/// `means` their mean values (`value_sum / size`) as int8 codes with one scale each (`scales`,
-/// `[e]`). Each cluster's mean is read once for the whole group.
+/// The mean values of an index's clusters (`value_sum / size`) as int8 codes, `[clusters,
+/// head_dim]`, with one scale per cluster: mean = code * scale.
+#[derive(Clone, Copy)]
+struct MeanCodes<'a> {
+    codes: &'a [i8],
+    scales: &'a [f32],
+}
+
+/// Folds the estimation clusters `ids` into `st`: `logits` is `[group, ids.len()]`, the logits
+/// of each cluster's `|C_i|` copies of its centroid (`q . c_i * scale + ln |C_i|` per query
+/// head), and `means` the index's mean values. Each cluster's mean is read once for the whole
+/// group.
 #[inline(never)]
-fn estimate(st: &mut GroupState, logits: &[f32], means: &[&[i8]], scales: &[f32]) {
+fn estimate(st: &mut GroupState, logits: &[f32], means: MeanCodes<'_>, ids: &[u32]) {
     let group = st.m.len();
-    let (hd, e) = (st.acc.len() / group.max(1), means.len());
+    let (hd, e) = (st.acc.len() / group.max(1), ids.len());
     if e == 0 {
         return;
     }
-    assert_eq!(scales.len(), e, "one scale per estimation cluster");
+    assert!(
+        ids.iter()
+            .all(|&c| (c as usize) < means.scales.len()
+                && (c as usize + 1) * hd <= means.codes.len()),
+        "estimation cluster outside the index"
+    );
     let mut w = vec![0f32; group * e];
     for g in 0..group {
         let lg = &logits[g * e..(g + 1) * e];
@@ -679,21 +692,24 @@ fn estimate(st: &mut GroupState, logits: &[f32], means: &[&[i8]], scales: &[f32]
         let wg = &mut w[g * e..(g + 1) * e];
         st.l[g] += simd::exp_shift_sum(lg, mn, wg);
         // The mean's scale goes into its weight: acc += (w * scale) * code.
-        wg.iter_mut().zip(scales).for_each(|(x, &sc)| *x *= sc);
+        wg.iter_mut()
+            .zip(ids)
+            .for_each(|(x, &c)| *x *= means.scales[c as usize]);
     }
     #[cfg(target_arch = "x86_64")]
     if hd.is_multiple_of(8)
         && group <= crate::decode_kernel::MAX_GROUP
         && crate::decode_kernel::has_avx2_f16c()
-        && means.iter().all(|m| m.len() >= hd)
     {
         macro_rules! dispatch {
             ($($g:literal)*) => {
                 match group {
                     $($g => {
-                        // SAFETY: AVX2 and FMA were detected; every mean has `hd` codes,
-                        // `w` is `[group, e]` and `acc` is `[group, hd]`.
-                        unsafe { estimate_accumulate_avx2::<$g>(&mut st.acc, &w, means, hd) };
+                        // SAFETY: AVX2 and FMA were detected; every id's row lies in the codes
+                        // (checked above), `w` is `[group, e]` and `acc` is `[group, hd]`.
+                        unsafe {
+                            estimate_accumulate_avx2::<$g>(&mut st.acc, &w, means.codes, ids, hd)
+                        };
                         return;
                     })*
                     _ => {}
@@ -703,8 +719,9 @@ fn estimate(st: &mut GroupState, logits: &[f32], means: &[&[i8]], scales: &[f32]
         dispatch!(1 2 3 4 5 6 7 8);
     }
     let mut row = vec![0f32; hd];
-    for (i, mean) in means.iter().enumerate() {
-        for (r, &c) in row.iter_mut().zip(mean.iter()) {
+    for (i, &id) in ids.iter().enumerate() {
+        let mean = &means.codes[id as usize * hd..(id as usize + 1) * hd];
+        for (r, &c) in row.iter_mut().zip(mean) {
             *r = f32::from(c);
         }
         for g in 0..group {
@@ -716,26 +733,30 @@ fn estimate(st: &mut GroupState, logits: &[f32], means: &[&[i8]], scales: &[f32]
     }
 }
 
-/// `acc[g] += sum_i w[g, i] * mean_i` for a whole group: 8 dimensions at a time with the
-/// group's accumulators in registers, over blocks of clusters whose means stay in L1, so each
-/// mean is converted once per block and no accumulator goes through memory per cluster.
+/// `acc[g] += sum_i w[g, i] * mean_{ids[i]}` (the rows of `codes`, `[clusters, hd]`) for a
+/// whole group: 8 dimensions at a time with the group's accumulators in registers, over blocks
+/// of clusters whose means stay in L1, so each mean is converted once per block and no
+/// accumulator goes through memory per cluster.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn estimate_accumulate_avx2<const G: usize>(
     acc: &mut [f32],
     w: &[f32],
-    means: &[&[i8]],
+    codes: &[i8],
+    ids: &[u32],
     hd: usize,
 ) {
-    assert!(acc.len() >= G * hd && w.len() >= G * means.len() && hd.is_multiple_of(8));
-    assert!(means.iter().all(|m| m.len() >= hd));
+    assert!(acc.len() >= G * hd && w.len() >= G * ids.len() && hd.is_multiple_of(8));
+    assert!(ids.iter().all(|&c| (c as usize + 1) * hd <= codes.len()));
     use std::arch::x86_64::*;
     const BLOCK: usize = 16;
     const AHEAD: usize = 32;
-    let e = means.len();
+    let e = ids.len();
+    let row = |i: usize| &codes[ids[i] as usize * hd..(ids[i] as usize + 1) * hd];
     // Hints one mean into L2 (a burst of prefetches into L1 would hold its few miss buffers).
     let prefetch = |i: usize| {
-        if let Some(mean) = means.get(i) {
+        if i < e {
+            let mean = row(i);
             for off in (0..hd).step_by(64) {
                 // SAFETY: prefetching inside a live slice (off < hd bytes) only warms caches.
                 unsafe {
@@ -756,7 +777,8 @@ unsafe fn estimate_accumulate_avx2<const G: usize>(
                 // SAFETY: g < group and d + 8 <= hd, inside `acc` ([group, hd]).
                 *ag = unsafe { _mm256_loadu_ps(acc.as_ptr().add(g * hd + d)) };
             }
-            for (i, mean) in means.iter().enumerate().take(end).skip(start) {
+            for i in start..end {
+                let mean = row(i);
                 // The means are scattered over the index: fetch the next block's, one per
                 // mean of this block, during the first pass over it.
                 if d == 0 {
@@ -957,16 +979,6 @@ pub fn decode(
             clock.lap(2);
             stats.exact_tokens += stats.steady_tokens;
             let n = head.index.n_clusters();
-            let means: Vec<&[i8]> = plan
-                .estimation
-                .iter()
-                .map(|&c| &head.mean_codes[c as usize * hd..(c as usize + 1) * hd])
-                .collect();
-            let mean_scales: Vec<f32> = plan
-                .estimation
-                .iter()
-                .map(|&c| head.mean_scales[c as usize])
-                .collect();
             let e = plan.estimation.len();
             // The logits of the cluster's |C_i| copies: q . c_i * scale + ln |C_i|.
             let mut lg = vec![0f32; group * e];
@@ -976,7 +988,11 @@ pub fn decode(
                     *x = lgg[c as usize] + head.ln_sizes[c as usize];
                 }
             }
-            estimate(&mut st, &lg, &means, &mean_scales);
+            let means = MeanCodes {
+                codes: &head.mean_codes,
+                scales: &head.mean_scales,
+            };
+            estimate(&mut st, &lg, means, &plan.estimation);
             clock.lap(3);
             stats.retrieval_clusters = plan.retrieval.len() as u64;
             stats.estimation_clusters = plan.estimation.len() as u64;
@@ -1421,7 +1437,7 @@ mod estimate_bench {
         let big: Vec<i8> = (0..total + 64).map(|_| (rnd() >> 56) as i8).collect();
         let off = big.as_ptr().align_offset(64);
         let means: Vec<&[i8]> = big[off..off + total].chunks(clusters * hd).collect();
-        let scales = vec![0.01f32; e];
+        let scales = vec![0.01f32; clusters];
         let picks: Vec<Vec<u32>> = (0..heads * layers)
             .map(|_| {
                 let mut ids: Vec<u32> = (0..clusters as u32).collect();
@@ -1444,12 +1460,12 @@ mod estimate_bench {
                 for l in 0..layers {
                     for h in 0..heads {
                         let u = l * heads + h;
-                        let m: Vec<&[i8]> = picks[u]
-                            .iter()
-                            .map(|&c| &means[u][c as usize * hd..(c as usize + 1) * hd])
-                            .collect();
+                        let m = MeanCodes {
+                            codes: means[u],
+                            scales: &scales,
+                        };
                         let mut st = GroupState::new(group, hd);
-                        estimate(&mut st, &logits, &m, &scales);
+                        estimate(&mut st, &logits, m, &picks[u]);
                         std::hint::black_box(&st);
                     }
                 }

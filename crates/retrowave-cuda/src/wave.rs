@@ -30,10 +30,15 @@ pub struct WaveUnit {
 // SAFETY: plain old data with the C layout the kernels expect.
 unsafe impl DeviceRepr for WaveUnit {}
 
+// The kernels' shapes, as `kernels/common.cuh` defines them (a test holds the two together).
 /// Clusters per `wave_logits` CTA (`WAVE_CHUNK`).
 const WAVE_CHUNK: usize = 256;
 /// Largest GQA group the kernels take (`WAVE_MAX_G`).
 pub const WAVE_MAX_G: usize = 16;
+/// Threads of a `wave_select` CTA (`SEL_THREADS`).
+const SEL_THREADS: u32 = 1024;
+/// Threads of a `wave_estimate_partial` CTA (`EST_WARPS` warps).
+const EST_THREADS: u32 = 128;
 /// Dynamic shared memory `wave_select` may use for a unit's score keys (4 bytes a cluster: up to
 /// 40960 clusters, 655K tokens of context at 16 a cluster; longer contexts keep them in global
 /// memory).
@@ -62,6 +67,8 @@ pub struct WaveSelection {
 
 /// Estimation-zone clusters per `wave_estimate_partial` CTA (`EST_CHUNK`).
 const EST_CHUNK: usize = 64;
+/// Threads of a `wave_estimate_merge` CTA.
+const MERGE_THREADS: u32 = 256;
 
 /// What [`CudaBackend::wave_estimate`] leaves on the device.
 pub struct WaveEstimate {
@@ -167,7 +174,7 @@ impl CudaBackend {
             "wave_select",
             LaunchConfig {
                 grid_dim: (n_units as u32, 1, 1),
-                block_dim: (1024, 1, 1),
+                block_dim: (SEL_THREADS, 1, 1),
                 shared_mem_bytes: if in_smem == 1 { smem as u32 } else { 0 },
             },
             &mut [
@@ -235,7 +242,7 @@ impl CudaBackend {
             name,
             LaunchConfig {
                 grid_dim: (n_chunks as u32, n_units as u32, 1),
-                block_dim: (128, 1, 1),
+                block_dim: (EST_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             },
             &mut [
@@ -257,7 +264,7 @@ impl CudaBackend {
             "wave_estimate_merge",
             LaunchConfig {
                 grid_dim: (n_units as u32, 1, 1),
-                block_dim: (256, 1, 1),
+                block_dim: (MERGE_THREADS, 1, 1),
                 shared_mem_bytes: (group * n_chunks * 4) as u32,
             },
             &mut [
@@ -309,6 +316,19 @@ mod tests {
             (vec![0, 1, 6], vec![2, 4, 5])
         );
         assert_eq!(reference_split(&scores, &live, 0, 1), (vec![], vec![1]));
+    }
+
+    #[test]
+    fn shapes_are_the_kernels() {
+        use crate::compile::header_define;
+        assert_eq!(header_define("WAVE_CHUNK"), Some(WAVE_CHUNK as i64));
+        assert_eq!(header_define("WAVE_MAX_G"), Some(WAVE_MAX_G as i64));
+        assert_eq!(header_define("SEL_THREADS"), Some(i64::from(SEL_THREADS)));
+        assert_eq!(header_define("EST_CHUNK"), Some(EST_CHUNK as i64));
+        assert_eq!(
+            header_define("EST_WARPS").map(|w| w * 32),
+            Some(i64::from(EST_THREADS))
+        );
     }
 
     #[test]

@@ -317,27 +317,45 @@ impl WaveConfig {
 /// interleaved partial sums (one long chain of dependent adds was the slowest part of a step's
 /// planning).
 pub(crate) fn live_total(scores: &[f32]) -> (usize, f64) {
-    let mut sums = [0f64; 4];
-    let mut count = 0;
-    let mut chunks = scores.chunks_exact(4);
-    let live = |s: f32| {
-        if s.is_finite() && s > 0.0 {
-            f64::from(s)
-        } else {
-            0.0
-        }
-    };
-    for c in &mut chunks {
-        for (sum, &s) in sums.iter_mut().zip(c) {
-            *sum += live(s);
-            count += usize::from(s.is_finite() && s > 0.0);
+    let mut acc = LiveTotal::new(scores.len());
+    for (c, &s) in scores.iter().enumerate() {
+        acc.add(c, s);
+    }
+    acc.finish()
+}
+
+/// The running count and sum of [`live_total`], one score at a time (for passes that do other
+/// work per score): score `c` of `n` goes to lane `c % 4`, the last `n % 4` to lane 0, so the
+/// total is bit for bit the same whoever sums.
+pub(crate) struct LiveTotal {
+    sums: [f64; 4],
+    count: usize,
+    whole: usize,
+}
+
+impl LiveTotal {
+    /// For `n` scores.
+    pub(crate) fn new(n: usize) -> Self {
+        LiveTotal {
+            sums: [0.0; 4],
+            count: 0,
+            whole: n - n % 4,
         }
     }
-    for &s in chunks.remainder() {
-        sums[0] += live(s);
-        count += usize::from(s.is_finite() && s > 0.0);
+
+    /// Adds score number `c`.
+    #[inline]
+    pub(crate) fn add(&mut self, c: usize, s: f32) {
+        let live = s.is_finite() && s > 0.0;
+        self.count += usize::from(live);
+        self.sums[if c < self.whole { c & 3 } else { 0 }] += if live { f64::from(s) } else { 0.0 };
     }
-    (count, (sums[0] + sums[1]) + (sums[2] + sums[3]))
+
+    /// The live count and total.
+    pub(crate) fn finish(&self) -> (usize, f64) {
+        let s = &self.sums;
+        (self.count, (s[0] + s[1]) + (s[2] + s[3]))
+    }
 }
 
 /// The `k` largest of `values` (whose [`select::order_key`]s are `keys`), in no order.

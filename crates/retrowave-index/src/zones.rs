@@ -220,11 +220,9 @@ pub fn plan_step(
     let mut keys = vec![0u32; n];
     let mut hist = vec![0u32; 1 << HIST_BITS];
     let mut w = 0;
-    // Summed as `config::live_total` sums (four interleaved lanes, the tail in the first), so
-    // the total and the adaptive budget are bit-for-bit the reference's.
-    let mut sums = [0f64; 4];
-    let whole = n - n % 4;
-    let mut live = 0usize;
+    // Summed as `config::live_total` sums, so the total and the adaptive budget are bit for bit
+    // the reference's.
+    let mut live_total = crate::config::LiveTotal::new(n);
     let mut unusual = u32::try_from(n).is_err();
     for (c, (&s, &size)) in scores.iter().zip(index.sizes()).enumerate() {
         let k = select::order_key(s);
@@ -233,14 +231,12 @@ pub fn plan_step(
         let filled = size > 0;
         w += usize::from(filled);
         hist[(k >> (32 - HIST_BITS)) as usize] += u32::from(filled);
-        let is_live = s.is_finite() && s > 0.0;
-        live += usize::from(is_live);
-        sums[if c < whole { c & 3 } else { 0 }] += if is_live { f64::from(s) } else { 0.0 };
+        live_total.add(c, s);
         // Scores that rank above every finite one (NaN, +inf) or live scores on empty clusters:
         // the candidates might not hold the top live scores; take the general path.
         unusual |= s.is_nan() || s == f32::INFINITY || (!filled && s > 0.0);
     }
-    let total = (sums[0] + sums[1]) + (sums[2] + sums[3]);
+    let (live, total) = live_total.finish();
     if unusual {
         let budgets = index.step_budgets(cfg, scores);
         return plan_zones_with_budgets(index, scores, budgets, n_tokens);
