@@ -38,6 +38,10 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../../kernels/attention_prefill.cu"),
     ),
     ("wave.cu", include_str!("../../../kernels/wave.cu")),
+    (
+        "wave_build.cu",
+        include_str!("../../../kernels/wave_build.cu"),
+    ),
 ];
 
 /// Where compiled kernels are cached: `$RETROWAVE_KERNEL_CACHE`, else
