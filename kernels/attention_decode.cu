@@ -77,13 +77,33 @@ __device__ __forceinline__ unsigned swz(int row, int ch) {
 
 // FUSED: the attn_decode_fused_* entry points (the merge is done by the last CTA of each (row,
 // KV head), see there); otherwise attn_decode_partial_* (out, lse_out and counters unused).
-template <int HD, bool FUSED>
+// Wave mode (attn_wave_fused_*): each (row i, KV head) unit attends to its own list of token
+// positions instead of [0, len): list[unit * list_cap ..] with count[unit] entries (unit = i *
+// n_kv + kvh); its split size follows from its count and max_splits; the final output is merged
+// by log-sum-exp with the unit's estimation zone (est_out [unit][G][HD], est_lse [unit][G]).
+struct WaveExec {
+  const int* list;
+  const int* count;
+  int list_cap;
+  const float* est_out;
+  const float* est_lse;
+};
+
+// Combines a normalised exact output o (log-sum-exp lse) with the estimate oe (lse le).
+__device__ __forceinline__ float merge_est(float o, float lse, float oe, float le) {
+  const float M = fmaxf(lse, le);
+  if (M == -INFINITY) return 0.f;
+  const float a = __expf(lse - M), b = __expf(le - M);
+  return (a * o + b * oe) / (a + b);
+}
+
+template <int HD, bool FUSED, bool WAVE>
 __device__ __forceinline__ void decode_partial(const float* __restrict__ q, const SeqDesc* __restrict__ seqs,
                                                const int* __restrict__ row_seq, const int* __restrict__ rows_list,
                                                int layer, int n_heads, int n_kv, int split_tokens, int max_splits,
                                                float scale, float* __restrict__ o_part, float* __restrict__ lse_part,
                                                float* __restrict__ out, float* __restrict__ lse_out,
-                                               int* __restrict__ counters) {
+                                               int* __restrict__ counters, const WaveExec wx) {
   constexpr int KT = HD / 16;                        // k16 steps over the head dim (Q K^T)
   constexpr int DT = HD / 8;                         // n8 tiles over the head dim (O)
   constexpr int TILE_BYTES = DEC_STAGE_BYTES / 2;    // K (or V) bytes of a tile
@@ -105,7 +125,20 @@ __device__ __forceinline__ void decode_partial(const float* __restrict__ q, cons
 
   const int row = rows_list[i];
   const SeqDesc sd = seqs[row_seq[row]];
-  const int len = sd.start_pos + (row - sd.row) + 1;
+  const int unit = i * n_kv + kvh;
+  const int* list = nullptr;
+  int len;
+  if constexpr (WAVE) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // The token lists and counts come from the previous kernel.
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+    len = min(wx.count[unit], wx.list_cap);
+    list = wx.list + (size_t)unit * wx.list_cap;
+    split_tokens = max(64, (((len + max_splits - 1) / max_splits) + 63) & ~63);
+  } else {
+    len = sd.start_pos + (row - sd.row) + 1;
+  }
   const int begin = split * split_tokens;
   const int end = min(len, begin + split_tokens);
   // Non-empty splits of this row (the host sizes max_splits for the longest row).
@@ -117,7 +150,7 @@ __device__ __forceinline__ void decode_partial(const float* __restrict__ q, cons
   // passes while the previous kernel finishes (a launch with programmatic serialization starts
   // this CTA early). A prefetch into L2, the point of coherence, never reads stale data, even for
   // the newest key that the previous kernel may still be writing.
-  if (begin < end) {
+  if (!WAVE && begin < end) {
     const bf16* kp = seq_k(sd, layer, n_kv, kvh, HD) + (size_t)begin * HD;
     const bf16* vp = seq_v(sd, layer, n_kv, kvh, HD) + (size_t)begin * HD;
     const int lines = (min(end - begin, (DEC_STAGES - 1) * TILE_T) * HD * 2 + 127) / 128;
@@ -164,7 +197,8 @@ __device__ __forceinline__ void decode_partial(const float* __restrict__ q, cons
         const int c = tid + k * DEC_THREADS;
         const int tok = c / CPR, ch = c % CPR;
         const bool ok = tb + tok < end;
-        const size_t off = ok ? ((size_t)(tb + tok) * HD + ch * 8) : 0;
+        size_t off = 0;
+        if (ok) off = (size_t)(WAVE ? __ldg(list + tb + tok) : tb + tok) * HD + ch * 8;
         const unsigned so = swz<HD>(tok, ch);
         cp_async16(ks + so, kbase + off, ok);
         cp_async16(vs + so, vbase + off, ok);
@@ -320,7 +354,12 @@ __device__ __forceinline__ void decode_partial(const float* __restrict__ q, cons
       const float lv = (L > 0.f) ? (M + __log2f(L)) * LN2 : -INFINITY;
       if (FUSED && nv == 1) {  // the row's only split: final output, no merge
         const int h = kvh * G + cbase + hh;
-        out[((size_t)row * n_heads + h) * HD + d] = ov;
+        if constexpr (WAVE) {
+          const size_t e = (size_t)unit * G + cbase + hh;
+          out[((size_t)row * n_heads + h) * HD + d] = merge_est(ov, lv, wx.est_out[e * HD + d], wx.est_lse[e]);
+        } else {
+          out[((size_t)row * n_heads + h) * HD + d] = ov;
+        }
         if (d == 0 && lse_out != nullptr) lse_out[(size_t)i * n_heads + h] = lv;
       } else {
         const size_t pi = part_idx(cbase + hh);
@@ -394,6 +433,20 @@ __device__ __forceinline__ void decode_partial(const float* __restrict__ q, cons
     }
     if (hh < nh) {
       const int h = kvh * G + hg0 + hh;
+      if constexpr (WAVE) {
+        // Fold the estimate in as one more term of the merge.
+        const size_t e = (size_t)unit * G + hg0 + hh;
+        const float le = wx.est_lse[e];
+        const float cm = fmaxf(M, le);
+        if (cm != -INFINITY) {
+          const float cr = __expf(M - cm), we = __expf(le - cm);
+          const float4 oe = reinterpret_cast<const float4*>(wx.est_out + e * HD)[c];
+          L = L * cr + we;
+          acc.x = fmaf(we, oe.x, acc.x * cr); acc.y = fmaf(we, oe.y, acc.y * cr);
+          acc.z = fmaf(we, oe.z, acc.z * cr); acc.w = fmaf(we, oe.w, acc.w * cr);
+          M = cm;
+        }
+      }
       const float inv = (L > 0.f) ? 1.f / L : 0.f;
       reinterpret_cast<float4*>(out + ((size_t)row * n_heads + h) * HD)[c] =
           make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
@@ -408,16 +461,16 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     attn_decode_partial_hd64(const float* q, const SeqDesc* seqs, const int* row_seq, const int* rows_list, int layer,
                              int n_heads, int n_kv, int split_tokens, int max_splits, float scale, float* o_part,
                              float* lse_part) {
-  dec::decode_partial<64, false>(q, seqs, row_seq, rows_list, layer, n_heads, n_kv, split_tokens, max_splits, scale,
-                                 o_part, lse_part, nullptr, nullptr, nullptr);
+  dec::decode_partial<64, false, false>(q, seqs, row_seq, rows_list, layer, n_heads, n_kv, split_tokens, max_splits, scale,
+                                 o_part, lse_part, nullptr, nullptr, nullptr, dec::WaveExec{});
 }
 
 extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     attn_decode_partial_hd128(const float* q, const SeqDesc* seqs, const int* row_seq, const int* rows_list, int layer,
                               int n_heads, int n_kv, int split_tokens, int max_splits, float scale, float* o_part,
                               float* lse_part) {
-  dec::decode_partial<128, false>(q, seqs, row_seq, rows_list, layer, n_heads, n_kv, split_tokens, max_splits, scale,
-                                  o_part, lse_part, nullptr, nullptr, nullptr);
+  dec::decode_partial<128, false, false>(q, seqs, row_seq, rows_list, layer, n_heads, n_kv, split_tokens, max_splits, scale,
+                                  o_part, lse_part, nullptr, nullptr, nullptr, dec::WaveExec{});
 }
 
 // Single-kernel flash-decoding: the partial kernel's grid, block and shared memory, plus the
@@ -433,17 +486,32 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     attn_decode_fused_hd64(const float* q, const SeqDesc* seqs, const int* row_seq, const int* rows_list, int layer,
                            int n_heads, int n_kv, int split_tokens, int max_splits, float scale, float* o_part,
                            float* lse_part, float* out, float* lse_out, int* counters) {
-  dec::decode_partial<64, true>(q, seqs, row_seq, rows_list, layer, n_heads, n_kv, split_tokens, max_splits, scale,
-                                o_part, lse_part, out, lse_out, counters);
+  dec::decode_partial<64, true, false>(q, seqs, row_seq, rows_list, layer, n_heads, n_kv, split_tokens, max_splits, scale,
+                                o_part, lse_part, out, lse_out, counters, dec::WaveExec{});
 }
 
 extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     attn_decode_fused_hd128(const float* q, const SeqDesc* seqs, const int* row_seq, const int* rows_list, int layer,
                             int n_heads, int n_kv, int split_tokens, int max_splits, float scale, float* o_part,
                             float* lse_part, float* out, float* lse_out, int* counters) {
-  dec::decode_partial<128, true>(q, seqs, row_seq, rows_list, layer, n_heads, n_kv, split_tokens, max_splits, scale,
-                                 o_part, lse_part, out, lse_out, counters);
+  dec::decode_partial<128, true, false>(q, seqs, row_seq, rows_list, layer, n_heads, n_kv, split_tokens, max_splits, scale,
+                                 o_part, lse_part, out, lse_out, counters, dec::WaveExec{});
 }
+// Wave flash-decoding: the fused kernel over each unit's token list (see dec::WaveExec), its
+// split size derived on the device from the list's length (at most max_splits splits), merged
+// with the unit's estimation zone. Launched after the kernel that writes the lists.
+#define ATTN_WAVE_ENTRY(HDV)                                                                                      \
+  extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_wave_fused_hd##HDV(                             \
+      const float* q, const SeqDesc* seqs, const int* row_seq, const int* rows_list, int layer, int n_heads,      \
+      int n_kv, int max_splits, float scale, float* o_part, float* lse_part, float* out, int* counters,           \
+      const int* list, const int* count, int list_cap, const float* est_out, const float* est_lse) {              \
+    dec::decode_partial<HDV, true, true>(q, seqs, row_seq, rows_list, layer, n_heads, n_kv, 64, max_splits, scale, \
+                                         o_part, lse_part, out, nullptr, counters,                                \
+                                         dec::WaveExec{list, count, list_cap, est_out, est_lse});                 \
+  }
+ATTN_WAVE_ENTRY(64)
+ATTN_WAVE_ENTRY(128)
+
 // Merge the splits of each (row i, head h): grid (n_heads, n_rows), block MERGE_THREADS (256),
 // no dynamic shared memory; head_dim a multiple of 4, at most 1024.
 // out[rows_list[i], h*hd + d] = sum_s exp(lse_s - M) o_s[d] / sum_s exp(lse_s - M).

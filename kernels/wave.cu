@@ -32,6 +32,12 @@ struct WaveUnit {
   int q_row;                     // activation row of the unit's query
   int retrieval;                 // clusters wanted in the retrieval zone
   int estimation;                // clusters wanted in the estimation zone
+  // For wave_tokens (the exact part's token list); unused by the scoring kernels.
+  unsigned long long offsets;    // const int* [n_clusters + 1]: CSR offsets of the members
+  unsigned long long members;    // const int*: token positions, cluster after cluster
+  int sink;                      // steady zone: positions [0, sink) and [indexed_end, n_tokens),
+  int indexed_end;               // n_tokens from the unit's sequence descriptor (this step's
+  int pad0_, pad1_;              // token included)
 };
 
 namespace wave {
@@ -559,5 +565,65 @@ extern "C" __global__ void __launch_bounds__(256)
     for (int k = 0; k < n_chunks; ++k)
       a += est_acc[(((size_t)u * n_chunks + k) * G + g) * hd + d] * fac[g * n_chunks + k];
     out[(size_t)u * G * hd + i] = lsum[g] > 0.f ? a / lsum[g] : 0.f;
+  }
+}
+
+// wave_tokens: grid (n_units), block SEL_THREADS. The token list of each unit's exact part, in
+// the order the attention walks it: the steady zone ([0, sink) and [indexed_end, n_tokens), with
+// n_tokens = the cached tokens of the unit's sequence, this step's included), then
+// the members of its retrieval clusters (ids[u][0 .. counts[u][0]), ascending ids, so memory is
+// walked forwards) into list[u][0 .. list_cap), with the length in count[u]. A list longer than
+// list_cap (the host sizes it as a bound, so this means a host bug) is cut and counted in
+// overflow[0]: the metrics report it, nothing is dropped silently.
+extern "C" __global__ void __launch_bounds__(SEL_THREADS)
+    wave_tokens(const WaveUnit* units, const SeqDesc* seqs, const int* row_seq, const int* ids,
+                const int* counts, int max_ids, int* list, int* count, int list_cap, int* overflow) {
+  __shared__ unsigned long long warp_tot[32];
+  __shared__ unsigned long long total;
+  __shared__ int s_dst[SEL_THREADS], s_src[SEL_THREADS], s_len[SEL_THREADS];
+  const int u = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const WaveUnit U = units[u];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+  int* L = list + (size_t)u * list_cap;
+  const int* offs = reinterpret_cast<const int*>(U.offsets);
+  const int* mem = reinterpret_cast<const int*>(U.members);
+  const SeqDesc sd = seqs[row_seq[U.q_row]];
+  const int n_tokens = sd.start_pos + (U.q_row - sd.row) + 1;
+  const int s1 = max(0, min(U.sink, n_tokens));
+  const int s2 = max(0, n_tokens - max(U.indexed_end, s1));
+  const int steady = s1 + s2;
+  for (int j = tid; j < min(steady, list_cap); j += SEL_THREADS)
+    L[j] = j < s1 ? j : max(U.indexed_end, s1) + (j - s1);
+  const int nr = counts[2 * u];
+  const int* uid = ids + (size_t)u * max_ids;
+  int carry = steady;
+  for (int base = 0; base < nr; base += SEL_THREADS) {
+    const int c = base + tid < nr ? uid[base + tid] : -1;
+    int o0 = 0, sz = 0;
+    if (c >= 0) {
+      o0 = offs[c];
+      sz = offs[c + 1] - o0;
+    }
+    const int off = (int)wave::block_scan((unsigned long long)sz, warp_tot, &total);
+    s_dst[tid] = carry + off;
+    s_src[tid] = o0;
+    s_len[tid] = sz;
+    const int chunk_total = (int)total;
+    __syncthreads();
+    // One warp per cluster: coalesced copies of its members.
+    const int n_here = min(SEL_THREADS, nr - base);
+    for (int k = warp; k < n_here; k += SEL_THREADS / 32) {
+      const int d0 = s_dst[k], o = s_src[k], n = s_len[k];
+      for (int e = lane; e < n; e += 32)
+        if (d0 + e < list_cap) L[d0 + e] = mem[o + e];
+    }
+    carry += chunk_total;
+    __syncthreads();  // the shared arrays and the scan's buffers are reused
+  }
+  if (tid == 0) {
+    count[u] = min(carry, list_cap);
+    if (carry > list_cap) atomicAdd(overflow, 1);
   }
 }

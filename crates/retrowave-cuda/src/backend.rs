@@ -20,7 +20,7 @@ use half::bf16;
 use retrowave_core::quant::dequantize_row;
 use retrowave_core::{
     Backend, BackendError, BatchLayout, HeadLayout, RopeParams, RopeStyle, RowSampling, TensorType,
-    WeightView,
+    WaveConfig, WaveStats, WeightView,
 };
 
 use crate::CudaError;
@@ -67,6 +67,19 @@ const KERNELS: &[&str] = &[
     "wave_estimate_partial_hd64",
     "wave_estimate_partial_hd128",
     "wave_estimate_merge",
+    "wave_tokens",
+    "attn_wave_fused_hd64",
+    "attn_wave_fused_hd128",
+    "wave_build_mean",
+    "wave_build_init",
+    "wave_build_assign_hd64",
+    "wave_build_assign_hd128",
+    "wave_build_count",
+    "wave_build_scan",
+    "wave_build_scatter",
+    "wave_build_update",
+    "wave_build_summary",
+    "wave_build_gather",
 ];
 
 /// A weight matrix on the GPU: bf16, `[rows = out features, cols = in features]`, row-major.
@@ -98,6 +111,8 @@ pub struct DevKv {
     pub head_dim: usize,
     pub cap: usize,
     pub len: usize,
+    /// The wave index over the cached tokens, once built (see [`crate::wave_step`]).
+    pub wave: Option<Box<crate::wave_step::DevWave>>,
 }
 
 /// Per-sequence descriptor of a step, laid out like `struct SeqDesc` in `kernels/common.cuh`.
@@ -142,6 +157,25 @@ pub struct StepTables {
     d_counters: sys::CUdeviceptr,
     /// The buffers behind the pointers, when these tables own them (the graph inputs own theirs).
     _owned: Option<(CudaSlice<SeqDesc>, [CudaSlice<i32>; 5])>,
+}
+
+impl StepTables {
+    /// Device address of the sequence descriptors.
+    pub fn descs_ptr(&self) -> sys::CUdeviceptr {
+        self.d_descs
+    }
+    /// Device address of the row -> sequence map.
+    pub fn row_seq_ptr(&self) -> sys::CUdeviceptr {
+        self.d_row_seq
+    }
+    /// Device address of the decode rows.
+    pub fn decode_rows_ptr(&self) -> sys::CUdeviceptr {
+        self.d_decode_rows
+    }
+    /// Device address of the zeroed `[decode rows, n_kv]` merge counters.
+    pub fn counters_ptr(&self) -> sys::CUdeviceptr {
+        self.d_counters
+    }
 }
 
 // SAFETY: the raw pointers are device addresses owned by `_owned` or by the backend's graph
@@ -190,6 +224,8 @@ struct GraphKey {
     split: usize,
     max_splits: usize,
     greedy: bool,
+    /// Wave steps: the units' address and the wave kernels' shapes.
+    wave: Option<(u64, usize, usize, usize)>,
 }
 
 /// The inputs armed for the step being run or captured.
@@ -262,6 +298,10 @@ struct Inner {
     reports: Vec<ModuleReport>,
     _modules: Vec<Arc<CudaModule>>,
     failure: Mutex<Option<String>>,
+    /// One `i32` on the device: token lists cut by `wave_tokens` (allocated on first use).
+    wave_overflow: Mutex<Option<CudaSlice<i32>>>,
+    /// The units of the current wave decode step (see `wave_step`).
+    wave_units: Mutex<Option<Arc<crate::wave_step::WaveStepUnits>>>,
 }
 
 /// The CUDA backend of one GPU. Cloning shares the context, stream and kernels.
@@ -349,6 +389,8 @@ impl CudaBackend {
                 poison: std::sync::atomic::AtomicBool::new(false),
                 positions: Mutex::new(None),
                 graphs_enabled: graphs_enabled(),
+                wave_overflow: Mutex::new(None),
+                wave_units: Mutex::new(None),
             }),
         };
         // Kernels that need more than the default 48 KB of dynamic shared memory.
@@ -357,6 +399,8 @@ impl CudaBackend {
             ("attn_decode_partial_hd128", decode_smem()),
             ("attn_decode_fused_hd64", decode_smem()),
             ("attn_decode_fused_hd128", decode_smem()),
+            ("attn_wave_fused_hd64", decode_smem()),
+            ("attn_wave_fused_hd128", decode_smem()),
             ("attn_prefill_hd64", prefill_smem_bytes(64)),
             ("attn_prefill_hd128", prefill_smem_bytes(128)),
             ("wave_select", crate::wave::WAVE_SELECT_SMEM),
@@ -1101,7 +1145,21 @@ impl CudaBackend {
         };
         self.append_kv(&t, layer, dp(&k.data), dp(&v.data), nkv, hd)?;
         let out = self.alloc::<f32>(rows * nh * hd)?;
-        self.decode_attention(&t, layer, dp(&q.data), dp(&out), nh, nkv, hd)?;
+        let wave = !t.decode_rows.is_empty() && caches.iter().any(|c| c.wave.is_some());
+        if wave {
+            let refs: Vec<&DevKv> = caches.iter().map(|c| &**c).collect();
+            let ws = self.wave_step_units(&crate::wave_step::HostStep::of(&t), &refs, layer)?;
+            self.wave_decode_layer(&t, &ws, layer, dp(&q.data), dp(&out), nh, nkv, hd)?;
+            for &row in &t.decode_rows {
+                let si = t.row_seq.get(row as usize).copied().unwrap_or(0) as usize;
+                if let Some(w) = caches.get_mut(si).and_then(|c| c.wave.as_deref_mut()) {
+                    w.head_steps += nkv as u64;
+                    w.context_tokens += (nkv * (batch.seqs[si].start_pos + 1)) as u64;
+                }
+            }
+        } else {
+            self.decode_attention(&t, layer, dp(&q.data), dp(&out), nh, nkv, hd)?;
+        }
         if !t.tile_seq.is_empty() {
             let qb = self.alloc::<bf16>(rows * nh * hd)?;
             self.cast_to_bf16(dp(&q.data), dp(&qb), rows * nh * hd)?;
@@ -1172,6 +1230,49 @@ impl CudaBackend {
         }
     }
 
+    /// The slot of the current wave step's units.
+    pub(crate) fn wave_units_slot(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, Option<Arc<crate::wave_step::WaveStepUnits>>>, CudaError>
+    {
+        self.inner
+            .wave_units
+            .lock()
+            .map_err(|_| CudaError::Unsupported("wave units lock poisoned".into()))
+    }
+
+    /// Device address of the wave token-list overflow counter (allocated, zeroed, on first use).
+    pub(crate) fn wave_overflow_ptr(&self) -> Result<sys::CUdeviceptr, CudaError> {
+        let mut slot = self
+            .inner
+            .wave_overflow
+            .lock()
+            .map_err(|_| CudaError::Unsupported("wave overflow lock poisoned".into()))?;
+        if slot.is_none() {
+            *slot = Some(
+                self.inner
+                    .stream
+                    .alloc_zeros::<i32>(1)
+                    .map_err(CudaError::driver("cuMemsetAsync(wave overflow)"))?,
+            );
+        }
+        Ok(slot.as_ref().map(dp).unwrap_or(0))
+    }
+
+    /// Wave token lists cut short so far (each one a unit whose exact part lost tokens: a host
+    /// sizing bug, reported rather than hidden).
+    pub fn wave_overflows(&self) -> Result<i32, CudaError> {
+        let slot = self
+            .inner
+            .wave_overflow
+            .lock()
+            .map_err(|_| CudaError::Unsupported("wave overflow lock poisoned".into()))?;
+        match slot.as_ref() {
+            Some(s) => Ok(self.download(s, 1)?.first().copied().unwrap_or(0)),
+            None => Ok(0),
+        }
+    }
+
     /// Decode steps captured and replayed as CUDA graphs so far.
     pub fn graph_counts(&self) -> (usize, usize) {
         self.inner
@@ -1219,11 +1320,26 @@ impl CudaBackend {
         let refs: Vec<&DevKv> = caches.iter().map(|c| &**c).collect();
         let h = self.host_tables(&refs, batch, n_kv)?;
         let greedy = sampling.iter().all(|s| s.temperature <= 0.0);
+        // Wave steps: the units are uploaded (when changed) before capture or replay, never
+        // inside a capture.
+        let wave = if refs.iter().any(|c| c.wave.is_some()) {
+            let hs = crate::wave_step::HostStep {
+                descs: &h.descs,
+                row_seq: &h.row_seq,
+                decode_rows: &h.decode_rows,
+            };
+            self.wave_overflow_ptr()?;
+            Some(self.wave_step_units(&hs, &refs, 0)?.graph_key())
+        } else {
+            None
+        };
+        drop(refs);
         let key = GraphKey {
             rows,
             split: h.split,
             max_splits: h.max_splits,
             greedy,
+            wave,
         };
         let mut st = self
             .inner
@@ -1308,6 +1424,11 @@ impl CudaBackend {
             g.0.launch().map_err(CudaError::driver("cuGraphLaunch"))?;
             for (s, kv) in batch.seqs.iter().zip(caches.iter_mut()) {
                 kv.len = kv.len.max(s.start_pos + 1);
+                let units = (kv.n_layers * kv.n_kv) as u64;
+                if let Some(w) = kv.wave.as_deref_mut() {
+                    w.head_steps += units;
+                    w.context_tokens += units * (s.start_pos + 1) as u64;
+                }
             }
             st.replays += 1;
             let out = match st.inputs.as_ref() {
@@ -2057,6 +2178,7 @@ impl Backend for CudaBackend {
             head_dim: heads.head_dim,
             cap: max_tokens,
             len: 0,
+            wave: None,
         })
     }
 
@@ -2066,6 +2188,10 @@ impl Backend for CudaBackend {
 
     fn kv_truncate(&self, kv: &mut DevKv, len: usize) {
         kv.len = kv.len.min(len);
+        // An index over tokens that are gone no longer describes the cache.
+        if kv.wave.as_ref().is_some_and(|w| w.indexed_end > kv.len) {
+            kv.wave = None;
+        }
     }
 
     fn kv_clone(&self, kv: &DevKv) -> Result<DevKv, BackendError> {
@@ -2082,7 +2208,42 @@ impl Backend for CudaBackend {
                     source: e,
                 })
             })?;
-        Ok(DevKv { k, v, ..*kv })
+        let wave = match kv.wave.as_deref() {
+            Some(w) => Some(Box::new(self.clone_wave(w)?)),
+            None => None,
+        };
+        Ok(DevKv {
+            k,
+            v,
+            n_layers: kv.n_layers,
+            n_kv: kv.n_kv,
+            head_dim: kv.head_dim,
+            cap: kv.cap,
+            len: kv.len,
+            wave,
+        })
+    }
+
+    fn kv_build_index(&self, kv: &mut DevKv, cfg: &WaveConfig) -> Result<(), BackendError> {
+        self.bind()?;
+        if let Some(f) = self.take_failure() {
+            return Err(BackendError::Device(f));
+        }
+        kv.wave = None;
+        kv.wave = Some(Box::new(self.build_wave(kv, cfg)?));
+        Ok(())
+    }
+
+    fn kv_wave_stats(&self, kv: &DevKv) -> Option<WaveStats> {
+        kv.wave.as_deref().map(|w| WaveStats {
+            indexed_tokens: w.indexed_tokens(),
+            clusters: w.n_clusters,
+            updates: w.updates,
+            build_seconds: w.build_seconds,
+            head_steps: w.head_steps,
+            context_tokens: w.context_tokens,
+            ..WaveStats::default()
+        })
     }
 
     fn kv_fill_synthetic(&self, kv: &mut DevKv, len: usize, seed: u64) -> Result<(), BackendError> {
@@ -2098,6 +2259,7 @@ impl Backend for CudaBackend {
         self.fill_uniform(pk, kv.k.len(), seed, 2.0)?;
         self.fill_uniform(pv, kv.v.len(), seed ^ 0x9e37_79b9_7f4a_7c15, 1.0)?;
         kv.len = len;
+        kv.wave = None;
         Ok(())
     }
 

@@ -26,7 +26,7 @@ pub struct CheckResult {
     pub passed: bool,
 }
 
-fn compare(name: String, gpu: &[f32], reference: &[f64], tolerance: f64) -> CheckResult {
+pub(crate) fn compare(name: String, gpu: &[f32], reference: &[f64], tolerance: f64) -> CheckResult {
     let (mut num, mut den, mut max_abs, mut non_finite) = (0f64, 0f64, 0f64, 0usize);
     for (&g, &r) in gpu.iter().zip(reference) {
         if !g.is_finite() {
@@ -50,7 +50,7 @@ fn compare(name: String, gpu: &[f32], reference: &[f64], tolerance: f64) -> Chec
     }
 }
 
-fn rand_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+pub(crate) fn rand_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-scale..scale)).collect()
 }
 
@@ -74,6 +74,16 @@ pub fn run_all(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
     let r = run_inner(b, seed);
     b.set_poison(false);
     r
+}
+
+/// Whether the section of checks `name` runs (`RETROWAVE_CHECKS=word` keeps only the sections
+/// whose name contains it); names it on stderr when it does, so that a device fault can be placed.
+fn section(name: &str) -> bool {
+    let keep = std::env::var("RETROWAVE_CHECKS").map_or(true, |f| name.contains(f.as_str()));
+    if keep {
+        eprintln!("checks: {name}");
+    }
+    keep
 }
 
 fn run_inner(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
@@ -322,20 +332,36 @@ fn run_inner(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
 
     // Attention: prefill of several sequences (one with a cached prefix), then decode steps of
     // sequences of different lengths, against exact attention over the bf16 cache.
-    for &(hd, nh, nkv) in &[(64usize, 9usize, 3usize), (128, 12, 2), (128, 32, 8)] {
-        out.extend(check_attention(b, &mut rng, hd, nh, nkv)?);
+    if section("attention") {
+        for &(hd, nh, nkv) in &[(64usize, 9usize, 3usize), (128, 12, 2), (128, 32, 8)] {
+            out.extend(check_attention(b, &mut rng, hd, nh, nkv)?);
+        }
     }
     // Wave selection: GQA-summed cluster scores against an f64 reference, and the zones from
     // those scores against a full sort (ties by id, empty clusters never chosen).
     // (clusters, retrieval, estimation) per row: a long context, a short one where the budgets
     // exceed the live clusters, and one of a single chunk; then a context too long for the keys
     // to fit in shared memory.
-    let rows: &[(usize, usize, usize)] = &[(8192, 205, 1900), (300, 30, 300), (97, 5, 20)];
-    for &(hd, nh, nkv) in &[(128usize, 8usize, 2usize), (64, 14, 2), (128, 32, 8)] {
-        out.extend(check_wave_select(b, &mut rng, hd, nh, nkv, rows)?);
+    if section("wave selection") {
+        let rows: &[(usize, usize, usize)] = &[(8192, 205, 1900), (300, 30, 300), (97, 5, 20)];
+        for &(hd, nh, nkv) in &[(128usize, 8usize, 2usize), (64, 14, 2), (128, 32, 8)] {
+            out.extend(check_wave_select(b, &mut rng, hd, nh, nkv, rows)?);
+        }
+        let rows: &[(usize, usize, usize)] = &[(41000, 738, 9500), (513, 40, 100)];
+        out.extend(check_wave_select(b, &mut rng, 128, 8, 2, rows)?);
     }
-    let rows: &[(usize, usize, usize)] = &[(41000, 738, 9500), (513, 40, 100)];
-    out.extend(check_wave_select(b, &mut rng, 128, 8, 2, rows)?);
+    // The wave index build (GPU k-means) against the CPU reference, bit for bit.
+    if section("wave build") {
+        out.extend(check_wave_build(b, &mut rng)?);
+    }
+    // Wave decode attention through the backend: token lists, exact part, estimate, merge.
+    if section("wave decode") {
+        for &(hd, nh, nkv) in &[(128usize, 8usize, 2usize), (64, 12, 4)] {
+            out.extend(crate::wave_checks::check_wave_decode(
+                b, &mut rng, hd, nh, nkv,
+            )?);
+        }
+    }
     Ok(out)
 }
 
@@ -391,6 +417,7 @@ fn check_wave_select(
                 q_row: row as i32,
                 retrieval: r as i32,
                 estimation: est as i32,
+                ..Default::default()
             });
             keep.push((dc, dl, dm));
             means.push(mv);
@@ -790,4 +817,409 @@ fn check_attention(
         ));
     }
     Ok(results)
+}
+
+/// One case of [`check_wave_build`].
+struct BuildCase {
+    hd: usize,
+    units: usize,
+    /// Tokens of each unit's K/V (segments may start later and leave gaps).
+    tokens: usize,
+    /// (start, end, clusters) per segment.
+    segments: &'static [(usize, usize, usize)],
+    iterations: usize,
+    /// Keys from a few centres (a quarter of the tokens exact copies of the token before, with
+    /// a large common offset): uneven clusters, exact score ties, empty clusters.
+    clustered: bool,
+    /// Shared memory for the sort's cursors (0: the global-memory path).
+    sort_smem: usize,
+}
+
+/// The wave index build on the GPU against `retrowave_index::kmeans::kmeans_segments` on the
+/// same bf16 keys and values: sizes, offsets and members exactly equal, centroids and value sums
+/// bit-identical (at most 1e-6 relative off counts as passing and is reported), the bf16
+/// centroids, mean values and ln sizes consistent with them, two builds bit-identical, and the
+/// cluster-order gather (keys to device memory, values to host-mapped pinned memory) equal to
+/// the source rows by members. Then one timed build of Llama-sized segments (reported, passes
+/// unless it fails to run).
+fn check_wave_build(b: &CudaBackend, rng: &mut StdRng) -> Result<Vec<CheckResult>, String> {
+    use crate::wave_build::{BuildSegment, BuildUnit, WB_SORT_SMEM};
+    use retrowave_index::kmeans::{Segment, kmeans_segments};
+    use retrowave_index::kv::{HeadDims, KvView};
+    let e = |x: crate::CudaError| x.to_string();
+    let cases = [
+        BuildCase {
+            hd: 128,
+            units: 3,
+            tokens: 3100,
+            segments: &[(37, 2437, 300), (2437, 2837, 25), (2837, 3001, 11)],
+            iterations: 9,
+            clustered: false,
+            sort_smem: WB_SORT_SMEM,
+        },
+        BuildCase {
+            hd: 64,
+            units: 2,
+            tokens: 3000,
+            segments: &[(0, 1500, 100), (1600, 2900, 90), (2900, 2950, 4)],
+            iterations: 3,
+            clustered: false,
+            sort_smem: 0,
+        },
+        BuildCase {
+            hd: 128,
+            units: 2,
+            tokens: 2600,
+            segments: &[(0, 2048, 160), (2048, 2500, 40)],
+            iterations: 6,
+            clustered: true,
+            sort_smem: WB_SORT_SMEM,
+        },
+        BuildCase {
+            hd: 64,
+            units: 4,
+            tokens: 1300,
+            segments: &[(10, 1210, 150), (1210, 1300, 90)],
+            iterations: 5,
+            clustered: true,
+            sort_smem: 0,
+        },
+    ];
+    let mut results = Vec::new();
+    for case in &cases {
+        let hd = case.hd;
+        let segs: Vec<BuildSegment> = case
+            .segments
+            .iter()
+            .map(|&(start, end, clusters)| BuildSegment {
+                start,
+                end,
+                clusters,
+            })
+            .collect();
+        let cpu_segs: Vec<Segment> = case
+            .segments
+            .iter()
+            .map(|&(s, t, clusters)| Segment {
+                tokens: s..t,
+                clusters,
+            })
+            .collect();
+        let label = format!(
+            "wave build hd{hd} {} units {:?} x{} iterations{}{}",
+            case.units,
+            case.segments,
+            case.iterations,
+            if case.clustered { " clustered" } else { "" },
+            if case.sort_smem == 0 {
+                " (global cursors)"
+            } else {
+                ""
+            }
+        );
+        // Host keys and values (bf16), one pair per unit.
+        let mut host_k: Vec<Vec<bf16>> = Vec::new();
+        let mut host_v: Vec<Vec<bf16>> = Vec::new();
+        for _ in 0..case.units {
+            let mut k = Vec::with_capacity(case.tokens * hd);
+            if case.clustered {
+                let centres = rand_vec(rng, 6 * hd, 2.0);
+                let offset = rand_vec(rng, hd, 8.0);
+                for t in 0..case.tokens {
+                    if t > 0 && rng.random_range(0..4) == 0 {
+                        let prev = k[(t - 1) * hd..t * hd].to_vec();
+                        k.extend(prev);
+                        continue;
+                    }
+                    // Skewed: centre 0 most often.
+                    let g = rng.random_range(0..6usize).min(rng.random_range(0..6usize));
+                    for d in 0..hd {
+                        let noise = 0.05 * rng.random_range(-1i32..=1) as f32;
+                        k.push(offset[d] + centres[g * hd + d] + noise);
+                    }
+                }
+            } else {
+                let offset = rand_vec(rng, hd, 0.5);
+                k = rand_vec(rng, case.tokens * hd, 1.0);
+                for (i, x) in k.iter_mut().enumerate() {
+                    *x += offset[i % hd];
+                }
+            }
+            host_k.push(k.iter().map(|&x| bf16::from_f32(x)).collect());
+            host_v.push(
+                rand_vec(rng, case.tokens * hd, 1.5)
+                    .iter()
+                    .map(|&x| bf16::from_f32(x))
+                    .collect(),
+            );
+        }
+        let mut keep = Vec::new();
+        let mut units = Vec::new();
+        for (k, v) in host_k.iter().zip(&host_v) {
+            let (dk, dv) = (b.upload(k).map_err(e)?, b.upload(v).map_err(e)?);
+            units.push(BuildUnit {
+                keys: crate::backend::dp(&dk),
+                values: crate::backend::dp(&dv),
+            });
+            keep.push((dk, dv));
+        }
+        let build =
+            |b: &CudaBackend| -> Result<(BuildOut, crate::wave_build::GpuClustering), String> {
+                let c = b
+                    .wave_build_with(&units, &segs, case.iterations, hd, case.sort_smem)
+                    .map_err(e)?;
+                BuildOut::download(b, c)
+            };
+        let (first, c) = build(b)?;
+        let (second, _) = build(b)?;
+        let (nu, k, n) = (case.units, c.n_clusters, c.n_tokens);
+
+        // The reference, unit by unit.
+        let (mut bad_sizes, mut bad_offsets, mut bad_members) = (0usize, 0usize, 0usize);
+        let (mut gpu_sums, mut ref_sums) = (Vec::new(), Vec::new());
+        let (mut identical, mut total, mut worst_rel) = (0usize, 0usize, 0f64);
+        let mut inconsistent = 0usize;
+        let mut empty = 0usize;
+        for u in 0..nu {
+            let keys: Vec<f32> = host_k[u].iter().map(|x| x.to_f32()).collect();
+            let vals: Vec<f32> = host_v[u].iter().map(|x| x.to_f32()).collect();
+            let dims = HeadDims {
+                key_dim: hd,
+                value_dim: hd,
+            };
+            let kv = KvView::new(&keys, &vals, dims).map_err(|x| x.to_string())?;
+            let r = kmeans_segments(&kv, &cpu_segs, case.iterations).map_err(|x| x.to_string())?;
+            let sizes = &first.sizes[u * k..(u + 1) * k];
+            let offsets = &first.offsets[u * (k + 1)..(u + 1) * (k + 1)];
+            let members = &first.members[u * n..(u + 1) * n];
+            bad_sizes += sizes
+                .iter()
+                .zip(&r.sizes)
+                .filter(|&(&g, &w)| g as u32 != w)
+                .count()
+                + k.abs_diff(r.sizes.len());
+            bad_offsets += offsets
+                .iter()
+                .zip(&r.offsets)
+                .filter(|&(&g, &w)| g as usize != w)
+                .count();
+            bad_members += members
+                .iter()
+                .zip(&r.members)
+                .filter(|&(&g, &w)| g as u32 != w)
+                .count()
+                + n.abs_diff(r.members.len());
+            empty += r.sizes.iter().filter(|&&s| s == 0).count();
+            let range = u * k * hd..(u + 1) * k * hd;
+            for (g, w) in [
+                (&first.centroids_f32[range.clone()], &r.centroids),
+                (&first.value_sums[range.clone()], &r.value_sums),
+            ] {
+                for (&x, &y) in g.iter().zip(w.iter()) {
+                    total += 1;
+                    if x.to_bits() == y.to_bits() {
+                        identical += 1;
+                    } else {
+                        let rel = if x == y {
+                            0.0
+                        } else {
+                            (f64::from(x) - f64::from(y)).abs() / f64::from(y).abs()
+                        };
+                        worst_rel = worst_rel.max(if rel.is_nan() { f64::INFINITY } else { rel });
+                    }
+                    gpu_sums.push(x);
+                    ref_sums.push(f64::from(y));
+                }
+            }
+            // The bf16 centroids, mean values and ln sizes from the GPU's own f32 results.
+            for (c, &size) in sizes.iter().enumerate() {
+                let ln = first.ln_sizes[u * k + c];
+                let want_ln = (size as f32).ln();
+                if !(ln == want_ln || (ln - want_ln).abs() <= 1e-6 * want_ln.abs().max(1.0)) {
+                    inconsistent += 1;
+                }
+                for d in 0..hd {
+                    let i = (u * k + c) * hd + d;
+                    let mean = if size > 0 {
+                        first.value_sums[i] / size as f32
+                    } else {
+                        0.0
+                    };
+                    if first.centroids[i].to_bits()
+                        != bf16::from_f32(first.centroids_f32[i]).to_bits()
+                        || first.means[i].to_bits() != bf16::from_f32(mean).to_bits()
+                    {
+                        inconsistent += 1;
+                    }
+                }
+            }
+        }
+        let same = first.bits() == second.bits();
+        results.push(CheckResult {
+            name: format!(
+                "{label}: sizes/offsets/members exact vs kmeans_segments ({bad_sizes}/{bad_offsets}/\
+                 {bad_members} differ; {empty} empty clusters of {}), two builds {}",
+                nu * k,
+                if same { "identical" } else { "DIFFER" }
+            ),
+            rel_l2: 0.0,
+            max_abs: (bad_sizes + bad_offsets + bad_members) as f64,
+            non_finite: 0,
+            tolerance: 0.0,
+            passed: bad_sizes + bad_offsets + bad_members == 0 && same,
+        });
+        let mut sums = compare(
+            format!(
+                "{label}: centroids and value sums ({identical}/{total} bit-identical, worst \
+                 relative {worst_rel:.1e}; {inconsistent} bf16/mean/ln inconsistent)"
+            ),
+            &gpu_sums,
+            &ref_sums,
+            1e-6,
+        );
+        sums.passed &= worst_rel <= 1e-6 && inconsistent == 0;
+        results.push(sums);
+
+        // The cluster-order gather: keys to device memory, values to host-mapped pinned memory.
+        let stride = n * hd + 8;
+        let dst_k = b.alloc::<bf16>(nu * stride).map_err(e)?;
+        let pinned = crate::PinnedBuffer::new(b.context(), nu * stride * 2).map_err(e)?;
+        b.wave_gather_cluster_order(
+            &units,
+            &c,
+            crate::backend::dp(&dst_k),
+            pinned.as_slice().as_ptr() as u64,
+            stride,
+        )
+        .map_err(e)?;
+        b.synchronize().map_err(e)?;
+        let got_k = b.download(&dst_k, nu * stride).map_err(e)?;
+        let got_v: Vec<u16> = pinned.as_slice()[..nu * stride * 2]
+            .chunks_exact(2)
+            .map(|p| u16::from_le_bytes([p[0], p[1]]))
+            .collect();
+        let mut wrong_rows = 0usize;
+        for u in 0..nu {
+            for p in 0..n {
+                let t = first.members[u * n + p] as usize;
+                let at = u * stride + p * hd;
+                let ok_k =
+                    (0..hd).all(|d| got_k[at + d].to_bits() == host_k[u][t * hd + d].to_bits());
+                let ok_v = (0..hd).all(|d| got_v[at + d] == host_v[u][t * hd + d].to_bits());
+                if !(ok_k && ok_v) {
+                    wrong_rows += 1;
+                }
+            }
+        }
+        results.push(CheckResult {
+            name: format!("{label}: cluster-order gather ({wrong_rows} wrong rows)"),
+            rel_l2: 0.0,
+            max_abs: wrong_rows as f64,
+            non_finite: 0,
+            tolerance: 0.0,
+            passed: wrong_rows == 0,
+        });
+        drop(keep);
+    }
+
+    // Timing: 32 units of 16384 tokens in two segments of 8192 x 512 clusters, 9 iterations.
+    {
+        let (nu, tokens, hd, iters) = (32usize, 16384usize, 128usize, 9usize);
+        let mut keep = Vec::new();
+        let mut units = Vec::new();
+        for u in 0..nu {
+            let dk = b.alloc::<bf16>(tokens * hd).map_err(e)?;
+            let dv = b.alloc::<bf16>(tokens * hd).map_err(e)?;
+            let (pk, pv) = (crate::backend::dp(&dk), crate::backend::dp(&dv));
+            b.fill_uniform(pk, tokens * hd, 2 * u as u64 + 1, 1.0)
+                .map_err(e)?;
+            b.fill_uniform(pv, tokens * hd, 2 * u as u64 + 2, 1.0)
+                .map_err(e)?;
+            units.push(BuildUnit {
+                keys: pk,
+                values: pv,
+            });
+            keep.push((dk, dv));
+        }
+        let segs: Vec<BuildSegment> = (0..2)
+            .map(|i| BuildSegment {
+                start: i * 8192,
+                end: (i + 1) * 8192,
+                clusters: 512,
+            })
+            .collect();
+        // A warm-up build (kernel loading, memory pool), then the timed one.
+        drop(b.wave_build(&units, &segs, iters, hd).map_err(e)?);
+        b.synchronize().map_err(e)?;
+        let t = std::time::Instant::now();
+        let c = b.wave_build(&units, &segs, iters, hd).map_err(e)?;
+        b.synchronize().map_err(e)?;
+        let secs = t.elapsed().as_secs_f64();
+        // Multiply-adds of the assignments: the iterations over each segment's own centroids,
+        // then the final pass over all of them.
+        let fma =
+            nu as f64 * hd as f64 * (iters as f64 * 2.0 * 8192.0 * 512.0 + tokens as f64 * 1024.0);
+        results.push(CheckResult {
+            name: format!(
+                "wave build timing: {nu} units x {tokens} tokens hd{hd}, 2 x 512 clusters, \
+                 {iters} iterations: {:.2} ms ({:.1} TFLOP/s of assignment FMAs)",
+                secs * 1e3,
+                2.0 * fma / secs / 1e12
+            ),
+            rel_l2: 0.0,
+            max_abs: 0.0,
+            non_finite: 0,
+            tolerance: 0.0,
+            passed: c.n_clusters == 1024,
+        });
+        drop(keep);
+    }
+    Ok(results)
+}
+
+/// The arrays of one GPU build, downloaded.
+struct BuildOut {
+    centroids: Vec<bf16>,
+    centroids_f32: Vec<f32>,
+    ln_sizes: Vec<f32>,
+    sizes: Vec<i32>,
+    means: Vec<bf16>,
+    value_sums: Vec<f32>,
+    offsets: Vec<i32>,
+    members: Vec<i32>,
+}
+
+impl BuildOut {
+    fn download(
+        b: &CudaBackend,
+        c: crate::wave_build::GpuClustering,
+    ) -> Result<(Self, crate::wave_build::GpuClustering), String> {
+        let e = |x: crate::CudaError| x.to_string();
+        let (nu, k, n, hd) = (c.n_units, c.n_clusters, c.n_tokens, c.head_dim);
+        let out = BuildOut {
+            centroids: b.download(&c.centroids, nu * k * hd).map_err(e)?,
+            centroids_f32: b.download(&c.centroids_f32, nu * k * hd).map_err(e)?,
+            ln_sizes: b.download(&c.ln_sizes, nu * k).map_err(e)?,
+            sizes: b.download(&c.sizes, nu * k).map_err(e)?,
+            means: b.download(&c.means, nu * k * hd).map_err(e)?,
+            value_sums: b.download(&c.value_sums, nu * k * hd).map_err(e)?,
+            offsets: b.download(&c.offsets, nu * (k + 1)).map_err(e)?,
+            members: b.download(&c.members, nu * n).map_err(e)?,
+        };
+        Ok((out, c))
+    }
+
+    /// Every array as bits, for the determinism check.
+    fn bits(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = Vec::new();
+        v.extend(self.centroids.iter().map(|x| u32::from(x.to_bits())));
+        v.extend(self.centroids_f32.iter().map(|x| x.to_bits()));
+        v.extend(self.ln_sizes.iter().map(|x| x.to_bits()));
+        v.extend(self.sizes.iter().map(|&x| x as u32));
+        v.extend(self.means.iter().map(|x| u32::from(x.to_bits())));
+        v.extend(self.value_sums.iter().map(|x| x.to_bits()));
+        v.extend(self.offsets.iter().map(|&x| x as u32));
+        v.extend(self.members.iter().map(|&x| x as u32));
+        v
+    }
 }

@@ -21,6 +21,9 @@ mod error;
 pub mod pinned;
 pub mod timing;
 pub mod wave;
+pub mod wave_build;
+mod wave_checks;
+pub mod wave_step;
 
 pub use backend::{CudaBackend, DevActs, DevKv, DevMatrix, DevVector};
 pub use device::{DeviceInfo, DeviceRequest, cuda_devices};

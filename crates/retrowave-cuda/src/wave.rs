@@ -5,12 +5,12 @@
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, sys};
 
 use crate::CudaError;
-use crate::backend::{CudaBackend, dp, ptr_of};
+use crate::backend::{CudaBackend, StepTables, dp, ptr_of};
 
 /// One (decode row, KV head) of a wave step, as the kernels read it (`WaveUnit` in
 /// `kernels/wave.cu`). Units are ordered row-major: unit `u` serves KV head `u % n_kv`.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct WaveUnit {
     /// `bf16 [n_clusters][head_dim]` centroids.
     pub centroids: u64,
@@ -25,6 +25,16 @@ pub struct WaveUnit {
     pub retrieval: i32,
     /// Clusters wanted in the estimation zone.
     pub estimation: i32,
+    /// `i32 [n_clusters + 1]`: CSR offsets of the clusters' members (for [`CudaBackend::wave_tokens`]).
+    pub offsets: u64,
+    /// `i32`: the members (token positions), cluster after cluster.
+    pub members: u64,
+    /// Steady zone: positions `[0, sink)` and `[indexed_end, n)`, `n` the tokens cached for the
+    /// unit's sequence (this step's included, read from the step's sequence table).
+    pub sink: i32,
+    /// See `sink`.
+    pub indexed_end: i32,
+    pub pad: [i32; 2],
 }
 
 // SAFETY: plain old data with the C layout the kernels expect.
@@ -58,8 +68,9 @@ pub struct WaveSelection {
     pub logits: CudaSlice<f32>,
     pub max_clusters: usize,
     pub max_ids: usize,
-    /// The units, on the device.
-    pub units: CudaSlice<WaveUnit>,
+    /// The units, on the device (owned by the selection when it uploaded them).
+    pub units: sys::CUdeviceptr,
+    _units: Option<CudaSlice<WaveUnit>>,
     pub n_units: usize,
     pub group: usize,
     pub head_dim: usize,
@@ -98,15 +109,6 @@ impl CudaBackend {
                  {WAVE_MAX_G} (got {n_heads} query / {n_kv} KV heads)"
             )));
         }
-        let name = match hd {
-            64 => "wave_logits_hd64",
-            128 => "wave_logits_hd128",
-            _ => {
-                return Err(CudaError::Unsupported(format!(
-                    "wave selection supports head_dim 64 and 128, not {hd}"
-                )));
-            }
-        };
         if units.is_empty() || !units.len().is_multiple_of(n_kv) {
             return Err(CudaError::Unsupported(format!(
                 "wave selection needs whole rows of {n_kv} units, got {}",
@@ -121,17 +123,54 @@ impl CudaBackend {
                 "wave unit with negative sizes: {u:?}"
             )));
         }
-        let group = n_heads / n_kv;
-        let n_units = units.len();
         let max_clusters = units
             .iter()
             .map(|u| u.n_clusters as usize)
             .max()
-            .unwrap_or(0)
-            .max(1);
+            .unwrap_or(0);
+        let d_units = self.upload(units)?;
+        let mut sel = self.wave_select_dev(
+            dp(&d_units),
+            units.len(),
+            max_clusters,
+            q,
+            n_heads,
+            n_kv,
+            hd,
+            max_ids,
+        )?;
+        sel._units = Some(d_units);
+        Ok(sel)
+    }
+
+    /// [`CudaBackend::wave_select`] over units already on the device (`n_units` of them at
+    /// `units`, none with more than `max_clusters` clusters): what a decode step uses, with
+    /// every layer's units uploaded once.
+    #[allow(clippy::too_many_arguments)]
+    pub fn wave_select_dev(
+        &self,
+        units: sys::CUdeviceptr,
+        n_units: usize,
+        max_clusters: usize,
+        q: sys::CUdeviceptr,
+        n_heads: usize,
+        n_kv: usize,
+        hd: usize,
+        max_ids: usize,
+    ) -> Result<WaveSelection, CudaError> {
+        let name = match hd {
+            64 => "wave_logits_hd64",
+            128 => "wave_logits_hd128",
+            _ => {
+                return Err(CudaError::Unsupported(format!(
+                    "wave selection supports head_dim 64 and 128, not {hd}"
+                )));
+            }
+        };
+        let group = n_heads / n_kv.max(1);
+        let max_clusters = max_clusters.max(1);
         let max_ids = max_ids.max(1);
         let n_chunks = max_clusters.div_ceil(WAVE_CHUNK);
-        let d_units = self.upload(units)?;
         let logits = self.alloc::<f32>(n_units * group * max_clusters)?;
         let part_max = self.alloc::<f32>(n_units * group * n_chunks)?;
         let part_sum = self.alloc::<f32>(n_units * group * n_chunks)?;
@@ -139,7 +178,7 @@ impl CudaBackend {
         let keys = self.alloc::<u32>(n_units * max_clusters)?;
         let ids = self.alloc::<i32>(n_units * max_ids)?;
         let counts = self.alloc::<i32>(n_units * 2)?;
-        let (mut a_units, mut a_q) = (dp(&d_units), q);
+        let (mut a_units, mut a_q) = (units, q);
         let (mut nh, mut nk, mut sc, mut mc) = (
             n_heads as i32,
             n_kv as i32,
@@ -200,7 +239,8 @@ impl CudaBackend {
             logits,
             max_clusters,
             max_ids,
-            units: d_units,
+            units,
+            _units: None,
             n_units,
             group,
             head_dim: hd,
@@ -230,12 +270,8 @@ impl CudaBackend {
         let est_acc = self.alloc::<f32>(n_units * n_chunks * group * hd)?;
         let out = self.alloc::<f32>(n_units * group * hd)?;
         let lse = self.alloc::<f32>(n_units * group)?;
-        let (mut a_u, mut a_l, mut a_i, mut a_c) = (
-            dp(&sel.units),
-            dp(&sel.logits),
-            dp(&sel.ids),
-            dp(&sel.counts),
-        );
+        let (mut a_u, mut a_l, mut a_i, mut a_c) =
+            (sel.units, dp(&sel.logits), dp(&sel.ids), dp(&sel.counts));
         let (mut mi, mut mc, mut grp) = (sel.max_ids as i32, sel.max_clusters as i32, group as i32);
         let (mut a_m, mut a_s, mut a_a) = (dp(&est_m), dp(&est_l), dp(&est_acc));
         self.launch(
@@ -279,6 +315,155 @@ impl CudaBackend {
             ],
         )?;
         Ok(WaveEstimate { out, lse })
+    }
+}
+
+/// What [`CudaBackend::wave_tokens`] leaves on the device.
+pub struct WaveTokens {
+    /// `i32 [units][list_cap]`: each unit's token positions (steady zone, then its retrieval
+    /// clusters' members).
+    pub list: CudaSlice<i32>,
+    /// `i32 [units]`: the length of each list.
+    pub count: CudaSlice<i32>,
+    pub list_cap: usize,
+}
+
+impl CudaBackend {
+    /// The token lists of the exact part of a wave step (see `wave_tokens` in `kernels/wave.cu`):
+    /// the steady zone of each unit (positions below its `sink` and from its `indexed_end` to the
+    /// sequence's length in `t`) and the members of its retrieval clusters from `sel`. A list
+    /// longer than `list_cap` is cut and counted in the backend's overflow counter
+    /// ([`CudaBackend::wave_overflows`]).
+    pub fn wave_tokens(
+        &self,
+        t: &StepTables,
+        sel: &WaveSelection,
+        list_cap: usize,
+    ) -> Result<WaveTokens, CudaError> {
+        let list_cap = list_cap.max(1);
+        let list = self.alloc::<i32>(sel.n_units * list_cap)?;
+        let count = self.alloc::<i32>(sel.n_units)?;
+        let (mut a_u, mut a_s, mut a_r, mut a_i, mut a_c) = (
+            sel.units,
+            t.descs_ptr(),
+            t.row_seq_ptr(),
+            dp(&sel.ids),
+            dp(&sel.counts),
+        );
+        let (mut mi, mut a_l, mut a_n, mut lc, mut a_o) = (
+            sel.max_ids as i32,
+            dp(&list),
+            dp(&count),
+            list_cap as i32,
+            self.wave_overflow_ptr()?,
+        );
+        self.launch(
+            "wave_tokens",
+            LaunchConfig {
+                grid_dim: (sel.n_units as u32, 1, 1),
+                block_dim: (SEL_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &mut [
+                ptr_of(&mut a_u),
+                ptr_of(&mut a_s),
+                ptr_of(&mut a_r),
+                ptr_of(&mut a_i),
+                ptr_of(&mut a_c),
+                ptr_of(&mut mi),
+                ptr_of(&mut a_l),
+                ptr_of(&mut a_n),
+                ptr_of(&mut lc),
+                ptr_of(&mut a_o),
+            ],
+        )?;
+        Ok(WaveTokens {
+            list,
+            count,
+            list_cap,
+        })
+    }
+
+    /// Splits a wave attention unit's token list may take: about one CTA per multiprocessor
+    /// over the step's units.
+    pub fn wave_splits(&self, n_units: usize, list_cap: usize) -> usize {
+        let sms = self.info().multiprocessors.max(1) as usize;
+        (sms / n_units.max(1)).clamp(1, list_cap.div_ceil(64).max(1))
+    }
+
+    /// Exact attention of the step's decode rows over their units' token lists, merged by
+    /// log-sum-exp with the estimation zone, into `out` (f32 `[rows, n_heads * hd]`). The units
+    /// of the selection are the decode rows of `t` in order, each with its `n_kv` KV heads.
+    #[allow(clippy::too_many_arguments)]
+    pub fn wave_exact_attention(
+        &self,
+        t: &StepTables,
+        layer: usize,
+        q: sys::CUdeviceptr,
+        out: sys::CUdeviceptr,
+        toks: &WaveTokens,
+        est: &WaveEstimate,
+        n_heads: usize,
+        n_kv: usize,
+        hd: usize,
+    ) -> Result<(), CudaError> {
+        let n_rows = t.decode_rows.len();
+        if n_rows == 0 {
+            return Ok(());
+        }
+        let splits = self.wave_splits(n_rows * n_kv, toks.list_cap);
+        let o_part = self.alloc::<f32>(n_rows * n_heads * splits * hd)?;
+        let lse_part = self.alloc::<f32>(n_rows * n_heads * splits)?;
+        let name = if hd == 64 {
+            "attn_wave_fused_hd64"
+        } else {
+            "attn_wave_fused_hd128"
+        };
+        let (mut a1, mut a2, mut a3, mut a4) =
+            (q, t.descs_ptr(), t.row_seq_ptr(), t.decode_rows_ptr());
+        let (mut l, mut n1, mut n2, mut ms, mut sc) = (
+            layer as i32,
+            n_heads as i32,
+            n_kv as i32,
+            splits as i32,
+            1.0 / (hd as f32).sqrt(),
+        );
+        let (mut a5, mut a6, mut a7, mut a8) = (dp(&o_part), dp(&lse_part), out, t.counters_ptr());
+        let (mut a9, mut a10, mut lc, mut a11, mut a12) = (
+            dp(&toks.list),
+            dp(&toks.count),
+            toks.list_cap as i32,
+            dp(&est.out),
+            dp(&est.lse),
+        );
+        self.launch(
+            name,
+            LaunchConfig {
+                grid_dim: (n_kv as u32, n_rows as u32, splits as u32),
+                block_dim: (crate::backend::DECODE_THREADS, 1, 1),
+                shared_mem_bytes: crate::backend::decode_smem() as u32,
+            },
+            &mut [
+                ptr_of(&mut a1),
+                ptr_of(&mut a2),
+                ptr_of(&mut a3),
+                ptr_of(&mut a4),
+                ptr_of(&mut l),
+                ptr_of(&mut n1),
+                ptr_of(&mut n2),
+                ptr_of(&mut ms),
+                ptr_of(&mut sc),
+                ptr_of(&mut a5),
+                ptr_of(&mut a6),
+                ptr_of(&mut a7),
+                ptr_of(&mut a8),
+                ptr_of(&mut a9),
+                ptr_of(&mut a10),
+                ptr_of(&mut lc),
+                ptr_of(&mut a11),
+                ptr_of(&mut a12),
+            ],
+        )
     }
 }
 
@@ -333,7 +518,9 @@ mod tests {
 
     #[test]
     fn wave_unit_has_the_kernel_layout() {
-        // Three pointers and four ints: 40 bytes, as `WaveUnit` in kernels/wave.cu.
-        assert_eq!(std::mem::size_of::<WaveUnit>(), 40);
+        // Five pointers and eight ints: 72 bytes, as `WaveUnit` in kernels/wave.cu.
+        assert_eq!(std::mem::size_of::<WaveUnit>(), 72);
+        assert_eq!(std::mem::offset_of!(WaveUnit, offsets), 40);
+        assert_eq!(std::mem::offset_of!(WaveUnit, sink), 56);
     }
 }

@@ -37,10 +37,38 @@ pub enum BenchCommand {
         /// `RETROWAVE_DECODE_STAGES` settings).
         #[arg(long)]
         decode_attention_only: bool,
+        /// Only the kernel checks.
+        #[arg(long)]
+        checks_only: bool,
         /// Contexts of the decode attention kernel benchmark.
         #[arg(long, default_value = "32768,131072", value_delimiter = ',')]
         decode_contexts: Vec<usize>,
         #[arg(long, default_value = "bench/results/gpu.jsonl")]
+        out: PathBuf,
+    },
+    /// GPU end-to-end decode of a random-weight model, dense and wave attention, over contexts
+    /// and a batch sweep (synthetic KV, no prefill): tokens/s of each at its best batch, bytes
+    /// a step moves and the roofline from the measured copy rate.
+    Decode {
+        #[arg(long, default_value = "cuda:0")]
+        device: String,
+        #[arg(long, default_value = "configs/models/llama-3-8b.toml")]
+        shape: PathBuf,
+        #[arg(long, default_value = "32768,131072", value_delimiter = ',')]
+        contexts: Vec<usize>,
+        /// Batches to try (the largest that fits is always added).
+        #[arg(long, default_value = "1,4,8,16,32,64", value_delimiter = ',')]
+        batches: Vec<usize>,
+        /// Timed decode steps per point (after 3 warm-up steps); the median is reported.
+        #[arg(long, default_value_t = 12)]
+        steps: usize,
+        /// Attention modes: full and/or wave.
+        #[arg(long, default_value = "full,wave", value_delimiter = ',')]
+        attention: Vec<String>,
+        /// TOML file of wave-index parameters (retrowave's defaults otherwise).
+        #[arg(long)]
+        wave_config: Option<PathBuf>,
+        #[arg(long, default_value = "bench/results/gpu-decode.jsonl")]
         out: PathBuf,
     },
     /// GPU against CPU on the golden prompts: greedy tokens and teacher-forced logits.
@@ -228,6 +256,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             contexts,
             steps,
             decode_attention_only,
+            checks_only,
             decode_contexts,
             out,
         } => crate::gpubench::run_gpu(
@@ -236,9 +265,28 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             &contexts,
             steps,
             decode_attention_only,
+            checks_only,
             &decode_contexts,
             &out,
         ),
+        BenchCommand::Decode {
+            device,
+            shape,
+            contexts,
+            batches,
+            steps,
+            attention,
+            wave_config,
+            out,
+        } => {
+            let wave = match load::attention_mode("wave", wave_config.as_deref())? {
+                retrowave_core::AttentionMode::Wave(c) => c,
+                retrowave_core::AttentionMode::Full => retrowave_core::WaveConfig::retrowave(),
+            };
+            crate::decodebench::run_decode(
+                &device, &shape, &contexts, &batches, steps, &attention, &wave, &out,
+            )
+        }
         BenchCommand::Parity {
             model,
             golden,

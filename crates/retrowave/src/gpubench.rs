@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use crate::bench::commit;
 
-fn append(out: &Path, rec: &Value) -> Result<()> {
+pub(crate) fn append(out: &Path, rec: &Value) -> Result<()> {
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).ok();
     }
@@ -37,7 +37,7 @@ fn append(out: &Path, rec: &Value) -> Result<()> {
     Ok(())
 }
 
-fn gpu(device: &str) -> Result<CudaBackend> {
+pub(crate) fn gpu(device: &str) -> Result<CudaBackend> {
     let req: retrowave_cuda::DeviceRequest = device.parse()?;
     let Some(n) = req.resolve()? else {
         bail!("--device {device} resolves to the CPU; these benchmarks need a GPU");
@@ -45,7 +45,7 @@ fn gpu(device: &str) -> Result<CudaBackend> {
     Ok(CudaBackend::new(n)?)
 }
 
-fn card(b: &CudaBackend) -> String {
+pub(crate) fn card(b: &CudaBackend) -> String {
     b.info().name.clone()
 }
 
@@ -55,7 +55,7 @@ pub struct Ceilings {
     pub gemm_tflops: f64,
 }
 
-fn ceilings(b: &CudaBackend, out: &Path) -> Result<Ceilings> {
+pub(crate) fn ceilings(b: &CudaBackend, out: &Path) -> Result<Ceilings> {
     let n: usize = 1 << 30; // bf16 elements: 2 GiB per buffer
     let src = b.alloc::<bf16>(n)?;
     let mut dst = b.alloc::<bf16>(n)?;
@@ -148,7 +148,7 @@ fn one_seq(start_pos: usize, n_tokens: usize) -> BatchLayout {
 }
 
 /// A decode step of `batch` sequences (slots and rows 0..batch), all at position `start_pos`.
-fn decode_batch(batch: usize, start_pos: usize) -> BatchLayout {
+pub(crate) fn decode_batch(batch: usize, start_pos: usize) -> BatchLayout {
     BatchLayout {
         seqs: (0..batch)
             .map(|i| SeqRows {
@@ -256,6 +256,7 @@ fn wave_select_bench(b: &CudaBackend, out: &Path) -> Result<Vec<String>> {
                 q_row: (u / nkv) as i32,
                 retrieval: 205,
                 estimation: 1900,
+                ..Default::default()
             })
             .collect();
         let qh: Vec<f32> = (0..batch * nh * hd)
@@ -333,7 +334,7 @@ fn prefill_attention_bench(b: &CudaBackend, ceil: &Ceilings, out: &Path) -> Resu
 
 /// Bytes of every matrix a decode step reads (the embedding table only through its rows, unless
 /// it is also the output matrix).
-fn weight_bytes(cfg: &ModelConfig) -> f64 {
+pub(crate) fn weight_bytes(cfg: &ModelConfig) -> f64 {
     let (h, q, kv, f) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.ffn_hidden);
     let per_layer = h * (q + 2 * kv) + q * h + 3 * h * f;
     ((cfg.n_layers * per_layer + cfg.vocab_size * h) * 2) as f64
@@ -426,12 +427,14 @@ fn e2e_bench(
 }
 
 /// `retrowave bench gpu`.
+#[allow(clippy::too_many_arguments)]
 pub fn run_gpu(
     device: &str,
     shape: &Path,
     contexts: &[usize],
     steps: usize,
     decode_attention_only: bool,
+    checks_only: bool,
     decode_contexts: &[usize],
     out: &Path,
 ) -> Result<()> {
@@ -477,6 +480,13 @@ pub fn run_gpu(
                     "max_abs": r.max_abs, "non_finite": r.non_finite, "tolerance": r.tolerance,
                     "passed": r.passed, "device": card(&b), "commit": commit()}),
         )?;
+    }
+    if checks_only {
+        println!("checks {}/{} passed", results.len() - failed, results.len());
+        if failed > 0 {
+            bail!("{failed} kernel checks failed");
+        }
+        return Ok(());
     }
     let ceil = ceilings(&b, out)?;
     let mut table = vec![format!(

@@ -8,6 +8,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod attnbench;
 mod bench;
+mod decodebench;
 mod eval;
 mod gpubench;
 mod load;

@@ -1,0 +1,238 @@
+//! Checks of wave decode attention through the backend's `attention` (run by `bench gpu` on
+//! the GPU machine with the other kernel checks).
+//!
+//! 1. With every cluster in the retrieval zone, wave attention must equal dense attention over
+//!    the same cache (the token lists cover every token exactly once).
+//! 2. At the default budgets, the output must equal an f64 reference built from the downloaded
+//!    cache and index and the GPU's own zone selection (the selection itself is checked against
+//!    a sort of its scores by `check_wave_select`): exact attention over the steady zone and the
+//!    retrieval clusters' members, the estimation formula over the estimation clusters, merged by
+//!    log-sum-exp.
+
+use half::bf16;
+use rand::rngs::StdRng;
+use retrowave_core::{Backend, BatchLayout, HeadLayout, SeqRows, WaveConfig};
+
+use crate::backend::{CudaBackend, DevKv, dp};
+use crate::checks::{CheckResult, compare, rand_vec};
+use crate::wave_step::HostStep;
+
+fn to_f64(v: &[bf16]) -> Vec<f64> {
+    v.iter().map(|x| x.to_f64()).collect()
+}
+
+/// Wave decode attention checks for one head shape; `len` tokens of synthetic KV, one decode
+/// step on two sequences of different lengths.
+pub(crate) fn check_wave_decode(
+    b: &CudaBackend,
+    rng: &mut StdRng,
+    hd: usize,
+    nh: usize,
+    nkv: usize,
+) -> Result<Vec<CheckResult>, String> {
+    let e = |x: retrowave_core::BackendError| x.to_string();
+    let heads = HeadLayout {
+        n_heads: nh,
+        n_kv_heads: nkv,
+        head_dim: hd,
+    };
+    let (layers, layer) = (2usize, 1usize);
+    let lens = [5000usize, 2300];
+    let cap = 5200;
+    let mut cfg = WaveConfig::retrowave();
+    cfg.segment_tokens = 2048; // several segments, the last one short
+    let mut all = cfg.clone();
+    all.retrieval_fraction = 1.0;
+    all.estimation_fraction = 0.0;
+
+    let mut dense = Vec::new();
+    let mut wave = Vec::new();
+    let mut full = Vec::new();
+    for (i, &len) in lens.iter().enumerate() {
+        let mut kv = b.new_kv(layers, heads, cap).map_err(e)?;
+        b.kv_fill_synthetic(&mut kv, len, 77 + i as u64)
+            .map_err(e)?;
+        let mut w = b.kv_clone(&kv).map_err(e)?;
+        b.kv_build_index(&mut w, &cfg).map_err(e)?;
+        let mut f = b.kv_clone(&kv).map_err(e)?;
+        b.kv_build_index(&mut f, &all).map_err(e)?;
+        dense.push(kv);
+        wave.push(w);
+        full.push(f);
+    }
+    let rows = lens.len();
+    let batch = BatchLayout {
+        seqs: lens
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| SeqRows {
+                slot: i,
+                row: i,
+                start_pos: len,
+                n_tokens: 1,
+            })
+            .collect(),
+    };
+    let q = rand_vec(rng, rows * nh * hd, 2.0);
+    let k = rand_vec(rng, rows * nkv * hd, 2.0);
+    let v = rand_vec(rng, rows * nkv * hd, 1.0);
+    let (qa, ka, va) = (
+        b.acts_from_host(&q, rows, nh * hd),
+        b.acts_from_host(&k, rows, nkv * hd),
+        b.acts_from_host(&v, rows, nkv * hd),
+    );
+    let run = |kvs: &mut Vec<DevKv>| -> Result<Vec<f32>, String> {
+        let mut refs: Vec<&mut DevKv> = kvs.iter_mut().collect();
+        let y = b
+            .attention(layer, &qa, &ka, &va, &mut refs, &batch, heads)
+            .map_err(e)?;
+        let y = b.acts_to_host(&y);
+        b.check().map_err(e)?;
+        Ok(y)
+    };
+    let y_dense = run(&mut dense)?;
+    let y_full = run(&mut full)?;
+    let y_wave = run(&mut wave)?;
+    let mut out = vec![compare(
+        format!("wave decode, every cluster retrieved == dense (hd {hd}, {nh}/{nkv} heads)"),
+        &y_full,
+        &y_dense.iter().map(|&x| f64::from(x)).collect::<Vec<_>>(),
+        2e-3,
+    )];
+
+    // The GPU's own selection for this step (the units are still the step's, cached).
+    let refs: Vec<&DevKv> = wave.iter().collect();
+    let tables = b
+        .step_tables(&refs, &batch, nkv)
+        .map_err(|x| x.to_string())?;
+    let ws = b
+        .wave_step_units(&HostStep::of(&tables), &refs, 0)
+        .map_err(|x| x.to_string())?;
+    let qd = b.upload(&q).map_err(|x| x.to_string())?;
+    let sel = b
+        .wave_select_dev(
+            ws.layer_ptr(layer),
+            ws.per_layer,
+            ws.max_clusters,
+            dp(&qd),
+            nh,
+            nkv,
+            hd,
+            ws.max_ids,
+        )
+        .map_err(|x| x.to_string())?;
+    let ids = b
+        .download(&sel.ids, sel.ids.len())
+        .map_err(|x| x.to_string())?;
+    let counts = b
+        .download(&sel.counts, sel.counts.len())
+        .map_err(|x| x.to_string())?;
+
+    let g = nh / nkv;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut reference = vec![0f64; rows * nh * hd];
+    let mut exact_tokens = 0usize;
+    for (s, kv) in wave.iter().enumerate() {
+        let w = kv
+            .wave
+            .as_deref()
+            .ok_or("wave index missing after the step")?;
+        let n = lens[s] + 1;
+        let kk = to_f64(&b.download(&kv.k, kv.k.len()).map_err(|x| x.to_string())?);
+        let vv = to_f64(&b.download(&kv.v, kv.v.len()).map_err(|x| x.to_string())?);
+        let kc = w.n_clusters;
+        let cent = to_f64(
+            &b.download(&w.centroids, w.centroids.len())
+                .map_err(|x| x.to_string())?,
+        );
+        let lns = b
+            .download(&w.ln_sizes, w.ln_sizes.len())
+            .map_err(|x| x.to_string())?;
+        let means = to_f64(
+            &b.download(&w.means, w.means.len())
+                .map_err(|x| x.to_string())?,
+        );
+        let offs = b
+            .download(&w.offsets, w.offsets.len())
+            .map_err(|x| x.to_string())?;
+        let mem = b
+            .download(&w.members, w.members.len())
+            .map_err(|x| x.to_string())?;
+        let it = w.indexed_tokens();
+        for h in 0..nkv {
+            let unit = s * nkv + h; // decode row s, KV head h
+            let iu = layer * nkv + h; // index unit (layer, head)
+            let (nr, ne) = (counts[2 * unit] as usize, counts[2 * unit + 1] as usize);
+            let uid = &ids[unit * sel.max_ids..(unit + 1) * sel.max_ids];
+            let mut toks: Vec<usize> = (0..w.sink.min(n)).chain(w.indexed_end..n).collect();
+            for &c in &uid[..nr] {
+                let c = c as usize;
+                let (a, z) = (offs[iu * (kc + 1) + c], offs[iu * (kc + 1) + c + 1]);
+                toks.extend(
+                    mem[iu * it + a as usize..iu * it + z as usize]
+                        .iter()
+                        .map(|&t| t as usize),
+                );
+            }
+            exact_tokens += toks.len();
+            let base = (layer * nkv + h) * cap * hd;
+            for gh in 0..g {
+                let head = h * g + gh;
+                let qr: Vec<f64> = q[(s * nh + head) * hd..(s * nh + head + 1) * hd]
+                    .iter()
+                    .map(|&x| f64::from(x))
+                    .collect();
+                // (logit, weight multiplier, value row) of every term.
+                let mut terms: Vec<(f64, Vec<f64>)> = Vec::new();
+                for &t in &toks {
+                    let kr = &kk[base + t * hd..base + (t + 1) * hd];
+                    let l = scale * kr.iter().zip(&qr).map(|(a, b)| a * b).sum::<f64>();
+                    terms.push((l, vv[base + t * hd..base + (t + 1) * hd].to_vec()));
+                }
+                for &c in &uid[nr..nr + ne] {
+                    let c = c as usize;
+                    let cr = &cent[(iu * kc + c) * hd..(iu * kc + c + 1) * hd];
+                    let l = scale * cr.iter().zip(&qr).map(|(a, b)| a * b).sum::<f64>()
+                        + f64::from(lns[iu * kc + c]);
+                    terms.push((
+                        l,
+                        means[(iu * kc + c) * hd..(iu * kc + c + 1) * hd].to_vec(),
+                    ));
+                }
+                let m = terms.iter().map(|t| t.0).fold(f64::NEG_INFINITY, f64::max);
+                let mut den = 0f64;
+                let o = &mut reference[(s * nh + head) * hd..(s * nh + head + 1) * hd];
+                for (l, val) in &terms {
+                    let p = (l - m).exp();
+                    den += p;
+                    for (x, y) in o.iter_mut().zip(val) {
+                        *x += p * y;
+                    }
+                }
+                for x in o.iter_mut() {
+                    *x /= den;
+                }
+            }
+        }
+    }
+    out.push(compare(
+        format!(
+            "wave decode at default budgets vs f64 reference (hd {hd}, {nh}/{nkv} heads, {} exact tokens a unit)",
+            exact_tokens / (rows * nkv).max(1)
+        ),
+        &y_wave,
+        &reference,
+        2e-3,
+    ));
+    // Nothing may have been cut from a token list.
+    let overflows = b.wave_overflows().map_err(|x| x.to_string())?;
+    out.push(CheckResult {
+        name: "wave token lists: none cut short".into(),
+        rel_l2: 0.0,
+        max_abs: f64::from(overflows),
+        non_finite: 0,
+        tolerance: 0.0,
+        passed: overflows == 0,
+    });
+    Ok(out)
+}

@@ -1,0 +1,382 @@
+//! Wave attention inside the CUDA backend's decode step.
+//!
+//! After prefill, [`CudaBackend::build_wave`] clusters every (layer, KV head) of a sequence on the
+//! GPU ([`crate::wave_build`]) into a [`DevWave`] kept beside the sequence's [`DevKv`]. A decode
+//! step whose caches have an index then runs, per layer, instead of dense flash-decoding:
+//! cluster scoring and zone selection ([`CudaBackend::wave_select_dev`]), the estimation zone
+//! ([`CudaBackend::wave_estimate`]), the exact part's token lists ([`CudaBackend::wave_tokens`]:
+//! the steady zone and the members of the retrieval clusters) and flash-decoding over those lists
+//! merged with the estimate ([`CudaBackend::wave_exact_attention`]).
+//!
+//! In this first version the exact KV stays where the dense cache keeps it, in GPU memory, in
+//! position order: the retrieval clusters are read through their member lists (every cluster
+//! "hits"). The tiered store and the GPU block cache (KV off the GPU) come next; the kernels
+//! already read through lists of positions, which is the seam.
+//!
+//! The per-step units (one per layer, decode row and KV head) are built on the host and uploaded
+//! once per step at layer 0, and only when they change (they change at index builds and when the
+//! batch changes, not from step to step: each sequence's length is read from the step's tables),
+//! so captured decode steps replay them from a fixed address.
+
+use std::time::Instant;
+
+use cudarc::driver::{CudaSlice, DeviceRepr, sys};
+use half::bf16;
+use retrowave_core::WaveConfig;
+
+use crate::CudaError;
+use crate::backend::{CudaBackend, DevKv, StepTables, dp};
+use crate::wave::WaveUnit;
+use crate::wave_build::{BuildSegment, BuildUnit};
+
+/// The wave index of one sequence on the GPU: every (layer, KV head) unit clustered alike.
+pub struct DevWave {
+    /// Clusters per unit (the same for every unit; 0 for a prefill too short to index).
+    pub n_clusters: usize,
+    /// Units: layers x KV heads, unit `l * n_kv + h`.
+    pub n_units: usize,
+    /// `bf16 [units][n_clusters][hd]`: mean keys.
+    pub centroids: CudaSlice<bf16>,
+    /// `f32 [units][n_clusters]`: `ln |C_i|` (`-inf` for empty clusters).
+    pub ln_sizes: CudaSlice<f32>,
+    /// `bf16 [units][n_clusters][hd]`: mean values.
+    pub means: CudaSlice<bf16>,
+    /// `i32 [units][n_clusters + 1]`: CSR offsets into `members`.
+    pub offsets: CudaSlice<i32>,
+    /// `i32 [units][indexed tokens]`: token positions, cluster after cluster.
+    pub members: CudaSlice<i32>,
+    /// Steady zone: the first `sink` tokens and everything from `indexed_end` on.
+    pub sink: usize,
+    pub indexed_end: usize,
+    /// Largest cluster of any unit (bounds the exact part's token lists).
+    pub max_cluster_size: usize,
+    /// Index updates made so far (they grow the budgets).
+    pub updates: usize,
+    pub cfg: WaveConfig,
+    /// Wall time of the build.
+    pub build_seconds: f64,
+    /// (layer, KV head) attentions run through the index.
+    pub head_steps: u64,
+    /// Context tokens those attentions covered (what dense attention would have read).
+    pub context_tokens: u64,
+}
+
+impl DevWave {
+    /// Tokens covered by the index (per unit).
+    pub fn indexed_tokens(&self) -> usize {
+        self.indexed_end.saturating_sub(self.sink)
+    }
+
+    /// Retrieval and estimation clusters a step asks for: the configured budgets, at least
+    /// `min_retrieval_clusters` retrieval clusters, both within the clusters there are. (The
+    /// adaptive growth of the CPU path, up to `max_retrieval_fraction`, is not done on the GPU
+    /// yet: the GPU selects the fixed budget.)
+    pub fn budgets(&self) -> (usize, usize) {
+        let b = self.cfg.budgets(self.n_clusters, self.updates);
+        let r = b
+            .retrieval
+            .max(self.cfg.min_retrieval_clusters)
+            .min(self.n_clusters);
+        let e = b.estimation.min(self.n_clusters - r);
+        (r, e)
+    }
+
+    /// Most retrieval-zone tokens a step can gather for one unit.
+    fn retrieval_bound(&self) -> usize {
+        let (r, _) = self.budgets();
+        (r * self.max_cluster_size).min(self.indexed_tokens())
+    }
+}
+
+/// The uploaded units of the current wave step and the shapes their kernels run with.
+pub(crate) struct WaveStepUnits {
+    /// Which caches and rows the units were built for (checked at every layer).
+    sig: Vec<(usize, u64, i32)>,
+    host: Vec<WaveUnit>,
+    dev: CudaSlice<WaveUnit>,
+    /// Units per layer (decode rows x KV heads).
+    pub per_layer: usize,
+    pub max_clusters: usize,
+    pub max_ids: usize,
+    pub list_cap: usize,
+}
+
+impl WaveStepUnits {
+    /// Device address of `layer`'s units.
+    pub fn layer_ptr(&self, layer: usize) -> sys::CUdeviceptr {
+        dp(&self.dev) + (layer * self.per_layer * std::mem::size_of::<WaveUnit>()) as u64
+    }
+
+    /// What a captured step depends on: the units' address and the kernels' shapes.
+    pub fn graph_key(&self) -> (u64, usize, usize, usize) {
+        (
+            dp(&self.dev),
+            self.max_clusters,
+            self.max_ids,
+            self.list_cap,
+        )
+    }
+}
+
+/// The host side of a step's tables that the wave units are built from.
+pub(crate) struct HostStep<'a> {
+    pub descs: &'a [crate::backend::SeqDesc],
+    pub row_seq: &'a [i32],
+    pub decode_rows: &'a [i32],
+}
+
+impl<'a> HostStep<'a> {
+    pub fn of(t: &'a StepTables) -> Self {
+        Self {
+            descs: &t.descs,
+            row_seq: &t.row_seq,
+            decode_rows: &t.decode_rows,
+        }
+    }
+}
+
+/// Rounds the token-list capacity up so that it changes rarely (a new capacity is a new graph).
+const LIST_CAP_STEP: usize = 1024;
+
+impl CudaBackend {
+    /// Builds the wave index of `kv` (all its cached tokens) on the GPU, as the CPU index does:
+    /// the first `sink_tokens` and the last `window_tokens` stay in the steady zone, the rest is
+    /// clustered in segments of `segment_tokens`.
+    pub fn build_wave(&self, kv: &DevKv, cfg: &WaveConfig) -> Result<DevWave, CudaError> {
+        cfg.validate()
+            .map_err(|e| CudaError::Unsupported(format!("wave config: {e}")))?;
+        let t0 = Instant::now();
+        let n = kv.len;
+        let start = cfg.sink_tokens.min(n);
+        let end = n.saturating_sub(cfg.window_tokens).max(start);
+        let segs: Vec<BuildSegment> = retrowave_index::segments(start..end, cfg)
+            .into_iter()
+            .map(|s| BuildSegment {
+                start: s.tokens.start,
+                end: s.tokens.end,
+                clusters: s.clusters,
+            })
+            .collect();
+        let (hd, n_kv) = (kv.head_dim, kv.n_kv);
+        let n_units = kv.n_layers * n_kv;
+        let elem = std::mem::size_of::<bf16>() as u64;
+        let units: Vec<BuildUnit> = (0..n_units)
+            .map(|u| {
+                let off = (u * kv.cap * hd) as u64 * elem;
+                BuildUnit {
+                    keys: dp(&kv.k) + off,
+                    values: dp(&kv.v) + off,
+                }
+            })
+            .collect();
+        if segs.is_empty() {
+            return Ok(DevWave {
+                n_clusters: 0,
+                n_units,
+                centroids: self.alloc(1)?,
+                ln_sizes: self.alloc(1)?,
+                means: self.alloc(1)?,
+                offsets: self.upload(&vec![0i32; n_units])?,
+                members: self.alloc(1)?,
+                sink: start,
+                indexed_end: start,
+                max_cluster_size: 0,
+                updates: 0,
+                cfg: cfg.clone(),
+                build_seconds: t0.elapsed().as_secs_f64(),
+                head_steps: 0,
+                context_tokens: 0,
+            });
+        }
+        let c = self.wave_build(&units, &segs, cfg.kmeans_iterations, hd)?;
+        let sizes = self.download(&c.sizes, c.sizes.len())?;
+        let max_cluster_size = sizes.iter().copied().max().unwrap_or(0).max(0) as usize;
+        self.synchronize()?;
+        Ok(DevWave {
+            n_clusters: c.n_clusters,
+            n_units,
+            centroids: c.centroids,
+            ln_sizes: c.ln_sizes,
+            means: c.means,
+            offsets: c.offsets,
+            members: c.members,
+            sink: start,
+            indexed_end: end,
+            max_cluster_size,
+            updates: 0,
+            cfg: cfg.clone(),
+            build_seconds: t0.elapsed().as_secs_f64(),
+            head_steps: 0,
+            context_tokens: 0,
+        })
+    }
+
+    /// A device copy of an index (forked sequences get their own, so that no two sequences of a
+    /// batch share index memory).
+    pub fn clone_wave(&self, w: &DevWave) -> Result<DevWave, CudaError> {
+        Ok(DevWave {
+            centroids: self.dup(&w.centroids)?,
+            ln_sizes: self.dup(&w.ln_sizes)?,
+            means: self.dup(&w.means)?,
+            offsets: self.dup(&w.offsets)?,
+            members: self.dup(&w.members)?,
+            cfg: w.cfg.clone(),
+            ..*w
+        })
+    }
+
+    fn dup<T: DeviceRepr>(&self, s: &CudaSlice<T>) -> Result<CudaSlice<T>, CudaError> {
+        let mut d = self.alloc::<T>(s.len())?;
+        self.stream()
+            .memcpy_dtod(s, &mut d)
+            .map_err(CudaError::driver("cuMemcpyDtoDAsync(wave index)"))?;
+        Ok(d)
+    }
+
+    /// The units of a wave step, layer-major (`[layers][decode rows][n_kv]`, decode rows in the
+    /// order of `t`), and the shapes of its kernels. Sequences without an index attend to all
+    /// their tokens through the same path (an empty index: everything is steady zone).
+    fn wave_units_host(
+        tab: &HostStep<'_>,
+        caches: &[&DevKv],
+        n_layers: usize,
+        n_kv: usize,
+    ) -> (Vec<WaveUnit>, usize, usize, usize) {
+        let rows = tab.decode_rows.len();
+        let mut units = vec![WaveUnit::default(); n_layers * rows * n_kv];
+        let (mut max_clusters, mut max_ids, mut list_cap) = (0usize, 0usize, 0usize);
+        for (i, &row) in tab.decode_rows.iter().enumerate() {
+            let si = tab.row_seq.get(row as usize).copied().unwrap_or(0) as usize;
+            let (Some(kv), Some(d)) = (caches.get(si), tab.descs.get(si)) else {
+                continue;
+            };
+            let n_tokens = (d.start_pos + (row - d.row) + 1).max(0) as usize;
+            let Some(w) = kv.wave.as_deref() else {
+                list_cap = list_cap.max(n_tokens);
+                for l in 0..n_layers {
+                    for h in 0..n_kv {
+                        units[(l * rows + i) * n_kv + h].q_row = row;
+                    }
+                }
+                continue;
+            };
+            let (r, e) = w.budgets();
+            let k = w.n_clusters;
+            max_clusters = max_clusters.max(k);
+            max_ids = max_ids.max(r + e);
+            let steady = w.sink + n_tokens.saturating_sub(w.indexed_end);
+            list_cap = list_cap.max(steady + w.retrieval_bound());
+            let it = w.indexed_tokens();
+            for l in 0..n_layers {
+                for h in 0..n_kv {
+                    let u = l * n_kv + h;
+                    units[(l * rows + i) * n_kv + h] = WaveUnit {
+                        centroids: dp(&w.centroids) + (u * k * kv.head_dim * 2) as u64,
+                        ln_sizes: dp(&w.ln_sizes) + (u * k * 4) as u64,
+                        means: dp(&w.means) + (u * k * kv.head_dim * 2) as u64,
+                        n_clusters: k as i32,
+                        q_row: row,
+                        retrieval: r as i32,
+                        estimation: e as i32,
+                        offsets: dp(&w.offsets) + (u * (k + 1) * 4) as u64,
+                        members: dp(&w.members) + (u * it * 4) as u64,
+                        sink: w.sink as i32,
+                        indexed_end: w.indexed_end as i32,
+                        pad: [0; 2],
+                    };
+                }
+            }
+        }
+        let list_cap = (list_cap + 1).next_multiple_of(LIST_CAP_STEP);
+        (units, max_clusters, max_ids.max(1), list_cap)
+    }
+
+    /// The wave units of this step on the device: rebuilt on the host and compared at layer 0
+    /// (uploaded only when they changed), reused by the later layers.
+    pub(crate) fn wave_step_units(
+        &self,
+        t: &HostStep<'_>,
+        caches: &[&DevKv],
+        layer: usize,
+    ) -> Result<std::sync::Arc<WaveStepUnits>, CudaError> {
+        let mut slot = self.wave_units_slot()?;
+        // The step's caches (their indexes' addresses) and rows: cheap to compare at every
+        // layer; the units themselves are rebuilt and compared at layer 0 only (what changes
+        // between steps, the steady zone's length, is read from the step's tables).
+        let sig: Vec<(usize, u64, i32)> = t
+            .decode_rows
+            .iter()
+            .map(|&row| {
+                let si = t.row_seq.get(row as usize).copied().unwrap_or(0) as usize;
+                let kv = caches.get(si);
+                (
+                    kv.and_then(|c| c.wave.as_deref())
+                        .map_or(0, |w| w as *const DevWave as usize),
+                    kv.map_or(0, |c| dp(&c.k)),
+                    row,
+                )
+            })
+            .collect();
+        if layer != 0
+            && let Some(s) = slot.as_ref()
+            && s.sig == sig
+        {
+            return Ok(s.clone());
+        }
+        let n_kv = caches.first().map_or(1, |c| c.n_kv);
+        let n_layers = caches.first().map_or(1, |c| c.n_layers);
+        let (host, max_clusters, max_ids, list_cap) =
+            Self::wave_units_host(t, caches, n_layers, n_kv);
+        let per_layer = t.decode_rows.len() * n_kv;
+        if let Some(s) = slot.as_ref()
+            && s.sig == sig
+            && s.host == host
+            && s.max_clusters == max_clusters
+            && s.max_ids == max_ids
+            && s.list_cap == list_cap
+        {
+            return Ok(s.clone());
+        }
+        let dev = self.upload(&host)?;
+        let s = std::sync::Arc::new(WaveStepUnits {
+            sig,
+            host,
+            dev,
+            per_layer,
+            max_clusters,
+            max_ids,
+            list_cap,
+        });
+        *slot = Some(s.clone());
+        Ok(s)
+    }
+
+    /// One layer of a wave decode step over the decode rows of `t`: scoring and zones,
+    /// estimation, token lists, exact attention merged with the estimate, into `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn wave_decode_layer(
+        &self,
+        t: &StepTables,
+        ws: &WaveStepUnits,
+        layer: usize,
+        q: sys::CUdeviceptr,
+        out: sys::CUdeviceptr,
+        n_heads: usize,
+        n_kv: usize,
+        hd: usize,
+    ) -> Result<(), CudaError> {
+        let sel = self.wave_select_dev(
+            ws.layer_ptr(layer),
+            ws.per_layer,
+            ws.max_clusters,
+            q,
+            n_heads,
+            n_kv,
+            hd,
+            ws.max_ids,
+        )?;
+        let est = self.wave_estimate(&sel)?;
+        let toks = self.wave_tokens(t, &sel, ws.list_cap)?;
+        self.wave_exact_attention(t, layer, q, out, &toks, &est, n_heads, n_kv, hd)
+    }
+}

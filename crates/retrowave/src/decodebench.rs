@@ -1,0 +1,244 @@
+//! `retrowave bench decode`: end-to-end decode tokens/s of a random-weight model on one GPU,
+//! dense against wave attention, over contexts and a batch sweep, each at its best batch.
+//!
+//! The KV of the context is synthetic (uniform random keys and values written straight into the
+//! caches, no prefill: records say so). Slot 0 is filled and, for wave, indexed on the GPU (the
+//! build is timed); the other sequences of the batch are device copies of slot 0 (their own KV
+//! and index memory, so no two sequences share a byte), and their queries differ because their
+//! input tokens do. Between batch points the caches are cut back to the context length.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use retrowave_core::{RowSampling, WaveConfig};
+use retrowave_cuda::CudaBackend;
+use retrowave_engine::WorkerGroup;
+use retrowave_model::arch::{ModelConfig, WeightSource};
+use retrowave_model::random::{RandomWeights, load_shape};
+use serde_json::json;
+
+use crate::bench::commit;
+use crate::gpubench::{append, card, ceilings, decode_batch, gpu, weight_bytes};
+
+/// What one batch point measured.
+struct Point {
+    batch: usize,
+    step_s: f64,
+    tok_s: f64,
+}
+
+/// Bytes a wave step must move per sequence, from the index's shape: every centroid and ln size,
+/// the logits written and read back, the estimation means, the exact tokens' keys and values and
+/// their positions (list written and read, members read).
+fn wave_bytes_per_seq(cfg: &ModelConfig, wcfg: &WaveConfig, ctx: usize) -> (f64, usize, usize) {
+    let hd = cfg.head_dim;
+    let units = (cfg.n_layers * cfg.n_kv_heads) as f64;
+    let g = (cfg.n_heads / cfg.n_kv_heads) as f64;
+    let start = wcfg.sink_tokens.min(ctx);
+    let end = ctx.saturating_sub(wcfg.window_tokens).max(start);
+    let k: usize = retrowave_index::segments(start..end, wcfg)
+        .iter()
+        .map(|s| s.clusters)
+        .sum();
+    let b = wcfg.budgets(k, 0);
+    let r = b.retrieval.max(wcfg.min_retrieval_clusters).min(k);
+    let e = b.estimation.min(k - r);
+    let avg = (end - start) as f64 / k.max(1) as f64;
+    let exact = (wcfg.sink_tokens + wcfg.window_tokens) as f64 + r as f64 * avg;
+    let per_unit = k as f64 * (hd * 2 + 4) as f64
+        + 2.0 * g * k as f64 * 4.0
+        + e as f64 * (hd * 2) as f64
+        + exact * (hd * 4) as f64
+        + exact * 12.0;
+    (units * per_unit, r, e)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sweep(
+    b: &CudaBackend,
+    group: &mut WorkerGroup<CudaBackend>,
+    cfg: &ModelConfig,
+    ctx: usize,
+    batches: &[usize],
+    steps: usize,
+    wave: Option<&WaveConfig>,
+    max_batch: usize,
+) -> Result<(Vec<Point>, f64)> {
+    let cap = ctx + steps + 8;
+    let t = Instant::now();
+    group.open_slot(0, cap)?;
+    group.fill_synthetic(0, ctx, 1000)?;
+    let mut build_s = 0.0;
+    if let Some(w) = wave {
+        b.synchronize()?;
+        let t = Instant::now();
+        group.build_index(0, w)?;
+        b.synchronize()?;
+        build_s = t.elapsed().as_secs_f64();
+    }
+    for s in 1..max_batch {
+        group.fork_slot(0, s)?;
+    }
+    b.synchronize()?;
+    println!(
+        "  {} x {ctx} tokens ready in {:.1} s{}",
+        max_batch,
+        t.elapsed().as_secs_f64(),
+        if wave.is_some() {
+            format!(" (index build {build_s:.2} s)")
+        } else {
+            String::new()
+        }
+    );
+    let mut points = Vec::new();
+    let mut rng = StdRng::seed_from_u64(ctx as u64);
+    for &batch in batches.iter().filter(|&&x| x <= max_batch) {
+        let mut times = Vec::new();
+        for step in 0..steps + 3 {
+            let tokens: Vec<u32> = (0..batch)
+                .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+                .collect();
+            let layout = decode_batch(batch, ctx + step);
+            let rows: Vec<usize> = (0..batch).collect();
+            let greedy = vec![RowSampling::greedy(); batch];
+            let t = Instant::now();
+            let picked = group.forward_sample(&tokens, &layout, &rows, &greedy)?;
+            let dt = t.elapsed().as_secs_f64();
+            if picked.len() != batch || picked.iter().any(|&x| x as usize >= cfg.vocab_size) {
+                bail!("decode step gave {} tokens for {batch} rows", picked.len());
+            }
+            if step >= 3 {
+                times.push(dt);
+            }
+        }
+        for s in 0..batch {
+            group.truncate_slot(s, ctx);
+        }
+        times.sort_by(f64::total_cmp);
+        let step_s = times[times.len() / 2];
+        points.push(Point {
+            batch,
+            step_s,
+            tok_s: batch as f64 / step_s,
+        });
+    }
+    for s in 0..max_batch {
+        group.close_slot(s);
+    }
+    b.trim_pool()?;
+    Ok((points, build_s))
+}
+
+/// `retrowave bench decode`.
+#[allow(clippy::too_many_arguments)]
+pub fn run_decode(
+    device: &str,
+    shape: &Path,
+    contexts: &[usize],
+    batches: &[usize],
+    steps: usize,
+    modes: &[String],
+    wcfg: &WaveConfig,
+    out: &Path,
+) -> Result<()> {
+    let b = gpu(device)?;
+    let ceil = ceilings(&b, out)?;
+    let cfg = load_shape(shape)?;
+    for m in modes {
+        if m != "full" && m != "wave" {
+            bail!("--attention takes full and/or wave, not {m:?}");
+        }
+    }
+    let t = Instant::now();
+    let src = RandomWeights::new(&cfg, 1)?;
+    let mut group = WorkerGroup::load(&cfg, &src as &dyn WeightSource, vec![b.clone()])?;
+    drop(src);
+    println!(
+        "{} (random weights): on the GPU in {:.1} s",
+        cfg.name,
+        t.elapsed().as_secs_f64()
+    );
+    let kv_per_token = (2 * cfg.n_layers * cfg.kv_dim() * 2) as f64;
+    let wb = weight_bytes(&cfg);
+    let mut summary = Vec::new();
+    for &ctx in contexts {
+        let mut best = Vec::new();
+        for mode in modes {
+            let wave = (mode == "wave").then_some(wcfg);
+            b.trim_pool()?;
+            let (free, _) = b.context().mem_get_info()?;
+            let cap = ctx + steps + 8;
+            // Wave keeps the dense cache plus the index (centroids and means: 2 x 1/16 of the
+            // keys at 16 tokens a cluster; members 4 bytes a token a head) and its build's
+            // temporaries.
+            let per_seq = kv_per_token * cap as f64 * if wave.is_some() { 1.09 } else { 1.0 };
+            let reserve = if wave.is_some() { 8.0e9 } else { 4.0e9 };
+            let max_batch = (((free as f64 - reserve) / per_seq).floor() as usize).min(256);
+            if max_batch == 0 {
+                println!("context {ctx} {mode}: no sequence fits");
+                continue;
+            }
+            let mut bs: Vec<usize> = batches.iter().copied().filter(|&x| x < max_batch).collect();
+            bs.push(max_batch);
+            println!("context {ctx} {mode}: batches {bs:?}");
+            let (points, build_s) = sweep(&b, &mut group, &cfg, ctx, &bs, steps, wave, max_batch)?;
+            let (wave_seq_bytes, r, e) = wave_bytes_per_seq(&cfg, wcfg, ctx);
+            for p in &points {
+                let seq_bytes = if wave.is_some() {
+                    wave_seq_bytes
+                } else {
+                    kv_per_token * (ctx + steps / 2) as f64
+                };
+                let bytes = wb + p.batch as f64 * seq_bytes;
+                let roof_tok_s = p.batch as f64 / (bytes / (ceil.copy_gbs * 1e9));
+                let pct = 100.0 * p.tok_s / roof_tok_s;
+                append(
+                    out,
+                    &json!({"bench": "gpu-decode", "model": cfg.name, "weights": "random (bf16)",
+                            "kv": "synthetic uniform random (no prefill); sequences 1.. are device copies of sequence 0",
+                            "attention": mode, "context": ctx, "batch": p.batch,
+                            "max_batch": max_batch,
+                            "step_ms": p.step_s * 1e3, "tokens_per_s": p.tok_s,
+                            "bytes_per_step": bytes, "roofline_tokens_per_s": roof_tok_s,
+                            "pct_of_roofline": pct, "copy_gbs": ceil.copy_gbs,
+                            "wave": wave.map(|w| json!({"config": format!("{w:?}"), "retrieval_clusters": r,
+                                "estimation_clusters": e, "index_build_s": build_s,
+                                "kv_placement": "GPU memory, position order (every cluster hits)"})),
+                            "cuda_graphs": b.graph_counts().1 > 0,
+                            "device": card(&b), "commit": commit()}),
+                )?;
+                println!(
+                    "  {mode:>4} ctx {ctx:>7} batch {:>3}: step {:>7.2} ms {:>8.1} tok/s  roofline {roof_tok_s:>8.1} ({pct:>3.0}%)",
+                    p.batch,
+                    p.step_s * 1e3,
+                    p.tok_s
+                );
+            }
+            if let Some(p) = points.iter().max_by(|a, b| a.tok_s.total_cmp(&b.tok_s)) {
+                best.push((mode.clone(), p.batch, p.tok_s));
+            }
+        }
+        let full = best.iter().find(|x| x.0 == "full").map(|x| x.2);
+        for (mode, batch, tok_s) in &best {
+            let ratio = full.map(|f| tok_s / f);
+            summary.push(format!(
+                "ctx {ctx:>7} {mode:>4}: best {tok_s:>8.1} tok/s at batch {batch:>3}{}",
+                ratio.map_or(String::new(), |r| format!("  ({r:.2}x dense)"))
+            ));
+            append(
+                out,
+                &json!({"bench": "gpu-decode-best", "model": cfg.name, "attention": mode,
+                        "context": ctx, "batch": batch, "tokens_per_s": tok_s,
+                        "ratio_to_dense": ratio, "device": card(&b), "commit": commit()}),
+            )?;
+        }
+    }
+    println!("\n{} on {}:", cfg.name, card(&b));
+    for l in &summary {
+        println!("{l}");
+    }
+    Ok(())
+}
