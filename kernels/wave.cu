@@ -445,10 +445,12 @@ __device__ void estimate_partial(const WaveUnit* __restrict__ units, const float
       w[g][j] = c >= 0 ? logits[((size_t)u * G + g) * max_clusters + c] + ln : -INFINITY;
   }
   __syncthreads();
-  if (tid < G) {
+  // One warp per head: the chunk's max (EST_CHUNK <= 64: two entries a lane).
+  for (int g = warp; g < G; g += EST_WARPS) {
     float m = -INFINITY;
-    for (int j = 0; j < nj; ++j) m = fmaxf(m, w[tid][j]);
-    m_s[tid] = m;
+    for (int j = lane; j < nj; j += 32) m = fmaxf(m, w[g][j]);
+    m = warp_max(m);
+    if (lane == 0) m_s[g] = m;
   }
   __syncthreads();
   for (int i = tid; i < G * EST_CHUNK; i += blockDim.x) {
@@ -499,11 +501,14 @@ __device__ void estimate_partial(const WaveUnit* __restrict__ units, const float
     for (int k = 0; k < EST_WARPS; ++k) a += red[k][g][d];
     est_acc[part * G * HD + i] = a;
   }
-  if (tid < G) {
+  for (int g = warp; g < G; g += EST_WARPS) {
     float l = 0.f;
-    for (int j = 0; j < nj; ++j) l += w[tid][j];
-    est_m[part * G + tid] = m_s[tid];
-    est_l[part * G + tid] = l;
+    for (int j = lane; j < nj; j += 32) l += w[g][j];
+    l = warp_sum(l);
+    if (lane == 0) {
+      est_m[part * G + g] = m_s[g];
+      est_l[part * G + g] = l;
+    }
   }
 }
 
@@ -524,47 +529,56 @@ extern "C" __global__ void __launch_bounds__(EST_WARPS * 32)
                               est_l, est_acc);
 }
 
-// Block 256 threads; merges the chunks of unit blockIdx.x: the per-(head, chunk) scale factors
-// first (one thread each, into shared memory), then each (head, dimension) sums its chunks.
+// Grid (n_units, group), block 256 threads; merges the chunks of head blockIdx.y of unit
+// blockIdx.x: the max over the chunks, their scale factors (into shared memory) and sum, then
+// each dimension sums its chunks (loads of 8 chunks in flight per thread).
 extern "C" __global__ void __launch_bounds__(256)
     wave_estimate_merge(const float* est_m, const float* est_l, const float* est_acc, int n_chunks,
                         int group, int hd, float* out, float* lse) {
-  __shared__ float mx[WAVE_MAX_G], lsum[WAVE_MAX_G];
-  extern __shared__ float fac[];  // [group][n_chunks]
-  const int u = blockIdx.x, tid = threadIdx.x, G = group;
-  const int lane = tid & 31, warp = tid >> 5, n_warps = blockDim.x >> 5;
-  // One warp per head: the maximum over the chunks.
-  for (int g = warp; g < G; g += n_warps) {
-    float m = -INFINITY;
-    for (int k = lane; k < n_chunks; k += 32)
-      m = fmaxf(m, est_m[((size_t)u * n_chunks + k) * G + g]);
-    m = wave::warp_max(m);
-    if (lane == 0) mx[g] = m;
+  __shared__ float red[8];
+  __shared__ float s_mx, s_l;
+  extern __shared__ float fac[];  // [n_chunks]
+  const int u = blockIdx.x, g = blockIdx.y, tid = threadIdx.x, G = group;
+  const int lane = tid & 31, warp = tid >> 5;
+  float m = -INFINITY;
+  for (int k = tid; k < n_chunks; k += blockDim.x)
+    m = fmaxf(m, est_m[((size_t)u * n_chunks + k) * G + g]);
+  m = wave::warp_max(m);
+  if (lane == 0) red[warp] = m;
+  __syncthreads();
+  if (tid == 0) {
+    float x = -INFINITY;
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) x = fmaxf(x, red[w]);
+    s_mx = x;
   }
   __syncthreads();
-  for (int i = tid; i < G * n_chunks; i += blockDim.x) {
-    const int g = i / n_chunks, k = i % n_chunks;
-    const float mk = est_m[((size_t)u * n_chunks + k) * G + g];
-    fac[i] = (mk == -INFINITY || mx[g] == -INFINITY) ? 0.f : __expf(mk - mx[g]);
+  const float mx = s_mx;
+  float l = 0.f;
+  for (int k = tid; k < n_chunks; k += blockDim.x) {
+    const size_t i = ((size_t)u * n_chunks + k) * G + g;
+    const float mk = est_m[i];
+    const float f = (mk == -INFINITY || mx == -INFINITY) ? 0.f : __expf(mk - mx);
+    fac[k] = f;
+    l += est_l[i] * f;
+  }
+  l = wave::warp_sum(l);
+  __syncthreads();
+  if (lane == 0) red[warp] = l;
+  __syncthreads();
+  if (tid == 0) {
+    float x = 0.f;
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) x += red[w];
+    s_l = x;
+    lse[(size_t)u * G + g] = x > 0.f ? mx + __logf(x) : -INFINITY;
   }
   __syncthreads();
-  for (int g = warp; g < G; g += n_warps) {
-    float l = 0.f;
-    for (int k = lane; k < n_chunks; k += 32)
-      l += est_l[((size_t)u * n_chunks + k) * G + g] * fac[g * n_chunks + k];
-    l = wave::warp_sum(l);
-    if (lane == 0) {
-      lsum[g] = l;
-      lse[(size_t)u * G + g] = l > 0.f ? mx[g] + __logf(l) : -INFINITY;
-    }
-  }
-  __syncthreads();
-  for (int i = tid; i < G * hd; i += blockDim.x) {
-    const int g = i / hd, d = i % hd;
+  const float ls = s_l;
+  for (int d = tid; d < hd; d += blockDim.x) {
     float a = 0.f;
+#pragma unroll 8
     for (int k = 0; k < n_chunks; ++k)
-      a += est_acc[(((size_t)u * n_chunks + k) * G + g) * hd + d] * fac[g * n_chunks + k];
-    out[(size_t)u * G * hd + i] = lsum[g] > 0.f ? a / lsum[g] : 0.f;
+      a += __ldg(est_acc + (((size_t)u * n_chunks + k) * G + g) * hd + d) * fac[k];
+    out[((size_t)u * G + g) * hd + d] = ls > 0.f ? a / ls : 0.f;
   }
 }
 

@@ -258,7 +258,7 @@ impl CudaBackend {
             "wave_estimate_partial_hd128"
         };
         let n_chunks = sel.max_ids.div_ceil(EST_CHUNK).max(1);
-        if group * n_chunks * 4 > 48 * 1024 {
+        if n_chunks * 4 > 48 * 1024 {
             return Err(CudaError::Unsupported(format!(
                 "wave estimation of up to {} clusters for groups of {group} heads needs more \
                  shared memory than one merge CTA has",
@@ -299,9 +299,9 @@ impl CudaBackend {
         self.launch(
             "wave_estimate_merge",
             LaunchConfig {
-                grid_dim: (n_units as u32, 1, 1),
+                grid_dim: (n_units as u32, group as u32, 1),
                 block_dim: (MERGE_THREADS, 1, 1),
-                shared_mem_bytes: (group * n_chunks * 4) as u32,
+                shared_mem_bytes: (n_chunks * 4) as u32,
             },
             &mut [
                 ptr_of(&mut a_m),
@@ -317,6 +317,9 @@ impl CudaBackend {
         Ok(WaveEstimate { out, lse })
     }
 }
+
+/// CTAs per multiprocessor the exact part of a wave step aims at.
+const WAVE_EXACT_CTAS_PER_SM: usize = 4;
 
 /// What [`CudaBackend::wave_tokens`] leaves on the device.
 pub struct WaveTokens {
@@ -388,7 +391,12 @@ impl CudaBackend {
     /// over the step's units.
     pub fn wave_splits(&self, n_units: usize, list_cap: usize) -> usize {
         let sms = self.info().multiprocessors.max(1) as usize;
-        (sms / n_units.max(1)).clamp(1, list_cap.div_ceil(64).max(1))
+        // Enough CTAs to keep every multiprocessor streaming (the lists are gathers of scattered
+        // rows: latency-bound unless many are in flight), but splits of at least ~64-128 tokens of
+        // a typical list (the capacity is a bound, up to twice a list's length).
+        (WAVE_EXACT_CTAS_PER_SM * sms)
+            .div_ceil(n_units.max(1))
+            .clamp(1, (list_cap / 128).max(1))
     }
 
     /// Exact attention of the step's decode rows over their units' token lists, merged by

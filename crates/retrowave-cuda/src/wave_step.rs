@@ -89,7 +89,7 @@ impl DevWave {
 }
 
 /// The uploaded units of the current wave step and the shapes their kernels run with.
-pub(crate) struct WaveStepUnits {
+pub struct WaveStepUnits {
     /// Which caches and rows the units were built for (checked at every layer).
     sig: Vec<(usize, u64, i32)>,
     host: Vec<WaveUnit>,
@@ -119,7 +119,7 @@ impl WaveStepUnits {
 }
 
 /// The host side of a step's tables that the wave units are built from.
-pub(crate) struct HostStep<'a> {
+pub struct HostStep<'a> {
     pub descs: &'a [crate::backend::SeqDesc],
     pub row_seq: &'a [i32],
     pub decode_rows: &'a [i32],
@@ -293,7 +293,7 @@ impl CudaBackend {
 
     /// The wave units of this step on the device: rebuilt on the host and compared at layer 0
     /// (uploaded only when they changed), reused by the later layers.
-    pub(crate) fn wave_step_units(
+    pub fn wave_step_units(
         &self,
         t: &HostStep<'_>,
         caches: &[&DevKv],
@@ -354,7 +354,7 @@ impl CudaBackend {
     /// One layer of a wave decode step over the decode rows of `t`: scoring and zones,
     /// estimation, token lists, exact attention merged with the estimate, into `out`.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn wave_decode_layer(
+    pub fn wave_decode_layer(
         &self,
         t: &StepTables,
         ws: &WaveStepUnits,

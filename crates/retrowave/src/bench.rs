@@ -68,6 +68,9 @@ pub enum BenchCommand {
         /// TOML file of wave-index parameters (retrowave's defaults otherwise).
         #[arg(long)]
         wave_config: Option<PathBuf>,
+        /// Batches of the per-stage breakdown of one wave attention layer (0: none).
+        #[arg(long, default_value = "1,8", value_delimiter = ',')]
+        stage_batches: Vec<usize>,
         #[arg(long, default_value = "bench/results/gpu-decode.jsonl")]
         out: PathBuf,
     },
@@ -277,6 +280,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             steps,
             attention,
             wave_config,
+            stage_batches,
             out,
         } => {
             let wave = match load::attention_mode("wave", wave_config.as_deref())? {
@@ -284,7 +288,15 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 retrowave_core::AttentionMode::Full => retrowave_core::WaveConfig::retrowave(),
             };
             crate::decodebench::run_decode(
-                &device, &shape, &contexts, &batches, steps, &attention, &wave, &out,
+                &device,
+                &shape,
+                &contexts,
+                &batches,
+                steps,
+                &attention,
+                &wave,
+                &stage_batches,
+                &out,
             )
         }
         BenchCommand::Parity {

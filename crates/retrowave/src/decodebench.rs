@@ -132,6 +132,94 @@ fn sweep(
     Ok((points, build_s))
 }
 
+/// Per-stage times of one wave attention layer (Llama-3-8B layer shape by default) at `batch`
+/// sequences of `ctx` tokens, on one-layer caches of synthetic KV, each with its own index: the
+/// kernels of `wave_decode_layer` timed one by one with CUDA events, the whole layer, and dense
+/// flash-decoding over the same caches.
+fn stage_bench(
+    b: &CudaBackend,
+    cfg: &ModelConfig,
+    wcfg: &WaveConfig,
+    ctx: usize,
+    batch: usize,
+    out: &Path,
+) -> Result<String> {
+    use retrowave_core::{Backend, HeadLayout};
+    use retrowave_cuda::backend::dp;
+    use retrowave_cuda::timing::{median, time_us};
+    use retrowave_cuda::wave_step::HostStep;
+    let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+    let heads = HeadLayout {
+        n_heads: nh,
+        n_kv_heads: nkv,
+        head_dim: hd,
+    };
+    let mut kvs = Vec::new();
+    for i in 0..batch {
+        let mut kv = b.new_kv(1, heads, ctx + 8)?;
+        b.kv_fill_synthetic(&mut kv, ctx, 500 + i as u64)?;
+        b.kv_build_index(&mut kv, wcfg)?;
+        kvs.push(kv);
+    }
+    let refs: Vec<&retrowave_cuda::DevKv> = kvs.iter().collect();
+    // Decode rows at the last cached position (nothing is appended here).
+    let layout = decode_batch(batch, ctx - 1);
+    let t = b.step_tables(&refs, &layout, nkv)?;
+    let ws = b.wave_step_units(&HostStep::of(&t), &refs, 0)?;
+    let mut rng = StdRng::seed_from_u64(7);
+    let qh: Vec<f32> = (0..batch * nh * hd)
+        .map(|_| rng.random_range(-2.0f32..2.0))
+        .collect();
+    let q = b.upload(&qh)?;
+    let o = b.alloc::<f32>(batch * nh * hd)?;
+    let s = b.stream().clone();
+    let (w, r) = (3, 20);
+    let sel_f = || {
+        b.wave_select_dev(
+            ws.layer_ptr(0),
+            ws.per_layer,
+            ws.max_clusters,
+            dp(&q),
+            nh,
+            nkv,
+            hd,
+            ws.max_ids,
+        )
+    };
+    let t_sel = median(&time_us(&s, w, r, || sel_f().map(|_| ()))?);
+    let sel = sel_f()?;
+    let t_est = median(&time_us(&s, w, r, || b.wave_estimate(&sel).map(|_| ()))?);
+    let est = b.wave_estimate(&sel)?;
+    let t_tok = median(&time_us(&s, w, r, || {
+        b.wave_tokens(&t, &sel, ws.list_cap).map(|_| ())
+    })?);
+    let toks = b.wave_tokens(&t, &sel, ws.list_cap)?;
+    let t_exact = median(&time_us(&s, w, r, || {
+        b.wave_exact_attention(&t, 0, dp(&q), dp(&o), &toks, &est, nh, nkv, hd)
+    })?);
+    let t_layer = median(&time_us(&s, w, r, || {
+        b.wave_decode_layer(&t, &ws, 0, dp(&q), dp(&o), nh, nkv, hd)
+    })?);
+    let t_dense = median(&time_us(&s, w, r, || {
+        b.decode_attention(&t, 0, dp(&q), dp(&o), nh, nkv, hd)
+    })?);
+    let counts = b.download(&toks.count, toks.count.len())?;
+    let exact_mean = counts.iter().map(|&c| c as f64).sum::<f64>() / counts.len().max(1) as f64;
+    append(
+        out,
+        &json!({"bench": "gpu-wave-stages", "context": ctx, "batch": batch, "heads": nh,
+                "kv_heads": nkv, "head_dim": hd, "clusters": ws.max_clusters,
+                "selected_max": ws.max_ids, "exact_tokens_mean": exact_mean,
+                "select_us": t_sel, "estimate_us": t_est, "tokens_us": t_tok,
+                "exact_us": t_exact, "layer_us": t_layer, "dense_us": t_dense,
+                "kv": "synthetic uniform random, one layer per sequence",
+                "device": card(b), "commit": commit()}),
+    )?;
+    Ok(format!(
+        "stages ctx {ctx:>7} batch {batch:>3}: select {t_sel:>6.1}  estimate {t_est:>6.1}  tokens {t_tok:>5.1}  exact {t_exact:>6.1} ({exact_mean:.0} tokens)  = layer {t_layer:>6.1} us; dense {t_dense:>7.1} us"
+    ))
+}
+
 /// `retrowave bench decode`.
 #[allow(clippy::too_many_arguments)]
 pub fn run_decode(
@@ -142,12 +230,26 @@ pub fn run_decode(
     steps: usize,
     modes: &[String],
     wcfg: &WaveConfig,
+    stage_batches: &[usize],
     out: &Path,
 ) -> Result<()> {
     let b = gpu(device)?;
     let ceil = ceilings(&b, out)?;
     let cfg = load_shape(shape)?;
-    for m in modes {
+    let mut stage_lines = Vec::new();
+    for &ctx in contexts {
+        for &batch in stage_batches.iter().filter(|&&x| x > 0) {
+            let line = stage_bench(&b, &cfg, wcfg, ctx, batch, out)?;
+            println!("{line}");
+            stage_lines.push(line);
+            b.trim_pool()?;
+        }
+    }
+    let modes: Vec<String> = modes.iter().filter(|m| !m.is_empty()).cloned().collect();
+    if modes.is_empty() {
+        return Ok(());
+    }
+    for m in &modes {
         if m != "full" && m != "wave" {
             bail!("--attention takes full and/or wave, not {m:?}");
         }
@@ -166,7 +268,7 @@ pub fn run_decode(
     let mut summary = Vec::new();
     for &ctx in contexts {
         let mut best = Vec::new();
-        for mode in modes {
+        for mode in &modes {
             let wave = (mode == "wave").then_some(wcfg);
             b.trim_pool()?;
             let (free, _) = b.context().mem_get_info()?;
@@ -237,7 +339,7 @@ pub fn run_decode(
         }
     }
     println!("\n{} on {}:", cfg.name, card(&b));
-    for l in &summary {
+    for l in stage_lines.iter().chain(&summary) {
         println!("{l}");
     }
     Ok(())

@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use retrowave_core::{AttentionMode, BatchLayout, FidelitySample, SeqRows, WaveStats};
-use retrowave_cpu::CpuBackend;
 use retrowave_engine::WorkerGroup;
 use retrowave_model::sampling::argmax;
 use retrowave_model::tokenizer::Tokenizer;
@@ -109,8 +108,8 @@ pub struct EvalSettings {
 }
 
 /// Runs `case` in every mode of `settings`.
-pub fn run_case(
-    group: &mut WorkerGroup<CpuBackend>,
+pub fn run_case<B: retrowave_core::Backend + 'static>(
+    group: &mut WorkerGroup<B>,
     tok: &Tokenizer,
     case: &Case,
     settings: &EvalSettings,
