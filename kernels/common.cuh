@@ -11,6 +11,7 @@ typedef __nv_bfloat16 bf16;
 #define WAVE_CHUNK 256   // clusters per wave_logits CTA (its threads)
 #define WAVE_MAX_G 16    // largest GQA group
 #define SEL_THREADS 1024 // threads of a wave_select CTA
+#define SEL_TOP 4096     // most clusters the adaptive retrieval budget may grow to (its sort)
 #define EST_CHUNK 64     // estimation clusters per wave_estimate_partial CTA
 #define EST_WARPS 4      // warps of a wave_estimate_partial CTA
 

@@ -37,7 +37,9 @@ struct WaveUnit {
   unsigned long long members;    // const int*: token positions, cluster after cluster
   int sink;                      // steady zone: positions [0, sink) and [indexed_end, n_tokens),
   int indexed_end;               // n_tokens from the unit's sequence descriptor (this step's
-  int pad0_, pad1_;              // token included)
+                                 // token included)
+  int retrieval_cap;             // adaptive retrieval: grow `retrieval` (up to this many) until
+  float retrieval_mass;          // the zone covers this share of the scores (0: fixed budget)
 };
 
 namespace wave {
@@ -332,8 +334,124 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   const int n_live = red_live[0];
   kmin = red_min[0];
   kmax = red_max[0];
-  const int m_want = min(min(wu.retrieval + wu.estimation, n_live), max_ids);
-  const int r_want = min(wu.retrieval, m_want);
+  // Adaptive retrieval budget (as WaveConfig::step_budgets on the CPU): at least `retrieval`
+  // clusters, and as many of the best as it takes to cover `retrieval_mass` of the live
+  // (positive) scores' total, up to `retrieval_cap`. The top `cap` scores are found with the
+  // radix machinery below (the cap-th largest key), gathered, sorted (bitonic, descending) and
+  // summed in f64 from the top, as the CPU does.
+  int r_base = wu.retrieval;
+  if (wu.retrieval_mass > 0.f && wu.retrieval_cap > r_base) {
+    __shared__ float top_s[SEL_TOP];
+    __shared__ double red_d[32];
+    __shared__ int top_n, top_ties, top_k;
+    double part = 0.0;
+    int pos = 0;
+    for (int c = tid; c < n; c += SEL_THREADS) {
+      const float x = sc[c];
+      if (x > 0.f && x != INFINITY) {
+        part += (double)x;
+        pos += 1;
+      }
+    }
+    pos = __reduce_add_sync(0xffffffffu, pos);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+    if (lane == 0) {
+      red_d[warp] = part;
+      red_live[warp] = pos;
+    }
+    __syncthreads();
+    if (tid == 0) {
+      double t = 0.0;
+      int p = 0;
+      for (int w = 0; w < SEL_THREADS / 32; ++w) {
+        t += red_d[w];
+        p += red_live[w];
+      }
+      red_d[0] = t;
+      red_live[1] = p;
+    }
+    __syncthreads();
+    const double total = red_d[0];
+    const int cap = min(min(wu.retrieval_cap, red_live[1]), SEL_TOP);
+    const double goal = (double)wu.retrieval_mass * total;
+    if (cap > r_base && total > 0.0) {
+      // The cap-th largest positive key: radix passes below the live keys' common prefix.
+      const int top = 32 - __clz(kmin ^ kmax);
+      unsigned pre = kmax & ~((top >= 32) ? 0u : ((1u << top) - 1u));
+      unsigned msk = (top >= 32) ? 0u : ~((1u << top) - 1u);
+      unsigned above = 0;
+      for (int hi = top; hi > 0; hi -= SEL_BITS) {
+        const int shift = max(hi - SEL_BITS, 0), bits = hi - shift;
+        const unsigned bmask = (1u << bits) - 1u;
+        for (int i = tid; i < SEL_BINS; i += SEL_THREADS) hist_m[i] = hist_r[i] = 0;
+        __syncthreads();
+        for (int c = tid; c < n; c += SEL_THREADS) {
+          const unsigned x = kk[c];
+          if ((x & msk) == pre) atomicAdd(&hist_m[(x >> shift) & bmask], 1u);
+        }
+        __syncthreads();
+        wave::find_bins(hist_m, hist_r, (unsigned)cap - above, 0u, warp_tot, &total_s, res_m,
+                        res_r);
+        pre |= res_m[0] << shift;
+        above += res_m[1];
+        msk |= bmask << shift;
+        __syncthreads();
+      }
+      // Gather the top cap scores (keys above the threshold, then ties up to cap; tied keys
+      // have equal scores, so which ones does not matter).
+      if (tid == 0) {
+        top_n = 0;
+        top_ties = 0;
+      }
+      __syncthreads();
+      const unsigned ties = (unsigned)cap - above;
+      for (int c = tid; c < n; c += SEL_THREADS) {
+        const unsigned x = kk[c];
+        bool take = x > pre;
+        if (!take && x == pre) take = (unsigned)atomicAdd(&top_ties, 1) < ties;
+        if (take) top_s[atomicAdd(&top_n, 1)] = sc[c];
+      }
+      __syncthreads();
+      int np = 1;
+      while (np < cap) np <<= 1;
+      for (int i = cap + tid; i < np; i += SEL_THREADS) top_s[i] = -INFINITY;
+      __syncthreads();
+      // Bitonic sort, descending.
+      for (int k = 2; k <= np; k <<= 1) {
+        for (int j = k >> 1; j > 0; j >>= 1) {
+          for (int i = tid; i < np; i += SEL_THREADS) {
+            const int l = i ^ j;
+            if (l > i) {
+              const float a = top_s[i], b = top_s[l];
+              const bool desc = (i & k) == 0;
+              if (desc ? a < b : a > b) {
+                top_s[i] = b;
+                top_s[l] = a;
+              }
+            }
+          }
+          __syncthreads();
+        }
+      }
+      if (tid == 0) {
+        double acc = 0.0;
+        int k = cap;
+        for (int i = 0; i < cap; ++i) {
+          acc += (double)top_s[i];
+          if (acc >= goal) {
+            k = i + 1;
+            break;
+          }
+        }
+        top_k = k;
+      }
+      __syncthreads();
+      r_base = max(r_base, top_k);
+    }
+  }
+  const int m_want = min(min(r_base + wu.estimation, n_live), max_ids);
+  const int r_want = min(r_base, m_want);
   if (m_want == 0) {
     if (tid == 0) counts[2 * u] = counts[2 * u + 1] = 0;
     return;

@@ -345,10 +345,16 @@ fn run_inner(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
     if section("wave selection") {
         let rows: &[(usize, usize, usize)] = &[(8192, 205, 1900), (300, 30, 300), (97, 5, 20)];
         for &(hd, nh, nkv) in &[(128usize, 8usize, 2usize), (64, 14, 2), (128, 32, 8)] {
-            out.extend(check_wave_select(b, &mut rng, hd, nh, nkv, rows)?);
+            out.extend(check_wave_select(b, &mut rng, hd, nh, nkv, rows, &[])?);
         }
         let rows: &[(usize, usize, usize)] = &[(41000, 738, 9500), (513, 40, 100)];
-        out.extend(check_wave_select(b, &mut rng, 128, 8, 2, rows)?);
+        out.extend(check_wave_select(b, &mut rng, 128, 8, 2, rows, &[])?);
+        // The adaptive retrieval budget: (cap, share of the scores) per row.
+        let rows: &[(usize, usize, usize)] = &[(8192, 64, 1900), (300, 5, 100), (97, 2, 20)];
+        let adaptive: &[(usize, f32)] = &[(8192, 0.05), (200, 0.3), (60, 0.5)];
+        for &(hd, nh, nkv) in &[(128usize, 8usize, 2usize), (64, 12, 4)] {
+            out.extend(check_wave_select(b, &mut rng, hd, nh, nkv, rows, adaptive)?);
+        }
     }
     // The wave index build (GPU k-means) against the CPU reference, bit for bit.
     if section("wave build") {
@@ -374,6 +380,7 @@ fn check_wave_select(
     nh: usize,
     nkv: usize,
     rows: &[(usize, usize, usize)],
+    adaptive: &[(usize, f32)],
 ) -> Result<Vec<CheckResult>, String> {
     use crate::wave::{WaveUnit, reference_split};
     let e = |x: crate::CudaError| x.to_string();
@@ -417,6 +424,8 @@ fn check_wave_select(
                 q_row: row as i32,
                 retrieval: r as i32,
                 estimation: est as i32,
+                retrieval_cap: adaptive.get(row).map_or(0, |a| a.0 as i32),
+                retrieval_mass: adaptive.get(row).map_or(0.0, |a| a.1),
                 ..Default::default()
             });
             keep.push((dc, dl, dm));
@@ -427,7 +436,12 @@ fn check_wave_select(
     }
     let q = rand_vec(rng, rows.len() * nh * hd, 2.0);
     let dq = b.upload(&q).map_err(e)?;
-    let max_ids = rows.iter().map(|r| r.1 + r.2).max().unwrap_or(1);
+    let max_ids = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| r.1.max(adaptive.get(i).map_or(0, |a| a.0)) + r.2)
+        .max()
+        .unwrap_or(1);
     let sel = b
         .wave_select(&units, crate::backend::dp(&dq), nh, nkv, hd, max_ids)
         .map_err(e)?;
@@ -447,6 +461,8 @@ fn check_wave_select(
     let scale = 1.0 / (hd as f64).sqrt();
     let (mut gpu_s, mut ref_s) = (Vec::new(), Vec::new());
     let mut mismatched = 0usize;
+    // Adaptive units: (reference r, GPU r, cap).
+    let mut adaptive_seen: Vec<(usize, usize, usize)> = Vec::new();
     for (u, unit) in units.iter().enumerate() {
         let n = unit.n_clusters as usize;
         let kvh = u % nkv;
@@ -484,13 +500,32 @@ fn check_wave_select(
                 mismatched += 1;
             }
         }
+        // The adaptive budget from the GPU's own scores as the CPU computes it: the best
+        // positive scores, in f64 from the top, until they cover the share of their total.
+        let mut r_ref = unit.retrieval as usize;
+        if unit.retrieval_mass > 0.0 && unit.retrieval_cap > unit.retrieval {
+            let mut pos: Vec<f32> = got
+                .iter()
+                .copied()
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .collect();
+            let total: f64 = pos.iter().map(|&x| f64::from(x)).sum();
+            pos.sort_by(|a, b| b.total_cmp(a));
+            let cap = (unit.retrieval_cap as usize).min(pos.len());
+            let goal = f64::from(unit.retrieval_mass) * total;
+            let (mut acc, mut k) = (0f64, cap);
+            for (i, &x) in pos[..cap].iter().enumerate() {
+                acc += f64::from(x);
+                if acc >= goal {
+                    k = i + 1;
+                    break;
+                }
+            }
+            r_ref = r_ref.max(k);
+            adaptive_seen.push((r_ref, counts[2 * u] as usize, cap));
+        }
         // The zones from the GPU's own scores, exactly.
-        let (ret, est) = reference_split(
-            got,
-            &live,
-            unit.retrieval as usize,
-            unit.estimation as usize,
-        );
+        let (ret, est) = reference_split(got, &live, r_ref, unit.estimation as usize);
         let (nr, ne) = (counts[2 * u] as usize, counts[2 * u + 1] as usize);
         let list = &ids[u * max_ids..];
         if nr != ret.len()
@@ -567,7 +602,24 @@ fn check_wave_select(
         &ref_lse,
         1e-5,
     );
-    Ok(vec![res, zones, est_o, est_l])
+    let mut out = vec![res, zones, est_o, est_l];
+    if !adaptive.is_empty() {
+        // The adaptive budget must have been exercised inside its range (r below the cap).
+        let inside = adaptive_seen.iter().filter(|a| a.0 < a.2).count();
+        let equal = adaptive_seen.iter().filter(|a| a.0 == a.1).count();
+        out.push(CheckResult {
+            name: format!(
+                "wave adaptive retrieval hd{hd}: {equal}/{} units as the CPU rule, {inside} below the cap",
+                adaptive_seen.len()
+            ),
+            rel_l2: 0.0,
+            max_abs: (adaptive_seen.len() - equal) as f64,
+            non_finite: 0,
+            tolerance: 0.0,
+            passed: equal == adaptive_seen.len() && inside > 0,
+        });
+    }
+    Ok(out)
 }
 
 fn reference_sample(logits: &[f32], p: &RowSampling) -> u32 {

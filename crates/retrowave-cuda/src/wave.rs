@@ -34,7 +34,11 @@ pub struct WaveUnit {
     pub sink: i32,
     /// See `sink`.
     pub indexed_end: i32,
-    pub pad: [i32; 2],
+    /// Adaptive retrieval: the zone grows from `retrieval` clusters (up to this many) until it
+    /// covers `retrieval_mass` of the live scores' total, as `WaveConfig::step_budgets` does on
+    /// the CPU; `retrieval_mass` 0 keeps the fixed budget.
+    pub retrieval_cap: i32,
+    pub retrieval_mass: f32,
 }
 
 // SAFETY: plain old data with the C layout the kernels expect.
@@ -47,6 +51,9 @@ const WAVE_CHUNK: usize = 256;
 pub const WAVE_MAX_G: usize = 16;
 /// Threads of a `wave_select` CTA (`SEL_THREADS`).
 const SEL_THREADS: u32 = 1024;
+/// Most clusters the adaptive retrieval budget may grow to on the GPU (`SEL_TOP`: the size of
+/// the selection's sort of the best scores; 2.5% of the clusters of a 2.6M-token context).
+pub const SEL_TOP: usize = 4096;
 /// Threads of a `wave_estimate_partial` CTA (`EST_WARPS` warps).
 const EST_THREADS: u32 = 128;
 /// Dynamic shared memory `wave_select` may use for a unit's score keys (4 bytes a cluster: up to
@@ -517,6 +524,7 @@ mod tests {
         assert_eq!(header_define("WAVE_CHUNK"), Some(WAVE_CHUNK as i64));
         assert_eq!(header_define("WAVE_MAX_G"), Some(WAVE_MAX_G as i64));
         assert_eq!(header_define("SEL_THREADS"), Some(i64::from(SEL_THREADS)));
+        assert_eq!(header_define("SEL_TOP"), Some(SEL_TOP as i64));
         assert_eq!(header_define("EST_CHUNK"), Some(EST_CHUNK as i64));
         assert_eq!(
             header_define("EST_WARPS").map(|w| w * 32),

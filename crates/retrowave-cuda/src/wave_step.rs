@@ -67,25 +67,53 @@ impl DevWave {
         self.indexed_end.saturating_sub(self.sink)
     }
 
-    /// Retrieval and estimation clusters a step asks for: the configured budgets, at least
-    /// `min_retrieval_clusters` retrieval clusters, both within the clusters there are. (The
-    /// adaptive growth of the CPU path, up to `max_retrieval_fraction`, is not done on the GPU
-    /// yet: the GPU selects the fixed budget.)
-    pub fn budgets(&self) -> (usize, usize) {
-        let b = self.cfg.budgets(self.n_clusters, self.updates);
-        let r = b
-            .retrieval
-            .max(self.cfg.min_retrieval_clusters)
-            .min(self.n_clusters);
-        let e = b.estimation.min(self.n_clusters - r);
-        (r, e)
+    /// The budgets a step asks for, as `WaveConfig::step_budgets` computes them on the CPU:
+    /// retrieval clusters (the configured share, at least `min_retrieval_clusters`), estimation
+    /// clusters, and for the adaptive budget the most retrieval clusters it may grow to and the
+    /// share of the scores it must cover (0: fixed). All within the clusters there are.
+    pub fn budgets(&self) -> StepBudgets {
+        let k = self.n_clusters;
+        let b = self.cfg.budgets(k, self.updates);
+        let retrieval = b.retrieval.max(self.cfg.min_retrieval_clusters).min(k);
+        let estimation = b.estimation.min(k - retrieval);
+        let (cap, mass) = if self.cfg.retrieval_mass > 0.0 {
+            let capped = WaveConfig {
+                retrieval_fraction: self.cfg.max_retrieval_fraction,
+                ..self.cfg.clone()
+            };
+            let cap = capped
+                .budgets(k, self.updates)
+                .retrieval
+                .min(crate::wave::SEL_TOP)
+                .max(retrieval)
+                .min(k);
+            (cap, self.cfg.retrieval_mass)
+        } else {
+            (retrieval, 0.0)
+        };
+        StepBudgets {
+            retrieval,
+            estimation,
+            retrieval_cap: cap,
+            retrieval_mass: mass,
+        }
     }
 
     /// Most retrieval-zone tokens a step can gather for one unit.
     fn retrieval_bound(&self) -> usize {
-        let (r, _) = self.budgets();
-        (r * self.max_cluster_size).min(self.indexed_tokens())
+        (self.budgets().retrieval_cap * self.max_cluster_size).min(self.indexed_tokens())
     }
+}
+
+/// The budgets of a wave step for one sequence (see [`DevWave::budgets`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepBudgets {
+    pub retrieval: usize,
+    pub estimation: usize,
+    /// Most retrieval clusters the adaptive budget may reach (`retrieval` when fixed).
+    pub retrieval_cap: usize,
+    /// Share of the scores the adaptive retrieval zone covers (0: fixed budget).
+    pub retrieval_mass: f64,
 }
 
 /// The uploaded units of the current wave step and the shapes their kernels run with.
@@ -145,6 +173,12 @@ impl CudaBackend {
     pub fn build_wave(&self, kv: &DevKv, cfg: &WaveConfig) -> Result<DevWave, CudaError> {
         cfg.validate()
             .map_err(|e| CudaError::Unsupported(format!("wave config: {e}")))?;
+        if cfg.rank_by_size {
+            return Err(CudaError::Unsupported(
+                "wave config: rank_by_size is not implemented on the GPU (the CPU backend has it)"
+                    .into(),
+            ));
+        }
         let t0 = Instant::now();
         let n = kv.len;
         let start = cfg.sink_tokens.min(n);
@@ -260,14 +294,22 @@ impl CudaBackend {
                 }
                 continue;
             };
-            let (r, e) = w.budgets();
+            let bud = w.budgets();
             let k = w.n_clusters;
             max_clusters = max_clusters.max(k);
-            max_ids = max_ids.max(r + e);
+            max_ids = max_ids.max(bud.retrieval_cap + bud.estimation);
             let steady = w.sink + n_tokens.saturating_sub(w.indexed_end);
             list_cap = list_cap.max(steady + w.retrieval_bound());
             let it = w.indexed_tokens();
             for l in 0..n_layers {
+                if l < w.cfg.dense_layers {
+                    // A dense layer: every token in the steady zone (an empty index).
+                    list_cap = list_cap.max(n_tokens);
+                    for h in 0..n_kv {
+                        units[(l * rows + i) * n_kv + h].q_row = row;
+                    }
+                    continue;
+                }
                 for h in 0..n_kv {
                     let u = l * n_kv + h;
                     units[(l * rows + i) * n_kv + h] = WaveUnit {
@@ -276,13 +318,14 @@ impl CudaBackend {
                         means: dp(&w.means) + (u * k * kv.head_dim * 2) as u64,
                         n_clusters: k as i32,
                         q_row: row,
-                        retrieval: r as i32,
-                        estimation: e as i32,
+                        retrieval: bud.retrieval as i32,
+                        estimation: bud.estimation as i32,
                         offsets: dp(&w.offsets) + (u * (k + 1) * 4) as u64,
                         members: dp(&w.members) + (u * it * 4) as u64,
                         sink: w.sink as i32,
                         indexed_end: w.indexed_end as i32,
-                        pad: [0; 2],
+                        retrieval_cap: bud.retrieval_cap as i32,
+                        retrieval_mass: bud.retrieval_mass as f32,
                     };
                 }
             }

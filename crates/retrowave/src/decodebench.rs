@@ -46,6 +46,16 @@ fn wave_bytes_per_seq(cfg: &ModelConfig, wcfg: &WaveConfig, ctx: usize) -> (f64,
     let b = wcfg.budgets(k, 0);
     let r = b.retrieval.max(wcfg.min_retrieval_clusters).min(k);
     let e = b.estimation.min(k - r);
+    // The adaptive budget may grow to its cap (on uniform random KV it always does).
+    let r = if wcfg.retrieval_mass > 0.0 {
+        let capped = WaveConfig {
+            retrieval_fraction: wcfg.max_retrieval_fraction,
+            ..wcfg.clone()
+        };
+        capped.budgets(k, 0).retrieval.max(r).min(k)
+    } else {
+        r
+    };
     let avg = (end - start) as f64 / k.max(1) as f64;
     let exact = (wcfg.sink_tokens + wcfg.window_tokens) as f64 + r as f64 * avg;
     let per_unit = k as f64 * (hd * 2 + 4) as f64
