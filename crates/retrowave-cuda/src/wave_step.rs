@@ -72,31 +72,7 @@ impl DevWave {
     /// clusters, and for the adaptive budget the most retrieval clusters it may grow to and the
     /// share of the scores it must cover (0: fixed). All within the clusters there are.
     pub fn budgets(&self) -> StepBudgets {
-        let k = self.n_clusters;
-        let b = self.cfg.budgets(k, self.updates);
-        let retrieval = b.retrieval.max(self.cfg.min_retrieval_clusters).min(k);
-        let estimation = b.estimation.min(k - retrieval);
-        let (cap, mass) = if self.cfg.retrieval_mass > 0.0 {
-            let capped = WaveConfig {
-                retrieval_fraction: self.cfg.max_retrieval_fraction,
-                ..self.cfg.clone()
-            };
-            let cap = capped
-                .budgets(k, self.updates)
-                .retrieval
-                .min(crate::wave::SEL_TOP)
-                .max(retrieval)
-                .min(k);
-            (cap, self.cfg.retrieval_mass)
-        } else {
-            (retrieval, 0.0)
-        };
-        StepBudgets {
-            retrieval,
-            estimation,
-            retrieval_cap: cap,
-            retrieval_mass: mass,
-        }
+        StepBudgets::of(&self.cfg, self.n_clusters, self.updates)
     }
 
     /// Most retrieval-zone tokens a step can gather for one unit.
@@ -114,6 +90,37 @@ pub struct StepBudgets {
     pub retrieval_cap: usize,
     /// Share of the scores the adaptive retrieval zone covers (0: fixed budget).
     pub retrieval_mass: f64,
+}
+
+impl StepBudgets {
+    /// The budgets of an index of `k` clusters after `updates` updates under `cfg` (see
+    /// [`DevWave::budgets`]).
+    pub fn of(cfg: &WaveConfig, k: usize, updates: usize) -> Self {
+        let b = cfg.budgets(k, updates);
+        let retrieval = b.retrieval.max(cfg.min_retrieval_clusters).min(k);
+        let estimation = b.estimation.min(k - retrieval);
+        let (cap, mass) = if cfg.retrieval_mass > 0.0 {
+            let capped = WaveConfig {
+                retrieval_fraction: cfg.max_retrieval_fraction,
+                ..cfg.clone()
+            };
+            let cap = capped
+                .budgets(k, updates)
+                .retrieval
+                .min(crate::wave::SEL_TOP)
+                .max(retrieval)
+                .min(k);
+            (cap, cfg.retrieval_mass)
+        } else {
+            (retrieval, 0.0)
+        };
+        StepBudgets {
+            retrieval,
+            estimation,
+            retrieval_cap: cap,
+            retrieval_mass: mass,
+        }
+    }
 }
 
 /// The uploaded units of the current wave step and the shapes their kernels run with.
@@ -421,5 +428,40 @@ impl CudaBackend {
         let est = self.wave_estimate(&sel)?;
         let toks = self.wave_tokens(t, &sel, ws.list_cap)?;
         self.wave_exact_attention(t, layer, q, out, &toks, &est, n_heads, n_kv, hd)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_budgets_follow_the_config() {
+        let cfg = WaveConfig::retrowave();
+        // 128K tokens: 1.8% of 8188 clusters, growing up to 2.5%.
+        let b = StepBudgets::of(&cfg, 8188, 0);
+        assert_eq!(
+            (b.retrieval, b.estimation, b.retrieval_cap),
+            (148, 1900, 205)
+        );
+        assert!((b.retrieval_mass - 0.9).abs() < 1e-12);
+        // 32K: the 64-cluster minimum is above the 2.5% cap, so nothing grows.
+        let b = StepBudgets::of(&cfg, 2044, 0);
+        assert_eq!((b.retrieval, b.retrieval_cap), (64, 64));
+        // Fewer clusters than the minimum: everything, nothing left to estimate.
+        let b = StepBudgets::of(&cfg, 40, 0);
+        assert_eq!((b.retrieval, b.estimation, b.retrieval_cap), (40, 0, 40));
+        // The GPU's sort bounds the adaptive cap (3.2M tokens: 1.8% is 3600, 2.5% would be 5000).
+        let b = StepBudgets::of(&cfg, 200_000, 0);
+        assert_eq!((b.retrieval, b.retrieval_cap), (3600, crate::wave::SEL_TOP));
+        // Fixed budgets (the published config) never grow.
+        let b = StepBudgets::of(&WaveConfig::published(), 8188, 0);
+        assert_eq!(
+            (b.retrieval, b.retrieval_cap, b.retrieval_mass),
+            (148, 148, 0.0)
+        );
+        // Updates grow both budgets.
+        let b = StepBudgets::of(&cfg, 8188, 2);
+        assert_eq!((b.retrieval, b.estimation), (150, 1930));
     }
 }

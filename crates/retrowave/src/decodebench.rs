@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use retrowave_core::{RowSampling, WaveConfig};
+use retrowave_core::WaveConfig;
 use retrowave_cuda::CudaBackend;
 use retrowave_engine::WorkerGroup;
 use retrowave_model::arch::{ModelConfig, WeightSource};
@@ -21,7 +21,9 @@ use retrowave_model::random::{RandomWeights, load_shape};
 use serde_json::json;
 
 use crate::bench::commit;
-use crate::gpubench::{append, card, ceilings, decode_batch, gpu, weight_bytes};
+use crate::gpubench::{
+    append, card, ceilings, decode_batch, gpu, timed_decode_steps, weight_bytes,
+};
 
 /// What one batch point measured.
 struct Point {
@@ -106,24 +108,7 @@ fn sweep(
     let mut points = Vec::new();
     let mut rng = StdRng::seed_from_u64(ctx as u64);
     for &batch in batches.iter().filter(|&&x| x <= max_batch) {
-        let mut times = Vec::new();
-        for step in 0..steps + 3 {
-            let tokens: Vec<u32> = (0..batch)
-                .map(|_| rng.random_range(0..cfg.vocab_size as u32))
-                .collect();
-            let layout = decode_batch(batch, ctx + step);
-            let rows: Vec<usize> = (0..batch).collect();
-            let greedy = vec![RowSampling::greedy(); batch];
-            let t = Instant::now();
-            let picked = group.forward_sample(&tokens, &layout, &rows, &greedy)?;
-            let dt = t.elapsed().as_secs_f64();
-            if picked.len() != batch || picked.iter().any(|&x| x as usize >= cfg.vocab_size) {
-                bail!("decode step gave {} tokens for {batch} rows", picked.len());
-            }
-            if step >= 3 {
-                times.push(dt);
-            }
-        }
+        let mut times = timed_decode_steps(group, cfg.vocab_size, batch, ctx, steps, &mut rng)?;
         for s in 0..batch {
             group.truncate_slot(s, ctx);
         }

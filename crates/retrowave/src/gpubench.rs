@@ -340,6 +340,38 @@ pub(crate) fn weight_bytes(cfg: &ModelConfig) -> f64 {
     ((cfg.n_layers * per_layer + cfg.vocab_size * h) * 2) as f64
 }
 
+/// Runs 3 warm-up and `steps` timed greedy decode steps of slots `0..batch`, all at position
+/// `ctx` onwards, with random input tokens; returns the timed steps' wall times (seconds), each
+/// ending when the sampled tokens are back on the host.
+pub(crate) fn timed_decode_steps(
+    group: &mut WorkerGroup<CudaBackend>,
+    vocab: usize,
+    batch: usize,
+    ctx: usize,
+    steps: usize,
+    rng: &mut StdRng,
+) -> Result<Vec<f64>> {
+    let mut times = Vec::new();
+    for step in 0..steps + 3 {
+        let tokens: Vec<u32> = (0..batch)
+            .map(|_| rng.random_range(0..vocab as u32))
+            .collect();
+        let layout = decode_batch(batch, ctx + step);
+        let rows: Vec<usize> = (0..batch).collect();
+        let greedy = vec![RowSampling::greedy(); batch];
+        let t = Instant::now();
+        let picked = group.forward_sample(&tokens, &layout, &rows, &greedy)?;
+        let dt = t.elapsed().as_secs_f64();
+        if picked.len() != batch || picked.iter().any(|&x| x as usize >= vocab) {
+            bail!("decode step gave {} tokens for {batch} rows", picked.len());
+        }
+        if step >= 3 {
+            times.push(dt);
+        }
+    }
+    Ok(times)
+}
+
 fn e2e_bench(
     b: &CudaBackend,
     ceil: &Ceilings,
@@ -376,25 +408,9 @@ fn e2e_bench(
             group.fill_synthetic(s, ctx, 1000 + s as u64)?;
         }
         let mut rng = StdRng::seed_from_u64(ctx as u64);
-        let mut times = Vec::new();
         let (caps0, reps0) = b.graph_counts();
-        for step in 0..steps + 3 {
-            let tokens: Vec<u32> = (0..batch)
-                .map(|_| rng.random_range(0..cfg.vocab_size as u32))
-                .collect();
-            let layout = decode_batch(batch, ctx + step);
-            let rows: Vec<usize> = (0..batch).collect();
-            let greedy = vec![RowSampling::greedy(); batch];
-            let t = Instant::now();
-            let picked = group.forward_sample(&tokens, &layout, &rows, &greedy)?;
-            let dt = t.elapsed().as_secs_f64();
-            if picked.len() != batch || picked.iter().any(|&x| x as usize >= cfg.vocab_size) {
-                bail!("decode step gave {} tokens for {batch} rows", picked.len());
-            }
-            if step >= 3 {
-                times.push(dt);
-            }
-        }
+        let mut times =
+            timed_decode_steps(&mut group, cfg.vocab_size, batch, ctx, steps, &mut rng)?;
         for s in 0..batch {
             group.close_slot(s);
         }
