@@ -154,6 +154,15 @@ pub struct WaveStats {
     pub context_tokens: u64,
     /// Bytes of KV, centroids and summaries read, summed over head steps.
     pub bytes_read: u64,
+    /// The wave buffer (the GPU block cache of retrieval clusters, `cache_ratio` times the
+    /// retrieval budget per head, LRU; on the CPU backend a simulation with the store's cache
+    /// policy, which measures what a GPU cache would serve on this query stream): pages of the
+    /// retrieval clusters found in it, summed over head steps ...
+    pub cache_hit_pages: u64,
+    /// ... pages that had to be read from the host or disk tier ...
+    pub cache_miss_pages: u64,
+    /// ... and, of those misses, the pages of each head's first step (a cold buffer).
+    pub cache_cold_pages: u64,
 }
 
 impl WaveStats {
@@ -168,6 +177,16 @@ impl WaveStats {
         self.estimated_tokens += other.estimated_tokens;
         self.context_tokens += other.context_tokens;
         self.bytes_read += other.bytes_read;
+        self.cache_hit_pages += other.cache_hit_pages;
+        self.cache_miss_pages += other.cache_miss_pages;
+        self.cache_cold_pages += other.cache_cold_pages;
+    }
+
+    /// Share of the retrieval clusters' pages the wave buffer served, after each head's first
+    /// (cold) step; `None` before any warm step.
+    pub fn warm_hit_ratio(&self) -> Option<f64> {
+        let warm = self.cache_hit_pages + self.cache_miss_pages - self.cache_cold_pages;
+        (warm > 0).then(|| self.cache_hit_pages as f64 / warm as f64)
     }
 }
 

@@ -296,9 +296,12 @@ impl Backend for CpuBackend {
         if !wave_seqs.is_empty() {
             let (b, views) = pick(&wave_seqs);
             let per_seq = wave::decode(layer, &q.data, &views, &b, heads, &mut data)?;
-            for (j, stats, probe) in per_seq {
+            for (j, stats, probe, wanted) in per_seq {
                 if let Some(w) = caches[wave_seqs[j]].wave.as_deref_mut() {
                     w.record(&stats, probe);
+                    for (head, list) in &wanted {
+                        w.buffer_step(*head, list);
+                    }
                 }
             }
         }

@@ -19,6 +19,7 @@ use retrowave_core::{
     WaveStats,
 };
 use retrowave_index::{ClusterIndex, HeadDims, KvView, ZonePlan, plan_step};
+use retrowave_store::policy::{CacheConfig, Tier, Wanted, WaveBufferPolicy};
 
 use crate::attention::CpuKv;
 use crate::decode_kernel::GroupState;
@@ -427,6 +428,8 @@ pub struct WaveKv {
     cfg: WaveConfig,
     /// `[layer * n_kv_heads + kv_head]`.
     heads: Vec<WaveHead>,
+    /// The simulated wave buffer of each head (see [`WaveStats::cache_hit_pages`]).
+    buffers: Vec<WaveBufferPolicy>,
     store: HostClusterStore,
     stats: WaveStats,
     probe: Option<Vec<FidelitySample>>,
@@ -463,6 +466,22 @@ impl WaveKv {
         self.stats.add_counters(stats);
         if let Some(p) = self.probe.as_mut() {
             p.extend(probe);
+        }
+    }
+
+    /// Runs head `head`'s wave buffer over this step's retrieval clusters (`wanted`, best
+    /// first) and counts its hits and misses.
+    pub fn buffer_step(&mut self, head: usize, wanted: &[Wanted]) {
+        let Some(buf) = self.buffers.get_mut(head) else {
+            return;
+        };
+        let cold = buf.counters().steps == 0;
+        let plan = buf.plan(wanted);
+        let (hit, miss) = (plan.hit_pages(), plan.miss_pages());
+        self.stats.cache_hit_pages += hit;
+        self.stats.cache_miss_pages += miss;
+        if cold {
+            self.stats.cache_cold_pages += miss;
         }
     }
 
@@ -572,9 +591,14 @@ pub fn build(kv: &CpuKv, cfg: &WaveConfig) -> Result<WaveKv, BackendError> {
         store.append(key, &k, &v, &sizes).map_err(index_err)?;
         wave_heads.push(head);
     }
+    let buffers = wave_heads
+        .iter()
+        .map(|h| WaveBufferPolicy::new(buffer_config(&h.index, cfg)))
+        .collect();
     Ok(WaveKv {
         cfg: cfg.clone(),
         heads: wave_heads,
+        buffers,
         store,
         stats: WaveStats {
             build_seconds: t.elapsed().as_secs_f64(),
@@ -582,6 +606,25 @@ pub fn build(kv: &CpuKv, cfg: &WaveConfig) -> Result<WaveKv, BackendError> {
         },
         probe: None,
     })
+}
+
+/// The wave buffer of one head: `cache_ratio` times the step's least retrieval budget, in pages
+/// of `page_size` tokens of an average cluster.
+fn buffer_config(index: &ClusterIndex, cfg: &WaveConfig) -> CacheConfig {
+    let r = index.budgets(cfg).retrieval.max(cfg.min_retrieval_clusters);
+    let avg = index.indexed_range().len() as f64 / index.n_clusters().max(1) as f64;
+    let pages = (avg / cfg.page_size.max(1) as f64).ceil().max(1.0) as usize;
+    CacheConfig {
+        capacity_pages: cfg
+            .cache_clusters(r)
+            .saturating_mul(pages)
+            .min(u32::MAX as usize) as u32,
+    }
+}
+
+/// Pages of a cluster of `size` tokens.
+fn cluster_pages(size: u32, cfg: &WaveConfig) -> u32 {
+    size.div_ceil(cfg.page_size.max(1) as u32)
 }
 
 /// Clusters the tokens gathered since the last update of `layer`, once enough have gathered
@@ -845,7 +888,19 @@ struct UnitOut {
     out: Vec<f32>,
     stats: WaveStats,
     probe: Vec<FidelitySample>,
+    /// The retrieval clusters, best first, for the wave buffer.
+    wanted: Vec<Wanted>,
 }
+
+/// What [`decode`] returns for one sequence: its index in the batch, its counters, its fidelity
+/// samples and, per KV head of the layer, the retrieval clusters (best first) for its wave
+/// buffers ([`WaveKv::buffer_step`]).
+pub type SeqStep = (
+    usize,
+    WaveStats,
+    Vec<FidelitySample>,
+    Vec<(usize, Vec<Wanted>)>,
+);
 
 /// Per-cluster scores of a GQA group and the per-head logits (`[group, clusters]`).
 /// Per-step buffers of a decode unit, kept per thread: the logits of a long context are large
@@ -915,7 +970,7 @@ pub fn decode(
     batch: &BatchLayout,
     heads: HeadLayout,
     out: &mut [f32],
-) -> Result<Vec<(usize, WaveStats, Vec<FidelitySample>)>, BackendError> {
+) -> Result<Vec<SeqStep>, BackendError> {
     let (nq, nkv, hd) = (heads.n_heads, heads.n_kv_heads, heads.head_dim);
     let group = heads.group();
     let scale = 1.0 / (hd as f32).sqrt();
@@ -1005,6 +1060,20 @@ pub fn decode(
                 + n * 4 * 2
                 + stats.exact_tokens as usize * hd * 4
                 + plan.estimation.len() * (hd + 4)) as u64;
+            let mut best: Vec<u32> = plan.retrieval.clone();
+            best.sort_by(|&a, &b| {
+                scores[b as usize]
+                    .total_cmp(&scores[a as usize])
+                    .then(a.cmp(&b))
+            });
+            let wanted: Vec<Wanted> = best
+                .iter()
+                .map(|&c| Wanted {
+                    cluster: c,
+                    pages: cluster_pages(head.index.sizes()[c as usize], &wave.cfg),
+                    tier: Tier::Host,
+                })
+                .collect();
             SCRATCH.set(scratch);
             let probe = if wave.probe.is_some() {
                 probe_head(kv, layer, h, head, &plan, qs, group, s.start_pos, scale)?
@@ -1021,11 +1090,12 @@ pub fn decode(
                 },
                 stats,
                 probe,
+                wanted,
             })
         })
         .collect::<Result<_, BackendError>>()?;
-    let mut per_seq: Vec<(usize, WaveStats, Vec<FidelitySample>)> = (0..batch.seqs.len())
-        .map(|i| (i, WaveStats::default(), Vec::new()))
+    let mut per_seq: Vec<SeqStep> = (0..batch.seqs.len())
+        .map(|i| (i, WaveStats::default(), Vec::new(), Vec::new()))
         .collect();
     for u in results {
         let s = &batch.seqs[u.seq];
@@ -1034,6 +1104,7 @@ pub fn decode(
         let acc = &mut per_seq[u.seq];
         acc.1.add_counters(&u.stats);
         acc.2.extend(u.probe);
+        acc.3.push((layer * nkv + u.kv_head, u.wanted));
     }
     Ok(per_seq)
 }
@@ -1284,6 +1355,44 @@ mod tests {
         let s = stats[0].1;
         assert!(s.exact_tokens < (n as u64) && s.estimated_tokens > 0);
         assert!(s.bytes_read < (2 * n * hd * 2 * 2) as u64);
+    }
+
+    #[test]
+    fn the_wave_buffer_serves_a_repeated_selection_and_counts_a_cold_start() {
+        let n = 3000;
+        let (k, v) = data(n, 5);
+        let w = HEADS.n_kv_heads * HEADS.head_dim;
+        let mut kv = CpuKv::new(1, HEADS, 4096);
+        kv.write(0, 0, &k[..n * w], &v[..n * w]).unwrap();
+        kv.wave = Some(Box::new(build(&kv, &WaveConfig::retrowave()).unwrap()));
+        let step = |kv: &mut CpuKv, q: &[f32]| {
+            let mut out = vec![0f32; q.len()];
+            let per_seq = decode(0, q, &[&*kv], &one(n - 1), HEADS, &mut out).unwrap();
+            let wave = kv.wave.as_deref_mut().unwrap();
+            for (_, stats, probe, wanted) in per_seq {
+                wave.record(&stats, probe);
+                for (head, list) in &wanted {
+                    assert!(!list.is_empty() && list.iter().all(|x| x.pages > 0));
+                    wave.buffer_step(*head, list);
+                }
+            }
+            wave.stats()
+        };
+        // The first step finds a cold buffer: every page misses, and all of them are cold.
+        let s1 = step(&mut kv, &query(1));
+        assert_eq!(s1.cache_hit_pages, 0);
+        assert!(s1.cache_miss_pages > 0);
+        assert_eq!(s1.cache_cold_pages, s1.cache_miss_pages);
+        assert_eq!(s1.warm_hit_ratio(), None);
+        // The same query again: the same clusters, all in the buffer.
+        let s2 = step(&mut kv, &query(1));
+        assert_eq!(s2.cache_hit_pages, s1.cache_miss_pages);
+        assert_eq!(s2.cache_miss_pages, s1.cache_miss_pages);
+        assert_eq!(s2.warm_hit_ratio(), Some(1.0));
+        // Another query: some of its clusters are new.
+        let s3 = step(&mut kv, &query(2));
+        let r = s3.warm_hit_ratio().unwrap();
+        assert!(r < 1.0 && r > 0.0, "{r}");
     }
 
     #[test]

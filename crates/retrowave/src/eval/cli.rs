@@ -236,6 +236,10 @@ fn evaluate<B: retrowave_core::Backend + 'static>(
                 // (The GPU backend does not count exact and estimated tokens yet: null there.)
                 "exact_share": a.wave.filter(|w| w.exact_tokens > 0).map(|w| w.exact_tokens as f64 / w.context_tokens.max(1) as f64),
                 "estimated_share": a.wave.filter(|w| w.exact_tokens > 0).map(|w| w.estimated_tokens as f64 / w.context_tokens.max(1) as f64),
+                // The wave buffer (simulated on the CPU): pages of retrieval clusters it served,
+                // after each head's first step, and the pages involved.
+                "wave_buffer_warm_hit_ratio": a.wave.and_then(|w| w.warm_hit_ratio()),
+                "wave_buffer_pages": a.wave.map(|w| json!({"hit": w.cache_hit_pages, "miss": w.cache_miss_pages, "cold": w.cache_cold_pages})),
                 "device": device, "commit": commit,
             }));
         }
