@@ -500,17 +500,25 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
 // Wave flash-decoding: the fused kernel over each unit's token list (see dec::WaveExec), its
 // split size derived on the device from the list's length (at most max_splits splits), merged
 // with the unit's estimation zone. Launched after the kernel that writes the lists.
-#define ATTN_WAVE_ENTRY(HDV)                                                                                      \
-  extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_wave_fused_hd##HDV(                             \
-      const float* q, const SeqDesc* seqs, const int* row_seq, const int* rows_list, int layer, int n_heads,      \
-      int n_kv, int max_splits, float scale, float* o_part, float* lse_part, float* out, int* counters,           \
-      const int* list, const int* count, int list_cap, const float* est_out, const float* est_lse) {              \
-    dec::decode_partial<HDV, true, true>(q, seqs, row_seq, rows_list, layer, n_heads, n_kv, 64, max_splits, scale, \
-                                         o_part, lse_part, out, nullptr, counters,                                \
-                                         dec::WaveExec{list, count, list_cap, est_out, est_lse});                 \
-  }
-ATTN_WAVE_ENTRY(64)
-ATTN_WAVE_ENTRY(128)
+extern "C" __global__ void __launch_bounds__(DEC_THREADS)
+    attn_wave_fused_hd64(const float* q, const SeqDesc* seqs, const int* row_seq, const int* rows_list, int layer,
+                         int n_heads, int n_kv, int max_splits, float scale, float* o_part, float* lse_part,
+                         float* out, int* counters, const int* list, const int* count, int list_cap,
+                         const float* est_out, const float* est_lse) {
+  dec::decode_partial<64, true, true>(q, seqs, row_seq, rows_list, layer, n_heads, n_kv, 64, max_splits, scale, o_part,
+                                      lse_part, out, nullptr, counters,
+                                      dec::WaveExec{list, count, list_cap, est_out, est_lse});
+}
+
+extern "C" __global__ void __launch_bounds__(DEC_THREADS)
+    attn_wave_fused_hd128(const float* q, const SeqDesc* seqs, const int* row_seq, const int* rows_list, int layer,
+                          int n_heads, int n_kv, int max_splits, float scale, float* o_part, float* lse_part,
+                          float* out, int* counters, const int* list, const int* count, int list_cap,
+                          const float* est_out, const float* est_lse) {
+  dec::decode_partial<128, true, true>(q, seqs, row_seq, rows_list, layer, n_heads, n_kv, 64, max_splits, scale,
+                                       o_part, lse_part, out, nullptr, counters,
+                                       dec::WaveExec{list, count, list_cap, est_out, est_lse});
+}
 
 // Merge the splits of each (row i, head h): grid (n_heads, n_rows), block MERGE_THREADS (256),
 // no dynamic shared memory; head_dim a multiple of 4, at most 1024.

@@ -1148,7 +1148,7 @@ impl CudaBackend {
         let wave = !t.decode_rows.is_empty() && caches.iter().any(|c| c.wave.is_some());
         if wave {
             let refs: Vec<&DevKv> = caches.iter().map(|c| &**c).collect();
-            let ws = self.wave_step_units(&crate::wave_step::HostStep::of(&t), &refs, layer)?;
+            let ws = self.wave_step_units(&crate::wave_step::HostStep::of(&t), &refs)?;
             self.wave_decode_layer(&t, &ws, layer, dp(&q.data), dp(&out), nh, nkv, hd)?;
             for &row in &t.decode_rows {
                 let si = t.row_seq.get(row as usize).copied().unwrap_or(0) as usize;
@@ -1329,7 +1329,7 @@ impl CudaBackend {
                 decode_rows: &h.decode_rows,
             };
             self.wave_overflow_ptr()?;
-            Some(self.wave_step_units(&hs, &refs, 0)?.graph_key())
+            Some(self.wave_step_units(&hs, &refs)?.graph_key())
         } else {
             None
         };
@@ -2277,5 +2277,31 @@ impl Backend for CudaBackend {
             return Err(BackendError::Device(f));
         }
         Ok(self.attention_impl(layer, q, k, v, caches, batch, heads)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KERNELS;
+
+    /// Every kernel the backend loads is defined as a kernel entry point in one of the sources
+    /// (`CudaBackend::new` would otherwise fail with `MissingKernel`, but only on a GPU).
+    #[test]
+    fn every_loaded_kernel_is_defined_in_the_sources() {
+        let sources: Vec<String> = crate::compile::SOURCES
+            .iter()
+            .map(|(_, src)| crate::compile::inline_source(src))
+            .collect();
+        for name in KERNELS {
+            // Defined directly (`void name(`) or by a macro taking the name first
+            // (`DEQUANT_BLOCK_KERNEL(name, ...)`).
+            let (direct, by_macro) = (format!(" {name}("), format!("({name},"));
+            assert!(
+                sources
+                    .iter()
+                    .any(|s| s.contains(&direct) || s.contains(&by_macro)),
+                "{name} is loaded but no source defines it"
+            );
+        }
     }
 }

@@ -10,7 +10,7 @@ use crate::backend::{CudaBackend, StepTables, dp, ptr_of};
 /// One (decode row, KV head) of a wave step, as the kernels read it (`WaveUnit` in
 /// `kernels/wave.cu`). Units are ordered row-major: unit `u` serves KV head `u % n_kv`.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct WaveUnit {
     /// `bf16 [n_clusters][head_dim]` centroids.
     pub centroids: u64,
@@ -110,13 +110,7 @@ impl CudaBackend {
         hd: usize,
         max_ids: usize,
     ) -> Result<WaveSelection, CudaError> {
-        if n_kv == 0 || !n_heads.is_multiple_of(n_kv) || n_heads / n_kv > WAVE_MAX_G {
-            return Err(CudaError::Unsupported(format!(
-                "wave selection needs query heads a multiple of KV heads and groups of at most \
-                 {WAVE_MAX_G} (got {n_heads} query / {n_kv} KV heads)"
-            )));
-        }
-        if units.is_empty() || !units.len().is_multiple_of(n_kv) {
+        if units.is_empty() || n_kv == 0 || !units.len().is_multiple_of(n_kv) {
             return Err(CudaError::Unsupported(format!(
                 "wave selection needs whole rows of {n_kv} units, got {}",
                 units.len()
@@ -165,6 +159,12 @@ impl CudaBackend {
         hd: usize,
         max_ids: usize,
     ) -> Result<WaveSelection, CudaError> {
+        if n_kv == 0 || !n_heads.is_multiple_of(n_kv) || n_heads / n_kv > WAVE_MAX_G {
+            return Err(CudaError::Unsupported(format!(
+                "wave selection needs query heads a multiple of KV heads and groups of at most \
+                 {WAVE_MAX_G} (got {n_heads} query / {n_kv} KV heads)"
+            )));
+        }
         let name = match hd {
             64 => "wave_logits_hd64",
             128 => "wave_logits_hd128",
@@ -174,7 +174,7 @@ impl CudaBackend {
                 )));
             }
         };
-        let group = n_heads / n_kv.max(1);
+        let group = n_heads / n_kv;
         let max_clusters = max_clusters.max(1);
         let max_ids = max_ids.max(1);
         let n_chunks = max_clusters.div_ceil(WAVE_CHUNK);

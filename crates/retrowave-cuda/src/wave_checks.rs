@@ -106,7 +106,7 @@ pub(crate) fn check_wave_decode(
         .step_tables(&refs, &batch, nkv)
         .map_err(|x| x.to_string())?;
     let ws = b
-        .wave_step_units(&HostStep::of(&tables), &refs, 0)
+        .wave_step_units(&HostStep::of(&tables), &refs)
         .map_err(|x| x.to_string())?;
     let qd = b.upload(&q).map_err(|x| x.to_string())?;
     let sel = b

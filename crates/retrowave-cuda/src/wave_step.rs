@@ -14,9 +14,9 @@
 //! already read through lists of positions, which is the seam.
 //!
 //! The per-step units (one per layer, decode row and KV head) are built on the host and uploaded
-//! once per step at layer 0, and only when they change (they change at index builds and when the
-//! batch changes, not from step to step: each sequence's length is read from the step's tables),
-//! so captured decode steps replay them from a fixed address.
+//! only when they change: at index builds and when the batch changes, not from step to step
+//! (each sequence's length is read from the step's tables). A signature per decode row, checked
+//! at every layer, tells; captured decode steps replay the units from a fixed address.
 
 use std::time::Instant;
 
@@ -125,9 +125,8 @@ impl StepBudgets {
 
 /// The uploaded units of the current wave step and the shapes their kernels run with.
 pub struct WaveStepUnits {
-    /// Which caches and rows the units were built for (checked at every layer).
-    sig: Vec<(usize, u64, i32)>,
-    host: Vec<WaveUnit>,
+    /// What the units were built from, one entry per decode row.
+    sig: Vec<RowSig>,
     dev: CudaSlice<WaveUnit>,
     /// Units per layer (decode rows x KV heads).
     pub per_layer: usize,
@@ -168,6 +167,24 @@ impl<'a> HostStep<'a> {
             decode_rows: &t.decode_rows,
         }
     }
+}
+
+/// Everything the units of one decode row depend on (see `wave_step_shape`).
+#[derive(Debug, Clone, PartialEq)]
+struct RowSig {
+    row: i32,
+    index: Option<IndexSig>,
+}
+
+/// The index side of a [`RowSig`]: its arrays' addresses, shape and budgets.
+#[derive(Debug, Clone, PartialEq)]
+struct IndexSig {
+    arrays: [u64; 5],
+    n_clusters: usize,
+    sink: usize,
+    indexed_end: usize,
+    dense_layers: usize,
+    budgets: StepBudgets,
 }
 
 /// Rounds the token-list capacity up so that it changes rarely (a new capacity is a new graph).
@@ -274,125 +291,123 @@ impl CudaBackend {
         Ok(d)
     }
 
-    /// The units of a wave step, layer-major (`[layers][decode rows][n_kv]`, decode rows in the
-    /// order of `t`), and the shapes of its kernels. Sequences without an index attend to all
-    /// their tokens through the same path (an empty index: everything is steady zone).
-    fn wave_units_host(
+    /// What a step's units depend on, one entry per decode row (cheap to compute and compare
+    /// at every layer), and the shapes of the step's kernels: the largest index, the most
+    /// selected clusters, and the token-list capacity (which also follows the rows' lengths).
+    fn wave_step_shape(
         tab: &HostStep<'_>,
         caches: &[&DevKv],
-        n_layers: usize,
-        n_kv: usize,
-    ) -> (Vec<WaveUnit>, usize, usize, usize) {
-        let rows = tab.decode_rows.len();
-        let mut units = vec![WaveUnit::default(); n_layers * rows * n_kv];
+    ) -> (Vec<RowSig>, usize, usize, usize) {
         let (mut max_clusters, mut max_ids, mut list_cap) = (0usize, 0usize, 0usize);
-        for (i, &row) in tab.decode_rows.iter().enumerate() {
-            let si = tab.row_seq.get(row as usize).copied().unwrap_or(0) as usize;
-            let (Some(kv), Some(d)) = (caches.get(si), tab.descs.get(si)) else {
-                continue;
-            };
-            let n_tokens = (d.start_pos + (row - d.row) + 1).max(0) as usize;
-            let Some(w) = kv.wave.as_deref() else {
-                list_cap = list_cap.max(n_tokens);
-                for l in 0..n_layers {
-                    for h in 0..n_kv {
-                        units[(l * rows + i) * n_kv + h].q_row = row;
-                    }
-                }
-                continue;
-            };
-            let bud = w.budgets();
-            let k = w.n_clusters;
-            max_clusters = max_clusters.max(k);
-            max_ids = max_ids.max(bud.retrieval_cap + bud.estimation);
-            let steady = w.sink + n_tokens.saturating_sub(w.indexed_end);
-            list_cap = list_cap.max(steady + w.retrieval_bound());
-            let it = w.indexed_tokens();
-            for l in 0..n_layers {
-                if l < w.cfg.dense_layers {
-                    // A dense layer: every token in the steady zone (an empty index).
+        let sig = tab
+            .decode_rows
+            .iter()
+            .map(|&row| {
+                let si = tab.row_seq.get(row as usize).copied().unwrap_or(0) as usize;
+                let n_tokens = tab
+                    .descs
+                    .get(si)
+                    .map_or(0, |d| (d.start_pos + (row - d.row) + 1).max(0) as usize);
+                let Some(w) = caches.get(si).and_then(|kv| kv.wave.as_deref()) else {
                     list_cap = list_cap.max(n_tokens);
-                    for h in 0..n_kv {
-                        units[(l * rows + i) * n_kv + h].q_row = row;
-                    }
-                    continue;
+                    return RowSig { row, index: None };
+                };
+                let budgets = w.budgets();
+                max_clusters = max_clusters.max(w.n_clusters);
+                max_ids = max_ids.max(budgets.retrieval_cap + budgets.estimation);
+                let steady = w.sink + n_tokens.saturating_sub(w.indexed_end);
+                list_cap = list_cap.max(steady + w.retrieval_bound());
+                if w.cfg.dense_layers > 0 {
+                    list_cap = list_cap.max(n_tokens);
                 }
+                RowSig {
+                    row,
+                    index: Some(IndexSig {
+                        arrays: [
+                            dp(&w.centroids),
+                            dp(&w.ln_sizes),
+                            dp(&w.means),
+                            dp(&w.offsets),
+                            dp(&w.members),
+                        ],
+                        n_clusters: w.n_clusters,
+                        sink: w.sink,
+                        indexed_end: w.indexed_end,
+                        dense_layers: w.cfg.dense_layers,
+                        budgets,
+                    }),
+                }
+            })
+            .collect();
+        let list_cap = (list_cap + 1).next_multiple_of(LIST_CAP_STEP);
+        (sig, max_clusters, max_ids.max(1), list_cap)
+    }
+
+    /// The units of a wave step, layer-major (`[layers][decode rows][n_kv]`, decode rows in the
+    /// order of the step), from the rows' signatures. Rows without an index (and an index's
+    /// dense layers) attend to all their tokens through the same path (an empty index:
+    /// everything is steady zone).
+    fn wave_units_host(sig: &[RowSig], n_layers: usize, n_kv: usize, hd: usize) -> Vec<WaveUnit> {
+        let rows = sig.len();
+        let mut units = vec![WaveUnit::default(); n_layers * rows * n_kv];
+        for (i, r) in sig.iter().enumerate() {
+            for l in 0..n_layers {
                 for h in 0..n_kv {
-                    let u = l * n_kv + h;
-                    units[(l * rows + i) * n_kv + h] = WaveUnit {
-                        centroids: dp(&w.centroids) + (u * k * kv.head_dim * 2) as u64,
-                        ln_sizes: dp(&w.ln_sizes) + (u * k * 4) as u64,
-                        means: dp(&w.means) + (u * k * kv.head_dim * 2) as u64,
+                    let slot = &mut units[(l * rows + i) * n_kv + h];
+                    slot.q_row = r.row;
+                    let Some(x) = r.index.as_ref().filter(|x| l >= x.dense_layers) else {
+                        continue;
+                    };
+                    let (u, k) = (l * n_kv + h, x.n_clusters);
+                    let it = x.indexed_end.saturating_sub(x.sink);
+                    let [cent, lns, means, offs, mem] = x.arrays;
+                    *slot = WaveUnit {
+                        centroids: cent + (u * k * hd * 2) as u64,
+                        ln_sizes: lns + (u * k * 4) as u64,
+                        means: means + (u * k * hd * 2) as u64,
                         n_clusters: k as i32,
-                        q_row: row,
-                        retrieval: bud.retrieval as i32,
-                        estimation: bud.estimation as i32,
-                        offsets: dp(&w.offsets) + (u * (k + 1) * 4) as u64,
-                        members: dp(&w.members) + (u * it * 4) as u64,
-                        sink: w.sink as i32,
-                        indexed_end: w.indexed_end as i32,
-                        retrieval_cap: bud.retrieval_cap as i32,
-                        retrieval_mass: bud.retrieval_mass as f32,
+                        q_row: r.row,
+                        retrieval: x.budgets.retrieval as i32,
+                        estimation: x.budgets.estimation as i32,
+                        offsets: offs + (u * (k + 1) * 4) as u64,
+                        members: mem + (u * it * 4) as u64,
+                        sink: x.sink as i32,
+                        indexed_end: x.indexed_end as i32,
+                        retrieval_cap: x.budgets.retrieval_cap as i32,
+                        retrieval_mass: x.budgets.retrieval_mass as f32,
                     };
                 }
             }
         }
-        let list_cap = (list_cap + 1).next_multiple_of(LIST_CAP_STEP);
-        (units, max_clusters, max_ids.max(1), list_cap)
+        units
     }
 
-    /// The wave units of this step on the device: rebuilt on the host and compared at layer 0
-    /// (uploaded only when they changed), reused by the later layers.
+    /// The wave units of this step on the device, uploaded only when the rows' signatures or the
+    /// list capacity changed (at index builds, batch changes, and every `LIST_CAP_STEP` tokens),
+    /// so every layer of a step and the steps that follow reuse them: the steady zone's length
+    /// comes from the step's tables.
     pub fn wave_step_units(
         &self,
         t: &HostStep<'_>,
         caches: &[&DevKv],
-        layer: usize,
     ) -> Result<std::sync::Arc<WaveStepUnits>, CudaError> {
         let mut slot = self.wave_units_slot()?;
-        // The step's caches (their indexes' addresses) and rows: cheap to compare at every
-        // layer; the units themselves are rebuilt and compared at layer 0 only (what changes
-        // between steps, the steady zone's length, is read from the step's tables).
-        let sig: Vec<(usize, u64, i32)> = t
-            .decode_rows
-            .iter()
-            .map(|&row| {
-                let si = t.row_seq.get(row as usize).copied().unwrap_or(0) as usize;
-                let kv = caches.get(si);
-                (
-                    kv.and_then(|c| c.wave.as_deref())
-                        .map_or(0, |w| w as *const DevWave as usize),
-                    kv.map_or(0, |c| dp(&c.k)),
-                    row,
-                )
-            })
-            .collect();
-        if layer != 0
-            && let Some(s) = slot.as_ref()
-            && s.sig == sig
-        {
-            return Ok(s.clone());
-        }
-        let n_kv = caches.first().map_or(1, |c| c.n_kv);
-        let n_layers = caches.first().map_or(1, |c| c.n_layers);
-        let (host, max_clusters, max_ids, list_cap) =
-            Self::wave_units_host(t, caches, n_layers, n_kv);
-        let per_layer = t.decode_rows.len() * n_kv;
+        let (sig, max_clusters, max_ids, list_cap) = Self::wave_step_shape(t, caches);
         if let Some(s) = slot.as_ref()
             && s.sig == sig
-            && s.host == host
-            && s.max_clusters == max_clusters
-            && s.max_ids == max_ids
             && s.list_cap == list_cap
         {
             return Ok(s.clone());
         }
+        let (n_layers, n_kv, hd) = caches
+            .first()
+            .map_or((1, 1, 128), |c| (c.n_layers, c.n_kv, c.head_dim));
+        let host = Self::wave_units_host(&sig, n_layers, n_kv, hd);
         let dev = self.upload(&host)?;
         let s = std::sync::Arc::new(WaveStepUnits {
             sig,
-            host,
             dev,
-            per_layer,
+            per_layer: t.decode_rows.len() * n_kv,
             max_clusters,
             max_ids,
             list_cap,

@@ -45,19 +45,10 @@ fn wave_bytes_per_seq(cfg: &ModelConfig, wcfg: &WaveConfig, ctx: usize) -> (f64,
         .iter()
         .map(|s| s.clusters)
         .sum();
-    let b = wcfg.budgets(k, 0);
-    let r = b.retrieval.max(wcfg.min_retrieval_clusters).min(k);
-    let e = b.estimation.min(k - r);
-    // The adaptive budget may grow to its cap (on uniform random KV it always does).
-    let r = if wcfg.retrieval_mass > 0.0 {
-        let capped = WaveConfig {
-            retrieval_fraction: wcfg.max_retrieval_fraction,
-            ..wcfg.clone()
-        };
-        capped.budgets(k, 0).retrieval.max(r).min(k)
-    } else {
-        r
-    };
+    // The GPU's budgets; the adaptive one may grow to its cap (on uniform random KV it always
+    // does).
+    let b = retrowave_cuda::wave_step::StepBudgets::of(wcfg, k, 0);
+    let (r, e) = (b.retrieval_cap, b.estimation);
     let avg = (end - start) as f64 / k.max(1) as f64;
     let exact = (wcfg.sink_tokens + wcfg.window_tokens) as f64 + r as f64 * avg;
     let per_unit = k as f64 * (hd * 2 + 4) as f64
@@ -160,7 +151,7 @@ fn stage_bench(
     // Decode rows at the last cached position (nothing is appended here).
     let layout = decode_batch(batch, ctx - 1);
     let t = b.step_tables(&refs, &layout, nkv)?;
-    let ws = b.wave_step_units(&HostStep::of(&t), &refs, 0)?;
+    let ws = b.wave_step_units(&HostStep::of(&t), &refs)?;
     let mut rng = StdRng::seed_from_u64(7);
     let qh: Vec<f32> = (0..batch * nh * hd)
         .map(|_| rng.random_range(-2.0f32..2.0))
