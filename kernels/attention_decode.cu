@@ -82,6 +82,7 @@ __device__ __forceinline__ unsigned swz(int row, int ch) {
 // n_kv + kvh); its split size follows from its count and max_splits; the final output is merged
 // by log-sum-exp with the unit's estimation zone (est_out [unit][G][HD], est_lse [unit][G]).
 struct WaveExec {
+  const WaveUnit* units;  // the step's units of this layer (their tiers: see WAVE_HOST_ENTRY)
   const int* list;
   const int* count;
   int list_cap;
@@ -183,6 +184,18 @@ __device__ __forceinline__ void decode_partial(const float* __restrict__ q, cons
 #endif
   const bf16* kbase = seq_k(sd, layer, n_kv, kvh, HD);
   const bf16* vbase = seq_v(sd, layer, n_kv, kvh, HD);
+  // Wave units with a host tier: list entries may name wave buffer rows or host arena rows.
+  const bf16 *hk = nullptr, *hv = nullptr, *ck = nullptr, *cv = nullptr;
+  if constexpr (WAVE) {
+    const unsigned long long tp = wx.units[unit].tier;
+    if (tp != 0ull) {
+      const WaveTier* T = reinterpret_cast<const WaveTier*>(tp);
+      hk = reinterpret_cast<const bf16*>(T->host_k);
+      hv = reinterpret_cast<const bf16*>(T->host_v);
+      ck = reinterpret_cast<const bf16*>(T->cache_k);
+      cv = reinterpret_cast<const bf16*>(T->cache_v);
+    }
+  }
   const int n_tiles = (end - begin + TILE_T - 1) / TILE_T;
   const float qscale = scale * LOG2E;
 
@@ -197,11 +210,31 @@ __device__ __forceinline__ void decode_partial(const float* __restrict__ q, cons
         const int c = tid + k * DEC_THREADS;
         const int tok = c / CPR, ch = c % CPR;
         const bool ok = tb + tok < end;
-        size_t off = 0;
-        if (ok) off = (size_t)(WAVE ? __ldg(list + tb + tok) : tb + tok) * HD + ch * 8;
+        const bf16* kp = kbase;
+        const bf16* vp = vbase;
+        if (ok) {
+          if constexpr (WAVE) {
+            const int e = __ldg(list + tb + tok);
+            if (e < 0) {
+              kp = ck + (size_t)(-e - 1) * HD;
+              vp = cv + (size_t)(-e - 1) * HD;
+            } else if (e >= WAVE_HOST_ENTRY) {
+              kp = hk + (size_t)(e - WAVE_HOST_ENTRY) * HD;
+              vp = hv + (size_t)(e - WAVE_HOST_ENTRY) * HD;
+            } else {
+              kp = kbase + (size_t)e * HD;
+              vp = vbase + (size_t)e * HD;
+            }
+          } else {
+            kp = kbase + (size_t)(tb + tok) * HD;
+            vp = vbase + (size_t)(tb + tok) * HD;
+          }
+          kp += ch * 8;
+          vp += ch * 8;
+        }
         const unsigned so = swz<HD>(tok, ch);
-        cp_async16(ks + so, kbase + off, ok);
-        cp_async16(vs + so, vbase + off, ok);
+        cp_async16(ks + so, kp, ok);
+        cp_async16(vs + so, vp, ok);
       }
     }
     cp_async_commit();
@@ -504,20 +537,20 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     attn_wave_fused_hd64(const float* q, const SeqDesc* seqs, const int* row_seq, const int* rows_list, int layer,
                          int n_heads, int n_kv, int max_splits, float scale, float* o_part, float* lse_part,
                          float* out, int* counters, const int* list, const int* count, int list_cap,
-                         const float* est_out, const float* est_lse) {
+                         const float* est_out, const float* est_lse, const WaveUnit* units) {
   dec::decode_partial<64, true, true>(q, seqs, row_seq, rows_list, layer, n_heads, n_kv, 64, max_splits, scale, o_part,
                                       lse_part, out, nullptr, counters,
-                                      dec::WaveExec{list, count, list_cap, est_out, est_lse});
+                                      dec::WaveExec{units, list, count, list_cap, est_out, est_lse});
 }
 
 extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     attn_wave_fused_hd128(const float* q, const SeqDesc* seqs, const int* row_seq, const int* rows_list, int layer,
                           int n_heads, int n_kv, int max_splits, float scale, float* o_part, float* lse_part,
                           float* out, int* counters, const int* list, const int* count, int list_cap,
-                          const float* est_out, const float* est_lse) {
+                          const float* est_out, const float* est_lse, const WaveUnit* units) {
   dec::decode_partial<128, true, true>(q, seqs, row_seq, rows_list, layer, n_heads, n_kv, 64, max_splits, scale,
                                        o_part, lse_part, out, nullptr, counters,
-                                       dec::WaveExec{list, count, list_cap, est_out, est_lse});
+                                       dec::WaveExec{units, list, count, list_cap, est_out, est_lse});
 }
 
 // Merge the splits of each (row i, head h): grid (n_heads, n_rows), block MERGE_THREADS (256),

@@ -24,7 +24,62 @@ struct SeqDesc {
   int start_pos;              // position of this step's first row
   int n_tokens;               // rows of this step (1 for decode)
   int row;                    // first activation row of the sequence
+  // Positions [hole_start, hole_start + hole_len) are not in this cache (a wave index moved
+  // them to host memory, see WaveTier): position p >= hole_start is at p - hole_len. 0: none.
+  int hole_start;
+  int hole_len;
 };
+
+// Where position `pos` of a sequence is in its cache (see SeqDesc::hole_start).
+__device__ __forceinline__ int seq_slot(const SeqDesc& s, int pos) {
+  return pos < s.hole_start ? pos : pos - s.hole_len;
+}
+
+// One unit of a wave step: one (decode row, KV head) of one layer with its index in device
+// memory. Shared by the wave kernels (wave.cu) and wave flash-decoding (attention_decode.cu).
+struct WaveUnit {
+  unsigned long long centroids;  // const bf16* [n_clusters][hd]
+  unsigned long long ln_sizes;   // const float* [n_clusters]: ln |C_i|, -inf for empty clusters
+  unsigned long long means;      // const bf16* [n_clusters][hd]: value_sum / |C_i| (estimation)
+  int n_clusters;
+  int q_row;                     // activation row of the unit's query
+  int retrieval;                 // clusters wanted in the retrieval zone
+  int estimation;                // clusters wanted in the estimation zone
+  // For wave_tokens (the exact part's token list); unused by the scoring kernels.
+  unsigned long long offsets;    // const int* [n_clusters + 1]: CSR offsets of the members
+  unsigned long long members;    // const int*: token positions, cluster after cluster
+  int sink;                      // steady zone: positions [0, sink) and [indexed_end, n_tokens),
+  int indexed_end;               // n_tokens from the unit's sequence descriptor (this step's
+                                 // token included)
+  int retrieval_cap;             // adaptive retrieval: grow `retrieval` (up to this many) until
+  float retrieval_mass;          // the zone covers this share of the scores (0: fixed budget)
+  unsigned long long tier;       // WaveTier* when the unit's indexed KV lives in host memory, or 0
+};
+
+// The host tier and wave buffer of one unit (one layer and KV head of a sequence) whose indexed
+// tokens were moved out of the GPU's KV cache: their K and V in pinned host memory in cluster
+// order (cluster c's members at [offsets[c], offsets[c + 1])), and a GPU block cache of
+// `capacity` slots of `page` tokens run by the store's LRU policy (retrowave_store::policy; see
+// wave_tokens). Token lists address it with three kinds of entries (see wave_entry).
+struct WaveTier {
+  unsigned long long host_k, host_v;    // bf16 [indexed tokens][hd], cluster order (mapped)
+  unsigned long long cache_k, cache_v;  // bf16 [capacity * page][hd] (device)
+  unsigned long long stamp;             // unsigned [n_clusters]: last use (0: not resident)
+  unsigned long long slot_owner;        // int [capacity]: resident cluster, or -1 when free
+  unsigned long long slot_page;         // int [capacity]: page of the owner held in the slot
+  unsigned long long free_list;         // int [capacity]: scratch of wave_tokens
+  unsigned long long jobs;              // int3 [capacity]: this step's fills (slot, token, count)
+  unsigned long long state;             // unsigned [4]: used slots, next stamp, jobs, -
+  unsigned long long stats;             // unsigned long long [4]: cumulative hit, admitted,
+                                        // bypassed and evicted pages
+  int capacity;
+  int page;
+};
+
+// Token-list entries of a wave step: e >= WAVE_HOST_ENTRY is token e - WAVE_HOST_ENTRY of the
+// unit's host arena (a read over PCIe: a bypassed cluster), e < 0 is row -e - 1 of its wave
+// buffer, anything else a slot of the sequence's GPU KV cache.
+#define WAVE_HOST_ENTRY (1 << 30)
 
 __device__ __forceinline__ const bf16* seq_k(const SeqDesc& s, int layer, int n_kv, int h, int head_dim) {
   return reinterpret_cast<const bf16*>(s.k_base) + ((size_t)(layer * n_kv + h) * s.cap) * head_dim;

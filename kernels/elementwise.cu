@@ -304,8 +304,9 @@ extern "C" __global__ void __launch_bounds__(1024)
 }
 
 // Writes rows' K and V (f32 [rows, n_kv * head_dim]) as bf16 into their sequences' caches at
-// layer `layer`, position seq.start_pos + (r - seq.row). A row whose position falls outside
-// [0, cap) is skipped (the host never asks for that).
+// layer `layer`, position seq.start_pos + (r - seq.row) (at its slot: see SeqDesc::hole_start). A
+// row whose slot falls outside [0, cap) or whose position is in the hole is skipped (the host
+// never asks for that).
 // Launch: one block per row (grid min(rows, 65535), grid-stride over rows), block 128 (8B model:
 // n_kv * head_dim / 8 = 128 16-byte stores per row for K and as many for V).
 extern "C" __global__ void __launch_bounds__(1024)
@@ -315,7 +316,9 @@ extern "C" __global__ void __launch_bounds__(1024)
   const bool in_vec = (head_dim & 7) == 0 && aligned16(k) && aligned16(v);
   for (int r = blockIdx.x; r < rows; r += gridDim.x) {
     const SeqDesc sd = seqs[row_seq[r]];
-    const int pos = sd.start_pos + (r - sd.row);
+    const int lpos = sd.start_pos + (r - sd.row);
+    if (lpos >= sd.hole_start && lpos < sd.hole_start + sd.hole_len) continue;  // in host memory
+    const int pos = seq_slot(sd, lpos);
     if (pos < 0 || pos >= sd.cap) continue;
     bf16* kb = reinterpret_cast<bf16*>(sd.k_base);
     bf16* vb = reinterpret_cast<bf16*>(sd.v_base);

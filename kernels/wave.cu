@@ -24,23 +24,7 @@
 #endif
 
 
-struct WaveUnit {
-  unsigned long long centroids;  // const bf16* [n_clusters][hd]
-  unsigned long long ln_sizes;   // const float* [n_clusters]: ln |C_i|, -inf for empty clusters
-  unsigned long long means;      // const bf16* [n_clusters][hd]: value_sum / |C_i| (estimation)
-  int n_clusters;
-  int q_row;                     // activation row of the unit's query
-  int retrieval;                 // clusters wanted in the retrieval zone
-  int estimation;                // clusters wanted in the estimation zone
-  // For wave_tokens (the exact part's token list); unused by the scoring kernels.
-  unsigned long long offsets;    // const int* [n_clusters + 1]: CSR offsets of the members
-  unsigned long long members;    // const int*: token positions, cluster after cluster
-  int sink;                      // steady zone: positions [0, sink) and [indexed_end, n_tokens),
-  int indexed_end;               // n_tokens from the unit's sequence descriptor (this step's
-                                 // token included)
-  int retrieval_cap;             // adaptive retrieval: grow `retrieval` (up to this many) until
-  float retrieval_mass;          // the zone covers this share of the scores (0: fixed budget)
-};
+// struct WaveUnit and struct WaveTier: common.cuh.
 
 namespace wave {
 
@@ -700,6 +684,228 @@ extern "C" __global__ void __launch_bounds__(256)
   }
 }
 
+// The host tier's part of wave_tokens (see there) for unit U with tier T: runs the store's LRU
+// policy (retrowave_store::policy::WaveBufferPolicy) over the unit's retrieval clusters `uid[0 ..
+// nr)` in ascending id order (the `wanted` order; earlier = more recent), writes this step's
+// fills to T.jobs and the clusters' list entries from L[steady ..]. Returns the list's length.
+//
+// The policy, in parallel: a wanted cluster with a stamp is a hit (its stamp renewed, it can not
+// be evicted); misses in wanted order are admitted while their pages fit in the free pages plus
+// the pages of evictable residents (resident, not wanted), else bypassed (read from host memory
+// this step, nothing evicted for them); the admitted pages A need the least recently used
+// evictable residents with at least A - free pages between them, found by a radix pass over
+// their stamps (unique, so the threshold is one cluster's); admissions take the lowest free
+// slots. Slot ids may differ from the CPU policy's (which interleaves evictions and admissions);
+// hits, admissions, bypasses, evictions and the resident set are the same.
+__device__ int tier_tokens(const WaveUnit& U, const WaveTier& T, const int* __restrict__ uid, int nr,
+                           int steady, int* __restrict__ L, int list_cap, int* sh,
+                           unsigned long long* warp_tot, unsigned long long* total) {
+  __shared__ unsigned hist[256];
+  __shared__ unsigned s_misc[8];
+  const int tid = threadIdx.x;
+  const int P = T.page, S = T.capacity;
+  const int* offs = reinterpret_cast<const int*>(U.offsets);
+  unsigned* stamp = reinterpret_cast<unsigned*>(T.stamp);
+  int* owner = reinterpret_cast<int*>(T.slot_owner);
+  int* spage = reinterpret_cast<int*>(T.slot_page);
+  int* freel = reinterpret_cast<int*>(T.free_list);
+  int* jobs = reinterpret_cast<int*>(T.jobs);
+  unsigned* state = reinterpret_cast<unsigned*>(T.state);
+  unsigned long long* stats = reinterpret_cast<unsigned long long*>(T.stats);
+  // sh: s_off[SEL_TOP] (list offset of wanted i), s_adm[SEL_TOP] (first free rank of an admitted
+  // i; -1 hit, -2 bypass, -3 miss before the admission pass).
+  int* s_off = sh;
+  int* s_adm = sh + SEL_TOP;
+  const unsigned used = state[0], base = state[1];
+  nr = min(nr, SEL_TOP);
+  if (tid == 0) s_misc[3] = 0u;
+  // Hits, list offsets, miss pages.
+  unsigned long long hit_pages = 0, miss_pages_t = 0;
+  int carry = steady;
+  for (int b0 = 0; b0 < nr; b0 += SEL_THREADS) {
+    const int i = b0 + tid;
+    int sz = 0;
+    if (i < nr) {
+      const int c = uid[i];
+      sz = offs[c + 1] - offs[c];
+      const int pg = (sz + P - 1) / P;
+      if (stamp[c] != 0u) {
+        stamp[c] = base + (unsigned)(nr - i);
+        s_adm[i] = -1;
+        hit_pages += pg;
+      } else {
+        s_adm[i] = -3;
+        miss_pages_t += pg;
+      }
+    }
+    const int off = (int)wave::block_scan((unsigned long long)sz, warp_tot, total);
+    if (i < nr) s_off[i] = carry + off;
+    carry += (int)*total;
+    __syncthreads();
+  }
+  const int list_len = carry;
+  // Evictable residents: first pages of clusters with an old stamp.
+  unsigned long long ev_pages = 0;
+  for (int s = tid; s < S; s += SEL_THREADS) {
+    const int o = owner[s];
+    if (o >= 0 && spage[s] == 0 && stamp[o] <= base) ev_pages += (offs[o + 1] - offs[o] + P - 1) / P;
+  }
+  // Block sums of (miss pages, evictable pages, hit pages), packed 21 bits each (< 2M pages).
+  wave::block_scan(miss_pages_t | (ev_pages << 21) | (hit_pages << 42), warp_tot, total);
+  const unsigned long long packed = *total;
+  const long long M = (long long)(packed & 0x1fffff), E = (long long)((packed >> 21) & 0x1fffff);
+  const long long H = (long long)(packed >> 42);
+  const long long free0 = (long long)S - (long long)used;
+  // Admission ranks: a prefix sum of the miss pages when everything fits, else one thread walks
+  // the misses in order.
+  if (M <= free0 + E) {
+    long long acc = 0;
+    for (int b0 = 0; b0 < nr; b0 += SEL_THREADS) {
+      const int i = b0 + tid;
+      int pg = 0;
+      if (i < nr && s_adm[i] == -3) {
+        const int c = uid[i];
+        pg = (offs[c + 1] - offs[c] + P - 1) / P;
+      }
+      const long long off = (long long)wave::block_scan((unsigned long long)pg, warp_tot, total);
+      if (pg > 0) s_adm[i] = (int)(acc + off);
+      acc += (long long)*total;
+      __syncthreads();
+    }
+    if (tid == 0) s_misc[0] = (unsigned)acc;
+  } else if (tid == 0) {
+    long long A = 0;
+    for (int i = 0; i < nr; ++i) {
+      if (s_adm[i] != -3) continue;
+      const int c = uid[i];
+      const long long pg = (offs[c + 1] - offs[c] + P - 1) / P;
+      if (pg > free0 + E - A) {
+        s_adm[i] = -2;
+      } else {
+        s_adm[i] = (int)A;
+        A += pg;
+      }
+    }
+    s_misc[0] = (unsigned)A;
+  }
+  __syncthreads();
+  const long long A = s_misc[0];
+  // Evictions: the oldest evictable residents covering A - free0 pages (stamp <= thr).
+  long long need = A - free0;
+  unsigned thr = 0;
+  if (need > 0) {
+    unsigned prefix = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      for (int b = tid; b < 256; b += SEL_THREADS) hist[b] = 0;
+      __syncthreads();
+      for (int s = tid; s < S; s += SEL_THREADS) {
+        const int o = owner[s];
+        if (o < 0 || spage[s] != 0) continue;
+        const unsigned st = stamp[o];
+        if (st > base || ((unsigned long long)(st ^ prefix) >> (shift + 8)) != 0ull) continue;
+        atomicAdd(&hist[(st >> shift) & 255u], (unsigned)((offs[o + 1] - offs[o] + P - 1) / P));
+      }
+      __syncthreads();
+      if (tid == 0) {
+        long long acc = 0;
+        int b = 0;
+        for (; b < 255; ++b) {
+          if (acc + hist[b] >= need) break;
+          acc += hist[b];
+        }
+        s_misc[1] = prefix | ((unsigned)b << shift);
+        s_misc[2] = (unsigned)(need - acc);
+      }
+      __syncthreads();
+      prefix = s_misc[1];
+      need = s_misc[2];
+      __syncthreads();
+    }
+    thr = prefix;
+  }
+  // Evict (a cluster's later pages may see its stamp already cleared: 0 <= thr, evicted alike).
+  unsigned ev_t = 0;
+  if (thr > 0) {
+    for (int s = tid; s < S; s += SEL_THREADS) {
+      const int o = owner[s];
+      if (o < 0) continue;
+      if (stamp[o] <= thr) {
+        if (spage[s] == 0) stamp[o] = 0u;
+        owner[s] = -1;
+        ++ev_t;
+      }
+    }
+  }
+  __syncthreads();
+  // Free slots in ascending order.
+  unsigned long long nfree = 0;
+  for (int b0 = 0; b0 < S; b0 += SEL_THREADS) {
+    const int s = b0 + tid;
+    const int f = (s < S && owner[s] < 0) ? 1 : 0;
+    const unsigned long long r = wave::block_scan((unsigned long long)f | ((unsigned long long)ev_t << 32), warp_tot, total);
+    if (f && nfree + (r & 0xffffffffull) < (unsigned long long)S) freel[nfree + (r & 0xffffffffull)] = s;
+    nfree += *total & 0xffffffffull;
+    if (b0 == 0) s_misc[3] = (unsigned)(*total >> 32);  // evicted slots (every thread's count once)
+    ev_t = 0;
+    __syncthreads();
+  }
+  // Admissions: slots, jobs, stamps.
+  for (int i = tid; i < nr; i += SEL_THREADS) {
+    const int a = s_adm[i];
+    if (a < 0) continue;
+    const int c = uid[i];
+    const int o0 = offs[c], sz = offs[c + 1] - o0;
+    for (int p = 0; p * P < sz; ++p) {
+      const int slot = freel[a + p];
+      owner[slot] = c;
+      spage[slot] = p;
+      jobs[3 * (a + p)] = slot;
+      jobs[3 * (a + p) + 1] = o0 + p * P;
+      jobs[3 * (a + p) + 2] = min(P, sz - p * P);
+    }
+    stamp[c] = base + (unsigned)(nr - i);
+  }
+  __syncthreads();
+  // List entries of resident wanted clusters: every slot whose owner is wanted writes its rows.
+  for (int s = tid; s < S; s += SEL_THREADS) {
+    const int o = owner[s];
+    if (o < 0) continue;
+    int lo = 0, hi = nr;  // uid ascending: binary search
+    while (lo < hi) {
+      const int mid = (lo + hi) >> 1;
+      if (uid[mid] < o) lo = mid + 1; else hi = mid;
+    }
+    if (lo >= nr || uid[lo] != o || s_adm[lo] == -2) continue;
+    const int p = spage[s];
+    const int n = min(P, offs[o + 1] - offs[o] - p * P);
+    const int d0 = s_off[lo] + p * P;
+    for (int r = 0; r < n; ++r)
+      if (d0 + r < list_cap) L[d0 + r] = -(1 + s * P + r);
+  }
+  // Bypassed clusters: read from the host arena.
+  unsigned long long byp = 0;
+  for (int i = 0; i < nr; ++i) {
+    if (s_adm[i] != -2) continue;
+    const int c = uid[i];
+    const int o0 = offs[c], sz = offs[c + 1] - o0;
+    if (tid == 0) byp += (sz + P - 1) / P;
+    for (int r = tid; r < sz; r += SEL_THREADS)
+      if (s_off[i] + r < list_cap) L[s_off[i] + r] = WAVE_HOST_ENTRY + o0 + r;
+  }
+  if (tid == 0) {
+    const unsigned evicted = s_misc[3];
+    state[0] = used + (unsigned)A - evicted;
+    state[1] = base + (unsigned)nr;
+    state[2] = (unsigned)A;
+    atomicAdd(stats + 0, (unsigned long long)H);
+    atomicAdd(stats + 1, (unsigned long long)A);
+    atomicAdd(stats + 2, byp);
+    atomicAdd(stats + 3, (unsigned long long)evicted);
+    if (base == 0u) atomicAdd(stats + 4, (unsigned long long)A + byp);  // the first step: cold
+  }
+  return list_len;
+}
+
 // wave_tokens: grid (n_units), block SEL_THREADS. The token list of each unit's exact part, in
 // the order the attention walks it: the steady zone ([0, sink) and [indexed_end, n_tokens), with
 // n_tokens = the cached tokens of the unit's sequence, this step's included), then
@@ -712,7 +918,10 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
                 const int* counts, int max_ids, int* list, int* count, int list_cap, int* overflow) {
   __shared__ unsigned long long warp_tot[32];
   __shared__ unsigned long long total;
-  __shared__ int s_dst[SEL_THREADS], s_src[SEL_THREADS], s_len[SEL_THREADS];
+  __shared__ int sh[2 * SEL_TOP];  // s_dst, s_src, s_len here; tier_tokens' arrays with a tier
+  int* s_dst = sh;
+  int* s_src = sh + SEL_THREADS;
+  int* s_len = sh + 2 * SEL_THREADS;
   const int u = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const WaveUnit U = units[u];
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -727,9 +936,18 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   const int s2 = max(0, n_tokens - max(U.indexed_end, s1));
   const int steady = s1 + s2;
   for (int j = tid; j < min(steady, list_cap); j += SEL_THREADS)
-    L[j] = j < s1 ? j : max(U.indexed_end, s1) + (j - s1);
+    L[j] = seq_slot(sd, j < s1 ? j : max(U.indexed_end, s1) + (j - s1));
   const int nr = counts[2 * u];
   const int* uid = ids + (size_t)u * max_ids;
+  if (U.tier != 0ull) {
+    const WaveTier T = *reinterpret_cast<const WaveTier*>(U.tier);
+    const int len = tier_tokens(U, T, uid, nr, steady, L, list_cap, sh, warp_tot, &total);
+    if (tid == 0) {
+      count[u] = min(len, list_cap);
+      if (len > list_cap) atomicAdd(overflow, 1);
+    }
+    return;
+  }
   int carry = steady;
   for (int base = 0; base < nr; base += SEL_THREADS) {
     const int c = base + tid < nr ? uid[base + tid] : -1;
@@ -757,5 +975,60 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   if (tid == 0) {
     count[u] = min(carry, list_cap);
     if (carry > list_cap) atomicAdd(overflow, 1);
+  }
+}
+
+// wave_cache_fill: grid (n_units, FILL_Y), block 256. Copies this step's admitted pages of each
+// unit with a host tier (T.jobs[0 .. T.state[2]): slot, first token, tokens) from its host arena
+// (pinned host memory, read over PCIe by the loads themselves) into its wave buffer slots, K and
+// V, 16 bytes a thread. Launched after wave_tokens, before the exact attention.
+extern "C" __global__ void __launch_bounds__(256)
+    wave_cache_fill(const WaveUnit* units, int hd) {
+  const WaveUnit U = units[blockIdx.x];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+  if (U.tier == 0ull) return;
+  const WaveTier T = *reinterpret_cast<const WaveTier*>(U.tier);
+  const int n_jobs = (int)reinterpret_cast<const unsigned*>(T.state)[2];
+  const int* jobs = reinterpret_cast<const int*>(T.jobs);
+  const int cpr = hd >> 3;  // 16-byte chunks per row
+  const int per_job = T.page * cpr;
+  const long long total = (long long)n_jobs * per_job;
+  const uint4* hk = reinterpret_cast<const uint4*>(T.host_k);
+  const uint4* hv = reinterpret_cast<const uint4*>(T.host_v);
+  uint4* ck = reinterpret_cast<uint4*>(T.cache_k);
+  uint4* cv = reinterpret_cast<uint4*>(T.cache_v);
+  for (long long x = (long long)blockIdx.y * blockDim.x + threadIdx.x; x < total;
+       x += (long long)gridDim.y * blockDim.x) {
+    const int j = (int)(x / per_job), r = (int)(x - (long long)j * per_job);
+    const int row = r / cpr, ch = r - row * cpr;
+    if (row >= jobs[3 * j + 2]) continue;
+    const long long src = (long long)(jobs[3 * j + 1] + row) * cpr + ch;
+    const long long dst = ((long long)jobs[3 * j] * T.page + row) * cpr + ch;
+    ck[dst] = hk[src];
+    cv[dst] = hv[src];
+  }
+}
+
+// wave_tier_restore: grid (n_units, Y), block 256. Puts each unit's host arena rows back at their
+// positions in a full cache: k[u][members[u][j]] = host_k[u][j] for j < it (and v alike), 16
+// bytes a thread; `cap` is the full cache's slots per unit.
+extern "C" __global__ void __launch_bounds__(256)
+    wave_tier_restore(const bf16* hk, const bf16* hv, const int* members, int it, bf16* k, bf16* v,
+                      int cap, int hd) {
+  const int u = blockIdx.x, cpr = hd >> 3;
+  const long long total = (long long)it * cpr;
+  const uint4* sk = reinterpret_cast<const uint4*>(hk) + (size_t)u * it * cpr;
+  const uint4* sv = reinterpret_cast<const uint4*>(hv) + (size_t)u * it * cpr;
+  uint4* dk = reinterpret_cast<uint4*>(k) + (size_t)u * cap * cpr;
+  uint4* dv = reinterpret_cast<uint4*>(v) + (size_t)u * cap * cpr;
+  const int* mem = members + (size_t)u * it;
+  for (long long x = (long long)blockIdx.y * blockDim.x + threadIdx.x; x < total;
+       x += (long long)gridDim.y * blockDim.x) {
+    const int j = (int)(x / cpr), ch = (int)(x - (long long)j * cpr);
+    const long long dst = (long long)mem[j] * cpr + ch;
+    dk[dst] = sk[x];
+    dv[dst] = sv[x];
   }
 }

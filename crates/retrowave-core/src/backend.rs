@@ -329,6 +329,25 @@ pub trait Backend: Send + Sync {
         )))
     }
 
+    /// Fills the cache with `len` synthetic tokens (as [`Self::kv_fill_synthetic`]) and builds
+    /// the wave index over them (as [`Self::kv_build_index`]), leaving room for `room` more
+    /// tokens. A backend may do this without ever holding the whole context in device memory
+    /// (the CUDA backend with `cfg.host_kv` builds in groups of heads, so contexts beyond GPU
+    /// memory can be benchmarked); the cache's capacity is then replaced. By default the cache
+    /// must already hold `len + room` tokens.
+    fn kv_fill_synthetic_indexed(
+        &self,
+        kv: &mut Self::Kv,
+        len: usize,
+        room: usize,
+        seed: u64,
+        cfg: &WaveConfig,
+    ) -> Result<(), BackendError> {
+        let _ = room;
+        self.kv_fill_synthetic(kv, len, seed)?;
+        self.kv_build_index(kv, cfg)
+    }
+
     /// Builds the wave index over everything the cache holds (called once the prompt is
     /// prefilled); later decode steps of this sequence attend through it and update it.
     fn kv_build_index(&self, kv: &mut Self::Kv, cfg: &WaveConfig) -> Result<(), BackendError> {

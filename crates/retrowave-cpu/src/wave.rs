@@ -611,14 +611,13 @@ pub fn build(kv: &CpuKv, cfg: &WaveConfig) -> Result<WaveKv, BackendError> {
 /// The wave buffer of one head: `cache_ratio` times the step's least retrieval budget, in pages
 /// of `page_size` tokens of an average cluster.
 fn buffer_config(index: &ClusterIndex, cfg: &WaveConfig) -> CacheConfig {
-    let r = index.budgets(cfg).retrieval.max(cfg.min_retrieval_clusters);
-    let avg = index.indexed_range().len() as f64 / index.n_clusters().max(1) as f64;
-    let pages = (avg / cfg.page_size.max(1) as f64).ceil().max(1.0) as usize;
+    let pages = cfg.cache_pages(
+        index.budgets(cfg).retrieval,
+        index.n_clusters(),
+        index.indexed_range().len(),
+    );
     CacheConfig {
-        capacity_pages: cfg
-            .cache_clusters(r)
-            .saturating_mul(pages)
-            .min(u32::MAX as usize) as u32,
+        capacity_pages: pages.min(u32::MAX as usize) as u32,
     }
 }
 

@@ -68,6 +68,8 @@ const KERNELS: &[&str] = &[
     "wave_estimate_partial_hd128",
     "wave_estimate_merge",
     "wave_tokens",
+    "wave_cache_fill",
+    "wave_tier_restore",
     "attn_wave_fused_hd64",
     "attn_wave_fused_hd128",
     "wave_build_mean",
@@ -113,6 +115,16 @@ pub struct DevKv {
     pub len: usize,
     /// The wave index over the cached tokens, once built (see [`crate::wave_step`]).
     pub wave: Option<Box<crate::wave_step::DevWave>>,
+    /// Positions `(start, len)` whose K and V are not in `k` / `v` but in the wave index's host
+    /// tier ([`crate::wave_tier`]); `cap` counts the slots that remain. `(0, 0)`: none.
+    pub hole: (usize, usize),
+}
+
+impl DevKv {
+    /// Positions the cache can hold: its slots plus the positions moved to the host tier.
+    pub fn positions(&self) -> usize {
+        self.cap + self.hole.1
+    }
 }
 
 /// Per-sequence descriptor of a step, laid out like `struct SeqDesc` in `kernels/common.cuh`.
@@ -125,6 +137,10 @@ pub struct SeqDesc {
     pub start_pos: i32,
     pub n_tokens: i32,
     pub row: i32,
+    /// Positions `[hole_start, hole_start + hole_len)` are not in the cache (a wave index moved
+    /// them to host memory: [`DevKv::hole`]); later positions sit `hole_len` slots earlier.
+    pub hole_start: i32,
+    pub hole_len: i32,
 }
 
 // SAFETY: plain old data with the C layout the kernels expect.
@@ -783,11 +799,21 @@ impl CudaBackend {
         let mut descs = Vec::with_capacity(batch.seqs.len());
         let mut row_seq = vec![0i32; batch.n_rows()];
         for (i, (s, kv)) in batch.seqs.iter().zip(caches).enumerate() {
-            if s.start_pos + s.n_tokens > kv.cap {
+            if s.start_pos + s.n_tokens > kv.positions() {
                 return Err(CudaError::Unsupported(format!(
                     "sequence needs {} cached tokens but its cache holds {}",
                     s.start_pos + s.n_tokens,
-                    kv.cap
+                    kv.positions()
+                )));
+            }
+            if kv.hole.1 > 0 && (s.start_pos < kv.hole.0 + kv.hole.1 || s.n_tokens > 1) {
+                return Err(CudaError::Unsupported(format!(
+                    "a step of {} tokens from position {} of a sequence whose positions {}..{} \
+                     are in the host tier (only decode after the indexed part is supported)",
+                    s.n_tokens,
+                    s.start_pos,
+                    kv.hole.0,
+                    kv.hole.0 + kv.hole.1
                 )));
             }
             let kp = dp(&kv.k);
@@ -799,6 +825,8 @@ impl CudaBackend {
                 start_pos: s.start_pos as i32,
                 n_tokens: s.n_tokens as i32,
                 row: s.row as i32,
+                hole_start: kv.hole.0 as i32,
+                hole_len: kv.hole.1 as i32,
             });
             for r in s.row..s.row + s.n_tokens {
                 if let Some(x) = row_seq.get_mut(r) {
@@ -2179,6 +2207,7 @@ impl Backend for CudaBackend {
             cap: max_tokens,
             len: 0,
             wave: None,
+            hole: (0, 0),
         })
     }
 
@@ -2187,6 +2216,16 @@ impl Backend for CudaBackend {
     }
 
     fn kv_truncate(&self, kv: &mut DevKv, len: usize) {
+        // Positions going back into the host tier's range: the GPU cache gets them back first.
+        if kv.hole.1 > 0 && len < kv.hole.0 + kv.hole.1 {
+            let restored = self.bind().and_then(|_| self.restore_from_host(kv));
+            if let Err(e) = restored {
+                self.record(&e);
+                kv.len = kv.len.min(len).min(kv.hole.0);
+                kv.wave = None;
+                return;
+            }
+        }
         kv.len = kv.len.min(len);
         // An index over tokens that are gone no longer describes the cache.
         if kv.wave.as_ref().is_some_and(|w| w.indexed_end > kv.len) {
@@ -2221,6 +2260,7 @@ impl Backend for CudaBackend {
             cap: kv.cap,
             len: kv.len,
             wave,
+            hole: kv.hole,
         })
     }
 
@@ -2229,25 +2269,57 @@ impl Backend for CudaBackend {
         if let Some(f) = self.take_failure() {
             return Err(BackendError::Device(f));
         }
+        self.restore_from_host(kv)?;
         kv.wave = None;
         kv.wave = Some(Box::new(self.build_wave(kv, cfg)?));
+        self.move_to_host(kv)?;
         Ok(())
     }
 
+    fn kv_fill_synthetic_indexed(
+        &self,
+        kv: &mut DevKv,
+        len: usize,
+        room: usize,
+        seed: u64,
+        cfg: &WaveConfig,
+    ) -> Result<(), BackendError> {
+        self.bind()?;
+        if cfg.host_kv {
+            return Ok(self.synthetic_host_index(kv, len, room, seed, cfg)?);
+        }
+        self.kv_fill_synthetic(kv, len, seed)?;
+        self.kv_build_index(kv, cfg)
+    }
+
     fn kv_wave_stats(&self, kv: &DevKv) -> Option<WaveStats> {
-        kv.wave.as_deref().map(|w| WaveStats {
+        let w = kv.wave.as_deref()?;
+        // The wave buffers' counters (a failed read leaves them out and is recorded).
+        let tc = match w.tier.as_ref().map(|t| self.tier_counters(t)) {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => {
+                self.record(&e);
+                crate::wave_tier::TierCounters::default()
+            }
+            None => crate::wave_tier::TierCounters::default(),
+        };
+        Some(WaveStats {
             indexed_tokens: w.indexed_tokens(),
             clusters: w.n_clusters,
             updates: w.updates,
             build_seconds: w.build_seconds,
             head_steps: w.head_steps,
             context_tokens: w.context_tokens,
+            cache_hit_pages: tc.hit_pages,
+            cache_miss_pages: tc.miss_pages(),
+            cache_cold_pages: tc.cold_pages,
             ..WaveStats::default()
         })
     }
 
     fn kv_fill_synthetic(&self, kv: &mut DevKv, len: usize, seed: u64) -> Result<(), BackendError> {
         self.bind()?;
+        self.restore_from_host(kv)?;
         if len > kv.cap {
             return Err(BackendError::OutOfMemory(format!(
                 "synthetic fill of {len} tokens into a cache of {}",

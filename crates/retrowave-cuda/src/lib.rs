@@ -24,6 +24,7 @@ pub mod wave;
 pub mod wave_build;
 mod wave_checks;
 pub mod wave_step;
+pub mod wave_tier;
 
 pub use backend::{CudaBackend, DevActs, DevKv, DevMatrix, DevVector};
 pub use device::{DeviceInfo, DeviceRequest, cuda_devices};

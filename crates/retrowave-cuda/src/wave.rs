@@ -39,6 +39,9 @@ pub struct WaveUnit {
     /// the CPU; `retrieval_mass` 0 keeps the fixed budget.
     pub retrieval_cap: i32,
     pub retrieval_mass: f32,
+    /// `WaveTier*` of the unit when its indexed KV lives in host memory (see
+    /// [`crate::wave_tier`]), or 0.
+    pub tier: u64,
 }
 
 // SAFETY: plain old data with the C layout the kernels expect.
@@ -336,6 +339,8 @@ pub struct WaveTokens {
     /// `i32 [units]`: the length of each list.
     pub count: CudaSlice<i32>,
     pub list_cap: usize,
+    /// The units the lists were made for (the attention reads their host tiers).
+    pub units: sys::CUdeviceptr,
 }
 
 impl CudaBackend {
@@ -391,6 +396,7 @@ impl CudaBackend {
             list,
             count,
             list_cap,
+            units: sel.units,
         })
     }
 
@@ -444,12 +450,13 @@ impl CudaBackend {
             1.0 / (hd as f32).sqrt(),
         );
         let (mut a5, mut a6, mut a7, mut a8) = (dp(&o_part), dp(&lse_part), out, t.counters_ptr());
-        let (mut a9, mut a10, mut lc, mut a11, mut a12) = (
+        let (mut a9, mut a10, mut lc, mut a11, mut a12, mut a13) = (
             dp(&toks.list),
             dp(&toks.count),
             toks.list_cap as i32,
             dp(&est.out),
             dp(&est.lse),
+            toks.units,
         );
         self.launch(
             name,
@@ -477,6 +484,7 @@ impl CudaBackend {
                 ptr_of(&mut lc),
                 ptr_of(&mut a11),
                 ptr_of(&mut a12),
+                ptr_of(&mut a13),
             ],
         )
     }
@@ -534,9 +542,10 @@ mod tests {
 
     #[test]
     fn wave_unit_has_the_kernel_layout() {
-        // Five pointers and eight ints: 72 bytes, as `WaveUnit` in kernels/wave.cu.
-        assert_eq!(std::mem::size_of::<WaveUnit>(), 72);
+        // Six pointers and eight ints: 80 bytes, as `WaveUnit` in kernels/common.cuh.
+        assert_eq!(std::mem::size_of::<WaveUnit>(), 80);
         assert_eq!(std::mem::offset_of!(WaveUnit, offsets), 40);
         assert_eq!(std::mem::offset_of!(WaveUnit, sink), 56);
+        assert_eq!(std::mem::offset_of!(WaveUnit, tier), 72);
     }
 }

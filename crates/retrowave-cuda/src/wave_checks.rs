@@ -8,6 +8,12 @@
 //!    a sort of its scores by `check_wave_select`): exact attention over the steady zone and the
 //!    retrieval clusters' members, the estimation formula over the estimation clusters, merged by
 //!    log-sum-exp.
+//! 3. With the indexed KV in the host tier ([`crate::wave_tier`]), several decode steps must give
+//!    exactly the outputs of the GPU-resident index (same selection, same token order), the
+//!    wave buffers must make the decisions of the store's policy
+//!    ([`retrowave_store::policy::WaveBufferPolicy`]) on the same selections (hits, admissions,
+//!    bypasses, evictions, final residents), and the cache restored from the tier must equal the
+//!    original.
 
 use half::bf16;
 use rand::rngs::StdRng;
@@ -228,6 +234,256 @@ pub(crate) fn check_wave_decode(
     let overflows = b.wave_overflows().map_err(|x| x.to_string())?;
     out.push(CheckResult {
         name: "wave token lists: none cut short".into(),
+        rel_l2: 0.0,
+        max_abs: f64::from(overflows),
+        non_finite: 0,
+        tolerance: 0.0,
+        passed: overflows == 0,
+    });
+    Ok(out)
+}
+
+/// Host tier checks (see the module docs, 3.) for one head shape: two sequences, a small wave
+/// buffer (`cache_ratio` 1, so steps evict and some bypass), `STEPS` decode steps.
+pub(crate) fn check_wave_tier(
+    b: &CudaBackend,
+    rng: &mut StdRng,
+    hd: usize,
+    nh: usize,
+    nkv: usize,
+) -> Result<Vec<CheckResult>, String> {
+    use retrowave_store::policy::{CacheConfig, Tier, Wanted, WaveBufferPolicy};
+    const STEPS: usize = 6;
+    let e = |x: retrowave_core::BackendError| x.to_string();
+    let s_ = |x: crate::CudaError| x.to_string();
+    let heads = HeadLayout {
+        n_heads: nh,
+        n_kv_heads: nkv,
+        head_dim: hd,
+    };
+    let (layers, layer) = (2usize, 1usize);
+    let lens = [5000usize, 2300];
+    let cap = 5200;
+    let mut cfg = WaveConfig::retrowave();
+    cfg.segment_tokens = 2048;
+    cfg.cache_ratio = 1;
+    let mut tiered_cfg = cfg.clone();
+    tiered_cfg.host_kv = true;
+
+    let (mut resident, mut tiered, mut originals) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, &len) in lens.iter().enumerate() {
+        let mut kv = b.new_kv(layers, heads, cap).map_err(e)?;
+        b.kv_fill_synthetic(&mut kv, len, 177 + i as u64)
+            .map_err(e)?;
+        let mut r = b.kv_clone(&kv).map_err(e)?;
+        b.kv_build_index(&mut r, &cfg).map_err(e)?;
+        let mut t = b.kv_clone(&kv).map_err(e)?;
+        b.kv_build_index(&mut t, &tiered_cfg).map_err(e)?;
+        if t.hole.1 == 0 || t.wave.as_ref().is_none_or(|w| w.tier.is_none()) {
+            return Err("host_kv index build left the cache in GPU memory".into());
+        }
+        resident.push(r);
+        tiered.push(t);
+        originals.push(kv);
+    }
+    let mut out = Vec::new();
+
+    // The cache restored from the tier equals the original, position for position.
+    let mut restore_err = 0usize;
+    for (t, o) in tiered.iter().zip(&originals) {
+        let (k, v) = b.restored_copy(t).map_err(s_)?;
+        let units = layers * nkv;
+        let full = t.cap + t.hole.1;
+        let (kr, vr) = (
+            b.download(&k, k.len()).map_err(s_)?,
+            b.download(&v, v.len()).map_err(s_)?,
+        );
+        let (ko, vo) = (
+            b.download(&o.k, o.k.len()).map_err(s_)?,
+            b.download(&o.v, o.v.len()).map_err(s_)?,
+        );
+        for u in 0..units {
+            for p in 0..o.len {
+                let (a, z) = ((u * full + p) * hd, (u * cap + p) * hd);
+                if kr[a..a + hd] != ko[z..z + hd] || vr[a..a + hd] != vo[z..z + hd] {
+                    restore_err += 1;
+                }
+            }
+        }
+    }
+    out.push(CheckResult {
+        name: format!("wave tier: cache restored from host == original (hd {hd})"),
+        rel_l2: 0.0,
+        max_abs: restore_err as f64,
+        non_finite: 0,
+        tolerance: 0.0,
+        passed: restore_err == 0,
+    });
+
+    // CPU policies of the checked layer's units (row s, KV head h).
+    let tiers: Vec<(usize, usize)> = tiered
+        .iter()
+        .map(|t| {
+            let tr = t.wave.as_ref().and_then(|w| w.tier.as_ref());
+            tr.map_or((0, 1), |x| (x.capacity, x.page))
+        })
+        .collect();
+    let mut policies: Vec<WaveBufferPolicy> = (0..lens.len() * nkv)
+        .map(|u| {
+            WaveBufferPolicy::new(CacheConfig {
+                capacity_pages: tiers[u / nkv].0 as u32,
+            })
+        })
+        .collect();
+    let mut want = crate::wave_tier::TierCounters::default();
+    let (mut max_abs, mut num, mut den) = (0f64, 0f64, 0f64);
+    for step in 0..STEPS {
+        let rows = lens.len();
+        let batch = BatchLayout {
+            seqs: lens
+                .iter()
+                .enumerate()
+                .map(|(i, &len)| SeqRows {
+                    slot: i,
+                    row: i,
+                    start_pos: len + step,
+                    n_tokens: 1,
+                })
+                .collect(),
+        };
+        let q = rand_vec(rng, rows * nh * hd, 2.0);
+        let k = rand_vec(rng, rows * nkv * hd, 2.0);
+        let v = rand_vec(rng, rows * nkv * hd, 1.0);
+        let (qa, ka, va) = (
+            b.acts_from_host(&q, rows, nh * hd),
+            b.acts_from_host(&k, rows, nkv * hd),
+            b.acts_from_host(&v, rows, nkv * hd),
+        );
+        let run = |kvs: &mut Vec<DevKv>| -> Result<Vec<f32>, String> {
+            let mut refs: Vec<&mut DevKv> = kvs.iter_mut().collect();
+            let y = b
+                .attention(layer, &qa, &ka, &va, &mut refs, &batch, heads)
+                .map_err(e)?;
+            let y = b.acts_to_host(&y);
+            b.check().map_err(e)?;
+            Ok(y)
+        };
+        let y_res = run(&mut resident)?;
+        let y_tier = run(&mut tiered)?;
+        for (a, r) in y_tier.iter().zip(&y_res) {
+            let d = f64::from(a - r);
+            max_abs = max_abs.max(d.abs());
+            num += d * d;
+            den += f64::from(*r) * f64::from(*r);
+        }
+        // The step's selection, again (deterministic), and the CPU policy's decisions on it.
+        let refs: Vec<&DevKv> = tiered.iter().collect();
+        let tables = b.step_tables(&refs, &batch, nkv).map_err(s_)?;
+        let ws = b
+            .wave_step_units(&HostStep::of(&tables), &refs)
+            .map_err(s_)?;
+        let qd = b.upload(&q).map_err(s_)?;
+        let sel = b
+            .wave_select_dev(
+                ws.layer_ptr(layer),
+                ws.per_layer,
+                ws.max_clusters,
+                dp(&qd),
+                nh,
+                nkv,
+                hd,
+                ws.max_ids,
+            )
+            .map_err(s_)?;
+        let ids = b.download(&sel.ids, sel.ids.len()).map_err(s_)?;
+        let counts = b.download(&sel.counts, sel.counts.len()).map_err(s_)?;
+        for (si, t) in tiered.iter().enumerate() {
+            let w = t.wave.as_deref().ok_or("index missing")?;
+            let kc = w.n_clusters;
+            let offs = b.download(&w.offsets, w.offsets.len()).map_err(s_)?;
+            let page = tiers[si].1 as i32;
+            for h in 0..nkv {
+                let unit = si * nkv + h;
+                let iu = layer * nkv + h;
+                let nr = counts[2 * unit] as usize;
+                let wanted: Vec<Wanted> = ids[unit * sel.max_ids..unit * sel.max_ids + nr]
+                    .iter()
+                    .map(|&c| {
+                        let c = c as usize;
+                        let size = offs[iu * (kc + 1) + c + 1] - offs[iu * (kc + 1) + c];
+                        Wanted {
+                            cluster: c as u32,
+                            pages: ((size + page - 1) / page) as u32,
+                            tier: Tier::Host,
+                        }
+                    })
+                    .collect();
+                let plan = policies[unit].plan(&wanted);
+                want.hit_pages += plan.hit_pages();
+                want.admitted_pages += plan
+                    .admissions
+                    .iter()
+                    .map(|a| a.slots.len() as u64)
+                    .sum::<u64>();
+                want.bypass_pages += plan.bypass.iter().map(|x| u64::from(x.pages)).sum::<u64>();
+                want.evicted_pages += plan
+                    .evictions
+                    .iter()
+                    .map(|x| x.slots.len() as u64)
+                    .sum::<u64>();
+                if step == 0 {
+                    want.cold_pages += plan.miss_pages();
+                }
+            }
+        }
+    }
+    out.push(CheckResult {
+        name: format!("wave tier: {STEPS} steps == GPU-resident index (hd {hd}, {nh}/{nkv} heads)"),
+        rel_l2: if den > 0.0 { (num / den).sqrt() } else { 0.0 },
+        max_abs,
+        non_finite: 0,
+        tolerance: 1e-6,
+        passed: den > 0.0 && (num / den).sqrt() <= 1e-6,
+    });
+    let mut got = crate::wave_tier::TierCounters::default();
+    let mut resident_diff = 0usize;
+    for (si, t) in tiered.iter().enumerate() {
+        let w = t.wave.as_deref().ok_or("index missing")?;
+        let tr = w.tier.as_ref().ok_or("tier missing")?;
+        let c = b.tier_counters(tr).map_err(s_)?;
+        got.hit_pages += c.hit_pages;
+        got.admitted_pages += c.admitted_pages;
+        got.bypass_pages += c.bypass_pages;
+        got.evicted_pages += c.evicted_pages;
+        got.cold_pages += c.cold_pages;
+        for h in 0..nkv {
+            let stamps = b
+                .tier_stamps(tr, w.n_clusters, layer * nkv + h)
+                .map_err(s_)?;
+            let pol = &policies[si * nkv + h];
+            resident_diff += stamps
+                .iter()
+                .enumerate()
+                .filter(|&(c, &st)| (st != 0) != pol.contains(c as u32))
+                .count();
+        }
+    }
+    let same = got == want && resident_diff == 0;
+    out.push(CheckResult {
+        name: format!(
+            "wave tier: buffers == store policy (hit {} admit {} bypass {} evict {} pages; GPU {}/{}/{}/{}, {} residents differ)",
+            want.hit_pages, want.admitted_pages, want.bypass_pages, want.evicted_pages,
+            got.hit_pages, got.admitted_pages, got.bypass_pages, got.evicted_pages, resident_diff
+        ),
+        rel_l2: 0.0,
+        max_abs: resident_diff as f64,
+        non_finite: 0,
+        tolerance: 0.0,
+        passed: same && want.hit_pages > 0 && want.evicted_pages > 0,
+    });
+    let overflows = b.wave_overflows().map_err(s_)?;
+    out.push(CheckResult {
+        name: "wave tier token lists: none cut short".into(),
         rel_l2: 0.0,
         max_abs: f64::from(overflows),
         non_finite: 0,

@@ -59,6 +59,9 @@ pub struct DevWave {
     pub head_steps: u64,
     /// Context tokens those attentions covered (what dense attention would have read).
     pub context_tokens: u64,
+    /// The indexed tokens' K and V in host memory with the GPU's wave buffers in front
+    /// ([`WaveConfig::host_kv`]; see [`crate::wave_tier`]).
+    pub tier: Option<crate::wave_tier::DevTier>,
 }
 
 impl DevWave {
@@ -133,6 +136,8 @@ pub struct WaveStepUnits {
     pub max_clusters: usize,
     pub max_ids: usize,
     pub list_cap: usize,
+    /// Whether some unit reads through a host tier (the step copies its misses in).
+    pub tiers: bool,
 }
 
 impl WaveStepUnits {
@@ -179,7 +184,8 @@ struct RowSig {
 /// The index side of a [`RowSig`]: its arrays' addresses, shape and budgets.
 #[derive(Debug, Clone, PartialEq)]
 struct IndexSig {
-    arrays: [u64; 5],
+    /// centroids, ln sizes, means, offsets, members, host tier table (0: none).
+    arrays: [u64; 6],
     n_clusters: usize,
     sink: usize,
     indexed_end: usize,
@@ -200,6 +206,13 @@ impl CudaBackend {
         if cfg.rank_by_size {
             return Err(CudaError::Unsupported(
                 "wave config: rank_by_size is not implemented on the GPU (the CPU backend has it)"
+                    .into(),
+            ));
+        }
+        if cfg.host_kv && cfg.dense_layers > 0 {
+            return Err(CudaError::Unsupported(
+                "wave config: host_kv with dense_layers > 0 (dense layers read every token from \
+                 GPU memory)"
                     .into(),
             ));
         }
@@ -244,9 +257,16 @@ impl CudaBackend {
                 build_seconds: t0.elapsed().as_secs_f64(),
                 head_steps: 0,
                 context_tokens: 0,
+                tier: None,
             });
         }
         let c = self.wave_build(&units, &segs, cfg.kmeans_iterations, hd)?;
+        let tier = if cfg.host_kv {
+            let b = StepBudgets::of(cfg, c.n_clusters, 0);
+            Some(self.build_tier(&units, &c, cfg, b.retrieval)?)
+        } else {
+            None
+        };
         let sizes = self.download(&c.sizes, c.sizes.len())?;
         let max_cluster_size = sizes.iter().copied().max().unwrap_or(0).max(0) as usize;
         self.synchronize()?;
@@ -266,13 +286,19 @@ impl CudaBackend {
             build_seconds: t0.elapsed().as_secs_f64(),
             head_steps: 0,
             context_tokens: 0,
+            tier,
         })
     }
 
     /// A device copy of an index (forked sequences get their own, so that no two sequences of a
     /// batch share index memory).
     pub fn clone_wave(&self, w: &DevWave) -> Result<DevWave, CudaError> {
+        let tier = match w.tier.as_ref() {
+            Some(t) => Some(self.clone_tier(t, w.n_clusters)?),
+            None => None,
+        };
         Ok(DevWave {
+            tier,
             centroids: self.dup(&w.centroids)?,
             ln_sizes: self.dup(&w.ln_sizes)?,
             means: self.dup(&w.means)?,
@@ -329,6 +355,7 @@ impl CudaBackend {
                             dp(&w.means),
                             dp(&w.offsets),
                             dp(&w.members),
+                            w.tier.as_ref().map_or(0, |t| dp(&t.table)),
                         ],
                         n_clusters: w.n_clusters,
                         sink: w.sink,
@@ -360,7 +387,7 @@ impl CudaBackend {
                     };
                     let (u, k) = (l * n_kv + h, x.n_clusters);
                     let it = x.indexed_end.saturating_sub(x.sink);
-                    let [cent, lns, means, offs, mem] = x.arrays;
+                    let [cent, lns, means, offs, mem, tier] = x.arrays;
                     *slot = WaveUnit {
                         centroids: cent + (u * k * hd * 2) as u64,
                         ln_sizes: lns + (u * k * 4) as u64,
@@ -375,6 +402,11 @@ impl CudaBackend {
                         indexed_end: x.indexed_end as i32,
                         retrieval_cap: x.budgets.retrieval_cap as i32,
                         retrieval_mass: x.budgets.retrieval_mass as f32,
+                        tier: if tier == 0 {
+                            0
+                        } else {
+                            tier + (u * std::mem::size_of::<crate::wave_tier::WaveTier>()) as u64
+                        },
                     };
                 }
             }
@@ -402,6 +434,9 @@ impl CudaBackend {
         let (n_layers, n_kv, hd) = caches
             .first()
             .map_or((1, 1, 128), |c| (c.n_layers, c.n_kv, c.head_dim));
+        let tiers = sig
+            .iter()
+            .any(|r| r.index.as_ref().is_some_and(|x| x.arrays[5] != 0));
         let host = Self::wave_units_host(&sig, n_layers, n_kv, hd);
         let dev = self.upload(&host)?;
         let s = std::sync::Arc::new(WaveStepUnits {
@@ -411,6 +446,7 @@ impl CudaBackend {
             max_clusters,
             max_ids,
             list_cap,
+            tiers,
         });
         *slot = Some(s.clone());
         Ok(s)
@@ -442,6 +478,9 @@ impl CudaBackend {
         )?;
         let est = self.wave_estimate(&sel)?;
         let toks = self.wave_tokens(t, &sel, ws.list_cap)?;
+        if ws.tiers {
+            self.wave_cache_fill(ws.layer_ptr(layer), ws.per_layer, hd)?;
+        }
         self.wave_exact_attention(t, layer, q, out, &toks, &est, n_heads, n_kv, hd)
     }
 }

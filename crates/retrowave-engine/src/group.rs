@@ -83,6 +83,13 @@ enum Cmd {
         len: usize,
         seed: u64,
     },
+    FillSyntheticIndexed {
+        slot: usize,
+        len: usize,
+        room: usize,
+        seed: u64,
+        cfg: WaveConfig,
+    },
     Fork {
         src: usize,
         dst: usize,
@@ -225,6 +232,30 @@ impl<B: Backend + 'static> WorkerGroup<B> {
             None => self
                 .broadcast(|| Cmd::BuildIndex {
                     slot,
+                    cfg: cfg.clone(),
+                })
+                .map(|_| ()),
+        }
+    }
+
+    /// Fills the cache of `slot` with `len` synthetic tokens and indexes them on every worker,
+    /// with room for `room` more (benchmarks of contexts beyond GPU memory with a host tier).
+    pub fn fill_synthetic_indexed(
+        &mut self,
+        slot: usize,
+        len: usize,
+        room: usize,
+        seed: u64,
+        cfg: &WaveConfig,
+    ) -> Result<(), EngineError> {
+        match &mut self.local {
+            Some(w) => w.fill_synthetic_indexed(slot, len, room, seed, cfg),
+            None => self
+                .broadcast(|| Cmd::FillSyntheticIndexed {
+                    slot,
+                    len,
+                    room,
+                    seed,
                     cfg: cfg.clone(),
                 })
                 .map(|_| ()),
@@ -438,6 +469,15 @@ fn serve<B: Backend>(mut w: Worker<B>, rx: Receiver<Cmd>, tx: Sender<Reply>) {
             Cmd::FillSynthetic { slot, len, seed } => {
                 w.fill_synthetic(slot, len, seed).map(|_| Data::None)
             }
+            Cmd::FillSyntheticIndexed {
+                slot,
+                len,
+                room,
+                seed,
+                cfg,
+            } => w
+                .fill_synthetic_indexed(slot, len, room, seed, &cfg)
+                .map(|_| Data::None),
             Cmd::WaveStats { slot } => Ok(Data::Stats(w.wave_stats(slot))),
             Cmd::SetProbe { slot, on } => w.set_probe(slot, on).map(|_| Data::None),
             Cmd::TakeProbe { slot } => w.take_probe(slot).map(Data::Probe),

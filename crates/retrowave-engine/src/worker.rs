@@ -382,6 +382,25 @@ impl<B: Backend> Worker<B> {
         Ok(())
     }
 
+    /// Fills the cache of `slot` with `len` synthetic tokens and indexes them, with room for
+    /// `room` more (benchmarks only; see `Backend::kv_fill_synthetic_indexed`).
+    pub fn fill_synthetic_indexed(
+        &mut self,
+        slot: usize,
+        len: usize,
+        room: usize,
+        seed: u64,
+        cfg: &WaveConfig,
+    ) -> Result<(), EngineError> {
+        let backend = &self.backend;
+        let kv = self
+            .caches
+            .get_mut(&slot)
+            .ok_or(EngineError::UnknownSlot(slot))?;
+        backend.kv_fill_synthetic_indexed(kv, len, room, seed, cfg)?;
+        Ok(())
+    }
+
     /// Fills the cache of `slot` with `len` synthetic tokens (benchmarks only).
     pub fn fill_synthetic(
         &mut self,

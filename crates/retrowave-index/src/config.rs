@@ -102,6 +102,12 @@ pub struct WaveConfig {
     /// The first layers attend densely (exactly over every token) instead of through the index:
     /// their attention is spread over the context, where zones cover it worst (published: 0).
     pub dense_layers: usize,
+    /// GPU backends: after the index build, move the indexed tokens' K and V to pinned host
+    /// memory in cluster order and serve the retrieval clusters from a GPU block cache (the wave
+    /// buffer, `cache_ratio` times the retrieval budget in pages of `page_size` tokens; misses
+    /// are copied in over PCIe). Only the steady zone and the index stay in GPU memory, so far
+    /// more sequences fit a step. The CPU backend's KV is in host memory already (ignored there).
+    pub host_kv: bool,
 }
 
 impl Default for WaveConfig {
@@ -143,6 +149,7 @@ impl WaveConfig {
             retrieval_mass: 0.0,
             max_retrieval_fraction: 0.0,
             dense_layers: 0,
+            host_kv: false,
         }
     }
 
@@ -304,6 +311,17 @@ impl WaveConfig {
     /// Clusters the GPU cluster cache holds for a retrieval budget of `retrieval` clusters.
     pub fn cache_clusters(&self, retrieval: usize) -> usize {
         self.cache_ratio.saturating_mul(retrieval)
+    }
+
+    /// Page slots of the wave buffer of one head whose index has `n_clusters` clusters over
+    /// `indexed_tokens` tokens and a step budget of `retrieval` clusters: room for
+    /// [`Self::cache_clusters`] clusters (of at least `min_retrieval_clusters`) of the average
+    /// size, in pages of `page_size` tokens.
+    pub fn cache_pages(&self, retrieval: usize, n_clusters: usize, indexed_tokens: usize) -> usize {
+        let r = retrieval.max(self.min_retrieval_clusters);
+        let avg = indexed_tokens as f64 / n_clusters.max(1) as f64;
+        let pages = (avg / self.page_size.max(1) as f64).ceil().max(1.0) as usize;
+        self.cache_clusters(r).saturating_mul(pages)
     }
 
     /// Clusters the execution buffer holds for a retrieval budget of `retrieval` clusters.

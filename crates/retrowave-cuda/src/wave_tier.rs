@@ -1,0 +1,683 @@
+//! The host tier of a GPU wave index: the indexed tokens' K and V in pinned host memory, in
+//! cluster order, with a GPU block cache (the wave buffer) in front of them.
+//!
+//! With [`WaveConfig::host_kv`], [`CudaBackend::build_wave`] writes every unit's indexed tokens
+//! (cluster after cluster, as the index's member lists order them) to a pinned host arena, and
+//! [`CudaBackend::move_to_host`] then drops them from the sequence's GPU cache: only the steady
+//! zone stays there (the sink and everything from the index's end on; [`DevKv::hole`] tells the
+//! kernels where positions moved). A 128K-token Llama-3-8B sequence keeps about 2 GiB in GPU
+//! memory (index, wave buffer, steady zone) instead of 16.
+//!
+//! Each decode step, `wave_tokens` (kernels/wave.cu) runs the store's LRU policy
+//! ([`retrowave_store::policy::WaveBufferPolicy`], the same rules, checked against it) over each
+//! unit's retrieval clusters on the GPU: hits are read from the buffer, misses are admitted
+//! (evicting the least recently used clusters not wanted this step) and copied in from the host
+//! arena by `wave_cache_fill` (the kernel's own loads read the pinned memory over PCIe: one
+//! launch for every miss of a layer, captured in the step's CUDA graph), and a miss that does not
+//! fit is read straight from host memory by the attention kernel (a bypass, counted). No
+//! cluster is skipped. The policy runs on the GPU rather than on CPU threads so that a step needs
+//! no device-to-host round trip per layer and stays one CUDA graph.
+
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, sys};
+use half::bf16;
+use retrowave_core::WaveConfig;
+
+use crate::CudaError;
+use crate::backend::{CudaBackend, DevKv, dp, ptr_of};
+use crate::pinned::PinnedBuffer;
+use crate::wave_build::{BuildUnit, GpuClustering};
+
+/// One unit's tier as the kernels read it (`struct WaveTier` in kernels/common.cuh).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WaveTier {
+    pub host_k: u64,
+    pub host_v: u64,
+    pub cache_k: u64,
+    pub cache_v: u64,
+    pub stamp: u64,
+    pub slot_owner: u64,
+    pub slot_page: u64,
+    pub free_list: u64,
+    pub jobs: u64,
+    pub state: u64,
+    pub stats: u64,
+    pub capacity: i32,
+    pub page: i32,
+}
+
+// SAFETY: plain old data with the C layout the kernels expect.
+unsafe impl DeviceRepr for WaveTier {}
+
+/// Counters per unit in `DevTier::stats` (u64): hit, admitted, bypassed, evicted, cold pages.
+const STATS: usize = 8;
+
+/// The host tier and wave buffers of one sequence (every layer and KV head).
+pub struct DevTier {
+    /// bf16 `[units][unit_tokens][hd]`: keys and values in cluster order.
+    host_k: PinnedBuffer,
+    host_v: PinnedBuffer,
+    /// bf16 `[units][capacity * page][hd]`: the wave buffers.
+    _cache_k: CudaSlice<bf16>,
+    _cache_v: CudaSlice<bf16>,
+    /// Policy state (see `struct WaveTier`).
+    _stamp: CudaSlice<u32>,
+    _owner: CudaSlice<i32>,
+    _page_of: CudaSlice<i32>,
+    _free_list: CudaSlice<i32>,
+    _jobs: CudaSlice<i32>,
+    _state: CudaSlice<u32>,
+    stats: CudaSlice<u64>,
+    /// `[units]`: what `WaveUnit::tier` points at.
+    pub table: CudaSlice<WaveTier>,
+    pub n_units: usize,
+    /// Indexed tokens per unit (rows of the host arena).
+    pub unit_tokens: usize,
+    pub head_dim: usize,
+    /// Page slots per unit and tokens per page.
+    pub capacity: usize,
+    pub page: usize,
+}
+
+impl DevTier {
+    /// Host memory of the arena (keys and values).
+    pub fn host_bytes(&self) -> usize {
+        self.host_k.as_slice().len() + self.host_v.as_slice().len()
+    }
+
+    /// GPU memory of the wave buffers (keys and values).
+    pub fn cache_bytes(&self) -> usize {
+        2 * self.n_units * self.capacity * self.page * self.head_dim * 2
+    }
+
+    /// Address of unit `u`'s entry in [`Self::table`].
+    pub fn unit_ptr(&self, u: usize) -> u64 {
+        dp(&self.table) + (u * std::mem::size_of::<WaveTier>()) as u64
+    }
+}
+
+/// What the wave buffers of a sequence served, summed over its units and steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TierCounters {
+    /// Pages of wanted clusters found in the buffer.
+    pub hit_pages: u64,
+    /// Pages copied in from the host arena (misses admitted).
+    pub admitted_pages: u64,
+    /// Pages read straight from the host arena (misses that did not fit).
+    pub bypass_pages: u64,
+    /// Pages evicted to make room.
+    pub evicted_pages: u64,
+    /// Misses of each unit's first step (a cold buffer).
+    pub cold_pages: u64,
+}
+
+impl TierCounters {
+    /// Pages that crossed PCIe.
+    pub fn miss_pages(&self) -> u64 {
+        self.admitted_pages + self.bypass_pages
+    }
+
+    /// Share of the wanted pages the buffers served after their first (cold) step.
+    pub fn warm_hit_ratio(&self) -> Option<f64> {
+        let warm = self.hit_pages + self.miss_pages() - self.cold_pages;
+        (warm > 0).then(|| self.hit_pages as f64 / warm as f64)
+    }
+}
+
+/// `count` elements of `T`, every byte `byte` (0: zeros, 0xFF: -1 for integers).
+fn filled<T: DeviceRepr>(
+    b: &CudaBackend,
+    count: usize,
+    byte: u8,
+) -> Result<CudaSlice<T>, CudaError> {
+    let s = b.alloc::<T>(count)?;
+    // SAFETY: the whole allocation, on the backend's stream.
+    unsafe {
+        cudarc::driver::result::memset_d8_async(
+            dp(&s),
+            byte,
+            count.max(1) * std::mem::size_of::<T>(),
+            b.stream().cu_stream(),
+        )
+    }
+    .map_err(CudaError::driver("cuMemsetD8Async"))?;
+    Ok(s)
+}
+
+/// Page slots per unit and tokens per page of the wave buffers of an index of `n_clusters`
+/// clusters over `it` tokens per unit with a step budget of `retrieval` clusters.
+fn tier_shape(
+    cfg: &WaveConfig,
+    retrieval: usize,
+    n_clusters: usize,
+    it: usize,
+) -> Result<(usize, usize), CudaError> {
+    if retrieval > crate::wave::SEL_TOP {
+        return Err(CudaError::Unsupported(format!(
+            "host tier: a retrieval budget of {retrieval} clusters is above the {} the GPU's \
+             wave buffer policy takes in one step",
+            crate::wave::SEL_TOP
+        )));
+    }
+    let page = cfg.page_size.max(1);
+    let capacity = cfg.cache_pages(retrieval, n_clusters, it);
+    if capacity >= (1 << 24) || it >= (1 << 29) {
+        return Err(CudaError::Unsupported(format!(
+            "host tier: {capacity} buffer pages or {it} indexed tokens per head are beyond the \
+             token-list encoding"
+        )));
+    }
+    Ok((capacity, page))
+}
+
+/// Copies `height` rows of `width` bytes between device buffers with the given pitches.
+#[allow(clippy::too_many_arguments)]
+fn copy_rows(
+    b: &CudaBackend,
+    src: u64,
+    src_pitch: usize,
+    dst: u64,
+    dst_pitch: usize,
+    width: usize,
+    height: usize,
+) -> Result<(), CudaError> {
+    if width == 0 || height == 0 {
+        return Ok(());
+    }
+    let p = sys::CUDA_MEMCPY2D {
+        srcXInBytes: 0,
+        srcY: 0,
+        srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+        srcHost: std::ptr::null(),
+        srcDevice: src,
+        srcArray: std::ptr::null_mut(),
+        srcPitch: src_pitch,
+        dstXInBytes: 0,
+        dstY: 0,
+        dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+        dstHost: std::ptr::null_mut(),
+        dstDevice: dst,
+        dstArray: std::ptr::null_mut(),
+        dstPitch: dst_pitch,
+        WidthInBytes: width,
+        Height: height,
+    };
+    // SAFETY: both regions lie inside live allocations (the callers size them), on our stream.
+    unsafe { sys::cuMemcpy2DAsync_v2(&p, b.stream().cu_stream()) }
+        .result()
+        .map_err(CudaError::driver("cuMemcpy2DAsync"))
+}
+
+impl CudaBackend {
+    /// The host tier of an index just built from `units` (the sequence's full GPU cache):
+    /// every unit's indexed tokens written to pinned host memory in cluster order, and empty
+    /// wave buffers of [`WaveConfig::cache_pages`] slots per unit.
+    pub(crate) fn build_tier(
+        &self,
+        units: &[BuildUnit],
+        c: &GpuClustering,
+        cfg: &WaveConfig,
+        retrieval: usize,
+    ) -> Result<DevTier, CudaError> {
+        let (n_units, it, hd) = (c.n_units, c.n_tokens, c.head_dim);
+        let (capacity, page) = tier_shape(cfg, retrieval, c.n_clusters, it)?;
+        let bytes = n_units * it * hd * 2;
+        let host_k = PinnedBuffer::new(self.context(), bytes)?;
+        let host_v = PinnedBuffer::new(self.context(), bytes)?;
+        let (hk, hv) = (
+            host_k.as_slice().as_ptr() as u64,
+            host_v.as_slice().as_ptr() as u64,
+        );
+        self.wave_gather_cluster_order(units, c, hk, hv, it * hd)?;
+        self.tier_around(
+            host_k,
+            host_v,
+            n_units,
+            it,
+            hd,
+            c.n_clusters,
+            capacity,
+            page,
+        )
+    }
+
+    /// A copy of `t` with the same host arena contents and empty wave buffers (a forked
+    /// sequence starts cold).
+    pub(crate) fn clone_tier(&self, t: &DevTier, n_clusters: usize) -> Result<DevTier, CudaError> {
+        // The arena may still be being written by the build's gather.
+        self.synchronize()?;
+        let bytes = t.host_k.as_slice().len();
+        let mut host_k = PinnedBuffer::new(self.context(), bytes)?;
+        let mut host_v = PinnedBuffer::new(self.context(), bytes)?;
+        parallel_copy(host_k.as_mut_slice(), t.host_k.as_slice());
+        parallel_copy(host_v.as_mut_slice(), t.host_v.as_slice());
+        self.tier_around(
+            host_k,
+            host_v,
+            t.n_units,
+            t.unit_tokens,
+            t.head_dim,
+            n_clusters,
+            t.capacity,
+            t.page,
+        )
+    }
+
+    /// Empty wave buffers and policy state for units of `it` indexed tokens each in the host
+    /// arenas `host_k` / `host_v`.
+    #[allow(clippy::too_many_arguments)]
+    fn tier_around(
+        &self,
+        host_k: PinnedBuffer,
+        host_v: PinnedBuffer,
+        n_units: usize,
+        it: usize,
+        hd: usize,
+        n_clusters: usize,
+        capacity: usize,
+        page: usize,
+    ) -> Result<DevTier, CudaError> {
+        let (hk, hv) = (
+            host_k.as_slice().as_ptr() as u64,
+            host_v.as_slice().as_ptr() as u64,
+        );
+        let rows = capacity * page;
+        let cache_k = self.alloc::<bf16>(n_units * rows * hd)?;
+        let cache_v = self.alloc::<bf16>(n_units * rows * hd)?;
+        let stamp = filled::<u32>(self, n_units * n_clusters, 0)?;
+        let owner = filled::<i32>(self, n_units * capacity, 0xFF)?;
+        let page_of = filled::<i32>(self, n_units * capacity, 0)?;
+        let free_list = self.alloc::<i32>(n_units * capacity)?;
+        let jobs = self.alloc::<i32>(n_units * capacity * 3)?;
+        let state = filled::<u32>(self, n_units * 4, 0)?;
+        let stats = filled::<u64>(self, n_units * STATS, 0)?;
+        let table: Vec<WaveTier> = (0..n_units)
+            .map(|u| WaveTier {
+                host_k: hk + (u * it * hd * 2) as u64,
+                host_v: hv + (u * it * hd * 2) as u64,
+                cache_k: dp(&cache_k) + (u * rows * hd * 2) as u64,
+                cache_v: dp(&cache_v) + (u * rows * hd * 2) as u64,
+                stamp: dp(&stamp) + (u * n_clusters * 4) as u64,
+                slot_owner: dp(&owner) + (u * capacity * 4) as u64,
+                slot_page: dp(&page_of) + (u * capacity * 4) as u64,
+                free_list: dp(&free_list) + (u * capacity * 4) as u64,
+                jobs: dp(&jobs) + (u * capacity * 12) as u64,
+                state: dp(&state) + (u * 16) as u64,
+                stats: dp(&stats) + (u * STATS * 8) as u64,
+                capacity: capacity as i32,
+                page: page as i32,
+            })
+            .collect();
+        let table = self.upload(&table)?;
+        Ok(DevTier {
+            host_k,
+            host_v,
+            _cache_k: cache_k,
+            _cache_v: cache_v,
+            _stamp: stamp,
+            _owner: owner,
+            _page_of: page_of,
+            _free_list: free_list,
+            _jobs: jobs,
+            _state: state,
+            stats,
+            table,
+            n_units,
+            unit_tokens: it,
+            head_dim: hd,
+            capacity,
+            page,
+        })
+    }
+
+    /// The counters of `t`'s wave buffers, summed over its units (waits for the stream).
+    pub fn tier_counters(&self, t: &DevTier) -> Result<TierCounters, CudaError> {
+        let s = self.download(&t.stats, t.n_units * STATS)?;
+        let mut c = TierCounters::default();
+        for u in s.chunks_exact(STATS) {
+            c.hit_pages += u[0];
+            c.admitted_pages += u[1];
+            c.bypass_pages += u[2];
+            c.evicted_pages += u[3];
+            c.cold_pages += u[4];
+        }
+        Ok(c)
+    }
+
+    /// Unit `u`'s cluster stamps (0: not in its wave buffer; waits for the stream).
+    pub(crate) fn tier_stamps(
+        &self,
+        t: &DevTier,
+        n_clusters: usize,
+        u: usize,
+    ) -> Result<Vec<u32>, CudaError> {
+        let all = self.download(&t._stamp, t.n_units * n_clusters)?;
+        Ok(all[u * n_clusters..(u + 1) * n_clusters].to_vec())
+    }
+
+    /// Drops the positions the index's host tier holds from `kv`'s GPU cache: a new cache of
+    /// `cap - hole` slots keeps the sink and everything from the index's end on (see
+    /// [`DevKv::hole`]). No-op without a host tier or when already done.
+    pub fn move_to_host(&self, kv: &mut DevKv) -> Result<(), CudaError> {
+        let Some(w) = kv.wave.as_deref() else {
+            return Ok(());
+        };
+        if w.tier.is_none() || kv.hole.1 > 0 {
+            return Ok(());
+        }
+        let (sink, end) = (w.sink, w.indexed_end);
+        let hole = end - sink;
+        let (units, hd) = (kv.n_layers * kv.n_kv, kv.head_dim);
+        let cap = kv.cap - hole;
+        let k = self.alloc::<bf16>(units * cap * hd)?;
+        let v = self.alloc::<bf16>(units * cap * hd)?;
+        let row = hd * 2;
+        for (src, dst) in [(dp(&kv.k), dp(&k)), (dp(&kv.v), dp(&v))] {
+            copy_rows(self, src, kv.cap * row, dst, cap * row, sink * row, units)?;
+            copy_rows(
+                self,
+                src + (end * row) as u64,
+                kv.cap * row,
+                dst + (sink * row) as u64,
+                cap * row,
+                kv.len.saturating_sub(end) * row,
+                units,
+            )?;
+        }
+        kv.k = k;
+        kv.v = v;
+        kv.cap = cap;
+        kv.hole = (sink, hole);
+        Ok(())
+    }
+
+    /// Brings the positions of `kv`'s host tier back into a full GPU cache (the inverse of
+    /// [`Self::move_to_host`]); the index stays, without its host tier. No-op without a hole.
+    pub fn restore_from_host(&self, kv: &mut DevKv) -> Result<(), CudaError> {
+        if kv.hole.1 == 0 {
+            return Ok(());
+        }
+        let (k, v) = self.restored_copy(kv)?;
+        kv.cap += kv.hole.1;
+        kv.k = k;
+        kv.v = v;
+        kv.hole = (0, 0);
+        if let Some(w) = kv.wave.as_deref_mut() {
+            w.tier = None;
+        }
+        Ok(())
+    }
+
+    /// A full GPU cache (`cap + hole` slots per unit) with every position of `kv`: its steady
+    /// zone from the GPU and the indexed tokens from the host tier, put back at their positions.
+    pub(crate) fn restored_copy(
+        &self,
+        kv: &DevKv,
+    ) -> Result<(CudaSlice<bf16>, CudaSlice<bf16>), CudaError> {
+        let (sink, hole) = kv.hole;
+        let Some(w) = kv.wave.as_deref() else {
+            return Err(CudaError::Unsupported(
+                "a cache with positions in a host tier has no index to restore them from".into(),
+            ));
+        };
+        let Some(t) = w.tier.as_ref() else {
+            return Err(CudaError::Unsupported(
+                "a cache with positions in a host tier has lost its tier".into(),
+            ));
+        };
+        let (units, hd) = (kv.n_layers * kv.n_kv, kv.head_dim);
+        let full = kv.cap + hole;
+        let end = sink + hole;
+        let k = self.alloc::<bf16>(units * full * hd)?;
+        let v = self.alloc::<bf16>(units * full * hd)?;
+        let row = hd * 2;
+        for (src, dst) in [(dp(&kv.k), dp(&k)), (dp(&kv.v), dp(&v))] {
+            copy_rows(self, src, kv.cap * row, dst, full * row, sink * row, units)?;
+            copy_rows(
+                self,
+                src + (sink * row) as u64,
+                kv.cap * row,
+                dst + (end * row) as u64,
+                full * row,
+                kv.len.saturating_sub(end) * row,
+                units,
+            )?;
+        }
+        let (mut a1, mut a2, mut a3, mut a4, mut a5, mut a6, mut a7, mut a8) = (
+            t.host_k.as_slice().as_ptr() as u64,
+            t.host_v.as_slice().as_ptr() as u64,
+            dp(&w.members),
+            t.unit_tokens as i32,
+            dp(&k),
+            dp(&v),
+            full as i32,
+            hd as i32,
+        );
+        self.launch(
+            "wave_tier_restore",
+            LaunchConfig {
+                grid_dim: (units as u32, 32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &mut [
+                ptr_of(&mut a1),
+                ptr_of(&mut a2),
+                ptr_of(&mut a3),
+                ptr_of(&mut a4),
+                ptr_of(&mut a5),
+                ptr_of(&mut a6),
+                ptr_of(&mut a7),
+                ptr_of(&mut a8),
+            ],
+        )?;
+        Ok((k, v))
+    }
+
+    /// `len` tokens of synthetic K and V (uniform random from `seed`) indexed straight into a
+    /// host tier, with room for `room` more tokens: the heads are filled and clustered a group at
+    /// a time (as many as a third of the free GPU memory holds), their indexed tokens gathered to
+    /// the pinned arena and their steady zones kept, so the whole context never has to fit in
+    /// GPU memory (a 1M-token Llama-3-8B sequence is 128 GiB). Replaces `kv`'s cache.
+    pub fn synthetic_host_index(
+        &self,
+        kv: &mut DevKv,
+        len: usize,
+        room: usize,
+        seed: u64,
+        cfg: &WaveConfig,
+    ) -> Result<(), CudaError> {
+        cfg.validate()
+            .map_err(|e| CudaError::Unsupported(format!("wave config: {e}")))?;
+        if !cfg.host_kv || cfg.rank_by_size || cfg.dense_layers > 0 {
+            return Err(CudaError::Unsupported(
+                "synthetic host-tier index: needs host_kv, without rank_by_size or dense_layers"
+                    .into(),
+            ));
+        }
+        let t0 = std::time::Instant::now();
+        let (n_layers, n_kv, hd) = (kv.n_layers, kv.n_kv, kv.head_dim);
+        let units = n_layers * n_kv;
+        let sink = cfg.sink_tokens.min(len);
+        let end = len.saturating_sub(cfg.window_tokens).max(sink);
+        let segs: Vec<crate::wave_build::BuildSegment> = retrowave_index::segments(sink..end, cfg)
+            .into_iter()
+            .map(|s| crate::wave_build::BuildSegment {
+                start: s.tokens.start,
+                end: s.tokens.end,
+                clusters: s.clusters,
+            })
+            .collect();
+        if segs.is_empty() {
+            return Err(CudaError::Unsupported(format!(
+                "synthetic host-tier index: {len} tokens leave nothing to index"
+            )));
+        }
+        let k: usize = segs.iter().map(|s| s.clusters).sum();
+        let it = end - sink;
+        let budgets = crate::wave_step::StepBudgets::of(cfg, k, 0);
+        let (capacity, page) = tier_shape(cfg, budgets.retrieval, k, it)?;
+        let cap = len + room - it;
+        let row = hd * 2;
+        // Drop the old cache first: its memory is what the groups are built in.
+        kv.wave = None;
+        kv.k = self.alloc::<bf16>(1)?;
+        kv.v = self.alloc::<bf16>(1)?;
+        self.synchronize()?;
+        self.trim_pool()?;
+        let ck = self.alloc::<bf16>(units * cap * hd)?;
+        let cv = self.alloc::<bf16>(units * cap * hd)?;
+        let mut centroids = self.alloc::<bf16>(units * k * hd)?;
+        let mut ln_sizes = self.alloc::<f32>(units * k)?;
+        let mut means = self.alloc::<bf16>(units * k * hd)?;
+        let mut offsets = self.alloc::<i32>(units * (k + 1))?;
+        let mut members = self.alloc::<i32>(units * it)?;
+        let host_k = PinnedBuffer::new(self.context(), units * it * row)?;
+        let host_v = PinnedBuffer::new(self.context(), units * it * row)?;
+        let (hk, hv) = (host_k.as_slice().as_ptr() as u64, host_v.as_slice().as_ptr() as u64);
+        let (free, _) = self
+            .context()
+            .mem_get_info()
+            .map_err(CudaError::driver("cuMemGetInfo"))?;
+        let per_unit = 2 * len * row;
+        let group = (free / 3 / per_unit.max(1)).clamp(1, units);
+        let mut max_size = 0usize;
+        let s = self.stream().clone();
+        let dtod = |what: &'static str| CudaError::driver(what);
+        for u0 in (0..units).step_by(group) {
+            let n = group.min(units - u0);
+            let kc = self.alloc::<bf16>(n * len * hd)?;
+            let vc = self.alloc::<bf16>(n * len * hd)?;
+            let gs = seed ^ (u0 as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            self.fill_uniform(dp(&kc), n * len * hd, gs, 2.0)?;
+            self.fill_uniform(dp(&vc), n * len * hd, gs ^ 0x5851_f42d_4c95_7f2d, 1.0)?;
+            let bu: Vec<BuildUnit> = (0..n)
+                .map(|i| BuildUnit {
+                    keys: dp(&kc) + (i * len * row) as u64,
+                    values: dp(&vc) + (i * len * row) as u64,
+                })
+                .collect();
+            let c = self.wave_build(&bu, &segs, cfg.kmeans_iterations, hd)?;
+            self.wave_gather_cluster_order(
+                &bu,
+                &c,
+                hk + (u0 * it * row) as u64,
+                hv + (u0 * it * row) as u64,
+                it * hd,
+            )?;
+            s.memcpy_dtod(&c.centroids, &mut centroids.slice_mut(u0 * k * hd..(u0 + n) * k * hd))
+                .map_err(dtod("cuMemcpyDtoDAsync(centroids)"))?;
+            s.memcpy_dtod(&c.ln_sizes, &mut ln_sizes.slice_mut(u0 * k..(u0 + n) * k))
+                .map_err(dtod("cuMemcpyDtoDAsync(ln sizes)"))?;
+            s.memcpy_dtod(&c.means, &mut means.slice_mut(u0 * k * hd..(u0 + n) * k * hd))
+                .map_err(dtod("cuMemcpyDtoDAsync(means)"))?;
+            s.memcpy_dtod(
+                &c.offsets,
+                &mut offsets.slice_mut(u0 * (k + 1)..(u0 + n) * (k + 1)),
+            )
+            .map_err(dtod("cuMemcpyDtoDAsync(offsets)"))?;
+            s.memcpy_dtod(&c.members, &mut members.slice_mut(u0 * it..(u0 + n) * it))
+                .map_err(dtod("cuMemcpyDtoDAsync(members)"))?;
+            let sizes = self.download(&c.sizes, c.sizes.len())?;
+            max_size = max_size.max(sizes.iter().copied().max().unwrap_or(0).max(0) as usize);
+            for (src, dst) in [(dp(&kc), dp(&ck)), (dp(&vc), dp(&cv))] {
+                let dst = dst + (u0 * cap * row) as u64;
+                copy_rows(self, src, len * row, dst, cap * row, sink * row, n)?;
+                copy_rows(
+                    self,
+                    src + (end * row) as u64,
+                    len * row,
+                    dst + (sink * row) as u64,
+                    cap * row,
+                    (len - end) * row,
+                    n,
+                )?;
+            }
+            self.synchronize()?;
+        }
+        let tier = self.tier_around(host_k, host_v, units, it, hd, k, capacity, page)?;
+        self.synchronize()?;
+        kv.k = ck;
+        kv.v = cv;
+        kv.cap = cap;
+        kv.len = len;
+        kv.hole = (sink, it);
+        kv.wave = Some(Box::new(crate::wave_step::DevWave {
+            n_clusters: k,
+            n_units: units,
+            centroids,
+            ln_sizes,
+            means,
+            offsets,
+            members,
+            sink,
+            indexed_end: end,
+            max_cluster_size: max_size,
+            updates: 0,
+            cfg: cfg.clone(),
+            build_seconds: t0.elapsed().as_secs_f64(),
+            head_steps: 0,
+            context_tokens: 0,
+            tier: Some(tier),
+        }));
+        Ok(())
+    }
+
+    /// Copies this layer's admitted pages into the wave buffers (`wave_cache_fill`): `units` is
+    /// the layer's first unit, `n_units` of them.
+    pub fn wave_cache_fill(&self, units: u64, n_units: usize, hd: usize) -> Result<(), CudaError> {
+        let (mut a1, mut a2) = (units, hd as i32);
+        self.launch(
+            "wave_cache_fill",
+            LaunchConfig {
+                grid_dim: (n_units as u32, FILL_BLOCKS_PER_UNIT, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &mut [ptr_of(&mut a1), ptr_of(&mut a2)],
+        )
+    }
+}
+
+/// CTAs per unit of `wave_cache_fill` (each copies 4 KB of a page's K and V per pass at hd 128).
+const FILL_BLOCKS_PER_UNIT: u32 = 4;
+
+/// `dst.copy_from_slice(src)` on all cores (pinned arenas are tens of GiB).
+fn parallel_copy(dst: &mut [u8], src: &[u8]) {
+    let n = std::thread::available_parallelism()
+        .map_or(4, |n| n.get())
+        .min(16);
+    let chunk = src.len().div_ceil(n).max(1 << 20);
+    std::thread::scope(|s| {
+        for (d, c) in dst.chunks_mut(chunk).zip(src.chunks(chunk)) {
+            s.spawn(move || d.copy_from_slice(c));
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wave_tier_has_the_kernel_layout() {
+        // Eleven pointers and two ints, as `struct WaveTier` in kernels/common.cuh.
+        assert_eq!(std::mem::size_of::<WaveTier>(), 96);
+        assert_eq!(std::mem::offset_of!(WaveTier, stats), 80);
+        assert_eq!(std::mem::offset_of!(WaveTier, capacity), 88);
+    }
+
+    #[test]
+    fn counters_say_what_crossed_pcie() {
+        let c = TierCounters {
+            hit_pages: 90,
+            admitted_pages: 25,
+            bypass_pages: 5,
+            evicted_pages: 3,
+            cold_pages: 20,
+        };
+        assert_eq!(c.miss_pages(), 30);
+        assert_eq!(c.warm_hit_ratio(), Some(0.9));
+        assert_eq!(TierCounters::default().warm_hit_ratio(), None);
+    }
+}
