@@ -71,6 +71,11 @@ pub enum BenchCommand {
         /// Batches of the per-stage breakdown of one wave attention layer (0: none).
         #[arg(long, default_value = "1,8", value_delimiter = ',')]
         stage_batches: Vec<usize>,
+        /// Input tokens of the timed steps: `random` (a new random token per row and step: no
+        /// locality between steps' queries, the worst case for the wave buffers) or `greedy`
+        /// (each row's greedy pick of the step before, as a real decode feeds them).
+        #[arg(long, default_value = "random", value_parser = ["random", "greedy"])]
+        tokens: String,
         #[arg(long, default_value = "bench/results/gpu-decode.jsonl")]
         out: PathBuf,
     },
@@ -281,6 +286,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             attention,
             wave_config,
             stage_batches,
+            tokens,
             out,
         } => {
             let wave = match load::attention_mode("wave", wave_config.as_deref())? {
@@ -296,6 +302,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 &attention,
                 &wave,
                 &stage_batches,
+                tokens == "greedy",
                 &out,
             )
         }

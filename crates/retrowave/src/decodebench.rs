@@ -30,6 +30,39 @@ struct Point {
     batch: usize,
     step_s: f64,
     tok_s: f64,
+    /// Wave buffers over the point's steps (host tier only): pages served, pages read over
+    /// PCIe, misses of cold buffers.
+    hit_pages: u64,
+    miss_pages: u64,
+    cold_pages: u64,
+    /// GPU memory in use during the point (bytes).
+    gpu_used: u64,
+}
+
+/// The wave buffers' counters of slots `0..n`, summed (hit, miss, cold pages).
+fn buffer_pages(group: &mut WorkerGroup<CudaBackend>, n: usize) -> Result<(u64, u64, u64)> {
+    let mut t = (0, 0, 0);
+    for s in 0..n {
+        if let Some(w) = group.wave_stats(s)? {
+            t.0 += w.cache_hit_pages;
+            t.1 += w.cache_miss_pages;
+            t.2 += w.cache_cold_pages;
+        }
+    }
+    Ok(t)
+}
+
+/// `MemAvailable` of this machine in bytes (0 when unknown).
+fn host_available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// Bytes a wave step must move per sequence, from the index's shape: every centroid and ln size,
@@ -69,13 +102,25 @@ fn sweep(
     steps: usize,
     wave: Option<&WaveConfig>,
     max_batch: usize,
+    feed_back: bool,
 ) -> Result<(Vec<Point>, f64)> {
-    let cap = ctx + steps + 8;
+    let room = steps + 8;
+    let cap = ctx + room;
     let t = Instant::now();
-    group.open_slot(0, cap)?;
-    group.fill_synthetic(0, ctx, 1000)?;
     let mut build_s = 0.0;
-    if let Some(w) = wave {
+    if let Some(w) = wave.filter(|w| w.host_kv) {
+        // Straight into the host tier, a group of heads at a time: the context never has to
+        // fit in GPU memory.
+        group.open_slot(0, room)?;
+        let t = Instant::now();
+        group.fill_synthetic_indexed(0, ctx, room, 1000, w)?;
+        b.synchronize()?;
+        build_s = t.elapsed().as_secs_f64();
+    } else {
+        group.open_slot(0, cap)?;
+        group.fill_synthetic(0, ctx, 1000)?;
+    }
+    if let Some(w) = wave.filter(|w| !w.host_kv) {
         b.synchronize()?;
         let t = Instant::now();
         group.build_index(0, w)?;
@@ -99,7 +144,11 @@ fn sweep(
     let mut points = Vec::new();
     let mut rng = StdRng::seed_from_u64(ctx as u64);
     for &batch in batches.iter().filter(|&&x| x <= max_batch) {
-        let mut times = timed_decode_steps(group, cfg.vocab_size, batch, ctx, steps, &mut rng)?;
+        let before = buffer_pages(group, batch)?;
+        let mut times =
+            timed_decode_steps(group, cfg.vocab_size, batch, ctx, steps, &mut rng, feed_back)?;
+        let after = buffer_pages(group, batch)?;
+        let (free, total) = b.context().mem_get_info()?;
         for s in 0..batch {
             group.truncate_slot(s, ctx);
         }
@@ -109,6 +158,10 @@ fn sweep(
             batch,
             step_s,
             tok_s: batch as f64 / step_s,
+            hit_pages: after.0 - before.0,
+            miss_pages: after.1 - before.1,
+            cold_pages: after.2 - before.2,
+            gpu_used: (total - free) as u64,
         });
     }
     for s in 0..max_batch {
@@ -180,6 +233,15 @@ fn stage_bench(
         b.wave_tokens(&t, &sel, ws.list_cap).map(|_| ())
     })?);
     let toks = b.wave_tokens(&t, &sel, ws.list_cap)?;
+    // With a host tier: this step's misses copied into the wave buffers (after the timing
+    // loop above, the buffers hold this query's clusters: these are warm steps).
+    let t_fill = if ws.tiers {
+        median(&time_us(&s, w, r, || {
+            b.wave_cache_fill(ws.layer_ptr(0), ws.per_layer, hd)
+        })?)
+    } else {
+        0.0
+    };
     let t_exact = median(&time_us(&s, w, r, || {
         b.wave_exact_attention(&t, 0, dp(&q), dp(&o), &toks, &est, nh, nkv, hd)
     })?);
@@ -197,12 +259,13 @@ fn stage_bench(
                 "kv_heads": nkv, "head_dim": hd, "clusters": ws.max_clusters,
                 "selected_max": ws.max_ids, "exact_tokens_mean": exact_mean,
                 "select_us": t_sel, "estimate_us": t_est, "tokens_us": t_tok,
+                "fill_us": t_fill, "host_kv": wcfg.host_kv,
                 "exact_us": t_exact, "layer_us": t_layer, "dense_us": t_dense,
                 "kv": "synthetic uniform random, one layer per sequence",
                 "device": card(b), "commit": commit()}),
     )?;
     Ok(format!(
-        "stages ctx {ctx:>7} batch {batch:>3}: select {t_sel:>6.1}  estimate {t_est:>6.1}  tokens {t_tok:>5.1}  exact {t_exact:>6.1} ({exact_mean:.0} tokens)  = layer {t_layer:>6.1} us; dense {t_dense:>7.1} us"
+        "stages ctx {ctx:>7} batch {batch:>3}: select {t_sel:>6.1}  estimate {t_est:>6.1}  tokens {t_tok:>5.1}  fill {t_fill:>5.1}  exact {t_exact:>6.1} ({exact_mean:.0} tokens)  = layer {t_layer:>6.1} us; dense {t_dense:>7.1} us"
     ))
 }
 
@@ -217,6 +280,7 @@ pub fn run_decode(
     modes: &[String],
     wcfg: &WaveConfig,
     stage_batches: &[usize],
+    feed_back: bool,
     out: &Path,
 ) -> Result<()> {
     let b = gpu(device)?;
@@ -262,9 +326,34 @@ pub fn run_decode(
             // Wave keeps the dense cache plus the index (centroids and means: 2 x 1/16 of the
             // keys at 16 tokens a cluster; members 4 bytes a token a head) and its build's
             // temporaries.
-            let per_seq = kv_per_token * cap as f64 * if wave.is_some() { 1.09 } else { 1.0 };
-            let reserve = if wave.is_some() { 8.0e9 } else { 4.0e9 };
-            let max_batch = (((free as f64 - reserve) / per_seq).floor() as usize).min(256);
+            let host_kv = wave.is_some_and(|w| w.host_kv);
+            // With the host tier a sequence keeps its index (centroids and means: 1/16 of the
+            // KV), wave buffers (about 1/16 at 128K) and steady zone on the GPU, and its KV in
+            // pinned host memory (built a group of heads at a time).
+            let per_seq = kv_per_token
+                * cap as f64
+                * match wave {
+                    None => 1.0,
+                    Some(_) if host_kv => 0.16,
+                    Some(_) => 1.09,
+                };
+            let reserve = match wave {
+                None => 4.0e9,
+                Some(_) if host_kv => 8.0e9,
+                Some(_) => 8.0e9,
+            };
+            let mut max_batch = (((free as f64 - reserve) / per_seq).floor() as usize).min(256);
+            if host_kv {
+                let host = host_available() as f64;
+                let by_host = ((host - 16.0e9) / (kv_per_token * ctx as f64))
+                    .floor()
+                    .max(0.0);
+                println!(
+                    "context {ctx} wave, host tier: {:.0} GB of host memory available, room for {by_host} sequences",
+                    host / 1e9
+                );
+                max_batch = max_batch.min(by_host as usize);
+            }
             if max_batch == 0 {
                 println!("context {ctx} {mode}: no sequence fits");
                 continue;
@@ -272,7 +361,8 @@ pub fn run_decode(
             let mut bs: Vec<usize> = batches.iter().copied().filter(|&x| x < max_batch).collect();
             bs.push(max_batch);
             println!("context {ctx} {mode}: batches {bs:?}");
-            let (points, build_s) = sweep(&b, &mut group, &cfg, ctx, &bs, steps, wave, max_batch)?;
+            let (points, build_s) =
+                sweep(&b, &mut group, &cfg, ctx, &bs, steps, wave, max_batch, feed_back)?;
             let (wave_seq_bytes, r, e) = wave_bytes_per_seq(&cfg, wcfg, ctx);
             for p in &points {
                 let seq_bytes = if wave.is_some() {
@@ -281,11 +371,21 @@ pub fn run_decode(
                     kv_per_token * (ctx + steps / 2) as f64
                 };
                 let bytes = wb + p.batch as f64 * seq_bytes;
-                let roof_tok_s = p.batch as f64 / (bytes / (ceil.copy_gbs * 1e9));
+                // Pages that crossed PCIe per step (host tier), and the roofline with them: HBM
+                // and PCIe time add up when nothing overlaps them, the larger counts when all do.
+                let page_bytes = (wcfg.page_size * cfg.head_dim * 2 * 2) as f64;
+                let timed_steps = (steps + 3) as f64;
+                let pcie_bytes = p.miss_pages as f64 * page_bytes / timed_steps;
+                let pcie_s = pcie_bytes / (ceil.h2d_gbs * 1e9);
+                let hbm_s = bytes / (ceil.copy_gbs * 1e9);
+                let roof_tok_s = p.batch as f64 / hbm_s.max(pcie_s);
                 let pct = 100.0 * p.tok_s / roof_tok_s;
+                let warm = p.hit_pages + p.miss_pages - p.cold_pages;
+                let hit_ratio = (warm > 0).then(|| p.hit_pages as f64 / warm as f64);
                 append(
                     out,
                     &json!({"bench": "gpu-decode", "model": cfg.name, "weights": "random (bf16)",
+                            "input_tokens": if feed_back { "greedy (fed back)" } else { "random" },
                             "kv": "synthetic uniform random (no prefill); sequences 1.. are device copies of sequence 0",
                             "attention": mode, "context": ctx, "batch": p.batch,
                             "max_batch": max_batch,
@@ -294,15 +394,36 @@ pub fn run_decode(
                             "pct_of_roofline": pct, "copy_gbs": ceil.copy_gbs,
                             "wave": wave.map(|w| json!({"config": format!("{w:?}"), "retrieval_clusters": r,
                                 "estimation_clusters": e, "index_build_s": build_s,
-                                "kv_placement": "GPU memory, position order (every cluster hits)"})),
+                                "kv_placement": if w.host_kv {
+                                    "pinned host memory in cluster order, GPU wave buffers (LRU, store policy), misses copied in over PCIe"
+                                } else {
+                                    "GPU memory, position order (every cluster hits)"
+                                },
+                                "buffer_hit_pages": p.hit_pages, "buffer_miss_pages": p.miss_pages,
+                                "buffer_cold_pages": p.cold_pages, "buffer_warm_hit_ratio": hit_ratio,
+                                "pcie_bytes_per_step": pcie_bytes,
+                                "pcie_gbs": pcie_bytes / p.step_s / 1e9,
+                                "host_kv_bytes": if w.host_kv { kv_per_token * ctx as f64 * p.batch as f64 } else { 0.0 }})),
+                            "gpu_memory_used": p.gpu_used,
                             "cuda_graphs": b.graph_counts().1 > 0,
                             "device": card(&b), "commit": commit()}),
                 )?;
                 println!(
-                    "  {mode:>4} ctx {ctx:>7} batch {:>3}: step {:>7.2} ms {:>8.1} tok/s  roofline {roof_tok_s:>8.1} ({pct:>3.0}%)",
+                    "  {mode:>4} ctx {ctx:>7} batch {:>3}: step {:>7.2} ms {:>8.1} tok/s  roofline {roof_tok_s:>8.1} ({pct:>3.0}%)  GPU {:.1} GB{}",
                     p.batch,
                     p.step_s * 1e3,
-                    p.tok_s
+                    p.tok_s,
+                    p.gpu_used as f64 / 1e9,
+                    if host_kv {
+                        format!(
+                            "  buffer hits {} PCIe {:.1} MB/step {:.1} GB/s",
+                            hit_ratio.map_or("-".into(), |h| format!("{:.1}%", 100.0 * h)),
+                            pcie_bytes / 1e6,
+                            pcie_bytes / p.step_s / 1e9
+                        )
+                    } else {
+                        String::new()
+                    }
                 );
             }
             if let Some(p) = points.iter().max_by(|a, b| a.tok_s.total_cmp(&b.tok_s)) {

@@ -53,6 +53,8 @@ pub(crate) fn card(b: &CudaBackend) -> String {
 pub struct Ceilings {
     pub copy_gbs: f64,
     pub gemm_tflops: f64,
+    /// Host-to-device copies from pinned memory (PCIe).
+    pub h2d_gbs: f64,
 }
 
 pub(crate) fn ceilings(b: &CudaBackend, out: &Path) -> Result<Ceilings> {
@@ -130,6 +132,7 @@ pub(crate) fn ceilings(b: &CudaBackend, out: &Path) -> Result<Ceilings> {
     Ok(Ceilings {
         copy_gbs,
         gemm_tflops,
+        h2d_gbs: pinned_gbs,
     })
 }
 
@@ -350,12 +353,20 @@ pub(crate) fn timed_decode_steps(
     ctx: usize,
     steps: usize,
     rng: &mut StdRng,
+    feed_back: bool,
 ) -> Result<Vec<f64>> {
     let mut times = Vec::new();
+    let mut picked_before: Vec<u32> = Vec::new();
     for step in 0..steps + 3 {
-        let tokens: Vec<u32> = (0..batch)
-            .map(|_| rng.random_range(0..vocab as u32))
-            .collect();
+        // Random input tokens, or (`feed_back`) each row's greedy pick of the step before, as a
+        // real decode does (random tokens at the first step).
+        let tokens: Vec<u32> = if feed_back && picked_before.len() == batch {
+            picked_before.clone()
+        } else {
+            (0..batch)
+                .map(|_| rng.random_range(0..vocab as u32))
+                .collect()
+        };
         let layout = decode_batch(batch, ctx + step);
         let rows: Vec<usize> = (0..batch).collect();
         let greedy = vec![RowSampling::greedy(); batch];
@@ -365,6 +376,7 @@ pub(crate) fn timed_decode_steps(
         if picked.len() != batch || picked.iter().any(|&x| x as usize >= vocab) {
             bail!("decode step gave {} tokens for {batch} rows", picked.len());
         }
+        picked_before = picked;
         if step >= 3 {
             times.push(dt);
         }
@@ -410,7 +422,7 @@ fn e2e_bench(
         let mut rng = StdRng::seed_from_u64(ctx as u64);
         let (caps0, reps0) = b.graph_counts();
         let mut times =
-            timed_decode_steps(&mut group, cfg.vocab_size, batch, ctx, steps, &mut rng)?;
+            timed_decode_steps(&mut group, cfg.vocab_size, batch, ctx, steps, &mut rng, false)?;
         for s in 0..batch {
             group.close_slot(s);
         }
