@@ -74,6 +74,8 @@ struct WaveTier {
                                         // bypassed and evicted pages
   int capacity;
   int page;
+  int host_clusters;                    // clusters [0, host_clusters) are in the host arena; later
+                                        // ones (index updates) keep their tokens in the GPU cache
 };
 
 // Token-list entries of a wave step: e >= WAVE_HOST_ENTRY is token e - WAVE_HOST_ENTRY of the

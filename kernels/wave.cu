@@ -697,9 +697,10 @@ extern "C" __global__ void __launch_bounds__(256)
 // their stamps (unique, so the threshold is one cluster's); admissions take the lowest free
 // slots. Slot ids may differ from the CPU policy's (which interleaves evictions and admissions);
 // hits, admissions, bypasses, evictions and the resident set are the same.
-__device__ int tier_tokens(const WaveUnit& U, const WaveTier& T, const int* __restrict__ uid, int nr,
-                           int steady, int* __restrict__ L, int list_cap, int* sh,
-                           unsigned long long* warp_tot, unsigned long long* total) {
+__device__ int tier_tokens(const WaveUnit& U, const WaveTier& T, const SeqDesc& sd,
+                           const int* __restrict__ uid, int nr, int steady, int* __restrict__ L,
+                           int list_cap, int* sh, unsigned long long* warp_tot,
+                           unsigned long long* total) {
   __shared__ unsigned hist[256];
   __shared__ unsigned s_misc[8];
   const int tid = threadIdx.x;
@@ -713,7 +714,8 @@ __device__ int tier_tokens(const WaveUnit& U, const WaveTier& T, const int* __re
   unsigned* state = reinterpret_cast<unsigned*>(T.state);
   unsigned long long* stats = reinterpret_cast<unsigned long long*>(T.stats);
   // sh: s_off[SEL_TOP] (list offset of wanted i), s_adm[SEL_TOP] (first free rank of an admitted
-  // i; -1 hit, -2 bypass, -3 miss before the admission pass).
+  // i; -1 hit, -2 bypass, -3 miss before the admission pass, -4 a cluster of an index update,
+  // whose tokens are in the GPU cache: outside the policy).
   int* s_off = sh;
   int* s_adm = sh + SEL_TOP;
   const unsigned used = state[0], base = state[1];
@@ -729,7 +731,9 @@ __device__ int tier_tokens(const WaveUnit& U, const WaveTier& T, const int* __re
       const int c = uid[i];
       sz = offs[c + 1] - offs[c];
       const int pg = (sz + P - 1) / P;
-      if (stamp[c] != 0u) {
+      if (c >= T.host_clusters) {
+        s_adm[i] = -4;
+      } else if (stamp[c] != 0u) {
         stamp[c] = base + (unsigned)(nr - i);
         s_adm[i] = -1;
         hit_pages += pg;
@@ -882,6 +886,15 @@ __device__ int tier_tokens(const WaveUnit& U, const WaveTier& T, const int* __re
     for (int r = 0; r < n; ++r)
       if (d0 + r < list_cap) L[d0 + r] = -(1 + s * P + r);
   }
+  // Clusters of index updates: their members' slots in the GPU cache.
+  const int* mem = reinterpret_cast<const int*>(U.members);
+  for (int i = 0; i < nr; ++i) {
+    if (s_adm[i] != -4) continue;
+    const int c = uid[i];
+    const int o0 = offs[c], sz = offs[c + 1] - o0;
+    for (int r = tid; r < sz; r += SEL_THREADS)
+      if (s_off[i] + r < list_cap) L[s_off[i] + r] = seq_slot(sd, mem[o0 + r]);
+  }
   // Bypassed clusters: read from the host arena.
   unsigned long long byp = 0;
   for (int i = 0; i < nr; ++i) {
@@ -941,7 +954,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   const int* uid = ids + (size_t)u * max_ids;
   if (U.tier != 0ull) {
     const WaveTier T = *reinterpret_cast<const WaveTier*>(U.tier);
-    const int len = tier_tokens(U, T, uid, nr, steady, L, list_cap, sh, warp_tot, &total);
+    const int len = tier_tokens(U, T, sd, uid, nr, steady, L, list_cap, sh, warp_tot, &total);
     if (tid == 0) {
       count[u] = min(len, list_cap);
       if (len > list_cap) atomicAdd(overflow, 1);
@@ -1012,18 +1025,18 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // wave_tier_restore: grid (n_units, Y), block 256. Puts each unit's host arena rows back at their
-// positions in a full cache: k[u][members[u][j]] = host_k[u][j] for j < it (and v alike), 16
-// bytes a thread; `cap` is the full cache's slots per unit.
+// positions in a full cache: k[u][members[u * mstride + j]] = host_k[u][j] for j < it (and v
+// alike), 16 bytes a thread; `cap` is the full cache's slots per unit.
 extern "C" __global__ void __launch_bounds__(256)
-    wave_tier_restore(const bf16* hk, const bf16* hv, const int* members, int it, bf16* k, bf16* v,
-                      int cap, int hd) {
+    wave_tier_restore(const bf16* hk, const bf16* hv, const int* members, int it, int mstride,
+                      bf16* k, bf16* v, int cap, int hd) {
   const int u = blockIdx.x, cpr = hd >> 3;
   const long long total = (long long)it * cpr;
   const uint4* sk = reinterpret_cast<const uint4*>(hk) + (size_t)u * it * cpr;
   const uint4* sv = reinterpret_cast<const uint4*>(hv) + (size_t)u * it * cpr;
   uint4* dk = reinterpret_cast<uint4*>(k) + (size_t)u * cap * cpr;
   uint4* dv = reinterpret_cast<uint4*>(v) + (size_t)u * cap * cpr;
-  const int* mem = members + (size_t)u * it;
+  const int* mem = members + (size_t)u * mstride;
   for (long long x = (long long)blockIdx.y * blockDim.x + threadIdx.x; x < total;
        x += (long long)gridDim.y * blockDim.x) {
     const int j = (int)(x / cpr), ch = (int)(x - (long long)j * cpr);

@@ -164,6 +164,8 @@ pub struct StepTables {
     /// Keys per flash-decoding split, and splits of the longest decode row.
     pub split: usize,
     pub max_splits: usize,
+    /// KV heads the merge counters are sized for (`[decode rows, n_kv]`).
+    n_kv: usize,
     d_descs: sys::CUdeviceptr,
     d_row_seq: sys::CUdeviceptr,
     d_decode_rows: sys::CUdeviceptr,
@@ -945,7 +947,10 @@ impl CudaBackend {
             && t.tile_row0 == tile_row0
             && t.tile_seq == tile_seq
             && t.split == split
+            && t.n_kv == n_kv
         {
+            // (n_kv too: a freed cache's addresses may come back with another model's shape,
+            // whose merge counters would not fit.)
             return Ok(t.clone());
         }
         let counters = self
@@ -978,6 +983,7 @@ impl CudaBackend {
             tile_row0,
             split,
             max_splits,
+            n_kv,
         });
         *cached = Some(t.clone());
         Ok(t)
@@ -1164,6 +1170,9 @@ impl CudaBackend {
                 q.rows, k.rows, v.rows
             )));
         }
+        if layer == 0 && self.armed(|_, _| ()).is_none() {
+            self.wave_updates(caches, batch)?;
+        }
         let t = match self.armed(|a, _| a.tables.clone()) {
             Some(t) => t,
             None => {
@@ -1344,6 +1353,7 @@ impl CudaBackend {
             return Ok(None);
         }
         self.bind()?;
+        self.wave_updates(caches, batch)?;
         let n_kv = caches[0].n_kv;
         let refs: Vec<&DevKv> = caches.iter().map(|c| &**c).collect();
         let h = self.host_tables(&refs, batch, n_kv)?;
@@ -1445,6 +1455,7 @@ impl CudaBackend {
             tile_row0: h.tile_row0,
             split: h.split,
             max_splits: h.max_splits,
+            n_kv,
         });
         st.inputs = Some(inp);
         written?;
@@ -2216,8 +2227,13 @@ impl Backend for CudaBackend {
     }
 
     fn kv_truncate(&self, kv: &mut DevKv, len: usize) {
-        // Positions going back into the host tier's range: the GPU cache gets them back first.
-        if kv.hole.1 > 0 && len < kv.hole.0 + kv.hole.1 {
+        // An index that loses tokens is dropped (below); with a host tier its tokens come back
+        // into the GPU cache first.
+        let drops_index = kv
+            .wave
+            .as_ref()
+            .is_some_and(|w| w.indexed_end > kv.len.min(len));
+        if kv.hole.1 > 0 && drops_index {
             let restored = self.bind().and_then(|_| self.restore_from_host(kv));
             if let Err(e) = restored {
                 self.record(&e);

@@ -368,6 +368,14 @@ fn run_inner(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
             )?);
         }
     }
+    // The GPU's wave step against the CPU reference implementation.
+    if section("wave cpu") {
+        for &(hd, nh, nkv) in &[(128usize, 8usize, 2usize), (64, 12, 4)] {
+            out.extend(crate::wave_checks::check_wave_cpu(
+                b, &mut rng, hd, nh, nkv,
+            )?);
+        }
+    }
     // The host tier: wave buffers run by the store's policy, misses copied in over PCIe.
     if section("wave tier") {
         for &(hd, nh, nkv) in &[(128usize, 8usize, 2usize), (64, 12, 4)] {

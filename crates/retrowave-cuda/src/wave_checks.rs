@@ -14,6 +14,10 @@
 //!    ([`retrowave_store::policy::WaveBufferPolicy`]) on the same selections (hits, admissions,
 //!    bypasses, evictions, final residents), and the cache restored from the tier must equal the
 //!    original.
+//! 4. The GPU's wave step agrees with the CPU reference (`retrowave_index`: the index built from
+//!    the same keys, scored in f32, zones planned by `plan_step`, attention by `attend`): the
+//!    same clusters in each zone except near-ties (the GPU scores with bf16 centroids), and
+//!    outputs within tolerance.
 
 use half::bf16;
 use rand::rngs::StdRng;
@@ -25,6 +29,64 @@ use crate::wave_step::HostStep;
 
 fn to_f64(v: &[bf16]) -> Vec<f64> {
     v.iter().map(|x| x.to_f64()).collect()
+}
+
+/// The inputs of one decode step of sequences of `lens` tokens, `step` tokens in: the batch and
+/// random q (also on the host), k and v activations.
+struct StepInputs {
+    batch: BatchLayout,
+    q: Vec<f32>,
+    acts: [crate::DevActs; 3],
+}
+
+fn step_inputs(
+    b: &CudaBackend,
+    rng: &mut StdRng,
+    lens: &[usize],
+    step: usize,
+    heads: HeadLayout,
+) -> StepInputs {
+    let (rows, nh, nkv, hd) = (lens.len(), heads.n_heads, heads.n_kv_heads, heads.head_dim);
+    let batch = BatchLayout {
+        seqs: lens
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| SeqRows {
+                slot: i,
+                row: i,
+                start_pos: len + step,
+                n_tokens: 1,
+            })
+            .collect(),
+    };
+    let q = rand_vec(rng, rows * nh * hd, 2.0);
+    let k = rand_vec(rng, rows * nkv * hd, 2.0);
+    let v = rand_vec(rng, rows * nkv * hd, 1.0);
+    let acts = [
+        b.acts_from_host(&q, rows, nh * hd),
+        b.acts_from_host(&k, rows, nkv * hd),
+        b.acts_from_host(&v, rows, nkv * hd),
+    ];
+    StepInputs { batch, q, acts }
+}
+
+/// `layer`'s attention of the step `x` over the caches `kvs`, on the host.
+fn run_step(
+    b: &CudaBackend,
+    layer: usize,
+    x: &StepInputs,
+    kvs: &mut [DevKv],
+    heads: HeadLayout,
+) -> Result<Vec<f32>, String> {
+    let e = |x: retrowave_core::BackendError| x.to_string();
+    let mut refs: Vec<&mut DevKv> = kvs.iter_mut().collect();
+    let [qa, ka, va] = &x.acts;
+    let y = b
+        .attention(layer, qa, ka, va, &mut refs, &x.batch, heads)
+        .map_err(e)?;
+    let y = b.acts_to_host(&y);
+    b.check().map_err(e)?;
+    Ok(y)
 }
 
 /// Wave decode attention checks for one head shape; `len` tokens of synthetic KV, one decode
@@ -67,35 +129,9 @@ pub(crate) fn check_wave_decode(
         full.push(f);
     }
     let rows = lens.len();
-    let batch = BatchLayout {
-        seqs: lens
-            .iter()
-            .enumerate()
-            .map(|(i, &len)| SeqRows {
-                slot: i,
-                row: i,
-                start_pos: len,
-                n_tokens: 1,
-            })
-            .collect(),
-    };
-    let q = rand_vec(rng, rows * nh * hd, 2.0);
-    let k = rand_vec(rng, rows * nkv * hd, 2.0);
-    let v = rand_vec(rng, rows * nkv * hd, 1.0);
-    let (qa, ka, va) = (
-        b.acts_from_host(&q, rows, nh * hd),
-        b.acts_from_host(&k, rows, nkv * hd),
-        b.acts_from_host(&v, rows, nkv * hd),
-    );
-    let run = |kvs: &mut Vec<DevKv>| -> Result<Vec<f32>, String> {
-        let mut refs: Vec<&mut DevKv> = kvs.iter_mut().collect();
-        let y = b
-            .attention(layer, &qa, &ka, &va, &mut refs, &batch, heads)
-            .map_err(e)?;
-        let y = b.acts_to_host(&y);
-        b.check().map_err(e)?;
-        Ok(y)
-    };
+    let x = step_inputs(b, rng, &lens, 0, heads);
+    let (batch, q) = (&x.batch, &x.q);
+    let run = |kvs: &mut Vec<DevKv>| run_step(b, layer, &x, kvs, heads);
     let y_dense = run(&mut dense)?;
     let y_full = run(&mut full)?;
     let y_wave = run(&mut wave)?;
@@ -109,12 +145,12 @@ pub(crate) fn check_wave_decode(
     // The GPU's own selection for this step (the units are still the step's, cached).
     let refs: Vec<&DevKv> = wave.iter().collect();
     let tables = b
-        .step_tables(&refs, &batch, nkv)
+        .step_tables(&refs, batch, nkv)
         .map_err(|x| x.to_string())?;
     let ws = b
         .wave_step_units(&HostStep::of(&tables), &refs)
         .map_err(|x| x.to_string())?;
-    let qd = b.upload(&q).map_err(|x| x.to_string())?;
+    let qd = b.upload(q).map_err(|x| x.to_string())?;
     let sel = b
         .wave_select_dev(
             ws.layer_ptr(layer),
@@ -338,36 +374,9 @@ pub(crate) fn check_wave_tier(
     let mut want = crate::wave_tier::TierCounters::default();
     let (mut max_abs, mut num, mut den) = (0f64, 0f64, 0f64);
     for step in 0..STEPS {
-        let rows = lens.len();
-        let batch = BatchLayout {
-            seqs: lens
-                .iter()
-                .enumerate()
-                .map(|(i, &len)| SeqRows {
-                    slot: i,
-                    row: i,
-                    start_pos: len + step,
-                    n_tokens: 1,
-                })
-                .collect(),
-        };
-        let q = rand_vec(rng, rows * nh * hd, 2.0);
-        let k = rand_vec(rng, rows * nkv * hd, 2.0);
-        let v = rand_vec(rng, rows * nkv * hd, 1.0);
-        let (qa, ka, va) = (
-            b.acts_from_host(&q, rows, nh * hd),
-            b.acts_from_host(&k, rows, nkv * hd),
-            b.acts_from_host(&v, rows, nkv * hd),
-        );
-        let run = |kvs: &mut Vec<DevKv>| -> Result<Vec<f32>, String> {
-            let mut refs: Vec<&mut DevKv> = kvs.iter_mut().collect();
-            let y = b
-                .attention(layer, &qa, &ka, &va, &mut refs, &batch, heads)
-                .map_err(e)?;
-            let y = b.acts_to_host(&y);
-            b.check().map_err(e)?;
-            Ok(y)
-        };
+        let x = step_inputs(b, rng, &lens, step, heads);
+        let (batch, q) = (&x.batch, &x.q);
+        let run = |kvs: &mut Vec<DevKv>| run_step(b, layer, &x, kvs, heads);
         let y_res = run(&mut resident)?;
         let y_tier = run(&mut tiered)?;
         for (a, r) in y_tier.iter().zip(&y_res) {
@@ -378,11 +387,11 @@ pub(crate) fn check_wave_tier(
         }
         // The step's selection, again (deterministic), and the CPU policy's decisions on it.
         let refs: Vec<&DevKv> = tiered.iter().collect();
-        let tables = b.step_tables(&refs, &batch, nkv).map_err(s_)?;
+        let tables = b.step_tables(&refs, batch, nkv).map_err(s_)?;
         let ws = b
             .wave_step_units(&HostStep::of(&tables), &refs)
             .map_err(s_)?;
-        let qd = b.upload(&q).map_err(s_)?;
+        let qd = b.upload(q).map_err(s_)?;
         let sel = b
             .wave_select_dev(
                 ws.layer_ptr(layer),
@@ -491,4 +500,258 @@ pub(crate) fn check_wave_tier(
         passed: overflows == 0,
     });
     Ok(out)
+}
+
+/// GPU against the CPU reference implementation (module docs, 4.), one sequence, one step.
+pub(crate) fn check_wave_cpu(
+    b: &CudaBackend,
+    rng: &mut StdRng,
+    hd: usize,
+    nh: usize,
+    nkv: usize,
+) -> Result<Vec<CheckResult>, String> {
+    let mut out = cpu_agreement(b, rng, hd, nh, nkv, 6000, 6000, false)?;
+    // A step after an index update (301 tokens clustered into 64 more clusters), with the
+    // KV in GPU memory and in the host tier.
+    out.extend(cpu_agreement(b, rng, hd, nh, nkv, 5000, 5300, false)?);
+    out.extend(cpu_agreement(b, rng, hd, nh, nkv, 5000, 5300, true)?);
+    Ok(out)
+}
+
+/// One decode step at position `pos` of a sequence indexed at `built` tokens (an update runs
+/// first when one is due), GPU against the CPU reference (the index built, and updated, by
+/// `retrowave_index` from the same keys).
+#[allow(clippy::too_many_arguments)]
+fn cpu_agreement(
+    b: &CudaBackend,
+    rng: &mut StdRng,
+    hd: usize,
+    nh: usize,
+    nkv: usize,
+    built: usize,
+    pos: usize,
+    host_kv: bool,
+) -> Result<Vec<CheckResult>, String> {
+    use retrowave_index::kv::{HeadDims, KvView};
+    use retrowave_index::{ClusterIndex, attend, plan_step, score_clusters};
+    let e = |x: retrowave_core::BackendError| x.to_string();
+    let s_ = |x: crate::CudaError| x.to_string();
+    let heads = HeadLayout {
+        n_heads: nh,
+        n_kv_heads: nkv,
+        head_dim: hd,
+    };
+    let (layers, layer) = (2usize, 1usize);
+    let len = pos;
+    let cap = 6100;
+    let mut cfg = WaveConfig::retrowave();
+    cfg.segment_tokens = 2048;
+    cfg.update_interval = 256;
+    cfg.host_kv = host_kv;
+    let mut kv = b.new_kv(layers, heads, cap).map_err(e)?;
+    // The fill writes every slot; the index covers the first `built` tokens, and the cache
+    // holds `pos` when the step comes.
+    b.kv_fill_synthetic(&mut kv, built, 303).map_err(e)?;
+    b.kv_build_index(&mut kv, &cfg).map_err(e)?;
+    kv.len = pos;
+    let lens = [len];
+    let x = step_inputs(b, rng, &lens, 0, heads);
+    let mut kvs = vec![kv];
+    {
+        let mut refs: Vec<&mut DevKv> = kvs.iter_mut().collect();
+        b.wave_updates(&mut refs, &x.batch).map_err(s_)?;
+    }
+    let updates = kvs[0].wave.as_ref().map_or(0, |w| w.updates);
+    let y = run_step(b, layer, &x, &mut kvs, heads)?;
+    // The GPU's selection of that step (deterministic: the same again).
+    let refs: Vec<&DevKv> = kvs.iter().collect();
+    let tables = b.step_tables(&refs, &x.batch, nkv).map_err(s_)?;
+    let ws = b
+        .wave_step_units(&HostStep::of(&tables), &refs)
+        .map_err(s_)?;
+    let qd = b.upload(&x.q).map_err(s_)?;
+    let sel = b
+        .wave_select_dev(
+            ws.layer_ptr(layer),
+            ws.per_layer,
+            ws.max_clusters,
+            dp(&qd),
+            nh,
+            nkv,
+            hd,
+            ws.max_ids,
+        )
+        .map_err(s_)?;
+    let ids = b.download(&sel.ids, sel.ids.len()).map_err(s_)?;
+    let counts = b.download(&sel.counts, sel.counts.len()).map_err(s_)?;
+    let kv = &kvs[0];
+    // The whole cache (with a host tier: the GPU's part and the arena's, put back together).
+    let (kk, vv, cap) = if kv.hole.1 > 0 {
+        let (k, v) = b.restored_copy(kv).map_err(s_)?;
+        (
+            b.download(&k, k.len()).map_err(s_)?,
+            b.download(&v, v.len()).map_err(s_)?,
+            kv.cap + kv.hole.1,
+        )
+    } else {
+        (
+            b.download(&kv.k, kv.k.len()).map_err(s_)?,
+            b.download(&kv.v, kv.v.len()).map_err(s_)?,
+            cap,
+        )
+    };
+    let g = nh / nkv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let n = len + 1; // the step's token is cached too
+    let unit_of = |h: usize| h; // decode row 0, KV head h
+    let dims = HeadDims {
+        key_dim: hd,
+        value_dim: hd,
+    };
+    let (mut differ, mut not_near_tie, mut clusters) = (0usize, 0usize, 0usize);
+    let mut reference = vec![0f64; nh * hd];
+    let mut own_plan = vec![0f64; nh * hd];
+    // Where the two sides part, if they do: the clustering, the centroids, the scores.
+    let w = kv.wave.as_deref().ok_or("index missing")?;
+    let (kc, it) = (w.n_clusters, w.indexed_tokens());
+    let g_offs = b.download(&w.offsets, w.offsets.len()).map_err(s_)?;
+    let g_mem = b.download(&w.members, w.members.len()).map_err(s_)?;
+    let g_cent = b.download(&w.centroids, w.centroids.len()).map_err(s_)?;
+    let g_scores = b.download(&sel.scores, sel.scores.len()).map_err(s_)?;
+    let (mut cluster_diff, mut cent_rel, mut score_rel) = (0usize, 0f64, 0f64);
+    for h in 0..nkv {
+        let base = (layer * nkv + h) * cap * hd;
+        let keys: Vec<f32> = kk[base..base + n * hd].iter().map(|x| x.to_f32()).collect();
+        let values: Vec<f32> = vv[base..base + n * hd].iter().map(|x| x.to_f32()).collect();
+        let view = KvView::new(&keys[..built * hd], &values[..built * hd], dims)
+            .map_err(|x| x.to_string())?;
+        let mut index = ClusterIndex::build(&view, &cfg).map_err(|x| x.to_string())?;
+        let all = KvView::new(&keys, &values, dims).map_err(|x| x.to_string())?;
+        if let Some(range) = index.pending_update(&cfg, n) {
+            index
+                .append_segment(&all, range, &cfg)
+                .map_err(|x| x.to_string())?;
+        }
+        if index.updates() != updates {
+            return Err(format!(
+                "index updates before the step: GPU {updates}, CPU {}",
+                index.updates()
+            ));
+        }
+        let qs: Vec<f32> = x.q[h * g * hd..(h + 1) * g * hd].to_vec();
+        let scores = score_clusters(&index, &qs, scale).map_err(|x| x.to_string())?;
+        let iu = layer * nkv + h;
+        if index.n_clusters() != kc {
+            cluster_diff += kc.abs_diff(index.n_clusters()).max(1);
+        } else {
+            let co = index.offsets();
+            cluster_diff += (0..=kc)
+                .filter(|&c| co[c] as i32 != g_offs[iu * (kc + 1) + c])
+                .count();
+            cluster_diff += index
+                .all_members()
+                .iter()
+                .zip(&g_mem[iu * it..(iu + 1) * it])
+                .filter(|(a, b)| **a as i32 != **b)
+                .count();
+            let cc = index.centroids();
+            for (a, b) in cc.iter().zip(&g_cent[iu * kc * hd..(iu + 1) * kc * hd]) {
+                let d = f64::from((a - b.to_f32()).abs()) / f64::from(a.abs()).max(1e-3);
+                cent_rel = cent_rel.max(d);
+            }
+            for (c, &sc) in scores.iter().enumerate() {
+                if sc > 0.0 {
+                    let gs = g_scores[unit_of(h) * sel.max_clusters + c];
+                    score_rel = score_rel.max(f64::from((gs - sc).abs() / sc));
+                }
+            }
+        }
+        let plan = plan_step(&index, &cfg, &scores, n).map_err(|x| x.to_string())?;
+        // Zones: the clusters in one zone on one side and not on the other.
+        let unit = h; // decode row 0
+        let (nr, ne) = (counts[2 * unit] as usize, counts[2 * unit + 1] as usize);
+        let uid = &ids[unit * sel.max_ids..unit * sel.max_ids + nr + ne];
+        let gpu_r: std::collections::BTreeSet<u32> = uid[..nr].iter().map(|&c| c as u32).collect();
+        let gpu_e: std::collections::BTreeSet<u32> = uid[nr..].iter().map(|&c| c as u32).collect();
+        let cpu_r: std::collections::BTreeSet<u32> = plan.retrieval.iter().copied().collect();
+        let cpu_e: std::collections::BTreeSet<u32> = plan.estimation.iter().copied().collect();
+        clusters += cpu_r.len() + cpu_e.len();
+        // The score at each CPU zone's boundary: a differing cluster must score within 2% of it.
+        let min_of = |z: &std::collections::BTreeSet<u32>| {
+            z.iter()
+                .map(|&c| scores[c as usize])
+                .fold(f32::INFINITY, f32::min)
+        };
+        // A cluster may change zones only at a boundary (the retrieval zone's or the
+        // estimation zone's lowest score), by a near-tie there.
+        let (tr, te) = (min_of(&cpu_r), min_of(&cpu_e));
+        let near = |sc: f32, t: f32| (sc - t).abs() <= 0.02 * t.abs().max(1e-30);
+        for (a, bset) in [
+            (&gpu_r, &cpu_r),
+            (&cpu_r, &gpu_r),
+            (&gpu_e, &cpu_e),
+            (&cpu_e, &gpu_e),
+        ] {
+            for c in a.difference(bset) {
+                differ += 1;
+                let sc = scores[*c as usize];
+                if !near(sc, tr) && !near(sc, te) {
+                    not_near_tie += 1;
+                }
+            }
+        }
+        // The CPU's attention over the GPU's zones (everything but the selection), and over
+        // its own (on uniform random values the output is a small average, so one cluster
+        // changing zones moves it by percents: reported, not judged).
+        let gpu_plan = retrowave_index::ZonePlan {
+            steady: plan.steady.clone(),
+            retrieval: gpu_r.iter().copied().collect(),
+            estimation: gpu_e.iter().copied().collect(),
+        };
+        for gh in 0..g {
+            let head = h * g + gh;
+            let qh = &x.q[head * hd..(head + 1) * hd];
+            let out = attend(&all, &index, &gpu_plan, qh, scale).map_err(|x| x.to_string())?;
+            for (d, &o) in out.out.iter().enumerate() {
+                reference[head * hd + d] = f64::from(o);
+            }
+            let own = attend(&all, &index, &plan, qh, scale).map_err(|x| x.to_string())?;
+            for (d, &o) in own.out.iter().enumerate() {
+                own_plan[head * hd + d] = f64::from(o);
+            }
+        }
+    }
+    let own_rel = {
+        let (mut num, mut den) = (0f64, 0f64);
+        for (a, r) in y.iter().zip(&own_plan) {
+            num += (f64::from(*a) - r).powi(2);
+            den += r * r;
+        }
+        (num / den.max(1e-300)).sqrt()
+    };
+    let what = match (updates, host_kv) {
+        (0, _) => String::new(),
+        (u, false) => format!(", after {u} index update"),
+        (u, true) => format!(", after {u} index update, host tier"),
+    };
+    Ok(vec![
+        CheckResult {
+            name: format!(
+                "wave step == CPU reference zones (hd {hd}, {nh}/{nkv} heads{what}): {differ} of {clusters} zone memberships differ, {not_near_tie} not near-ties (clustering differs at {cluster_diff} places, centroids by {cent_rel:.1e}, scores by {score_rel:.1e})"
+            ),
+            rel_l2: 0.0,
+            max_abs: not_near_tie as f64,
+            non_finite: 0,
+            tolerance: 0.0,
+            passed: not_near_tie == 0 && differ * 50 <= clusters.max(1),
+        },
+        compare(
+            format!(
+                "wave step == CPU reference output on the GPU's zones (hd {hd}, {nh}/{nkv} heads{what}; on the CPU's own zones rel {own_rel:.1e})"
+            ),
+            &y,
+            &reference,
+            5e-3,
+        ),
+    ])
 }

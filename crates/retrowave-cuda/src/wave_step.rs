@@ -33,6 +33,8 @@ use crate::wave_build::{BuildSegment, BuildUnit};
 pub struct DevWave {
     /// Clusters per unit (the same for every unit; 0 for a prefill too short to index).
     pub n_clusters: usize,
+    /// Clusters of the prefill build (the budgets' shares apply to these; updates append more).
+    pub base_clusters: usize,
     /// Units: layers x KV heads, unit `l * n_kv + h`.
     pub n_units: usize,
     /// `bf16 [units][n_clusters][hd]`: mean keys.
@@ -75,7 +77,7 @@ impl DevWave {
     /// clusters, and for the adaptive budget the most retrieval clusters it may grow to and the
     /// share of the scores it must cover (0: fixed). All within the clusters there are.
     pub fn budgets(&self) -> StepBudgets {
-        StepBudgets::of(&self.cfg, self.n_clusters, self.updates)
+        StepBudgets::of(&self.cfg, self.base_clusters, self.updates, self.n_clusters)
     }
 
     /// Most retrieval-zone tokens a step can gather for one unit.
@@ -97,9 +99,9 @@ pub struct StepBudgets {
 
 impl StepBudgets {
     /// The budgets of an index of `k` clusters after `updates` updates under `cfg` (see
-    /// [`DevWave::budgets`]).
-    pub fn of(cfg: &WaveConfig, k: usize, updates: usize) -> Self {
-        let b = cfg.budgets(k, updates);
+    /// [`DevWave::budgets`]): `base` of them from the prefill, which the shares apply to.
+    pub fn of(cfg: &WaveConfig, base: usize, updates: usize, k: usize) -> Self {
+        let b = cfg.budgets(base, updates);
         let retrieval = b.retrieval.max(cfg.min_retrieval_clusters).min(k);
         let estimation = b.estimation.min(k - retrieval);
         let (cap, mass) = if cfg.retrieval_mass > 0.0 {
@@ -108,7 +110,7 @@ impl StepBudgets {
                 ..cfg.clone()
             };
             let cap = capped
-                .budgets(k, updates)
+                .budgets(base, updates)
                 .retrieval
                 .min(crate::wave::SEL_TOP)
                 .max(retrieval)
@@ -128,8 +130,10 @@ impl StepBudgets {
 
 /// The uploaded units of the current wave step and the shapes their kernels run with.
 pub struct WaveStepUnits {
-    /// What the units were built from, one entry per decode row.
+    /// What the units were built from, one entry per decode row, and the model's shape
+    /// (layers, KV heads, head dim).
     sig: Vec<RowSig>,
+    shape: (usize, usize, usize),
     dev: CudaSlice<WaveUnit>,
     /// Units per layer (decode rows x KV heads).
     pub per_layer: usize,
@@ -243,6 +247,7 @@ impl CudaBackend {
         if segs.is_empty() {
             return Ok(DevWave {
                 n_clusters: 0,
+                base_clusters: 0,
                 n_units,
                 centroids: self.alloc(1)?,
                 ln_sizes: self.alloc(1)?,
@@ -262,7 +267,7 @@ impl CudaBackend {
         }
         let c = self.wave_build(&units, &segs, cfg.kmeans_iterations, hd)?;
         let tier = if cfg.host_kv {
-            let b = StepBudgets::of(cfg, c.n_clusters, 0);
+            let b = StepBudgets::of(cfg, c.n_clusters, 0, c.n_clusters);
             Some(self.build_tier(&units, &c, cfg, b.retrieval)?)
         } else {
             None
@@ -272,6 +277,7 @@ impl CudaBackend {
         self.synchronize()?;
         Ok(DevWave {
             n_clusters: c.n_clusters,
+            base_clusters: c.n_clusters,
             n_units,
             centroids: c.centroids,
             ln_sizes: c.ln_sizes,
@@ -288,6 +294,150 @@ impl CudaBackend {
             context_tokens: 0,
             tier,
         })
+    }
+
+    /// The tokens an index update must cluster before a decode step that leaves `n_after`
+    /// tokens cached, as `ClusterIndex::pending_update` decides on the CPU: none until
+    /// `window_tokens + update_interval` tokens follow the indexed range, then all of them but
+    /// the last `window_tokens`.
+    pub fn update_range(w: &DevWave, n_after: usize) -> Option<std::ops::Range<usize>> {
+        let cfg = &w.cfg;
+        let tail = n_after.checked_sub(w.indexed_end)?;
+        if cfg.update_interval == 0 || tail < cfg.window_tokens.saturating_add(cfg.update_interval)
+        {
+            return None;
+        }
+        Some(w.indexed_end..n_after - cfg.window_tokens)
+    }
+
+    /// Runs the index updates due before the decode step `batch` (for every layer and head of a
+    /// sequence at once). Called before the step's tables and units are made, outside any
+    /// graph capture: the updated index is a new signature, so the next step captures a new
+    /// graph and replays it until the next update.
+    pub fn wave_updates(
+        &self,
+        caches: &mut [&mut DevKv],
+        batch: &retrowave_core::BatchLayout,
+    ) -> Result<(), CudaError> {
+        for (s, kv) in batch.seqs.iter().zip(caches.iter_mut()) {
+            if s.n_tokens != 1 {
+                continue;
+            }
+            let range = kv
+                .wave
+                .as_deref()
+                .and_then(|w| Self::update_range(w, s.start_pos + 1));
+            if let Some(range) = range {
+                self.update_wave(kv, range)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Clusters `range` (which starts at the end of the indexed range) of every unit as one
+    /// segment of `clusters_per_update` clusters (fewer for fewer tokens) and appends them, as
+    /// `ClusterIndex::append_segment` does on the CPU. The tokens stay in the GPU cache (with a
+    /// host tier they are read from there, outside the wave buffers).
+    fn update_wave(&self, kv: &mut DevKv, range: std::ops::Range<usize>) -> Result<(), CudaError> {
+        use crate::wave_tier::copy_rows;
+        let (cap, hd, units, shift) = (kv.cap, kv.head_dim, kv.n_layers * kv.n_kv, kv.hole.1);
+        let Some(w) = kv.wave.as_deref_mut() else {
+            return Ok(());
+        };
+        let clusters = w.cfg.clusters_per_update.clamp(1, range.len());
+        let row = hd * 2;
+        // Position p of a unit is at slot p - shift (past the host tier's hole).
+        let units_b: Vec<BuildUnit> = (0..units)
+            .map(|u| {
+                let base = ((u * cap) as u64).wrapping_sub(shift as u64) * row as u64;
+                BuildUnit {
+                    keys: dp(&kv.k).wrapping_add(base),
+                    values: dp(&kv.v).wrapping_add(base),
+                }
+            })
+            .collect();
+        let seg = BuildSegment {
+            start: range.start,
+            end: range.end,
+            clusters,
+        };
+        let c = self.wave_build(&units_b, &[seg], w.cfg.kmeans_iterations, hd)?;
+        let (k0, it0) = (w.n_clusters, w.indexed_tokens());
+        let (k1, n_new) = (k0 + clusters, range.len());
+        let it1 = it0 + n_new;
+        // Old and new rows side by side, per unit.
+        let join =
+            |old: u64, new: u64, old_w: usize, new_w: usize, dst: u64| -> Result<(), CudaError> {
+                copy_rows(self, old, old_w, dst, old_w + new_w, old_w, units)?;
+                copy_rows(
+                    self,
+                    new,
+                    new_w,
+                    dst + old_w as u64,
+                    old_w + new_w,
+                    new_w,
+                    units,
+                )
+            };
+        let centroids = self.alloc::<bf16>(units * k1 * hd)?;
+        join(
+            dp(&w.centroids),
+            dp(&c.centroids),
+            k0 * row,
+            clusters * row,
+            dp(&centroids),
+        )?;
+        let means = self.alloc::<bf16>(units * k1 * hd)?;
+        join(
+            dp(&w.means),
+            dp(&c.means),
+            k0 * row,
+            clusters * row,
+            dp(&means),
+        )?;
+        let ln_sizes = self.alloc::<f32>(units * k1)?;
+        join(
+            dp(&w.ln_sizes),
+            dp(&c.ln_sizes),
+            k0 * 4,
+            clusters * 4,
+            dp(&ln_sizes),
+        )?;
+        let members = self.alloc::<i32>(units * it1)?;
+        join(
+            dp(&w.members),
+            dp(&c.members),
+            it0 * 4,
+            n_new * 4,
+            dp(&members),
+        )?;
+        // The new clusters' offsets continue after the old members.
+        let new_offs = self.download(&c.offsets, units * (clusters + 1))?;
+        let shifted: Vec<i32> = new_offs
+            .chunks_exact(clusters + 1)
+            .flat_map(|o| o[1..].iter().map(|&x| x + it0 as i32))
+            .collect();
+        let tail = self.upload(&shifted)?;
+        let offsets = self.alloc::<i32>(units * (k1 + 1))?;
+        join(
+            dp(&w.offsets),
+            dp(&tail),
+            (k0 + 1) * 4,
+            clusters * 4,
+            dp(&offsets),
+        )?;
+        let sizes = self.download(&c.sizes, c.sizes.len())?;
+        let biggest = sizes.iter().copied().max().unwrap_or(0).max(0) as usize;
+        w.centroids = centroids;
+        w.means = means;
+        w.ln_sizes = ln_sizes;
+        w.members = members;
+        w.offsets = offsets;
+        w.n_clusters = k1;
+        w.indexed_end = range.end;
+        w.max_cluster_size = w.max_cluster_size.max(biggest);
+        w.updates += 1;
+        self.synchronize()
     }
 
     /// A device copy of an index (forked sequences get their own, so that no two sequences of a
@@ -425,15 +575,18 @@ impl CudaBackend {
     ) -> Result<std::sync::Arc<WaveStepUnits>, CudaError> {
         let mut slot = self.wave_units_slot()?;
         let (sig, max_clusters, max_ids, list_cap) = Self::wave_step_shape(t, caches);
+        let shape = caches
+            .first()
+            .map_or((1, 1, 128), |c| (c.n_layers, c.n_kv, c.head_dim));
+        // The shape too: a new cache may reuse a freed one's addresses with another model's.
         if let Some(s) = slot.as_ref()
             && s.sig == sig
+            && s.shape == shape
             && s.list_cap == list_cap
         {
             return Ok(s.clone());
         }
-        let (n_layers, n_kv, hd) = caches
-            .first()
-            .map_or((1, 1, 128), |c| (c.n_layers, c.n_kv, c.head_dim));
+        let (n_layers, n_kv, hd) = shape;
         let tiers = sig
             .iter()
             .any(|r| r.index.as_ref().is_some_and(|x| x.arrays[5] != 0));
@@ -441,6 +594,7 @@ impl CudaBackend {
         let dev = self.upload(&host)?;
         let s = std::sync::Arc::new(WaveStepUnits {
             sig,
+            shape,
             dev,
             per_layer: t.decode_rows.len() * n_kv,
             max_clusters,
@@ -493,29 +647,29 @@ mod tests {
     fn step_budgets_follow_the_config() {
         let cfg = WaveConfig::retrowave();
         // 128K tokens: 1.8% of 8188 clusters, growing up to 2.5%.
-        let b = StepBudgets::of(&cfg, 8188, 0);
+        let b = StepBudgets::of(&cfg, 8188, 0, 8188);
         assert_eq!(
             (b.retrieval, b.estimation, b.retrieval_cap),
             (148, 1900, 205)
         );
         assert!((b.retrieval_mass - 0.9).abs() < 1e-12);
         // 32K: the 64-cluster minimum is above the 2.5% cap, so nothing grows.
-        let b = StepBudgets::of(&cfg, 2044, 0);
+        let b = StepBudgets::of(&cfg, 2044, 0, 2044);
         assert_eq!((b.retrieval, b.retrieval_cap), (64, 64));
         // Fewer clusters than the minimum: everything, nothing left to estimate.
-        let b = StepBudgets::of(&cfg, 40, 0);
+        let b = StepBudgets::of(&cfg, 40, 0, 40);
         assert_eq!((b.retrieval, b.estimation, b.retrieval_cap), (40, 0, 40));
         // The GPU's sort bounds the adaptive cap (3.2M tokens: 1.8% is 3600, 2.5% would be 5000).
-        let b = StepBudgets::of(&cfg, 200_000, 0);
+        let b = StepBudgets::of(&cfg, 200_000, 0, 200_000);
         assert_eq!((b.retrieval, b.retrieval_cap), (3600, crate::wave::SEL_TOP));
         // Fixed budgets (the published config) never grow.
-        let b = StepBudgets::of(&WaveConfig::published(), 8188, 0);
+        let b = StepBudgets::of(&WaveConfig::published(), 8188, 0, 8188);
         assert_eq!(
             (b.retrieval, b.retrieval_cap, b.retrieval_mass),
             (148, 148, 0.0)
         );
         // Updates grow both budgets.
-        let b = StepBudgets::of(&cfg, 8188, 2);
+        let b = StepBudgets::of(&cfg, 8188, 2, 8188 + 2 * 64);
         assert_eq!((b.retrieval, b.estimation), (150, 1930));
     }
 }

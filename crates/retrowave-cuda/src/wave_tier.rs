@@ -44,6 +44,9 @@ pub struct WaveTier {
     pub stats: u64,
     pub capacity: i32,
     pub page: i32,
+    /// Clusters whose tokens are in the host arena (those of the build); clusters appended by
+    /// index updates keep theirs in the GPU cache.
+    pub host_clusters: i32,
 }
 
 // SAFETY: plain old data with the C layout the kernels expect.
@@ -172,7 +175,7 @@ fn tier_shape(
 
 /// Copies `height` rows of `width` bytes between device buffers with the given pitches.
 #[allow(clippy::too_many_arguments)]
-fn copy_rows(
+pub(crate) fn copy_rows(
     b: &CudaBackend,
     src: u64,
     src_pitch: usize,
@@ -206,6 +209,31 @@ fn copy_rows(
     unsafe { sys::cuMemcpy2DAsync_v2(&p, b.stream().cu_stream()) }
         .result()
         .map_err(CudaError::driver("cuMemcpy2DAsync"))
+}
+
+/// Copies the steady zone of `units` heads between two caches of `row`-byte tokens: the first
+/// `sink` tokens, and `tail` tokens from slot `src_tail` of the source (`src_cap` slots a head) to
+/// slot `dst_tail` of the destination (`dst_cap` slots a head).
+#[allow(clippy::too_many_arguments)]
+fn copy_steady(
+    b: &CudaBackend,
+    (src, src_cap, src_tail): (u64, usize, usize),
+    (dst, dst_cap, dst_tail): (u64, usize, usize),
+    sink: usize,
+    tail: usize,
+    units: usize,
+    row: usize,
+) -> Result<(), CudaError> {
+    copy_rows(b, src, src_cap * row, dst, dst_cap * row, sink * row, units)?;
+    copy_rows(
+        b,
+        src + (src_tail * row) as u64,
+        src_cap * row,
+        dst + (dst_tail * row) as u64,
+        dst_cap * row,
+        tail * row,
+        units,
+    )
 }
 
 impl CudaBackend {
@@ -306,6 +334,7 @@ impl CudaBackend {
                 stats: dp(&stats) + (u * STATS * 8) as u64,
                 capacity: capacity as i32,
                 page: page as i32,
+                host_clusters: n_clusters as i32,
             })
             .collect();
         let table = self.upload(&table)?;
@@ -373,15 +402,16 @@ impl CudaBackend {
         let v = self.alloc::<bf16>(units * cap * hd)?;
         let row = hd * 2;
         for (src, dst) in [(dp(&kv.k), dp(&k)), (dp(&kv.v), dp(&v))] {
-            copy_rows(self, src, kv.cap * row, dst, cap * row, sink * row, units)?;
-            copy_rows(
+            copy_steady(
                 self,
-                src + (end * row) as u64,
-                kv.cap * row,
-                dst + (sink * row) as u64,
-                cap * row,
-                kv.len.saturating_sub(end) * row,
+                (src, kv.cap, end),
+                (dst, cap, sink),
+                sink,
+                // Every slot after the index (not only the cached tokens: a cache's slots are
+                // its state, whatever wrote them).
+                kv.cap - end,
                 units,
+                row,
             )?;
         }
         kv.k = k;
@@ -432,22 +462,22 @@ impl CudaBackend {
         let v = self.alloc::<bf16>(units * full * hd)?;
         let row = hd * 2;
         for (src, dst) in [(dp(&kv.k), dp(&k)), (dp(&kv.v), dp(&v))] {
-            copy_rows(self, src, kv.cap * row, dst, full * row, sink * row, units)?;
-            copy_rows(
+            copy_steady(
                 self,
-                src + (sink * row) as u64,
-                kv.cap * row,
-                dst + (end * row) as u64,
-                full * row,
-                kv.len.saturating_sub(end) * row,
+                (src, kv.cap, sink),
+                (dst, full, end),
+                sink,
+                kv.cap - sink,
                 units,
+                row,
             )?;
         }
-        let (mut a1, mut a2, mut a3, mut a4, mut a5, mut a6, mut a7, mut a8) = (
+        let (mut a1, mut a2, mut a3, mut a4, mut a5, mut a6, mut a7, mut a8, mut a9) = (
             t.host_k.as_slice().as_ptr() as u64,
             t.host_v.as_slice().as_ptr() as u64,
             dp(&w.members),
             t.unit_tokens as i32,
+            w.indexed_tokens() as i32,
             dp(&k),
             dp(&v),
             full as i32,
@@ -469,6 +499,7 @@ impl CudaBackend {
                 ptr_of(&mut a6),
                 ptr_of(&mut a7),
                 ptr_of(&mut a8),
+                ptr_of(&mut a9),
             ],
         )?;
         Ok((k, v))
@@ -515,7 +546,7 @@ impl CudaBackend {
         }
         let k: usize = segs.iter().map(|s| s.clusters).sum();
         let it = end - sink;
-        let budgets = crate::wave_step::StepBudgets::of(cfg, k, 0);
+        let budgets = crate::wave_step::StepBudgets::of(cfg, k, 0, k);
         let (capacity, page) = tier_shape(cfg, budgets.retrieval, k, it)?;
         let cap = len + room - it;
         let row = hd * 2;
@@ -534,7 +565,10 @@ impl CudaBackend {
         let mut members = self.alloc::<i32>(units * it)?;
         let host_k = PinnedBuffer::new(self.context(), units * it * row)?;
         let host_v = PinnedBuffer::new(self.context(), units * it * row)?;
-        let (hk, hv) = (host_k.as_slice().as_ptr() as u64, host_v.as_slice().as_ptr() as u64);
+        let (hk, hv) = (
+            host_k.as_slice().as_ptr() as u64,
+            host_v.as_slice().as_ptr() as u64,
+        );
         let (free, _) = self
             .context()
             .mem_get_info()
@@ -565,12 +599,18 @@ impl CudaBackend {
                 hv + (u0 * it * row) as u64,
                 it * hd,
             )?;
-            s.memcpy_dtod(&c.centroids, &mut centroids.slice_mut(u0 * k * hd..(u0 + n) * k * hd))
-                .map_err(dtod("cuMemcpyDtoDAsync(centroids)"))?;
+            s.memcpy_dtod(
+                &c.centroids,
+                &mut centroids.slice_mut(u0 * k * hd..(u0 + n) * k * hd),
+            )
+            .map_err(dtod("cuMemcpyDtoDAsync(centroids)"))?;
             s.memcpy_dtod(&c.ln_sizes, &mut ln_sizes.slice_mut(u0 * k..(u0 + n) * k))
                 .map_err(dtod("cuMemcpyDtoDAsync(ln sizes)"))?;
-            s.memcpy_dtod(&c.means, &mut means.slice_mut(u0 * k * hd..(u0 + n) * k * hd))
-                .map_err(dtod("cuMemcpyDtoDAsync(means)"))?;
+            s.memcpy_dtod(
+                &c.means,
+                &mut means.slice_mut(u0 * k * hd..(u0 + n) * k * hd),
+            )
+            .map_err(dtod("cuMemcpyDtoDAsync(means)"))?;
             s.memcpy_dtod(
                 &c.offsets,
                 &mut offsets.slice_mut(u0 * (k + 1)..(u0 + n) * (k + 1)),
@@ -582,15 +622,14 @@ impl CudaBackend {
             max_size = max_size.max(sizes.iter().copied().max().unwrap_or(0).max(0) as usize);
             for (src, dst) in [(dp(&kc), dp(&ck)), (dp(&vc), dp(&cv))] {
                 let dst = dst + (u0 * cap * row) as u64;
-                copy_rows(self, src, len * row, dst, cap * row, sink * row, n)?;
-                copy_rows(
+                copy_steady(
                     self,
-                    src + (end * row) as u64,
-                    len * row,
-                    dst + (sink * row) as u64,
-                    cap * row,
-                    (len - end) * row,
+                    (src, len, end),
+                    (dst, cap, sink),
+                    sink,
+                    len - end,
                     n,
+                    row,
                 )?;
             }
             self.synchronize()?;
@@ -604,6 +643,7 @@ impl CudaBackend {
         kv.hole = (sink, it);
         kv.wave = Some(Box::new(crate::wave_step::DevWave {
             n_clusters: k,
+            base_clusters: k,
             n_units: units,
             centroids,
             ln_sizes,
@@ -623,14 +663,151 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Gathers `n_pages` random pages (K and V, `page` tokens of `hd` bf16 each) of a 1 GiB
+    /// pinned host arena into GPU memory three ways: the wave buffers' fill kernel (spread over
+    /// `units` units as a decode layer's misses are), one copy-engine copy per page, and one
+    /// batched copy-engine call. The fastest way to bring a step's misses in is what the issue
+    /// asks to keep; this measures it.
+    pub fn pcie_gather_bench(
+        &self,
+        n_pages: usize,
+        units: usize,
+        page: usize,
+        hd: usize,
+    ) -> Result<GatherTimes, CudaError> {
+        use crate::timing::{median, time_us};
+        let page_bytes = page * hd * 2;
+        let arena_pages = (1usize << 30) / page_bytes;
+        let mut host_k = PinnedBuffer::new(self.context(), arena_pages * page_bytes)?;
+        let mut host_v = PinnedBuffer::new(self.context(), arena_pages * page_bytes)?;
+        host_k.as_mut_slice().fill(1);
+        host_v.as_mut_slice().fill(2);
+        let (hk, hv) = (
+            host_k.as_slice().as_ptr() as u64,
+            host_v.as_slice().as_ptr() as u64,
+        );
+        let cache_k = self.alloc::<u8>(n_pages * page_bytes)?;
+        let cache_v = self.alloc::<u8>(n_pages * page_bytes)?;
+        // Random distinct-enough pages (an LCG), dealt to the units in turn.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let src: Vec<usize> = (0..n_pages)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 33) as usize) % arena_pages
+            })
+            .collect();
+        let per = n_pages.div_ceil(units.max(1));
+        let mut jobs = vec![0i32; units * per * 3];
+        let mut state = vec![0u32; units * 4];
+        for (j, &p) in src.iter().enumerate() {
+            let (u, i) = (j / per, j % per);
+            jobs[(u * per + i) * 3] = j as i32;
+            jobs[(u * per + i) * 3 + 1] = (p * page) as i32;
+            jobs[(u * per + i) * 3 + 2] = page as i32;
+            state[u * 4 + 2] += 1;
+        }
+        let d_jobs = self.upload(&jobs)?;
+        let d_state = self.upload(&state)?;
+        let tiers: Vec<WaveTier> = (0..units)
+            .map(|u| WaveTier {
+                host_k: hk,
+                host_v: hv,
+                cache_k: dp(&cache_k),
+                cache_v: dp(&cache_v),
+                jobs: dp(&d_jobs) + (u * per * 12) as u64,
+                state: dp(&d_state) + (u * 16) as u64,
+                capacity: n_pages as i32,
+                page: page as i32,
+                ..WaveTier::default()
+            })
+            .collect();
+        let d_tiers = self.upload(&tiers)?;
+        let wu: Vec<crate::wave::WaveUnit> = (0..units)
+            .map(|u| crate::wave::WaveUnit {
+                tier: dp(&d_tiers) + (u * std::mem::size_of::<WaveTier>()) as u64,
+                ..crate::wave::WaveUnit::default()
+            })
+            .collect();
+        let d_units = self.upload(&wu)?;
+        let s = self.stream().clone();
+        let kernel = time_us(&s, 2, 10, || self.wave_cache_fill(dp(&d_units), units, hd))?;
+        let cu = s.cu_stream();
+        let memcpy = time_us(&s, 1, 5, || {
+            for (j, &p) in src.iter().enumerate() {
+                for (h, c) in [(hk, dp(&cache_k)), (hv, dp(&cache_v))] {
+                    // SAFETY: both ranges lie inside live allocations; the host side is pinned.
+                    unsafe {
+                        sys::cuMemcpyHtoDAsync_v2(
+                            c + (j * page_bytes) as u64,
+                            (h + (p * page_bytes) as u64) as *const std::ffi::c_void,
+                            page_bytes,
+                            cu,
+                        )
+                    }
+                    .result()
+                    .map_err(CudaError::driver("cuMemcpyHtoDAsync"))?;
+                }
+            }
+            Ok(())
+        })?;
+        let mut dsts: Vec<u64> = Vec::with_capacity(2 * n_pages);
+        let mut srcs: Vec<u64> = Vec::with_capacity(2 * n_pages);
+        for (j, &p) in src.iter().enumerate() {
+            for (h, c) in [(hk, dp(&cache_k)), (hv, dp(&cache_v))] {
+                dsts.push(c + (j * page_bytes) as u64);
+                srcs.push(h + (p * page_bytes) as u64);
+            }
+        }
+        let mut sizes = vec![page_bytes; dsts.len()];
+        let dev = self.info().ordinal as i32;
+        let batch = time_us(&s, 1, 5, || {
+            // SAFETY: a plain C struct; every field set below.
+            let mut attr: sys::CUmemcpyAttributes = unsafe { std::mem::zeroed() };
+            attr.srcAccessOrder = sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM;
+            attr.srcLocHint.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_HOST;
+            attr.dstLocHint.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+            attr.dstLocHint.id = dev;
+            let mut idx = [0usize];
+            // SAFETY: the arrays hold `dsts.len()` entries each and outlive the call; the
+            // ranges lie inside live allocations.
+            unsafe {
+                sys::cuMemcpyBatchAsync_v2(
+                    dsts.as_mut_ptr(),
+                    srcs.as_mut_ptr(),
+                    sizes.as_mut_ptr(),
+                    dsts.len(),
+                    &mut attr,
+                    idx.as_mut_ptr(),
+                    1,
+                    cu,
+                )
+            }
+            .result()
+            .map_err(CudaError::driver("cuMemcpyBatchAsync"))
+        })?;
+        Ok(GatherTimes {
+            kernel_us: median(&kernel),
+            memcpy_us: median(&memcpy),
+            batch_us: median(&batch),
+        })
+    }
+
     /// Copies this layer's admitted pages into the wave buffers (`wave_cache_fill`): `units` is
     /// the layer's first unit, `n_units` of them.
     pub fn wave_cache_fill(&self, units: u64, n_units: usize, hd: usize) -> Result<(), CudaError> {
         let (mut a1, mut a2) = (units, hd as i32);
+        // Enough loads in flight to cover PCIe's latency however few the units: about four
+        // CTAs a multiprocessor over the layer (a unit without misses returns at once).
+        let sms = self.info().multiprocessors.max(1) as usize;
+        let per_unit = (FILL_CTAS_PER_SM * sms)
+            .div_ceil(n_units.max(1))
+            .clamp(4, 64) as u32;
         self.launch(
             "wave_cache_fill",
             LaunchConfig {
-                grid_dim: (n_units as u32, FILL_BLOCKS_PER_UNIT, 1),
+                grid_dim: (n_units as u32, per_unit, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             },
@@ -639,8 +816,20 @@ impl CudaBackend {
     }
 }
 
-/// CTAs per unit of `wave_cache_fill` (each copies 4 KB of a page's K and V per pass at hd 128).
-const FILL_BLOCKS_PER_UNIT: u32 = 4;
+/// CTAs per multiprocessor `wave_cache_fill` aims for over a layer's units.
+const FILL_CTAS_PER_SM: usize = 4;
+
+/// Times of one gather of scattered pages from pinned host memory into GPU memory (see
+/// [`CudaBackend::pcie_gather_bench`]), microseconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GatherTimes {
+    /// `wave_cache_fill` (the GPU's own loads over PCIe).
+    pub kernel_us: f64,
+    /// One `cuMemcpyHtoDAsync` per page (copy engine).
+    pub memcpy_us: f64,
+    /// One `cuMemcpyBatchAsync` for all pages (copy engine).
+    pub batch_us: f64,
+}
 
 /// `dst.copy_from_slice(src)` on all cores (pinned arenas are tens of GiB).
 fn parallel_copy(dst: &mut [u8], src: &[u8]) {
@@ -661,8 +850,9 @@ mod tests {
 
     #[test]
     fn wave_tier_has_the_kernel_layout() {
-        // Eleven pointers and two ints, as `struct WaveTier` in kernels/common.cuh.
-        assert_eq!(std::mem::size_of::<WaveTier>(), 96);
+        // Eleven pointers and three ints, as `struct WaveTier` in kernels/common.cuh.
+        assert_eq!(std::mem::size_of::<WaveTier>(), 104);
+        assert_eq!(std::mem::offset_of!(WaveTier, host_clusters), 96);
         assert_eq!(std::mem::offset_of!(WaveTier, stats), 80);
         assert_eq!(std::mem::offset_of!(WaveTier, capacity), 88);
     }

@@ -80,7 +80,7 @@ fn wave_bytes_per_seq(cfg: &ModelConfig, wcfg: &WaveConfig, ctx: usize) -> (f64,
         .sum();
     // The GPU's budgets; the adaptive one may grow to its cap (on uniform random KV it always
     // does).
-    let b = retrowave_cuda::wave_step::StepBudgets::of(wcfg, k, 0);
+    let b = retrowave_cuda::wave_step::StepBudgets::of(wcfg, k, 0, k);
     let (r, e) = (b.retrieval_cap, b.estimation);
     let avg = (end - start) as f64 / k.max(1) as f64;
     let exact = (wcfg.sink_tokens + wcfg.window_tokens) as f64 + r as f64 * avg;
@@ -145,8 +145,15 @@ fn sweep(
     let mut rng = StdRng::seed_from_u64(ctx as u64);
     for &batch in batches.iter().filter(|&&x| x <= max_batch) {
         let before = buffer_pages(group, batch)?;
-        let mut times =
-            timed_decode_steps(group, cfg.vocab_size, batch, ctx, steps, &mut rng, feed_back)?;
+        let mut times = timed_decode_steps(
+            group,
+            cfg.vocab_size,
+            batch,
+            ctx,
+            steps,
+            &mut rng,
+            feed_back,
+        )?;
         let after = buffer_pages(group, batch)?;
         let (free, total) = b.context().mem_get_info()?;
         for s in 0..batch {
@@ -361,8 +368,9 @@ pub fn run_decode(
             let mut bs: Vec<usize> = batches.iter().copied().filter(|&x| x < max_batch).collect();
             bs.push(max_batch);
             println!("context {ctx} {mode}: batches {bs:?}");
-            let (points, build_s) =
-                sweep(&b, &mut group, &cfg, ctx, &bs, steps, wave, max_batch, feed_back)?;
+            let (points, build_s) = sweep(
+                &b, &mut group, &cfg, ctx, &bs, steps, wave, max_batch, feed_back,
+            )?;
             let (wave_seq_bytes, r, e) = wave_bytes_per_seq(&cfg, wcfg, ctx);
             for p in &points {
                 let seq_bytes = if wave.is_some() {
