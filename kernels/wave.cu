@@ -871,40 +871,43 @@ __device__ int tier_tokens(const WaveUnit& U, const WaveTier& T, const SeqDesc& 
   }
   __syncthreads();
   // List entries of resident wanted clusters: every slot whose owner is wanted writes its rows.
+  // This step's clusters carry this step's stamps, base + nr - i for wanted i: their index.
   for (int s = tid; s < S; s += SEL_THREADS) {
     const int o = owner[s];
     if (o < 0) continue;
-    int lo = 0, hi = nr;  // uid ascending: binary search
-    while (lo < hi) {
-      const int mid = (lo + hi) >> 1;
-      if (uid[mid] < o) lo = mid + 1; else hi = mid;
-    }
-    if (lo >= nr || uid[lo] != o || s_adm[lo] == -2) continue;
+    const unsigned st = stamp[o];
+    if (st <= base) continue;  // resident, not wanted
+    const int lo = nr - (int)(st - base);
     const int p = spage[s];
     const int n = min(P, offs[o + 1] - offs[o] - p * P);
     const int d0 = s_off[lo] + p * P;
     for (int r = 0; r < n; ++r)
       if (d0 + r < list_cap) L[d0 + r] = -(1 + s * P + r);
   }
-  // Clusters of index updates: their members' slots in the GPU cache.
+  // Clusters outside the buffers: those of index updates (their members' slots in the GPU
+  // cache) and bypassed ones (rows of the host arena); a warp each, when there are any.
   const int* mem = reinterpret_cast<const int*>(U.members);
-  for (int i = 0; i < nr; ++i) {
-    if (s_adm[i] != -4) continue;
-    const int c = uid[i];
-    const int o0 = offs[c], sz = offs[c + 1] - o0;
-    for (int r = tid; r < sz; r += SEL_THREADS)
-      if (s_off[i] + r < list_cap) L[s_off[i] + r] = seq_slot(sd, mem[o0 + r]);
-  }
-  // Bypassed clusters: read from the host arena.
   unsigned long long byp = 0;
-  for (int i = 0; i < nr; ++i) {
-    if (s_adm[i] != -2) continue;
-    const int c = uid[i];
-    const int o0 = offs[c], sz = offs[c + 1] - o0;
-    if (tid == 0) byp += (sz + P - 1) / P;
-    for (int r = tid; r < sz; r += SEL_THREADS)
-      if (s_off[i] + r < list_cap) L[s_off[i] + r] = WAVE_HOST_ENTRY + o0 + r;
+  int odd = 0;
+  for (int i = tid; i < nr; i += SEL_THREADS) odd |= s_adm[i] == -4 || s_adm[i] == -2;
+  if (__syncthreads_or(odd)) {
+    const int lane = tid & 31, warp = tid >> 5;
+    for (int i = warp; i < nr; i += SEL_THREADS / 32) {
+      const int a = s_adm[i];
+      if (a != -4 && a != -2) continue;
+      const int c = uid[i];
+      const int o0 = offs[c], sz = offs[c + 1] - o0;
+      if (a == -2 && lane == 0) byp += (sz + P - 1) / P;
+      for (int r = lane; r < sz; r += 32)
+        if (s_off[i] + r < list_cap)
+          L[s_off[i] + r] = a == -4 ? seq_slot(sd, mem[o0 + r]) : WAVE_HOST_ENTRY + o0 + r;
+    }
   }
+  // The bypassed pages, summed over the warps' lane 0s.
+  if (tid == 0) s_misc[4] = 0u;
+  __syncthreads();
+  if (byp) atomicAdd(&s_misc[4], (unsigned)byp);
+  __syncthreads();
   if (tid == 0) {
     const unsigned evicted = s_misc[3];
     state[0] = used + (unsigned)A - evicted;
@@ -912,9 +915,9 @@ __device__ int tier_tokens(const WaveUnit& U, const WaveTier& T, const SeqDesc& 
     state[2] = (unsigned)A;
     atomicAdd(stats + 0, (unsigned long long)H);
     atomicAdd(stats + 1, (unsigned long long)A);
-    atomicAdd(stats + 2, byp);
+    atomicAdd(stats + 2, (unsigned long long)s_misc[4]);
     atomicAdd(stats + 3, (unsigned long long)evicted);
-    if (base == 0u) atomicAdd(stats + 4, (unsigned long long)A + byp);  // the first step: cold
+    if (base == 0u) atomicAdd(stats + 4, (unsigned long long)A + s_misc[4]);  // the first step: cold
   }
   return list_len;
 }
