@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepares model files for the GPU machine, which has no network: each model is cut into pieces
-# under the device tool's 64 MiB limit, one git-ignored folder per piece (.x00, .x01, ...), so that
+# under the device tool's 64 MiB limit with room for the working tree, one git-ignored folder per piece (.x00, .x01, ...), so that
 # each device call can carry one folder (`carry: [".xNN"]`) and copy its piece to /root/models
 # while the machine stays warm; the last call joins the pieces (`cat NAME.?? > NAME.gguf`) and checks
 # `sha256sum` against ../shared/docs/models.md. Also stages the haystack essays in .xdata.
@@ -15,7 +15,7 @@ for m in $models; do
   f="$home/models/$m.gguf"
   [ -f "$f" ] || { echo "missing $f (run: retrowave fetch $m)" >&2; exit 1; }
   tmp=$(mktemp -d)
-  split -b 58m -d -a 2 "$f" "$tmp/$m."
+  split -b 50m -d -a 2 "$f" "$tmp/$m."
   for p in "$tmp"/*; do
     d=$(printf ".x%02d" "$i"); mkdir -p "$d"; mv "$p" "$d/"; i=$((i + 1))
   done
