@@ -89,6 +89,40 @@ fn run_step(
     Ok(y)
 }
 
+/// The GPU's zone selection of `layer` for the step `x` over `kvs` (deterministic: what the
+/// step itself selected): the selection, its ids and its counts on the host.
+fn step_selection(
+    b: &CudaBackend,
+    kvs: &[DevKv],
+    x: &StepInputs,
+    layer: usize,
+    heads: HeadLayout,
+) -> Result<(crate::wave::WaveSelection, Vec<i32>, Vec<i32>), String> {
+    let s_ = |x: crate::CudaError| x.to_string();
+    let (nh, nkv, hd) = (heads.n_heads, heads.n_kv_heads, heads.head_dim);
+    let refs: Vec<&DevKv> = kvs.iter().collect();
+    let tables = b.step_tables(&refs, &x.batch, nkv).map_err(s_)?;
+    let ws = b
+        .wave_step_units(&HostStep::of(&tables), &refs)
+        .map_err(s_)?;
+    let qd = b.upload(&x.q).map_err(s_)?;
+    let sel = b
+        .wave_select_dev(
+            ws.layer_ptr(layer),
+            ws.per_layer,
+            ws.max_clusters,
+            dp(&qd),
+            nh,
+            nkv,
+            hd,
+            ws.max_ids,
+        )
+        .map_err(s_)?;
+    let ids = b.download(&sel.ids, sel.ids.len()).map_err(s_)?;
+    let counts = b.download(&sel.counts, sel.counts.len()).map_err(s_)?;
+    Ok((sel, ids, counts))
+}
+
 /// Wave decode attention checks for one head shape; `len` tokens of synthetic KV, one decode
 /// step on two sequences of different lengths.
 pub(crate) fn check_wave_decode(
@@ -130,7 +164,7 @@ pub(crate) fn check_wave_decode(
     }
     let rows = lens.len();
     let x = step_inputs(b, rng, &lens, 0, heads);
-    let (batch, q) = (&x.batch, &x.q);
+    let q = &x.q;
     let run = |kvs: &mut Vec<DevKv>| run_step(b, layer, &x, kvs, heads);
     let y_dense = run(&mut dense)?;
     let y_full = run(&mut full)?;
@@ -142,33 +176,8 @@ pub(crate) fn check_wave_decode(
         2e-3,
     )];
 
-    // The GPU's own selection for this step (the units are still the step's, cached).
-    let refs: Vec<&DevKv> = wave.iter().collect();
-    let tables = b
-        .step_tables(&refs, batch, nkv)
-        .map_err(|x| x.to_string())?;
-    let ws = b
-        .wave_step_units(&HostStep::of(&tables), &refs)
-        .map_err(|x| x.to_string())?;
-    let qd = b.upload(q).map_err(|x| x.to_string())?;
-    let sel = b
-        .wave_select_dev(
-            ws.layer_ptr(layer),
-            ws.per_layer,
-            ws.max_clusters,
-            dp(&qd),
-            nh,
-            nkv,
-            hd,
-            ws.max_ids,
-        )
-        .map_err(|x| x.to_string())?;
-    let ids = b
-        .download(&sel.ids, sel.ids.len())
-        .map_err(|x| x.to_string())?;
-    let counts = b
-        .download(&sel.counts, sel.counts.len())
-        .map_err(|x| x.to_string())?;
+    // The GPU's own selection for this step.
+    let (sel, ids, counts) = step_selection(b, &wave, &x, layer, heads)?;
 
     let g = nh / nkv;
     let scale = 1.0 / (hd as f64).sqrt();
@@ -375,7 +384,6 @@ pub(crate) fn check_wave_tier(
     let (mut max_abs, mut num, mut den) = (0f64, 0f64, 0f64);
     for step in 0..STEPS {
         let x = step_inputs(b, rng, &lens, step, heads);
-        let (batch, q) = (&x.batch, &x.q);
         let run = |kvs: &mut Vec<DevKv>| run_step(b, layer, &x, kvs, heads);
         let y_res = run(&mut resident)?;
         let y_tier = run(&mut tiered)?;
@@ -386,26 +394,7 @@ pub(crate) fn check_wave_tier(
             den += f64::from(*r) * f64::from(*r);
         }
         // The step's selection, again (deterministic), and the CPU policy's decisions on it.
-        let refs: Vec<&DevKv> = tiered.iter().collect();
-        let tables = b.step_tables(&refs, batch, nkv).map_err(s_)?;
-        let ws = b
-            .wave_step_units(&HostStep::of(&tables), &refs)
-            .map_err(s_)?;
-        let qd = b.upload(q).map_err(s_)?;
-        let sel = b
-            .wave_select_dev(
-                ws.layer_ptr(layer),
-                ws.per_layer,
-                ws.max_clusters,
-                dp(&qd),
-                nh,
-                nkv,
-                hd,
-                ws.max_ids,
-            )
-            .map_err(s_)?;
-        let ids = b.download(&sel.ids, sel.ids.len()).map_err(s_)?;
-        let counts = b.download(&sel.counts, sel.counts.len()).map_err(s_)?;
+        let (sel, ids, counts) = step_selection(b, &tiered, &x, layer, heads)?;
         for (si, t) in tiered.iter().enumerate() {
             let w = t.wave.as_deref().ok_or("index missing")?;
             let kc = w.n_clusters;
@@ -564,26 +553,7 @@ fn cpu_agreement(
     let updates = kvs[0].wave.as_ref().map_or(0, |w| w.updates);
     let y = run_step(b, layer, &x, &mut kvs, heads)?;
     // The GPU's selection of that step (deterministic: the same again).
-    let refs: Vec<&DevKv> = kvs.iter().collect();
-    let tables = b.step_tables(&refs, &x.batch, nkv).map_err(s_)?;
-    let ws = b
-        .wave_step_units(&HostStep::of(&tables), &refs)
-        .map_err(s_)?;
-    let qd = b.upload(&x.q).map_err(s_)?;
-    let sel = b
-        .wave_select_dev(
-            ws.layer_ptr(layer),
-            ws.per_layer,
-            ws.max_clusters,
-            dp(&qd),
-            nh,
-            nkv,
-            hd,
-            ws.max_ids,
-        )
-        .map_err(s_)?;
-    let ids = b.download(&sel.ids, sel.ids.len()).map_err(s_)?;
-    let counts = b.download(&sel.counts, sel.counts.len()).map_err(s_)?;
+    let (sel, ids, counts) = step_selection(b, &kvs, &x, layer, heads)?;
     let kv = &kvs[0];
     // The whole cache (with a host tier: the GPU's part and the arena's, put back together).
     let (kk, vv, cap) = if kv.hole.1 > 0 {

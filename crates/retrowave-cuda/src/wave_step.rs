@@ -301,13 +301,7 @@ impl CudaBackend {
     /// `window_tokens + update_interval` tokens follow the indexed range, then all of them but
     /// the last `window_tokens`.
     pub fn update_range(w: &DevWave, n_after: usize) -> Option<std::ops::Range<usize>> {
-        let cfg = &w.cfg;
-        let tail = n_after.checked_sub(w.indexed_end)?;
-        if cfg.update_interval == 0 || tail < cfg.window_tokens.saturating_add(cfg.update_interval)
-        {
-            return None;
-        }
-        Some(w.indexed_end..n_after - cfg.window_tokens)
+        w.cfg.pending_update(w.indexed_end, n_after)
     }
 
     /// Runs the index updates due before the decode step `batch` (for every layer and head of a

@@ -858,6 +858,18 @@ mod tests {
     }
 
     #[test]
+    fn tier_shapes_follow_the_config_and_refuse_what_the_kernels_cannot_take() {
+        let cfg = WaveConfig::retrowave();
+        assert_eq!(tier_shape(&cfg, 148, 8188, 8188 * 16).ok(), Some((888, 8)));
+        // More retrieval clusters than the policy kernel takes in a step.
+        let err = tier_shape(&cfg, crate::wave::SEL_TOP + 1, 1 << 20, 1 << 24).unwrap_err();
+        assert!(err.to_string().contains("retrieval budget"), "{err}");
+        // A head longer than the token lists can address.
+        let err = tier_shape(&cfg, 148, 8188, 1 << 29).unwrap_err();
+        assert!(err.to_string().contains("token-list encoding"), "{err}");
+    }
+
+    #[test]
     fn counters_say_what_crossed_pcie() {
         let c = TierCounters {
             hit_pages: 90,

@@ -313,6 +313,24 @@ impl WaveConfig {
         self.cache_ratio.saturating_mul(retrieval)
     }
 
+    /// The tokens an index update clusters once `n_tokens` tokens exist after an indexed range
+    /// that ends at `indexed_end`: `None` until `window_tokens + update_interval` tokens follow
+    /// it (or with `update_interval` 0), then every token after it except the last
+    /// `window_tokens`. The rule of every backend's updates.
+    pub fn pending_update(
+        &self,
+        indexed_end: usize,
+        n_tokens: usize,
+    ) -> Option<std::ops::Range<usize>> {
+        let tail = n_tokens.checked_sub(indexed_end)?;
+        if self.update_interval == 0
+            || tail < self.window_tokens.saturating_add(self.update_interval)
+        {
+            return None;
+        }
+        Some(indexed_end..n_tokens - self.window_tokens)
+    }
+
     /// Page slots of the wave buffer of one head whose index has `n_clusters` clusters over
     /// `indexed_tokens` tokens and a step budget of `retrieval` clusters: room for
     /// [`Self::cache_clusters`] clusters (of at least `min_retrieval_clusters`) of the average
@@ -434,6 +452,30 @@ mod tests {
         assert_eq!(c.clusters_for_segment(8192), 512);
         assert_eq!(c.clusters_for_segment(5), 1);
         assert_eq!(c.clusters_for_segment(0), 0);
+    }
+
+    #[test]
+    fn wave_buffers_hold_cache_ratio_times_the_budget_in_pages() {
+        let c = WaveConfig::retrowave();
+        // 128K: 148 retrieval clusters of 16 tokens on average, pages of 8: 3 x 148 x 2.
+        assert_eq!(c.cache_pages(148, 8188, 8188 * 16), 888);
+        // The 64-cluster minimum counts; clusters of 17-24 tokens take 3 pages.
+        assert_eq!(c.cache_pages(10, 100, 2000), 3 * 64 * 3);
+        // The published config has no minimum.
+        assert_eq!(WaveConfig::published().cache_pages(0, 100, 1600), 0);
+    }
+
+    #[test]
+    fn updates_wait_for_a_window_and_an_interval() {
+        let c = WaveConfig::published(); // window 64, interval 1024
+        assert_eq!(c.pending_update(1000, 1000 + 64 + 1023), None);
+        assert_eq!(c.pending_update(1000, 1000 + 64 + 1024), Some(1000..2024));
+        assert_eq!(c.pending_update(1000, 999), None);
+        let never = WaveConfig {
+            update_interval: 0,
+            ..c
+        };
+        assert_eq!(never.pending_update(0, 1 << 20), None);
     }
 
     #[test]

@@ -132,12 +132,7 @@ impl ClusterIndex {
     /// `window_tokens + update_interval` tokens follow the indexed range, then every token after
     /// the indexed range except the last `window_tokens`.
     pub fn pending_update(&self, cfg: &WaveConfig, n_tokens: usize) -> Option<Range<usize>> {
-        let tail = n_tokens.checked_sub(self.indexed.end)?;
-        if cfg.update_interval == 0 || tail < cfg.window_tokens.saturating_add(cfg.update_interval)
-        {
-            return None;
-        }
-        Some(self.indexed.end..n_tokens - cfg.window_tokens)
+        cfg.pending_update(self.indexed.end, n_tokens)
     }
 
     /// Clusters `range` of `kv` (which must start at the end of the indexed range) as one segment
