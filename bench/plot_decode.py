@@ -2,9 +2,10 @@
 """Plots decode tokens/s against context length, dense (full) and wave attention, each at its best
 batch, from the `gpu-decode-best` records of `retrowave bench decode`.
 
-usage: python3 bench/plot_decode.py [RESULTS.jsonl] [OUT.svg]
+usage: python3 bench/plot_decode.py [RESULTS.jsonl] [OUT.svg] [--host-tier FILE,FILE...]
 (default bench/results/gpu-h200-decode.jsonl -> bench/plots/decode-tokens-vs-context-h200.svg;
-needs matplotlib). For a context measured more than once, the latest record counts.
+needs matplotlib). For a context measured more than once, the latest record counts. The wave
+records of the `--host-tier` files (runs with `host_kv = true`) are drawn as a third series.
 """
 import json
 import sys
@@ -14,18 +15,41 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-src = sys.argv[1] if len(sys.argv) > 1 else "bench/results/gpu-h200-decode.jsonl"
-dst = sys.argv[2] if len(sys.argv) > 2 else "bench/plots/decode-tokens-vs-context-h200.svg"
+args = [a for a in sys.argv[1:]]
+host_files = []
+if "--host-tier" in args:
+    i = args.index("--host-tier")
+    host_files = args[i + 1].split(",")
+    del args[i : i + 2]
+src = args[0] if len(args) > 0 else "bench/results/gpu-h200-decode.jsonl"
+dst = args[1] if len(args) > 1 else "bench/plots/decode-tokens-vs-context-h200.svg"
 best = {}
 cards = set()
-for line in open(src):
-    r = json.loads(line)
-    if r.get("bench") != "gpu-decode-best":
-        continue
-    best[(r["attention"], r["context"])] = (r["tokens_per_s"], r["batch"])
-    cards.add(r["device"])
+
+
+def read_best(path, rename=None):
+    for line in open(path):
+        r = json.loads(line)
+        if r.get("bench") != "gpu-decode-best":
+            continue
+        mode = r["attention"]
+        if rename is not None:
+            if mode not in rename:
+                continue
+            mode = rename[mode]
+        best[(mode, r["context"])] = (r["tokens_per_s"], r["batch"])
+        cards.add(r["device"])
+
+
+read_best(src)
+for f in host_files:
+    read_best(f, {"wave": "wave-host"})
 fig, ax = plt.subplots(figsize=(7, 4.2))
-for mode, label, style in [("full", "dense (full attention)", "o-"), ("wave", "wave", "s-")]:
+for mode, label, style in [
+    ("full", "dense (full attention)", "o-"),
+    ("wave", "wave", "s-"),
+    ("wave-host", "wave, KV in host memory (synthetic queries: ~7% buffer hits)", "^--"),
+]:
     pts = sorted((c, v) for (m, c), v in best.items() if m == mode)
     if not pts:
         continue
