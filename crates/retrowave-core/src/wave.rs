@@ -163,6 +163,9 @@ pub struct WaveStats {
     pub cache_miss_pages: u64,
     /// ... and, of those misses, the pages of each head's first step (a cold buffer).
     pub cache_cold_pages: u64,
+    /// Bytes of KV those misses copied from host memory to the GPU (a GPU backend with its KV
+    /// in a host tier; 0 where nothing moves, as in the CPU backend's simulation).
+    pub host_to_device_bytes: u64,
 }
 
 impl WaveStats {
@@ -180,6 +183,7 @@ impl WaveStats {
         self.cache_hit_pages += other.cache_hit_pages;
         self.cache_miss_pages += other.cache_miss_pages;
         self.cache_cold_pages += other.cache_cold_pages;
+        self.host_to_device_bytes += other.host_to_device_bytes;
     }
 
     /// Share of the retrieval clusters' pages the wave buffer served, after each head's first

@@ -2329,6 +2329,10 @@ impl Backend for CudaBackend {
             cache_hit_pages: tc.hit_pages,
             cache_miss_pages: tc.miss_pages(),
             cache_cold_pages: tc.cold_pages,
+            // K and V of every page that crossed PCIe.
+            host_to_device_bytes: w.tier.as_ref().map_or(0, |t| {
+                tc.miss_pages() * (2 * t.page * t.head_dim * 2) as u64
+            }),
             ..WaveStats::default()
         })
     }

@@ -14,8 +14,9 @@
 //! | `retrowave:request_queue_time_seconds` | histogram | | arrival to admission |
 //! | `retrowave:kv_cache_usage_perc` | gauge | `tier` = device, host, disk | share (0..1) of the tier's KV capacity in use; device = reserved tokens of the dense cache over its budget; host and disk stay 0 until the tiered store serves the engine |
 //! | `retrowave:kv_cache_tokens` | gauge | `state` = reserved, cached | KV tokens reserved by running sequences / computed and held |
-//! | `retrowave:wave_buffer_hit_ratio` | gauge | | share of retrieval-cluster reads served by the GPU wave buffer (0 until the buffer lands) |
-//! | `retrowave:kv_bytes_moved_total` | counter | `tier`, `link` | bytes of KV, centroids and summaries read: `tier="device",link="attention_read"` counts wave attention's reads; `host,host_to_device` and `disk,disk_to_host` stay 0 until the wave buffer and the tiered store serve the engine |
+//! | `retrowave:wave_buffer_hit_ratio` | gauge | | share of the retrieval clusters' pages the wave buffers served after their first (cold) step, over every finished request so far (GPU with `host_kv`: the real buffers; CPU: the store policy's simulation of them) |
+//! | `retrowave:wave_buffer_pages_total` | counter | `result` = hit, miss | retrieval-cluster pages found in the wave buffers / read from the host tier |
+//! | `retrowave:kv_bytes_moved_total` | counter | `tier`, `link` | bytes of KV moved or read: `tier="device",link="attention_read"` counts wave attention's reads; `host,host_to_device` the wave buffers' misses copied over PCIe (GPU with `host_kv`); `disk,disk_to_host` stays 0 until the disk tier serves the engine |
 //! | `retrowave:index_build_seconds` | histogram | | wave index build after a prefill, per request |
 //! | `retrowave:retrieval_zone_clusters` | histogram | | retrieval clusters per (layer, KV head) decode step, mean of one request |
 //! | `retrowave:estimation_zone_clusters` | histogram | | estimation clusters per (layer, KV head) decode step, mean of one request |
@@ -26,6 +27,8 @@ use metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use retrowave_core::WaveStats;
 use retrowave_engine::{EngineStats, FinishReason, Usage};
 
@@ -41,6 +44,7 @@ pub const QUEUE_TIME: &str = "retrowave:request_queue_time_seconds";
 pub const KV_CACHE_USAGE: &str = "retrowave:kv_cache_usage_perc";
 pub const KV_CACHE_TOKENS: &str = "retrowave:kv_cache_tokens";
 pub const WAVE_BUFFER_HIT_RATIO: &str = "retrowave:wave_buffer_hit_ratio";
+pub const WAVE_BUFFER_PAGES: &str = "retrowave:wave_buffer_pages_total";
 pub const KV_BYTES_MOVED: &str = "retrowave:kv_bytes_moved_total";
 pub const INDEX_BUILD_SECONDS: &str = "retrowave:index_build_seconds";
 pub const RETRIEVAL_ZONE: &str = "retrowave:retrieval_zone_clusters";
@@ -134,7 +138,11 @@ pub fn describe() {
     );
     describe_gauge!(
         WAVE_BUFFER_HIT_RATIO,
-        "Share of retrieval-cluster reads served by the wave buffer"
+        "Share of retrieval-cluster pages served by the wave buffers after their first step"
+    );
+    describe_counter!(
+        WAVE_BUFFER_PAGES,
+        "Retrieval-cluster pages found in the wave buffers (hit) or read from the host tier (miss)"
     );
     describe_counter!(
         KV_BYTES_MOVED,
@@ -173,6 +181,9 @@ fn init_series() {
     }
     for zone in ["exact", "estimated", "context"] {
         counter!(WAVE_TOKENS, "zone" => zone).absolute(0);
+    }
+    for result in ["hit", "miss"] {
+        counter!(WAVE_BUFFER_PAGES, "result" => result).absolute(0);
     }
     gauge!(WAVE_BUFFER_HIT_RATIO).set(0.0);
     for h in [
@@ -241,6 +252,35 @@ fn record_wave(w: &WaveStats) {
     counter!(WAVE_TOKENS, "zone" => "context").increment(w.context_tokens);
     counter!(KV_BYTES_MOVED, "tier" => "device", "link" => "attention_read")
         .increment(w.bytes_read);
+    counter!(KV_BYTES_MOVED, "tier" => "host", "link" => "host_to_device")
+        .increment(w.host_to_device_bytes);
+    counter!(WAVE_BUFFER_PAGES, "result" => "hit").increment(w.cache_hit_pages);
+    counter!(WAVE_BUFFER_PAGES, "result" => "miss").increment(w.cache_miss_pages);
+    if let Some(ratio) = BUFFER_PAGES.add(w) {
+        gauge!(WAVE_BUFFER_HIT_RATIO).set(ratio);
+    }
+}
+
+/// The wave buffers' pages over every finished request: hits, and pages of warm steps (hits and
+/// misses after each head's first, cold step), for the hit ratio gauge.
+struct BufferPages {
+    hit: AtomicU64,
+    warm: AtomicU64,
+}
+
+static BUFFER_PAGES: BufferPages = BufferPages {
+    hit: AtomicU64::new(0),
+    warm: AtomicU64::new(0),
+};
+
+impl BufferPages {
+    /// Adds a request's pages; the hit ratio so far, once any warm page was read.
+    fn add(&self, w: &WaveStats) -> Option<f64> {
+        let warm = (w.cache_hit_pages + w.cache_miss_pages).saturating_sub(w.cache_cold_pages);
+        let hit = self.hit.fetch_add(w.cache_hit_pages, Ordering::Relaxed) + w.cache_hit_pages;
+        let warm = self.warm.fetch_add(warm, Ordering::Relaxed) + warm;
+        (warm > 0).then(|| hit as f64 / warm as f64)
+    }
 }
 
 /// Records the time to the first token of a request.
@@ -256,4 +296,47 @@ pub fn record_inter_token(seconds: f64) {
 /// Counts a request answered with an error status.
 pub fn record_http_error(status: u16) {
     counter!(HTTP_ERRORS, "status" => status.to_string()).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A finished request's wave counters reach the exposition: the buffers' pages, the hit ratio
+    /// so far and the bytes that crossed PCIe (with a local recorder, as the server's is global).
+    #[test]
+    fn wave_buffer_counters_reach_the_exposition() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let w = WaveStats {
+            cache_hit_pages: 180,
+            cache_miss_pages: 30,
+            cache_cold_pages: 10,
+            host_to_device_bytes: 30 * 4096,
+            ..WaveStats::default()
+        };
+        metrics::with_local_recorder(&recorder, || record_wave(&w));
+        let text = handle.render();
+        let value = |series: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{series} missing from\n{text}"))
+        };
+        assert_eq!(
+            value("retrowave:wave_buffer_pages_total{result=\"hit\"}"),
+            180.0
+        );
+        assert_eq!(
+            value("retrowave:wave_buffer_pages_total{result=\"miss\"}"),
+            30.0
+        );
+        assert_eq!(
+            value("retrowave:kv_bytes_moved_total{tier=\"host\",link=\"host_to_device\"}"),
+            122880.0
+        );
+        // 180 of the 200 warm pages (the first step's 10 misses are not counted; this is the
+        // only test of the process that records wave counters, whose sums are process-wide).
+        let ratio = value("retrowave:wave_buffer_hit_ratio");
+        assert!((ratio - 0.9).abs() < 1e-12, "{ratio}");
+    }
 }

@@ -423,6 +423,8 @@ fn openai_api_batching_errors_auth_and_metrics() {
         "retrowave:kv_cache_usage_perc{tier=\"disk\"}",
         "retrowave:kv_cache_tokens{state=\"reserved\"}",
         "retrowave:wave_buffer_hit_ratio",
+        "retrowave:wave_buffer_pages_total{result=\"hit\"}",
+        "retrowave:wave_buffer_pages_total{result=\"miss\"}",
         "retrowave:kv_bytes_moved_total{tier=\"host\",link=\"host_to_device\"}",
         "retrowave:index_build_seconds_count",
         "retrowave:retrieval_zone_clusters_count",
