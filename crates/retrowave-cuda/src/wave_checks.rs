@@ -31,6 +31,33 @@ fn to_f64(v: &[bf16]) -> Vec<f64> {
     v.iter().map(|x| x.to_f64()).collect()
 }
 
+/// What the wave checks share: the head shape, caches of two layers of which the second is
+/// checked, and the default config with segments of 2048 tokens (several segments, the last one
+/// short).
+struct CheckShape {
+    heads: HeadLayout,
+    layers: usize,
+    layer: usize,
+    cfg: WaveConfig,
+}
+
+impl CheckShape {
+    fn new(hd: usize, nh: usize, nkv: usize) -> Self {
+        let mut cfg = WaveConfig::retrowave();
+        cfg.segment_tokens = 2048;
+        CheckShape {
+            heads: HeadLayout {
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hd,
+            },
+            layers: 2,
+            layer: 1,
+            cfg,
+        }
+    }
+}
+
 /// The inputs of one decode step of sequences of `lens` tokens, `step` tokens in: the batch and
 /// random q (also on the host), k and v activations.
 struct StepInputs {
@@ -133,16 +160,14 @@ pub(crate) fn check_wave_decode(
     nkv: usize,
 ) -> Result<Vec<CheckResult>, String> {
     let e = |x: retrowave_core::BackendError| x.to_string();
-    let heads = HeadLayout {
-        n_heads: nh,
-        n_kv_heads: nkv,
-        head_dim: hd,
-    };
-    let (layers, layer) = (2usize, 1usize);
+    let CheckShape {
+        heads,
+        layers,
+        layer,
+        cfg,
+    } = CheckShape::new(hd, nh, nkv);
     let lens = [5000usize, 2300];
     let cap = 5200;
-    let mut cfg = WaveConfig::retrowave();
-    cfg.segment_tokens = 2048; // several segments, the last one short
     let mut all = cfg.clone();
     all.retrieval_fraction = 1.0;
     all.estimation_fraction = 0.0;
@@ -277,14 +302,11 @@ pub(crate) fn check_wave_decode(
     ));
     // Nothing may have been cut from a token list.
     let overflows = b.wave_overflows().map_err(|x| x.to_string())?;
-    out.push(CheckResult {
-        name: "wave token lists: none cut short".into(),
-        rel_l2: 0.0,
-        max_abs: f64::from(overflows),
-        non_finite: 0,
-        tolerance: 0.0,
-        passed: overflows == 0,
-    });
+    out.push(CheckResult::exact(
+        "wave token lists: none cut short",
+        f64::from(overflows),
+        overflows == 0,
+    ));
     Ok(out)
 }
 
@@ -301,16 +323,14 @@ pub(crate) fn check_wave_tier(
     const STEPS: usize = 6;
     let e = |x: retrowave_core::BackendError| x.to_string();
     let s_ = |x: crate::CudaError| x.to_string();
-    let heads = HeadLayout {
-        n_heads: nh,
-        n_kv_heads: nkv,
-        head_dim: hd,
-    };
-    let (layers, layer) = (2usize, 1usize);
+    let CheckShape {
+        heads,
+        layers,
+        layer,
+        mut cfg,
+    } = CheckShape::new(hd, nh, nkv);
     let lens = [5000usize, 2300];
     let cap = 5200;
-    let mut cfg = WaveConfig::retrowave();
-    cfg.segment_tokens = 2048;
     cfg.cache_ratio = 1;
     let mut tiered_cfg = cfg.clone();
     tiered_cfg.host_kv = true;
@@ -356,14 +376,11 @@ pub(crate) fn check_wave_tier(
             }
         }
     }
-    out.push(CheckResult {
-        name: format!("wave tier: cache restored from host == original (hd {hd})"),
-        rel_l2: 0.0,
-        max_abs: restore_err as f64,
-        non_finite: 0,
-        tolerance: 0.0,
-        passed: restore_err == 0,
-    });
+    out.push(CheckResult::exact(
+        format!("wave tier: cache restored from host == original (hd {hd})"),
+        restore_err as f64,
+        restore_err == 0,
+    ));
 
     // CPU policies of the checked layer's units (row s, KV head h).
     let tiers: Vec<(usize, usize)> = tiered
@@ -467,27 +484,18 @@ pub(crate) fn check_wave_tier(
         }
     }
     let same = got == want && resident_diff == 0;
-    out.push(CheckResult {
-        name: format!(
+    out.push(CheckResult::exact(
+        format!(
             "wave tier: buffers == store policy (hit {} admit {} bypass {} evict {} pages; GPU {}/{}/{}/{}, {} residents differ)",
             want.hit_pages, want.admitted_pages, want.bypass_pages, want.evicted_pages,
             got.hit_pages, got.admitted_pages, got.bypass_pages, got.evicted_pages, resident_diff
-        ),
-        rel_l2: 0.0,
-        max_abs: resident_diff as f64,
-        non_finite: 0,
-        tolerance: 0.0,
-        passed: same && want.hit_pages > 0 && want.evicted_pages > 0,
-    });
+        ), resident_diff as f64, same && want.hit_pages > 0 && want.evicted_pages > 0));
     let overflows = b.wave_overflows().map_err(s_)?;
-    out.push(CheckResult {
-        name: "wave tier token lists: none cut short".into(),
-        rel_l2: 0.0,
-        max_abs: f64::from(overflows),
-        non_finite: 0,
-        tolerance: 0.0,
-        passed: overflows == 0,
-    });
+    out.push(CheckResult::exact(
+        "wave tier token lists: none cut short",
+        f64::from(overflows),
+        overflows == 0,
+    ));
     Ok(out)
 }
 
@@ -525,16 +533,14 @@ fn cpu_agreement(
     use retrowave_index::{ClusterIndex, attend, plan_step, score_clusters};
     let e = |x: retrowave_core::BackendError| x.to_string();
     let s_ = |x: crate::CudaError| x.to_string();
-    let heads = HeadLayout {
-        n_heads: nh,
-        n_kv_heads: nkv,
-        head_dim: hd,
-    };
-    let (layers, layer) = (2usize, 1usize);
+    let CheckShape {
+        heads,
+        layers,
+        layer,
+        mut cfg,
+    } = CheckShape::new(hd, nh, nkv);
     let len = pos;
     let cap = 6100;
-    let mut cfg = WaveConfig::retrowave();
-    cfg.segment_tokens = 2048;
     cfg.update_interval = 256;
     cfg.host_kv = host_kv;
     let mut kv = b.new_kv(layers, heads, cap).map_err(e)?;
@@ -705,16 +711,13 @@ fn cpu_agreement(
         (u, true) => format!(", after {u} index update, host tier"),
     };
     Ok(vec![
-        CheckResult {
-            name: format!(
+        CheckResult::exact(
+            format!(
                 "wave step == CPU reference zones (hd {hd}, {nh}/{nkv} heads{what}): {differ} of {clusters} zone memberships differ, {not_near_tie} not near-ties (clustering differs at {cluster_diff} places, centroids by {cent_rel:.1e}, scores by {score_rel:.1e})"
             ),
-            rel_l2: 0.0,
-            max_abs: not_near_tie as f64,
-            non_finite: 0,
-            tolerance: 0.0,
-            passed: not_near_tie == 0 && differ * 50 <= clusters.max(1),
-        },
+            not_near_tie as f64,
+            not_near_tie == 0 && differ * 50 <= clusters.max(1),
+        ),
         compare(
             format!(
                 "wave step == CPU reference output on the GPU's zones (hd {hd}, {nh}/{nkv} heads{what}; on the CPU's own zones rel {own_rel:.1e})"

@@ -86,6 +86,63 @@ impl DevWave {
     }
 }
 
+/// What the build of an index over `n` tokens clusters, as the CPU's `ClusterIndex::build`: the
+/// first `sink_tokens` and the last `window_tokens` stay in the steady zone, the rest is cut into
+/// segments of `segment_tokens`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildPlan {
+    /// Start of the indexed range (the sink's end).
+    pub sink: usize,
+    /// End of the indexed range.
+    pub end: usize,
+    pub segments: Vec<BuildSegment>,
+}
+
+impl BuildPlan {
+    pub fn of(cfg: &WaveConfig, n: usize) -> Self {
+        let sink = cfg.sink_tokens.min(n);
+        let end = n.saturating_sub(cfg.window_tokens).max(sink);
+        let segments = retrowave_index::segments(sink..end, cfg)
+            .into_iter()
+            .map(|s| BuildSegment {
+                start: s.tokens.start,
+                end: s.tokens.end,
+                clusters: s.clusters,
+            })
+            .collect();
+        BuildPlan {
+            sink,
+            end,
+            segments,
+        }
+    }
+
+    /// Clusters of the build.
+    pub fn clusters(&self) -> usize {
+        self.segments.iter().map(|s| s.clusters).sum()
+    }
+}
+
+/// The wave configs the GPU backend cannot run, as errors that say why.
+pub(crate) fn check_gpu_config(cfg: &WaveConfig) -> Result<(), CudaError> {
+    cfg.validate()
+        .map_err(|e| CudaError::Unsupported(format!("wave config: {e}")))?;
+    if cfg.rank_by_size {
+        return Err(CudaError::Unsupported(
+            "wave config: rank_by_size is not implemented on the GPU (the CPU backend has it)"
+                .into(),
+        ));
+    }
+    if cfg.host_kv && cfg.dense_layers > 0 {
+        return Err(CudaError::Unsupported(
+            "wave config: host_kv with dense_layers > 0 (dense layers read every token from GPU \
+             memory)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 /// The budgets of a wave step for one sequence (see [`DevWave::budgets`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepBudgets {
@@ -205,33 +262,13 @@ impl CudaBackend {
     /// the first `sink_tokens` and the last `window_tokens` stay in the steady zone, the rest is
     /// clustered in segments of `segment_tokens`.
     pub fn build_wave(&self, kv: &DevKv, cfg: &WaveConfig) -> Result<DevWave, CudaError> {
-        cfg.validate()
-            .map_err(|e| CudaError::Unsupported(format!("wave config: {e}")))?;
-        if cfg.rank_by_size {
-            return Err(CudaError::Unsupported(
-                "wave config: rank_by_size is not implemented on the GPU (the CPU backend has it)"
-                    .into(),
-            ));
-        }
-        if cfg.host_kv && cfg.dense_layers > 0 {
-            return Err(CudaError::Unsupported(
-                "wave config: host_kv with dense_layers > 0 (dense layers read every token from \
-                 GPU memory)"
-                    .into(),
-            ));
-        }
+        check_gpu_config(cfg)?;
         let t0 = Instant::now();
-        let n = kv.len;
-        let start = cfg.sink_tokens.min(n);
-        let end = n.saturating_sub(cfg.window_tokens).max(start);
-        let segs: Vec<BuildSegment> = retrowave_index::segments(start..end, cfg)
-            .into_iter()
-            .map(|s| BuildSegment {
-                start: s.tokens.start,
-                end: s.tokens.end,
-                clusters: s.clusters,
-            })
-            .collect();
+        let BuildPlan {
+            sink: start,
+            end,
+            segments: segs,
+        } = BuildPlan::of(cfg, kv.len);
         let (hd, n_kv) = (kv.head_dim, kv.n_kv);
         let n_units = kv.n_layers * n_kv;
         let elem = std::mem::size_of::<bf16>() as u64;

@@ -63,8 +63,8 @@ pub struct DevTier {
     /// bf16 `[units][capacity * page][hd]`: the wave buffers.
     _cache_k: CudaSlice<bf16>,
     _cache_v: CudaSlice<bf16>,
-    /// Policy state (see `struct WaveTier`).
-    _stamp: CudaSlice<u32>,
+    /// Policy state (see `struct WaveTier`); the stamps are also read by the checks.
+    stamp: CudaSlice<u32>,
     _owner: CudaSlice<i32>,
     _page_of: CudaSlice<i32>,
     _free_list: CudaSlice<i32>,
@@ -80,23 +80,6 @@ pub struct DevTier {
     /// Page slots per unit and tokens per page.
     pub capacity: usize,
     pub page: usize,
-}
-
-impl DevTier {
-    /// Host memory of the arena (keys and values).
-    pub fn host_bytes(&self) -> usize {
-        self.host_k.as_slice().len() + self.host_v.as_slice().len()
-    }
-
-    /// GPU memory of the wave buffers (keys and values).
-    pub fn cache_bytes(&self) -> usize {
-        2 * self.n_units * self.capacity * self.page * self.head_dim * 2
-    }
-
-    /// Address of unit `u`'s entry in [`Self::table`].
-    pub fn unit_ptr(&self, u: usize) -> u64 {
-        dp(&self.table) + (u * std::mem::size_of::<WaveTier>()) as u64
-    }
 }
 
 /// What the wave buffers of a sequence served, summed over its units and steps.
@@ -343,7 +326,7 @@ impl CudaBackend {
             host_v,
             _cache_k: cache_k,
             _cache_v: cache_v,
-            _stamp: stamp,
+            stamp,
             _owner: owner,
             _page_of: page_of,
             _free_list: free_list,
@@ -380,7 +363,7 @@ impl CudaBackend {
         n_clusters: usize,
         u: usize,
     ) -> Result<Vec<u32>, CudaError> {
-        let all = self.download(&t._stamp, t.n_units * n_clusters)?;
+        let all = self.download(&t.stamp, t.n_units * n_clusters)?;
         Ok(all[u * n_clusters..(u + 1) * n_clusters].to_vec())
     }
 
@@ -518,33 +501,23 @@ impl CudaBackend {
         seed: u64,
         cfg: &WaveConfig,
     ) -> Result<(), CudaError> {
-        cfg.validate()
-            .map_err(|e| CudaError::Unsupported(format!("wave config: {e}")))?;
-        if !cfg.host_kv || cfg.rank_by_size || cfg.dense_layers > 0 {
+        crate::wave_step::check_gpu_config(cfg)?;
+        if !cfg.host_kv {
             return Err(CudaError::Unsupported(
-                "synthetic host-tier index: needs host_kv, without rank_by_size or dense_layers"
-                    .into(),
+                "synthetic host-tier index: needs host_kv".into(),
             ));
         }
         let t0 = std::time::Instant::now();
         let (n_layers, n_kv, hd) = (kv.n_layers, kv.n_kv, kv.head_dim);
         let units = n_layers * n_kv;
-        let sink = cfg.sink_tokens.min(len);
-        let end = len.saturating_sub(cfg.window_tokens).max(sink);
-        let segs: Vec<crate::wave_build::BuildSegment> = retrowave_index::segments(sink..end, cfg)
-            .into_iter()
-            .map(|s| crate::wave_build::BuildSegment {
-                start: s.tokens.start,
-                end: s.tokens.end,
-                clusters: s.clusters,
-            })
-            .collect();
-        if segs.is_empty() {
+        let plan = crate::wave_step::BuildPlan::of(cfg, len);
+        if plan.segments.is_empty() {
             return Err(CudaError::Unsupported(format!(
                 "synthetic host-tier index: {len} tokens leave nothing to index"
             )));
         }
-        let k: usize = segs.iter().map(|s| s.clusters).sum();
+        let (sink, end, k) = (plan.sink, plan.end, plan.clusters());
+        let segs = plan.segments;
         let it = end - sink;
         let budgets = crate::wave_step::StepBudgets::of(cfg, k, 0, k);
         let (capacity, page) = tier_shape(cfg, budgets.retrieval, k, it)?;
@@ -678,10 +651,9 @@ impl CudaBackend {
         use crate::timing::{median, time_us};
         let page_bytes = page * hd * 2;
         let arena_pages = (1usize << 30) / page_bytes;
-        let mut host_k = PinnedBuffer::new(self.context(), arena_pages * page_bytes)?;
-        let mut host_v = PinnedBuffer::new(self.context(), arena_pages * page_bytes)?;
-        host_k.as_mut_slice().fill(1);
-        host_v.as_mut_slice().fill(2);
+        // (Contents do not matter to the timing; pinning has already touched every page.)
+        let host_k = PinnedBuffer::new(self.context(), arena_pages * page_bytes)?;
+        let host_v = PinnedBuffer::new(self.context(), arena_pages * page_bytes)?;
         let (hk, hv) = (
             host_k.as_slice().as_ptr() as u64,
             host_v.as_slice().as_ptr() as u64,

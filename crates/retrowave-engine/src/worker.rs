@@ -371,15 +371,22 @@ impl<B: Backend> Worker<B> {
         result
     }
 
-    /// Builds the wave index over the cache of `slot`.
-    pub fn build_index(&mut self, slot: usize, cfg: &WaveConfig) -> Result<(), EngineError> {
-        let backend = &self.backend;
+    /// Runs `f` on the backend and the cache of `slot`.
+    fn with_cache<R>(
+        &mut self,
+        slot: usize,
+        f: impl FnOnce(&B, &mut B::Kv) -> R,
+    ) -> Result<R, EngineError> {
         let kv = self
             .caches
             .get_mut(&slot)
             .ok_or(EngineError::UnknownSlot(slot))?;
-        backend.kv_build_index(kv, cfg)?;
-        Ok(())
+        Ok(f(&self.backend, kv))
+    }
+
+    /// Builds the wave index over the cache of `slot`.
+    pub fn build_index(&mut self, slot: usize, cfg: &WaveConfig) -> Result<(), EngineError> {
+        Ok(self.with_cache(slot, |b, kv| b.kv_build_index(kv, cfg))??)
     }
 
     /// Fills the cache of `slot` with `len` synthetic tokens and indexes them, with room for
@@ -392,13 +399,9 @@ impl<B: Backend> Worker<B> {
         seed: u64,
         cfg: &WaveConfig,
     ) -> Result<(), EngineError> {
-        let backend = &self.backend;
-        let kv = self
-            .caches
-            .get_mut(&slot)
-            .ok_or(EngineError::UnknownSlot(slot))?;
-        backend.kv_fill_synthetic_indexed(kv, len, room, seed, cfg)?;
-        Ok(())
+        Ok(self.with_cache(slot, |b, kv| {
+            b.kv_fill_synthetic_indexed(kv, len, room, seed, cfg)
+        })??)
     }
 
     /// Fills the cache of `slot` with `len` synthetic tokens (benchmarks only).
@@ -408,13 +411,7 @@ impl<B: Backend> Worker<B> {
         len: usize,
         seed: u64,
     ) -> Result<(), EngineError> {
-        let backend = &self.backend;
-        let kv = self
-            .caches
-            .get_mut(&slot)
-            .ok_or(EngineError::UnknownSlot(slot))?;
-        backend.kv_fill_synthetic(kv, len, seed)?;
-        Ok(())
+        Ok(self.with_cache(slot, |b, kv| b.kv_fill_synthetic(kv, len, seed))??)
     }
 
     /// Copies the cache of `src` (index included) into `dst`.
@@ -434,25 +431,14 @@ impl<B: Backend> Worker<B> {
 
     /// Turns the fidelity probe of `slot` on or off.
     pub fn set_probe(&mut self, slot: usize, on: bool) -> Result<(), EngineError> {
-        let backend = &self.backend;
-        let kv = self
-            .caches
-            .get_mut(&slot)
-            .ok_or(EngineError::UnknownSlot(slot))?;
-        backend.kv_set_probe(kv, on);
-        Ok(())
+        self.with_cache(slot, |b, kv| b.kv_set_probe(kv, on))
     }
 
     /// Takes the fidelity samples of `slot`, with query heads numbered model-wide.
     pub fn take_probe(&mut self, slot: usize) -> Result<Vec<FidelitySample>, EngineError> {
         let q0 = self.shard.q_heads.start;
         let kv0 = self.shard.kv_heads.start;
-        let backend = &self.backend;
-        let kv = self
-            .caches
-            .get_mut(&slot)
-            .ok_or(EngineError::UnknownSlot(slot))?;
-        let mut samples = backend.kv_take_probe(kv);
+        let mut samples = self.with_cache(slot, |b, kv| b.kv_take_probe(kv))?;
         for s in &mut samples {
             s.q_head += q0;
             s.kv_head += kv0;

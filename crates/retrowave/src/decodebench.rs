@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use retrowave_core::WaveConfig;
+use retrowave_core::{WaveConfig, WaveStats};
 use retrowave_cuda::CudaBackend;
 use retrowave_engine::WorkerGroup;
 use retrowave_model::arch::{ModelConfig, WeightSource};
@@ -30,26 +30,33 @@ struct Point {
     batch: usize,
     step_s: f64,
     tok_s: f64,
-    /// Wave buffers over the point's steps (host tier only): pages served, pages read over
-    /// PCIe, misses of cold buffers.
-    hit_pages: u64,
-    miss_pages: u64,
-    cold_pages: u64,
+    /// The wave buffers over the point's steps (host tier only): pages served, read over PCIe
+    /// and their bytes, misses of cold buffers.
+    buffer: WaveStats,
     /// GPU memory in use during the point (bytes).
     gpu_used: u64,
 }
 
-/// The wave buffers' counters of slots `0..n`, summed (hit, miss, cold pages).
-fn buffer_pages(group: &mut WorkerGroup<CudaBackend>, n: usize) -> Result<(u64, u64, u64)> {
-    let mut t = (0, 0, 0);
+/// The wave counters of slots `0..n`, summed.
+fn wave_counters(group: &mut WorkerGroup<CudaBackend>, n: usize) -> Result<WaveStats> {
+    let mut t = WaveStats::default();
     for s in 0..n {
         if let Some(w) = group.wave_stats(s)? {
-            t.0 += w.cache_hit_pages;
-            t.1 += w.cache_miss_pages;
-            t.2 += w.cache_cold_pages;
+            t.add_counters(&w);
         }
     }
     Ok(t)
+}
+
+/// The wave buffers' counters between `before` and `after`.
+fn buffer_delta(after: &WaveStats, before: &WaveStats) -> WaveStats {
+    WaveStats {
+        cache_hit_pages: after.cache_hit_pages - before.cache_hit_pages,
+        cache_miss_pages: after.cache_miss_pages - before.cache_miss_pages,
+        cache_cold_pages: after.cache_cold_pages - before.cache_cold_pages,
+        host_to_device_bytes: after.host_to_device_bytes - before.host_to_device_bytes,
+        ..WaveStats::default()
+    }
 }
 
 /// `MemAvailable` of this machine in bytes (0 when unknown).
@@ -72,12 +79,8 @@ fn wave_bytes_per_seq(cfg: &ModelConfig, wcfg: &WaveConfig, ctx: usize) -> (f64,
     let hd = cfg.head_dim;
     let units = (cfg.n_layers * cfg.n_kv_heads) as f64;
     let g = (cfg.n_heads / cfg.n_kv_heads) as f64;
-    let start = wcfg.sink_tokens.min(ctx);
-    let end = ctx.saturating_sub(wcfg.window_tokens).max(start);
-    let k: usize = retrowave_index::segments(start..end, wcfg)
-        .iter()
-        .map(|s| s.clusters)
-        .sum();
+    let plan = retrowave_cuda::wave_step::BuildPlan::of(wcfg, ctx);
+    let (start, end, k) = (plan.sink, plan.end, plan.clusters());
     // The GPU's budgets; the adaptive one may grow to its cap (on uniform random KV it always
     // does).
     let b = retrowave_cuda::wave_step::StepBudgets::of(wcfg, k, 0, k);
@@ -144,7 +147,7 @@ fn sweep(
     let mut points = Vec::new();
     let mut rng = StdRng::seed_from_u64(ctx as u64);
     for &batch in batches.iter().filter(|&&x| x <= max_batch) {
-        let before = buffer_pages(group, batch)?;
+        let before = wave_counters(group, batch)?;
         let mut times = timed_decode_steps(
             group,
             cfg.vocab_size,
@@ -154,7 +157,7 @@ fn sweep(
             &mut rng,
             feed_back,
         )?;
-        let after = buffer_pages(group, batch)?;
+        let after = wave_counters(group, batch)?;
         let (free, total) = b.context().mem_get_info()?;
         for s in 0..batch {
             group.truncate_slot(s, ctx);
@@ -165,9 +168,7 @@ fn sweep(
             batch,
             step_s,
             tok_s: batch as f64 / step_s,
-            hit_pages: after.0 - before.0,
-            miss_pages: after.1 - before.1,
-            cold_pages: after.2 - before.2,
+            buffer: buffer_delta(&after, &before),
             gpu_used: (total - free) as u64,
         });
     }
@@ -381,15 +382,13 @@ pub fn run_decode(
                 let bytes = wb + p.batch as f64 * seq_bytes;
                 // Pages that crossed PCIe per step (host tier), and the roofline with them: HBM
                 // and PCIe time add up when nothing overlaps them, the larger counts when all do.
-                let page_bytes = (wcfg.page_size * cfg.head_dim * 2 * 2) as f64;
                 let timed_steps = (steps + 3) as f64;
-                let pcie_bytes = p.miss_pages as f64 * page_bytes / timed_steps;
+                let pcie_bytes = p.buffer.host_to_device_bytes as f64 / timed_steps;
                 let pcie_s = pcie_bytes / (ceil.h2d_gbs * 1e9);
                 let hbm_s = bytes / (ceil.copy_gbs * 1e9);
                 let roof_tok_s = p.batch as f64 / hbm_s.max(pcie_s);
                 let pct = 100.0 * p.tok_s / roof_tok_s;
-                let warm = p.hit_pages + p.miss_pages - p.cold_pages;
-                let hit_ratio = (warm > 0).then(|| p.hit_pages as f64 / warm as f64);
+                let hit_ratio = p.buffer.warm_hit_ratio();
                 append(
                     out,
                     &json!({"bench": "gpu-decode", "model": cfg.name, "weights": "random (bf16)",
@@ -407,8 +406,9 @@ pub fn run_decode(
                                 } else {
                                     "GPU memory, position order (every cluster hits)"
                                 },
-                                "buffer_hit_pages": p.hit_pages, "buffer_miss_pages": p.miss_pages,
-                                "buffer_cold_pages": p.cold_pages, "buffer_warm_hit_ratio": hit_ratio,
+                                "buffer_hit_pages": p.buffer.cache_hit_pages,
+                                "buffer_miss_pages": p.buffer.cache_miss_pages,
+                                "buffer_cold_pages": p.buffer.cache_cold_pages, "buffer_warm_hit_ratio": hit_ratio,
                                 "pcie_bytes_per_step": pcie_bytes,
                                 "pcie_gbs": pcie_bytes / p.step_s / 1e9,
                                 "host_kv_bytes": if w.host_kv { kv_per_token * ctx as f64 * p.batch as f64 } else { 0.0 }})),
