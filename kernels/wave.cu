@@ -7,17 +7,17 @@
 //
 // wave_logits_hd{64,128}: grid (ceil(max_clusters / 256), n_units), block 256 (the chunk's rows
 // read coalesced, see there): logits[u][g][c] = scale * q_g . c_c (f32; -inf for empty clusters, whose ln size is
-// -inf) and, per 256-cluster chunk, the max and the sum of exp(logit - max) of each head g into
-// part_max / part_sum [u][g][chunk].
+// -inf) and, per 32 clusters (a warp's rows), the max and the sum of exp(logit - max) of each
+// head g into part_max / part_sum [u][g][part] (8 partials a chunk).
 //
-// wave_select: grid (n_units), block 1024. Combines the chunks into each head's softmax, scores
+// wave_select: grid (n_units), block 1024. Combines the partials into each head's softmax, scores
 // every cluster as the sum over the group of its softmax probabilities (empty clusters -inf, never
 // chosen), and writes the top `retrieval` clusters (score descending, ties by ascending id) to
 // ids[u][0 ..) and the next `estimation` to ids[u][n_r ..), each list in ascending id order (the
 // order of the cluster-ordered store, so the attention kernels walk memory forwards), with
 // counts[u] = {n_r, n_e} (fewer when fewer clusters are non-empty). The scores are also left in
 // scores[u][c] (f32) for checks and for the adaptive budget. Radix selection on the scores' order
-// keys (SEL_BITS bits a pass), no sort.
+// keys (SEL_BITS bits a pass), finished by ranking the few keys of the thresholds' bins; no sort.
 
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
@@ -49,7 +49,6 @@ __device__ void logits(const WaveUnit* __restrict__ units, const float* __restri
                        int n_kv, float scale, int max_clusters, float* __restrict__ out,
                        float* __restrict__ part_max, float* __restrict__ part_sum) {
   __shared__ __align__(16) float qs[WAVE_MAX_G * HD];
-  __shared__ float red[WAVE_MAX_G][WAVE_CHUNK / 32];
   const int u = blockIdx.y, chunk = blockIdx.x, tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
   const WaveUnit wu = units[u];
@@ -104,68 +103,49 @@ __device__ void logits(const WaveUnit* __restrict__ units, const float* __restri
       }
     }
   }
-  __syncthreads();
-  const int c = chunk * WAVE_CHUNK + tid;
-  float acc[WAVE_MAX_G];
-#pragma unroll
-  for (int g = 0; g < WAVE_MAX_G; ++g) acc[g] = g < G ? lg[g][tid] : 0.f;
-  const bool live = c < wu.n_clusters &&
-                    reinterpret_cast<const float*>(wu.ln_sizes)[c] != -INFINITY;
-  // Per head: store the logit, then the chunk's max and sum of exp(logit - max).
+  // Each warp's 32 rows: the logits out, and per head the rows' max and sum of exp(logit - max)
+  // as one partial of the head's softmax (no block-wide step: a warp wrote its own rows of lg).
+  __syncwarp();
+  const int r = warp * 32 + lane, c = chunk * WAVE_CHUNK + r;
+  const bool live = c < n && reinterpret_cast<const float*>(wu.ln_sizes)[c] != -INFINITY;
+  const int part = chunk * (WAVE_CHUNK / 32) + warp, n_parts = n_chunks * (WAVE_CHUNK / 32);
   for (int g = 0; g < G; ++g) {
-    const float l = live ? acc[g] : -INFINITY;
+    const float l = live ? lg[g][r] : -INFINITY;
     if (c < max_clusters) out[((size_t)u * G + g) * max_clusters + c] = l;
-    float m = warp_max(l);
-    if (lane == 0) red[g][warp] = m;
-  }
-  __syncthreads();
-  for (int g = 0; g < G; ++g) {
-    float m = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < WAVE_CHUNK / 32; ++w) m = fmaxf(m, red[g][w]);
-    const float l = live ? acc[g] : -INFINITY;
-    float e = (m == -INFINITY) ? 0.f : __expf(l - m);
-    e = warp_sum(e);
-    __syncthreads();
-    if (lane == 0) red[g][warp] = e;
-    __syncthreads();
-    if (tid == 0) {
-      float s = 0.f;
-#pragma unroll
-      for (int w = 0; w < WAVE_CHUNK / 32; ++w) s += red[g][w];
-      part_max[((size_t)u * G + g) * n_chunks + chunk] = m;
-      part_sum[((size_t)u * G + g) * n_chunks + chunk] = s;
+    const float m = warp_max(l);
+    const float e = warp_sum(m == -INFINITY ? 0.f : __expf(l - m));
+    if (lane == 0) {
+      part_max[((size_t)u * G + g) * n_parts + part] = m;
+      part_sum[((size_t)u * G + g) * n_parts + part] = e;
     }
-    __syncthreads();
   }
 }
 
-// Block-wide exclusive prefix sum of one value per thread (SEL_THREADS threads, 64-bit so that
-// two 32-bit counts travel packed); returns the thread's offset and writes the block's total to
-// *total.
-__device__ __forceinline__ unsigned long long block_scan(unsigned long long v_in,
-                                                         unsigned long long* warp_tot,
-                                                         unsigned long long* total) {
+// Block-wide exclusive prefix sum of one value per thread (SEL_THREADS threads; 64-bit so that
+// two 32-bit counts travel packed, or f64); returns the thread's offset and, when total is not
+// null, writes the block's total to *total.
+template <typename T>
+__device__ __forceinline__ T block_scan(T v_in, T* warp_tot, T* total) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  unsigned long long incl = v_in;
+  T incl = v_in;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
-    const unsigned long long y = __shfl_up_sync(0xffffffffu, incl, o);
+    const T y = __shfl_up_sync(0xffffffffu, incl, o);
     if (lane >= o) incl += y;
   }
   __syncthreads();
   if (lane == 31) warp_tot[warp] = incl;
   __syncthreads();
   if (warp == 0) {
-    const unsigned long long v = warp_tot[lane];  // SEL_THREADS / 32 == 32 warps
-    unsigned long long w = v;
+    const T v = warp_tot[lane];  // SEL_THREADS / 32 == 32 warps
+    T w = v;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
-      const unsigned long long y = __shfl_up_sync(0xffffffffu, w, o);
+      const T y = __shfl_up_sync(0xffffffffu, w, o);
       if (lane >= o) w += y;
     }
     warp_tot[lane] = w - v;
-    if (lane == 31) *total = w;
+    if (lane == 31 && total) *total = w;
   }
   __syncthreads();
   return warp_tot[warp] + incl - v_in;
@@ -177,6 +157,8 @@ __device__ __forceinline__ unsigned long long block_scan(unsigned long long v_in
 // the keys in the bins above that bin.
 #define SEL_BITS 11
 #define SEL_BINS (1 << SEL_BITS)
+// Most keys of a threshold's bin that the selection ranks directly (see find_thresholds).
+#define SEL_CAND 1024
 __device__ __forceinline__ void locate_bin(const unsigned* hist, unsigned before, unsigned own,
                                            unsigned need, unsigned* out) {
   constexpr int PER = SEL_BINS / SEL_THREADS;
@@ -212,6 +194,93 @@ __device__ __forceinline__ void find_bins(const unsigned* hist_m, const unsigned
   __syncthreads();
 }
 
+// Shared memory of a wave_select CTA's threshold searches.
+struct SelSmem {
+  unsigned hist[2][SEL_BINS];  // radix histograms; then the adaptive budget's sorted scores
+  unsigned cand[2][SEL_CAND];  // keys of a threshold's last bin, ranked directly
+  unsigned res[2][2];
+  unsigned n_cand[2];
+  unsigned long long warp_tot[32];
+  unsigned long long total;
+};
+
+// The need[t]-th largest of the keys kk[0 .. n) for up to two thresholds at once (need[t] == 0:
+// none; kmin, kmax: the smallest and largest key, which share the bits above the highest bit
+// in which they differ). Returns key[t], that key, and above[t], how many keys are larger.
+// Radix passes of SEL_BITS bits from the common prefix down; as soon as every threshold's bin
+// holds at most SEL_CAND keys, those keys are gathered and ranked against each other instead of
+// further passes (one pass for the selection's usual 8K clusters a unit).
+__device__ void find_thresholds(const unsigned* kk, int n, unsigned kmin, unsigned kmax,
+                                const unsigned* need, SelSmem& s, unsigned* key,
+                                unsigned* above) {
+  const int tid = threadIdx.x;
+  const int top = 32 - __clz(kmin ^ kmax);  // bits in which the keys differ (0: all equal)
+  unsigned msk = (top >= 32) ? 0u : ~((1u << top) - 1u);
+  unsigned pre[2] = {kmax & msk, kmax & msk};
+  above[0] = above[1] = 0;
+  for (int hi = top; hi > 0; hi -= SEL_BITS) {
+    const int shift = max(hi - SEL_BITS, 0), bits = hi - shift;
+    const unsigned bmask = (1u << bits) - 1u;
+    for (int i = tid; i < 2 * SEL_BINS; i += SEL_THREADS) (&s.hist[0][0])[i] = 0;
+    __syncthreads();
+    for (int c = tid; c < n; c += SEL_THREADS) {
+      const unsigned x = kk[c], b = (x >> shift) & bmask;
+      if (need[0] && (x & msk) == pre[0]) atomicAdd(&s.hist[0][b], 1u);
+      if (need[1] && (x & msk) == pre[1]) atomicAdd(&s.hist[1][b], 1u);
+    }
+    __syncthreads();
+    find_bins(s.hist[0], s.hist[1], need[0] - above[0], need[1] - above[1], s.warp_tot, &s.total,
+              s.res[0], s.res[1]);
+    msk |= bmask << shift;
+    bool few = shift > 0;
+    for (int t = 0; t < 2; ++t) {
+      if (!need[t]) continue;
+      pre[t] |= s.res[t][0] << shift;
+      above[t] += s.res[t][1];
+      few = few && s.hist[t][s.res[t][0]] <= SEL_CAND;
+    }
+    if (few) {
+      // want = need - above lies in 1 ..= the bin's count.
+      if (tid < 2) s.n_cand[tid] = 0;
+      __syncthreads();
+      for (int c = tid; c < n; c += SEL_THREADS) {
+        const unsigned x = kk[c];
+        for (int t = 0; t < 2; ++t)
+          if (need[t] && (x & msk) == pre[t]) s.cand[t][atomicAdd(&s.n_cand[t], 1u)] = x;
+      }
+      __syncthreads();
+      for (int t = 0; t < 2; ++t) {
+        if (!need[t]) continue;
+        const unsigned nc = s.n_cand[t], want = need[t] - above[t];
+        for (unsigned i = tid; i < nc; i += SEL_THREADS) {
+          const unsigned x = s.cand[t][i];
+          unsigned gt = 0, ge = 0;
+          for (unsigned j = 0; j < nc; ++j) {
+            const unsigned y = s.cand[t][j];
+            gt += y > x;
+            ge += y >= x;
+          }
+          if (gt < want && ge >= want) {  // every such thread writes the same two values
+            s.res[t][0] = x;
+            s.res[t][1] = gt;
+          }
+        }
+      }
+      __syncthreads();
+      for (int t = 0; t < 2; ++t) {
+        if (!need[t]) continue;
+        pre[t] = s.res[t][0];
+        above[t] += s.res[t][1];
+      }
+      __syncthreads();
+      break;
+    }
+    __syncthreads();
+  }
+  key[0] = pre[0];
+  key[1] = pre[1];
+}
+
 }  // namespace wave
 
 extern "C" __global__ void __launch_bounds__(WAVE_CHUNK)
@@ -241,50 +310,60 @@ extern "C" __global__ void __launch_bounds__(WAVE_CHUNK)
 //
 // Selection: the keys of the live clusters share their bits above the highest bit in which their
 // min and max differ; radix passes of SEL_BITS bits from there find both thresholds (the m-th and
-// the r-th largest key) at once, at most three passes. Then each thread takes a contiguous run of
+// the r-th largest key) at once, until each threshold's bin holds at most SEL_CAND keys, which are
+// then ranked directly (find_thresholds: one pass at 8K clusters). Then each thread takes a run of
 // ids and two block scans place the members of each zone at their rank in id order (ties at a
 // threshold go to the lowest ids).
 extern "C" __global__ void __launch_bounds__(SEL_THREADS)
     wave_select(const WaveUnit* units, const float* logits, const float* part_max,
-                const float* part_sum, int n_chunks, int group, int max_clusters, float* scores,
+                const float* part_sum, int n_parts, int group, int max_clusters, float* scores,
                 unsigned* keys, int keys_in_smem, int* ids, int max_ids, int* counts) {
   extern __shared__ unsigned skeys[];
   __shared__ float m_s[WAVE_MAX_G], iz_s[WAVE_MAX_G];
-  __shared__ unsigned hist_m[SEL_BINS], hist_r[SEL_BINS];
-  __shared__ unsigned res_m[2], res_r[2];
-  __shared__ unsigned long long warp_tot[32];
-  __shared__ unsigned long long total_s;
+  __shared__ wave::SelSmem ss;
   __shared__ unsigned red_min[32], red_max[32];
   __shared__ int red_live[32];
   const int u = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const WaveUnit wu = units[u];
   const int n = wu.n_clusters, G = group;
-  if (tid < G) {
-    const float* pm = part_max + ((size_t)u * G + tid) * n_chunks;
-    const float* ps = part_sum + ((size_t)u * G + tid) * n_chunks;
+  // Each head's softmax over the chunks of wave_logits: a warp a head.
+  if (warp < G) {
+    const float* pm = part_max + ((size_t)u * G + warp) * n_parts;
+    const float* ps = part_sum + ((size_t)u * G + warp) * n_parts;
     float m = -INFINITY;
-    for (int j = 0; j < n_chunks; ++j) m = fmaxf(m, pm[j]);
+#pragma unroll 8
+    for (int j = lane; j < n_parts; j += 32) m = fmaxf(m, pm[j]);
+    m = wave::warp_max(m);
     float z = 0.f;
     if (m != -INFINITY)
-      for (int j = 0; j < n_chunks; ++j)
+#pragma unroll 8
+      for (int j = lane; j < n_parts; j += 32)
         if (pm[j] != -INFINITY) z += ps[j] * __expf(pm[j] - m);
-    m_s[tid] = m;
-    iz_s[tid] = z > 0.f ? 1.f / z : 0.f;
+    z = wave::warp_sum(z);
+    if (lane == 0) {
+      m_s[warp] = m;
+      iz_s[warp] = z > 0.f ? 1.f / z : 0.f;
+    }
   }
   __syncthreads();
   unsigned* kk = keys_in_smem ? skeys : keys + (size_t)u * max_clusters;
   float* sc = scores + (size_t)u * max_clusters;
   const float* lns = reinterpret_cast<const float*>(wu.ln_sizes);
-  int live = 0;
+  int live = 0, pos = 0;
+  double part = 0.0;  // the positive scores' sum (the adaptive budget's total)
   unsigned kmin = 0xffffffffu, kmax = 0u;
   for (int c = tid; c < n; c += SEL_THREADS) {
+    // Every head's logit loaded before any is used (the loop over the group unrolled).
+    float l[WAVE_MAX_G];
+#pragma unroll
+    for (int g = 0; g < WAVE_MAX_G; ++g)
+      l[g] = g < G ? logits[((size_t)u * G + g) * max_clusters + c] : 0.f;
     float s = -INFINITY;
     if (lns[c] != -INFINITY) {
       s = 0.f;
-      for (int g = 0; g < G; ++g) {
-        const float l = logits[((size_t)u * G + g) * max_clusters + c];
-        if (m_s[g] != -INFINITY) s += __expf(l - m_s[g]) * iz_s[g];
-      }
+#pragma unroll
+      for (int g = 0; g < WAVE_MAX_G; ++g)
+        if (g < G && m_s[g] != -INFINITY) s += __expf(l[g] - m_s[g]) * iz_s[g];
       live += 1;
     }
     sc[c] = s;
@@ -293,6 +372,10 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
     if (s != -INFINITY) {
       kmin = min(kmin, x);
       kmax = max(kmax, x);
+    }
+    if (s > 0.f && s != INFINITY) {
+      part += (double)s;
+      pos += 1;
     }
   }
   live = __reduce_add_sync(0xffffffffu, live);
@@ -321,22 +404,14 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   // Adaptive retrieval budget (as WaveConfig::step_budgets on the CPU): at least `retrieval`
   // clusters, and as many of the best as it takes to cover `retrieval_mass` of the live
   // (positive) scores' total, up to `retrieval_cap`. The top `cap` scores are found with the
-  // radix machinery below (the cap-th largest key), gathered, sorted (bitonic, descending) and
-  // summed in f64 from the top, as the CPU does.
+  // threshold search below (the cap-th largest key), gathered, sorted (descending) and summed
+  // in f64 from the top.
   int r_base = wu.retrieval;
   if (wu.retrieval_mass > 0.f && wu.retrieval_cap > r_base) {
     __shared__ float top_s[SEL_TOP];
     __shared__ double red_d[32];
     __shared__ int top_n, top_ties, top_k;
-    double part = 0.0;
-    int pos = 0;
-    for (int c = tid; c < n; c += SEL_THREADS) {
-      const float x = sc[c];
-      if (x > 0.f && x != INFINITY) {
-        part += (double)x;
-        pos += 1;
-      }
-    }
+    __syncthreads();  // every thread has read red_live[0] (n_live) before it is reused
     pos = __reduce_add_sync(0xffffffffu, pos);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
@@ -345,90 +420,96 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
       red_live[warp] = pos;
     }
     __syncthreads();
-    if (tid == 0) {
-      double t = 0.0;
-      int p = 0;
-      for (int w = 0; w < SEL_THREADS / 32; ++w) {
-        t += red_d[w];
-        p += red_live[w];
+    if (warp == 0) {
+      double t = red_d[lane];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+      const int p = __reduce_add_sync(0xffffffffu, red_live[lane]);
+      if (lane == 0) {
+        red_d[0] = t;
+        red_live[1] = p;
       }
-      red_d[0] = t;
-      red_live[1] = p;
     }
     __syncthreads();
     const double total = red_d[0];
     const int cap = min(min(wu.retrieval_cap, red_live[1]), SEL_TOP);
     const double goal = (double)wu.retrieval_mass * total;
     if (cap > r_base && total > 0.0) {
-      // The cap-th largest positive key: radix passes below the live keys' common prefix.
-      const int top = 32 - __clz(kmin ^ kmax);
-      unsigned pre = kmax & ~((top >= 32) ? 0u : ((1u << top) - 1u));
-      unsigned msk = (top >= 32) ? 0u : ~((1u << top) - 1u);
-      unsigned above = 0;
-      for (int hi = top; hi > 0; hi -= SEL_BITS) {
-        const int shift = max(hi - SEL_BITS, 0), bits = hi - shift;
-        const unsigned bmask = (1u << bits) - 1u;
-        for (int i = tid; i < SEL_BINS; i += SEL_THREADS) hist_m[i] = hist_r[i] = 0;
-        __syncthreads();
-        for (int c = tid; c < n; c += SEL_THREADS) {
-          const unsigned x = kk[c];
-          if ((x & msk) == pre) atomicAdd(&hist_m[(x >> shift) & bmask], 1u);
-        }
-        __syncthreads();
-        wave::find_bins(hist_m, hist_r, (unsigned)cap - above, 0u, warp_tot, &total_s, res_m,
-                        res_r);
-        pre |= res_m[0] << shift;
-        above += res_m[1];
-        msk |= bmask << shift;
-        __syncthreads();
-      }
+      // The cap-th largest key (positive: cap is at most the positive scores' count).
+      const unsigned need[2] = {(unsigned)cap, 0u};
+      unsigned pre[2], above[2];
+      wave::find_thresholds(kk, n, kmin, kmax, need, ss, pre, above);
       // Gather the top cap scores (keys above the threshold, then ties up to cap; tied keys
       // have equal scores, so which ones does not matter).
       if (tid == 0) {
         top_n = 0;
         top_ties = 0;
+        top_k = cap;
       }
       __syncthreads();
-      const unsigned ties = (unsigned)cap - above;
+      const unsigned ties = (unsigned)cap - above[0];
       for (int c = tid; c < n; c += SEL_THREADS) {
         const unsigned x = kk[c];
-        bool take = x > pre;
-        if (!take && x == pre) take = (unsigned)atomicAdd(&top_ties, 1) < ties;
+        bool take = x > pre[0];
+        if (!take && x == pre[0]) take = (unsigned)atomicAdd(&top_ties, 1) < ties;
         if (take) top_s[atomicAdd(&top_n, 1)] = sc[c];
       }
       __syncthreads();
-      int np = 1;
-      while (np < cap) np <<= 1;
-      for (int i = cap + tid; i < np; i += SEL_THREADS) top_s[i] = -INFINITY;
-      __syncthreads();
-      // Bitonic sort, descending.
-      for (int k = 2; k <= np; k <<= 1) {
-        for (int j = k >> 1; j > 0; j >>= 1) {
-          for (int i = tid; i < np; i += SEL_THREADS) {
-            const int l = i ^ j;
-            if (l > i) {
-              const float a = top_s[i], b = top_s[l];
-              const bool desc = (i & k) == 0;
-              if (desc ? a < b : a > b) {
-                top_s[i] = b;
-                top_s[l] = a;
+      // Sorted descending into the histograms' memory: by rank (each score against all the
+      // others, ties by gather slot) when there are few, else a bitonic sort in place.
+      float* sorted = reinterpret_cast<float*>(&ss.hist[0][0]);
+      if (cap <= SEL_THREADS / 2) {
+        for (int i = tid; i < cap; i += SEL_THREADS) {
+          const float x = top_s[i];
+          int r = 0;
+          for (int j = 0; j < cap; ++j) {
+            const float y = top_s[j];
+            r += (y > x) || (y == x && j < i);
+          }
+          sorted[r] = x;
+        }
+      } else {
+        int np = 1;
+        while (np < cap) np <<= 1;
+        for (int i = tid; i < np; i += SEL_THREADS) sorted[i] = i < cap ? top_s[i] : -INFINITY;
+        __syncthreads();
+        for (int k = 2; k <= np; k <<= 1) {
+          for (int j = k >> 1; j > 0; j >>= 1) {
+            for (int i = tid; i < np; i += SEL_THREADS) {
+              const int l = i ^ j;
+              if (l > i) {
+                const float a = sorted[i], b = sorted[l];
+                const bool desc = (i & k) == 0;
+                if (desc ? a < b : a > b) {
+                  sorted[i] = b;
+                  sorted[l] = a;
+                }
               }
             }
+            __syncthreads();
           }
-          __syncthreads();
         }
       }
-      if (tid == 0) {
-        double acc = 0.0;
-        int k = cap;
-        for (int i = 0; i < cap; ++i) {
-          acc += (double)top_s[i];
-          if (acc >= goal) {
-            k = i + 1;
-            break;
-          }
+      __syncthreads();
+      // Running sums from the top (a block scan in f64): the first count whose sum reaches the
+      // goal (cap when none does).
+      constexpr int PT = SEL_TOP / SEL_THREADS;
+      double v[PT], loc = 0.0;
+#pragma unroll
+      for (int k = 0; k < PT; ++k) {
+        const int i = tid * PT + k;
+        v[k] = i < cap ? (double)sorted[i] : 0.0;
+        loc += v[k];
+      }
+      double acc = wave::block_scan<double>(loc, red_d, nullptr);
+#pragma unroll
+      for (int k = 0; k < PT; ++k) {
+        const int i = tid * PT + k;
+        acc += v[k];
+        if (i < cap && acc >= goal) {
+          atomicMin(&top_k, i + 1);
+          break;
         }
-        top_k = k;
       }
       __syncthreads();
       r_base = max(r_base, top_k);
@@ -440,35 +521,12 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
     if (tid == 0) counts[2 * u] = counts[2 * u + 1] = 0;
     return;
   }
-  // Radix passes over the bits below the live keys' common prefix (at most three of SEL_BITS).
-  const int top = 32 - __clz(kmin ^ kmax);  // bits in which live keys differ (0: all equal)
-  unsigned pre_m = kmax & ~((top >= 32) ? 0u : ((1u << top) - 1u)), pre_r = pre_m;
-  unsigned msk = (top >= 32) ? 0u : ~((1u << top) - 1u);
-  unsigned above_m = 0, above_r = 0;
-  const unsigned need_m0 = (unsigned)m_want, need_r0 = (unsigned)max(r_want, 1);
-  for (int hi = top; hi > 0; hi -= SEL_BITS) {
-    const int shift = max(hi - SEL_BITS, 0), bits = hi - shift;
-    const unsigned bmask = (1u << bits) - 1u;
-    for (int i = tid; i < SEL_BINS; i += SEL_THREADS) hist_m[i] = hist_r[i] = 0;
-    __syncthreads();
-    for (int c = tid; c < n; c += SEL_THREADS) {
-      const unsigned x = kk[c];
-      const unsigned b = (x >> shift) & bmask;
-      if ((x & msk) == pre_m) atomicAdd(&hist_m[b], 1u);
-      if ((x & msk) == pre_r) atomicAdd(&hist_r[b], 1u);
-    }
-    __syncthreads();
-    wave::find_bins(hist_m, hist_r, need_m0 - above_m, need_r0 - above_r, warp_tot, &total_s,
-                    res_m, res_r);
-    pre_m |= res_m[0] << shift;
-    above_m += res_m[1];
-    pre_r |= res_r[0] << shift;
-    above_r += res_r[1];
-    msk |= bmask << shift;
-    __syncthreads();
-  }
-  const unsigned tm = pre_m, tr = r_want > 0 ? pre_r : 0xffffffffu;
-  if (r_want == 0) above_r = 0;
+  // Both thresholds: the m-th and the r-th largest key.
+  const unsigned need[2] = {(unsigned)m_want, (unsigned)max(r_want, 1)};
+  unsigned thr[2], above[2];
+  wave::find_thresholds(kk, n, kmin, kmax, need, ss, thr, above);
+  const unsigned tm = thr[0], tr = r_want > 0 ? thr[1] : 0xffffffffu;
+  const unsigned above_m = above[0], above_r = r_want > 0 ? above[1] : 0u;
   // Emission: thread t takes ids [t * per, (t + 1) * per).
   const int per = (n + SEL_THREADS - 1) / SEL_THREADS;
   const int c0 = min(n, tid * per), c1 = min(n, c0 + per);
@@ -479,8 +537,8 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
     tie_r += r_want > 0 && x == tr;
   }
   const unsigned long long tb =
-      wave::block_scan((unsigned long long)tie_m | ((unsigned long long)tie_r << 32), warp_tot,
-                       &total_s);
+      wave::block_scan((unsigned long long)tie_m | ((unsigned long long)tie_r << 32), ss.warp_tot,
+                       &ss.total);
   unsigned rank_m = (unsigned)tb, rank_r = (unsigned)(tb >> 32);
   const unsigned ties_m = (unsigned)m_want - above_m, ties_r = (unsigned)r_want - above_r;
   unsigned cnt_r = 0, cnt_e = 0;
@@ -492,8 +550,8 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
     cnt_e += in_m && !in_r;
   }
   const unsigned long long ob =
-      wave::block_scan((unsigned long long)cnt_r | ((unsigned long long)cnt_e << 32), warp_tot,
-                       &total_s);
+      wave::block_scan((unsigned long long)cnt_r | ((unsigned long long)cnt_e << 32), ss.warp_tot,
+                       &ss.total);
   unsigned pos_r = (unsigned)ob, pos_e = (unsigned)(ob >> 32);
   rank_m = (unsigned)tb;
   rank_r = (unsigned)(tb >> 32);
@@ -506,8 +564,8 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
     else if (in_m) out[r_want + pos_e++] = c;
   }
   if (tid == 0) {
-    counts[2 * u] = (int)(unsigned)total_s;
-    counts[2 * u + 1] = (int)(unsigned)(total_s >> 32);
+    counts[2 * u] = (int)(unsigned)ss.total;
+    counts[2 * u + 1] = (int)(unsigned)(ss.total >> 32);
   }
 }
 

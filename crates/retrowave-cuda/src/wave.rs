@@ -181,9 +181,11 @@ impl CudaBackend {
         let max_clusters = max_clusters.max(1);
         let max_ids = max_ids.max(1);
         let n_chunks = max_clusters.div_ceil(WAVE_CHUNK);
+        // The logits kernel leaves a softmax partial per warp of a chunk (32 clusters).
+        let n_parts = n_chunks * (WAVE_CHUNK / 32);
         let logits = self.alloc::<f32>(n_units * group * max_clusters)?;
-        let part_max = self.alloc::<f32>(n_units * group * n_chunks)?;
-        let part_sum = self.alloc::<f32>(n_units * group * n_chunks)?;
+        let part_max = self.alloc::<f32>(n_units * group * n_parts)?;
+        let part_sum = self.alloc::<f32>(n_units * group * n_parts)?;
         let scores = self.alloc::<f32>(n_units * max_clusters)?;
         let keys = self.alloc::<u32>(n_units * max_clusters)?;
         let ids = self.alloc::<i32>(n_units * max_ids)?;
@@ -215,7 +217,7 @@ impl CudaBackend {
                 ptr_of(&mut a_ps),
             ],
         )?;
-        let (mut nch, mut grp, mut mi) = (n_chunks as i32, group as i32, max_ids as i32);
+        let (mut nch, mut grp, mut mi) = (n_parts as i32, group as i32, max_ids as i32);
         let smem = max_clusters * 4;
         let mut in_smem = i32::from(smem <= WAVE_SELECT_SMEM);
         let (mut a_s, mut a_k, mut a_i, mut a_c) = (dp(&scores), dp(&keys), dp(&ids), dp(&counts));
