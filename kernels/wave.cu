@@ -6,7 +6,7 @@
 // heads are kvh * G .. kvh * G + G - 1 of row q_row of the f32 activation q.
 //
 // wave_logits_hd{64,128}: grid (ceil(max_clusters / 256), n_units), block 256 (the chunk's rows
-// read coalesced, see there): logits[u][g][c] = scale * q_g . c_c (f32; -inf for empty clusters, whose ln size is
+// copied into shared memory with cp.async, see there): logits[u][g][c] = scale * q_g . c_c (f32; -inf for empty clusters, whose ln size is
 // -inf) and, per 32 clusters (a warp's rows), the max and the sum of exp(logit - max) of each
 // head g into part_max / part_sum [u][g][part] (8 partials a chunk).
 //
@@ -48,23 +48,45 @@ template <int HD>
 __device__ void logits(const WaveUnit* __restrict__ units, const float* __restrict__ q, int n_heads,
                        int n_kv, float scale, int max_clusters, float* __restrict__ out,
                        float* __restrict__ part_max, float* __restrict__ part_sum) {
-  __shared__ __align__(16) float qs[WAVE_MAX_G * HD];
+  // Dynamic shared memory (wave_logits_smem on the host): the chunk's centroids [WAVE_CHUNK][HD]
+  // (bf16), the logits [G][WAVE_CHUNK] and the scaled queries [G][HD] (f32).
+  extern __shared__ __align__(16) unsigned char wl_smem[];
   const int u = blockIdx.y, chunk = blockIdx.x, tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
   const WaveUnit wu = units[u];
   const int G = n_heads / n_kv, kvh = u % n_kv;
-  const int n_chunks = gridDim.x;
+  const int n_chunks = gridDim.x, n = wu.n_clusters;
+  bf16* tile = reinterpret_cast<bf16*>(wl_smem);
+  float* lg = reinterpret_cast<float*>(wl_smem + (size_t)WAVE_CHUNK * HD * sizeof(bf16));
+  float* qs = lg + G * WAVE_CHUNK;
+  // Each warp copies its own 32 rows into the tile with cp.async (zeros past the last cluster),
+  // so every row of the chunk is in flight at once, then works on them alone (no block-wide
+  // wait for the rows).
+  {
+    constexpr int PER_ROW = HD * (int)sizeof(bf16) / 16;
+    const int row0 = chunk * WAVE_CHUNK + warp * 32;
+    const int rows = max(0, min(32, n - row0));
+    const char* src =
+        reinterpret_cast<const char*>(wu.centroids) + (size_t)max(row0, 0) * HD * sizeof(bf16);
+    const unsigned dst = tc::smem_u32(tile + (size_t)warp * 32 * HD);
+#pragma unroll 4
+    for (int i = lane; i < 32 * PER_ROW; i += 32)
+      tc::cp_async16(dst + i * 16, src + (size_t)(i < rows * PER_ROW ? i : 0) * 16,
+                     i < rows * PER_ROW);
+    tc::cp_async_commit();
+  }
   for (int i = tid; i < G * HD; i += blockDim.x)
     qs[i] = q[(size_t)wu.q_row * n_heads * HD + (size_t)kvh * G * HD + i] * scale;
   __syncthreads();
-  // The chunk's rows are read coalesced: LPR lanes per row (16 bytes each), RPI rows per warp
-  // instruction, each warp 32 rows; every lane keeps its 8 dimensions of 4 query heads in
-  // registers, and the row's partial dot products meet across its LPR lanes by shuffles. Groups
-  // of more than 4 heads take further rounds over the (then cached) rows.
+  tc::cp_async_wait<0>();
+  __syncwarp();
+  // The rows are read from the tile: LPR lanes per row (16 bytes each), RPI rows per warp
+  // instruction, each warp its 32 rows; every lane keeps its 8 dimensions of 4 query heads in
+  // registers, and the row's partial dot products meet across its LPR lanes by shuffles (the
+  // shuffles, one warp instruction a cycle per multiprocessor, bound this kernel). Groups
+  // of more than 4 heads take further rounds over the rows.
   constexpr int LPR = HD / 8, RPI = 32 / LPR;
-  __shared__ float lg[WAVE_MAX_G][WAVE_CHUNK];
-  const int sub = lane % LPR, n = wu.n_clusters;
-  const bf16* cbase = reinterpret_cast<const bf16*>(wu.centroids);
+  const int sub = lane % LPR;
   for (int gb = 0; gb < G; gb += 4) {
     float qr[4][8];
 #pragma unroll
@@ -74,9 +96,7 @@ __device__ void logits(const WaveUnit* __restrict__ units, const float* __restri
 #pragma unroll 4
     for (int it = 0; it < 32 / RPI; ++it) {
       const int r = warp * 32 + it * RPI + lane / LPR;
-      const int cr = chunk * WAVE_CHUNK + r;
-      uint4 raw = make_uint4(0u, 0u, 0u, 0u);
-      if (cr < n) raw = __ldg(reinterpret_cast<const uint4*>(cbase + (size_t)cr * HD) + sub);
+      const uint4 raw = *reinterpret_cast<const uint4*>(tile + (size_t)r * HD + sub * 8);
       const unsigned wv[4] = {raw.x, raw.y, raw.z, raw.w};
       float x[8];
 #pragma unroll
@@ -92,14 +112,20 @@ __device__ void logits(const WaveUnit* __restrict__ units, const float* __restri
         for (int j = 0; j < 8; ++j) a += qr[k][j] * x[j];
         pk[k] = a;
       }
+      // The four sums over the row's LPR lanes by reduce-scatter: at the first step the two
+      // halves of the lanes swap two heads' partials and keep the other two, at the second one
+      // head each, then plain butterflies (5 shuffles at LPR 16 instead of 16): lane sub ends
+      // with head ((sub & LPR/2) ? 2 : 0) + ((sub & LPR/4) ? 1 : 0).
+      const bool hi = sub & (LPR / 2), hi2 = sub & (LPR / 4);
+      const float s0 = __shfl_xor_sync(0xffffffffu, hi ? pk[0] : pk[2], LPR / 2);
+      const float s1 = __shfl_xor_sync(0xffffffffu, hi ? pk[1] : pk[3], LPR / 2);
+      const float k0 = (hi ? pk[2] : pk[0]) + s0, k1 = (hi ? pk[3] : pk[1]) + s1;
+      float v = (hi2 ? k1 : k0) + __shfl_xor_sync(0xffffffffu, hi2 ? k0 : k1, LPR / 4);
 #pragma unroll
-      for (int off = LPR / 2; off > 0; off >>= 1)
-#pragma unroll
-        for (int k = 0; k < 4; ++k) pk[k] += __shfl_xor_sync(0xffffffffu, pk[k], off);
-      if (sub == 0) {
-#pragma unroll
-        for (int k = 0; k < 4; ++k)
-          if (gb + k < G) lg[gb + k][r] = pk[k];
+      for (int off = LPR / 8; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      if (sub % (LPR / 4) == 0) {
+        const int k = (hi ? 2 : 0) + (hi2 ? 1 : 0);
+        if (gb + k < G) lg[(gb + k) * WAVE_CHUNK + r] = v;
       }
     }
   }
@@ -110,7 +136,7 @@ __device__ void logits(const WaveUnit* __restrict__ units, const float* __restri
   const bool live = c < n && reinterpret_cast<const float*>(wu.ln_sizes)[c] != -INFINITY;
   const int part = chunk * (WAVE_CHUNK / 32) + warp, n_parts = n_chunks * (WAVE_CHUNK / 32);
   for (int g = 0; g < G; ++g) {
-    const float l = live ? lg[g][r] : -INFINITY;
+    const float l = live ? lg[g * WAVE_CHUNK + r] : -INFINITY;
     if (c < max_clusters) out[((size_t)u * G + g) * max_clusters + c] = l;
     const float m = warp_max(l);
     const float e = warp_sum(m == -INFINITY ? 0.f : __expf(l - m));
@@ -159,6 +185,14 @@ __device__ __forceinline__ T block_scan(T v_in, T* warp_tot, T* total) {
 #define SEL_BINS (1 << SEL_BITS)
 // Most keys of a threshold's bin that the selection ranks directly (see find_thresholds).
 #define SEL_CAND 1024
+// SEL_PROFILE (RETROWAVE_KERNEL_DEFINES=SEL_PROFILE): the first wave_select CTA prints the
+// cycles of its phases (thread 0's clock at the block-wide steps between them).
+#ifdef SEL_PROFILE
+#define SEL_T(i) \
+  if (threadIdx.x == 0) prof_t[i] = clock64();
+#else
+#define SEL_T(i)
+#endif
 __device__ __forceinline__ void locate_bin(const unsigned* hist, unsigned before, unsigned own,
                                            unsigned need, unsigned* out) {
   constexpr int PER = SEL_BINS / SEL_THREADS;
@@ -239,6 +273,12 @@ __device__ void find_thresholds(const unsigned* kk, int n, unsigned kmin, unsign
       above[t] += s.res[t][1];
       few = few && s.hist[t][s.res[t][0]] <= SEL_CAND;
     }
+#ifdef SEL_PROFILE
+    if (blockIdx.x == 0 && tid == 0)
+      printf("sel pass shift %d: bins %u %u (need %u %u)\n", shift,
+             need[0] ? s.hist[0][s.res[0][0]] : 0u, need[1] ? s.hist[1][s.res[1][0]] : 0u,
+             need[0], need[1]);
+#endif
     if (few) {
       // want = need - above lies in 1 ..= the bin's count.
       if (tid < 2) s.n_cand[tid] = 0;
@@ -303,7 +343,8 @@ extern "C" __global__ void __launch_bounds__(WAVE_CHUNK)
 // estimation zone attends, per query head g, to |C_i| copies of each estimation cluster's
 // centroid with its mean value: weights w = exp(logit_g,i + ln |C_i| - m) over the chunk's
 // EST_CHUNK clusters (m their max); writes the chunk's m, sum of w and sum of w * mean_i (not
-// normalised) to est_m / est_l [u][chunk][g] and est_acc [u][chunk][g][hd].
+// normalised) to est_m / est_l [u][chunk][g] and est_acc [u][chunk][g][hd]. The chunk's mean rows
+// are gathered into shared memory with cp.async while the weights are computed.
 // wave_estimate_merge_hd{64,128}: grid (n_units), block hd: merges a unit's chunks by their
 // maxima into out [u][g][hd] (the normalised estimate) and lse [u][g] (-inf: nothing estimated),
 // ready to merge with the exact part by log-sum-exp.
@@ -326,6 +367,10 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   const int u = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const WaveUnit wu = units[u];
   const int n = wu.n_clusters, G = group;
+#ifdef SEL_PROFILE
+  long long prof_t[10] = {0};
+#endif
+  SEL_T(0);
   // Each head's softmax over the chunks of wave_logits: a warp a head.
   if (warp < G) {
     const float* pm = part_max + ((size_t)u * G + warp) * n_parts;
@@ -346,6 +391,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
     }
   }
   __syncthreads();
+  SEL_T(1);
   unsigned* kk = keys_in_smem ? skeys : keys + (size_t)u * max_clusters;
   float* sc = scores + (size_t)u * max_clusters;
   const float* lns = reinterpret_cast<const float*>(wu.ln_sizes);
@@ -401,6 +447,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   const int n_live = red_live[0];
   kmin = red_min[0];
   kmax = red_max[0];
+  SEL_T(2);
   // Adaptive retrieval budget (as WaveConfig::step_budgets on the CPU): at least `retrieval`
   // clusters, and as many of the best as it takes to cover `retrieval_mass` of the live
   // (positive) scores' total, up to `retrieval_cap`. The top `cap` scores are found with the
@@ -439,6 +486,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
       const unsigned need[2] = {(unsigned)cap, 0u};
       unsigned pre[2], above[2];
       wave::find_thresholds(kk, n, kmin, kmax, need, ss, pre, above);
+      SEL_T(3);
       // Gather the top cap scores (keys above the threshold, then ties up to cap; tied keys
       // have equal scores, so which ones does not matter).
       if (tid == 0) {
@@ -455,6 +503,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
         if (take) top_s[atomicAdd(&top_n, 1)] = sc[c];
       }
       __syncthreads();
+      SEL_T(4);
       // Sorted descending into the histograms' memory: by rank (each score against all the
       // others, ties by gather slot) when there are few, else a bitonic sort in place.
       float* sorted = reinterpret_cast<float*>(&ss.hist[0][0]);
@@ -491,6 +540,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
         }
       }
       __syncthreads();
+      SEL_T(5);
       // Running sums from the top (a block scan in f64): the first count whose sum reaches the
       // goal (cap when none does).
       constexpr int PT = SEL_TOP / SEL_THREADS;
@@ -512,6 +562,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
         }
       }
       __syncthreads();
+      SEL_T(6);
       r_base = max(r_base, top_k);
     }
   }
@@ -525,6 +576,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   const unsigned need[2] = {(unsigned)m_want, (unsigned)max(r_want, 1)};
   unsigned thr[2], above[2];
   wave::find_thresholds(kk, n, kmin, kmax, need, ss, thr, above);
+  SEL_T(7);
   const unsigned tm = thr[0], tr = r_want > 0 ? thr[1] : 0xffffffffu;
   const unsigned above_m = above[0], above_r = r_want > 0 ? above[1] : 0u;
   // Emission: thread t takes ids [t * per, (t + 1) * per).
@@ -539,6 +591,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   const unsigned long long tb =
       wave::block_scan((unsigned long long)tie_m | ((unsigned long long)tie_r << 32), ss.warp_tot,
                        &ss.total);
+  SEL_T(8);
   unsigned rank_m = (unsigned)tb, rank_r = (unsigned)(tb >> 32);
   const unsigned ties_m = (unsigned)m_want - above_m, ties_r = (unsigned)r_want - above_r;
   unsigned cnt_r = 0, cnt_e = 0;
@@ -567,6 +620,17 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
     counts[2 * u] = (int)(unsigned)ss.total;
     counts[2 * u + 1] = (int)(unsigned)(ss.total >> 32);
   }
+#ifdef SEL_PROFILE
+  SEL_T(9);
+  if (blockIdx.x == 0 && tid == 0)
+    printf("sel cycles n %d r %d m %d: combine %lld score %lld adapt-thr %lld gather %lld sort %lld "
+           "scan %lld thr %lld tie-scan %lld emit %lld total %lld\n",
+           n, r_want, m_want, prof_t[1] - prof_t[0], prof_t[2] - prof_t[1],
+           prof_t[3] ? prof_t[3] - prof_t[2] : 0ll, prof_t[4] ? prof_t[4] - prof_t[3] : 0ll,
+           prof_t[5] ? prof_t[5] - prof_t[4] : 0ll, prof_t[6] ? prof_t[6] - prof_t[5] : 0ll,
+           prof_t[7] - (prof_t[6] ? prof_t[6] : prof_t[2]), prof_t[8] - prof_t[7],
+           prof_t[9] - prof_t[8], prof_t[9] - prof_t[0]);
+#endif
 }
 
 
@@ -578,10 +642,11 @@ __device__ void estimate_partial(const WaveUnit* __restrict__ units, const float
                                  int max_ids, int max_clusters, int group, float* __restrict__ est_m,
                                  float* __restrict__ est_l, float* __restrict__ est_acc) {
   constexpr int DPL = HD / 32;  // dims per lane: 4 at hd 128, 2 at hd 64
+  constexpr int PER_ROW = HD * (int)sizeof(bf16) / 16;  // 16-byte pieces of a mean row
+  __shared__ __align__(16) bf16 rows_s[EST_CHUNK * HD];
   __shared__ float w[WAVE_MAX_G][EST_CHUNK];
   __shared__ int cid[EST_CHUNK];
   __shared__ float m_s[WAVE_MAX_G];
-  __shared__ float red[EST_WARPS][WAVE_MAX_G][HD];
   const int u = blockIdx.y, chunk = blockIdx.x, n_chunks = gridDim.x, tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5, G = group;
   const WaveUnit wu = units[u];
@@ -597,9 +662,22 @@ __device__ void estimate_partial(const WaveUnit* __restrict__ units, const float
     return;
   }
   const float* lns = reinterpret_cast<const float*>(wu.ln_sizes);
+  for (int j = tid; j < EST_CHUNK; j += blockDim.x)
+    cid[j] = j < nj ? ids[(size_t)u * max_ids + n_r + j0 + j] : -1;
+  __syncthreads();
+  // The chunk's mean rows are copied into shared memory (cp.async, all in flight at once) while
+  // the weights are computed.
+  {
+    const char* base = reinterpret_cast<const char*>(wu.means);
+    const unsigned dst = tc::smem_u32(rows_s);
+    for (int i = tid; i < nj * PER_ROW; i += blockDim.x) {
+      const int j = i / PER_ROW, p = i % PER_ROW;
+      tc::cp_async16(dst + i * 16, base + (size_t)cid[j] * HD * sizeof(bf16) + p * 16, true);
+    }
+    tc::cp_async_commit();
+  }
   for (int j = tid; j < EST_CHUNK; j += blockDim.x) {
-    const int c = j < nj ? ids[(size_t)u * max_ids + n_r + j0 + j] : -1;
-    cid[j] = c;
+    const int c = cid[j];
     const float ln = c >= 0 ? lns[c] : -INFINITY;
     for (int g = 0; g < G; ++g)
       w[g][j] = c >= 0 ? logits[((size_t)u * G + g) * max_clusters + c] + ln : -INFINITY;
@@ -618,50 +696,35 @@ __device__ void estimate_partial(const WaveUnit* __restrict__ units, const float
     const float x = w[g][j];
     w[g][j] = (x == -INFINITY || m_s[g] == -INFINITY) ? 0.f : __expf(x - m_s[g]);
   }
+  tc::cp_async_wait<0>();
   __syncthreads();
-  // Each warp sums every EST_WARPS-th cluster of the chunk; a lane owns DPL dims of every head.
-  float acc[WAVE_MAX_G][DPL];
-#pragma unroll
-  for (int g = 0; g < WAVE_MAX_G; ++g)
-#pragma unroll
-    for (int d = 0; d < DPL; ++d) acc[g][d] = 0.f;
-  const bf16* means = reinterpret_cast<const bf16*>(wu.means);
-#pragma unroll 4
-  for (int j = warp; j < nj; j += EST_WARPS) {
-    const bf16* row = means + (size_t)cid[j] * HD + lane * DPL;
-    float x[DPL];
-    if (DPL == 4) {
-      const uint2 raw = *reinterpret_cast<const uint2*>(row);
-      x[0] = __uint_as_float(raw.x << 16);
-      x[1] = __uint_as_float(raw.x & 0xffff0000u);
-      x[2] = __uint_as_float(raw.y << 16);
-      x[3] = __uint_as_float(raw.y & 0xffff0000u);
-    } else {
-      const unsigned raw = *reinterpret_cast<const unsigned*>(row);
-      x[0] = __uint_as_float(raw << 16);
-      x[1] = __uint_as_float(raw & 0xffff0000u);
-    }
-#pragma unroll
-    for (int g = 0; g < WAVE_MAX_G; ++g) {
-      if (g < G) {
-        const float wg = w[g][j];
-#pragma unroll
-        for (int d = 0; d < DPL; ++d) acc[g][d] += wg * x[d];
-      }
-    }
-  }
-  for (int g = 0; g < G; ++g)
-#pragma unroll
-    for (int d = 0; d < DPL; ++d) red[warp][g][lane * DPL + d] = acc[g][d];
-  __syncthreads();
-  for (int i = tid; i < G * HD; i += blockDim.x) {
-    const int g = i / HD, d = i % HD;
-    float a = 0.f;
-#pragma unroll
-    for (int k = 0; k < EST_WARPS; ++k) a += red[k][g][d];
-    est_acc[part * G * HD + i] = a;
-  }
+  // A warp per head (heads warp, warp + EST_WARPS, ...): a lane owns DPL dims and walks the
+  // chunk's rows in shared memory; no reduction across warps.
   for (int g = warp; g < G; g += EST_WARPS) {
+    float acc[DPL];
+#pragma unroll
+    for (int d = 0; d < DPL; ++d) acc[d] = 0.f;
+#pragma unroll 4
+    for (int j = 0; j < nj; ++j) {
+      const bf16* row = rows_s + j * HD + lane * DPL;
+      float x[DPL];
+      if (DPL == 4) {
+        const uint2 raw = *reinterpret_cast<const uint2*>(row);
+        x[0] = __uint_as_float(raw.x << 16);
+        x[1] = __uint_as_float(raw.x & 0xffff0000u);
+        x[2] = __uint_as_float(raw.y << 16);
+        x[3] = __uint_as_float(raw.y & 0xffff0000u);
+      } else {
+        const unsigned raw = *reinterpret_cast<const unsigned*>(row);
+        x[0] = __uint_as_float(raw << 16);
+        x[1] = __uint_as_float(raw & 0xffff0000u);
+      }
+      const float wg = w[g][j];
+#pragma unroll
+      for (int d = 0; d < DPL; ++d) acc[d] += wg * x[d];
+    }
+#pragma unroll
+    for (int d = 0; d < DPL; ++d) est_acc[(part * G + g) * HD + lane * DPL + d] = acc[d];
     float l = 0.f;
     for (int j = lane; j < nj; j += 32) l += w[g][j];
     l = warp_sum(l);

@@ -422,6 +422,14 @@ impl CudaBackend {
             ("attn_prefill_hd64", prefill_smem_bytes(64)),
             ("attn_prefill_hd128", prefill_smem_bytes(128)),
             ("wave_select", crate::wave::WAVE_SELECT_SMEM),
+            (
+                "wave_logits_hd64",
+                crate::wave::wave_logits_smem(64, crate::wave::WAVE_MAX_G),
+            ),
+            (
+                "wave_logits_hd128",
+                crate::wave::wave_logits_smem(128, crate::wave::WAVE_MAX_G),
+            ),
         ] {
             backend.set_max_dynamic_smem(name, bytes)?;
         }

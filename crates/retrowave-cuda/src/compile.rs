@@ -113,15 +113,26 @@ pub fn inline_source(source: &str) -> String {
     source.replace("#include \"common.cuh\"", COMMON_HEADER)
 }
 
-/// Compiler options for `arch` (`sm_90`).
+/// Compiler options for `arch` (`sm_90`). `RETROWAVE_KERNEL_DEFINES` (comma-separated `NAME` or
+/// `NAME=VALUE`) adds preprocessor definitions, for kernels' debugging and profiling switches
+/// (for example `SEL_PROFILE`, see kernels/wave.cu); they are part of the cache key.
 pub fn options(arch: &str, include: &Path) -> Vec<String> {
-    vec![
+    let mut o = vec![
         format!("--gpu-architecture={arch}"),
         "--std=c++17".into(),
         "-lineinfo".into(),
         format!("-I{}", include.display()),
         format!("-DDEC_STAGES={}", decode_stages()),
-    ]
+    ];
+    if let Ok(defs) = std::env::var("RETROWAVE_KERNEL_DEFINES") {
+        o.extend(
+            defs.split(',')
+                .map(str::trim)
+                .filter(|d| !d.is_empty())
+                .map(|d| format!("-D{d}")),
+        );
+    }
+    o
 }
 
 /// Depth of the flash-decoding kernel's cp.async ring of K/V tiles (`DEC_STAGES`): 3 unless

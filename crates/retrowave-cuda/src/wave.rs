@@ -52,6 +52,11 @@ unsafe impl DeviceRepr for WaveUnit {}
 const WAVE_CHUNK: usize = 256;
 /// Largest GQA group the kernels take (`WAVE_MAX_G`).
 pub const WAVE_MAX_G: usize = 16;
+/// Dynamic shared memory of a `wave_logits` CTA: its chunk's centroids (bf16), their logits and
+/// the scaled queries (f32) of a group of `group` heads.
+pub(crate) fn wave_logits_smem(hd: usize, group: usize) -> usize {
+    WAVE_CHUNK * hd * 2 + group * (WAVE_CHUNK + hd) * 4
+}
 /// Threads of a `wave_select` CTA (`SEL_THREADS`).
 const SEL_THREADS: u32 = 1024;
 /// Most clusters the adaptive retrieval budget may grow to on the GPU (`SEL_TOP`: the size of
@@ -203,7 +208,7 @@ impl CudaBackend {
             LaunchConfig {
                 grid_dim: (n_chunks as u32, n_units as u32, 1),
                 block_dim: (WAVE_CHUNK as u32, 1, 1),
-                shared_mem_bytes: 0,
+                shared_mem_bytes: wave_logits_smem(hd, group) as u32,
             },
             &mut [
                 ptr_of(&mut a_units),
