@@ -186,7 +186,9 @@ __device__ __forceinline__ T block_scan(T v_in, T* warp_tot, T* total) {
 // Most keys of a threshold's bin that the selection ranks directly (see find_thresholds).
 #define SEL_CAND 1024
 // SEL_PROFILE (RETROWAVE_KERNEL_DEFINES=SEL_PROFILE): the first wave_select CTA prints the
-// cycles of its phases (thread 0's clock at the block-wide steps between them).
+// cycles of its phases (thread 0's clock at the block-wide steps between them) and of each
+// threshold search's steps; the caller's phases around a search include that search's printf
+// (tens of thousands of cycles).
 #ifdef SEL_PROFILE
 #define SEL_T(i) \
   if (threadIdx.x == 0) prof_t[i] = clock64();
@@ -252,17 +254,27 @@ __device__ void find_thresholds(const unsigned* kk, int n, unsigned kmin, unsign
   unsigned msk = (top >= 32) ? 0u : ~((1u << top) - 1u);
   unsigned pre[2] = {kmax & msk, kmax & msk};
   above[0] = above[1] = 0;
+#ifdef SEL_PROFILE
+  long long ft[6] = {0};
+#define FT(i) \
+  if (tid == 0) ft[i] = clock64();
+#else
+#define FT(i)
+#endif
   for (int hi = top; hi > 0; hi -= SEL_BITS) {
     const int shift = max(hi - SEL_BITS, 0), bits = hi - shift;
     const unsigned bmask = (1u << bits) - 1u;
+    FT(0);
     for (int i = tid; i < 2 * SEL_BINS; i += SEL_THREADS) (&s.hist[0][0])[i] = 0;
     __syncthreads();
+    FT(1);
     for (int c = tid; c < n; c += SEL_THREADS) {
       const unsigned x = kk[c], b = (x >> shift) & bmask;
       if (need[0] && (x & msk) == pre[0]) atomicAdd(&s.hist[0][b], 1u);
       if (need[1] && (x & msk) == pre[1]) atomicAdd(&s.hist[1][b], 1u);
     }
     __syncthreads();
+    FT(2);
     find_bins(s.hist[0], s.hist[1], need[0] - above[0], need[1] - above[1], s.warp_tot, &s.total,
               s.res[0], s.res[1]);
     msk |= bmask << shift;
@@ -273,11 +285,10 @@ __device__ void find_thresholds(const unsigned* kk, int n, unsigned kmin, unsign
       above[t] += s.res[t][1];
       few = few && s.hist[t][s.res[t][0]] <= SEL_CAND;
     }
+    FT(3);
 #ifdef SEL_PROFILE
-    if (blockIdx.x == 0 && tid == 0)
-      printf("sel pass shift %d: bins %u %u (need %u %u)\n", shift,
-             need[0] ? s.hist[0][s.res[0][0]] : 0u, need[1] ? s.hist[1][s.res[1][0]] : 0u,
-             need[0], need[1]);
+    const unsigned bin_n0 = need[0] ? s.hist[0][s.res[0][0]] : 0u;
+    const unsigned bin_n1 = need[1] ? s.hist[1][s.res[1][0]] : 0u;
 #endif
     if (few) {
       // want = need - above lies in 1 ..= the bin's count.
@@ -289,6 +300,7 @@ __device__ void find_thresholds(const unsigned* kk, int n, unsigned kmin, unsign
           if (need[t] && (x & msk) == pre[t]) s.cand[t][atomicAdd(&s.n_cand[t], 1u)] = x;
       }
       __syncthreads();
+      FT(4);
       for (int t = 0; t < 2; ++t) {
         if (!need[t]) continue;
         const unsigned nc = s.n_cand[t], want = need[t] - above[t];
@@ -313,10 +325,19 @@ __device__ void find_thresholds(const unsigned* kk, int n, unsigned kmin, unsign
         above[t] += s.res[t][1];
       }
       __syncthreads();
+      FT(5);
+#ifdef SEL_PROFILE
+      if (blockIdx.x == 0 && tid == 0)
+        printf("sel thr shift %d, bins of %u %u keys (need %u %u), cycles: clear %lld hist %lld "
+               "bins %lld gather %lld rank %lld\n",
+               shift, bin_n0, bin_n1, need[0], need[1], ft[1] - ft[0], ft[2] - ft[1],
+               ft[3] - ft[2], ft[4] - ft[3], ft[5] - ft[4]);
+#endif
       break;
     }
     __syncthreads();
   }
+#undef FT
   key[0] = pre[0];
   key[1] = pre[1];
 }
@@ -398,30 +419,46 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   int live = 0, pos = 0;
   double part = 0.0;  // the positive scores' sum (the adaptive budget's total)
   unsigned kmin = 0xffffffffu, kmax = 0u;
-  for (int c = tid; c < n; c += SEL_THREADS) {
-    // Every head's logit loaded before any is used (the loop over the group unrolled).
-    float l[WAVE_MAX_G];
+  // SCORE_RUN clusters a thread at a time (c = c0 + i * SEL_THREADS): their sizes, then head by
+  // head their logits, each time all SCORE_RUN loads in flight together (a round trip a head
+  // instead of one a cluster).
+  constexpr int SCORE_RUN = 8;
+  for (int c0 = tid; c0 < n; c0 += SCORE_RUN * SEL_THREADS) {
+    float s[SCORE_RUN];
+    bool ok[SCORE_RUN];
 #pragma unroll
-    for (int g = 0; g < WAVE_MAX_G; ++g)
-      l[g] = g < G ? logits[((size_t)u * G + g) * max_clusters + c] : 0.f;
-    float s = -INFINITY;
-    if (lns[c] != -INFINITY) {
-      s = 0.f;
+    for (int i = 0; i < SCORE_RUN; ++i) {
+      const int c = c0 + i * SEL_THREADS;
+      ok[i] = c < n && lns[c] != -INFINITY;
+      s[i] = ok[i] ? 0.f : -INFINITY;
+    }
+    for (int g = 0; g < G; ++g) {
+      const float mg = m_s[g], izg = iz_s[g];
+      const float* lg = logits + ((size_t)u * G + g) * max_clusters;
+      float l[SCORE_RUN];
 #pragma unroll
-      for (int g = 0; g < WAVE_MAX_G; ++g)
-        if (g < G && m_s[g] != -INFINITY) s += __expf(l[g] - m_s[g]) * iz_s[g];
-      live += 1;
+      for (int i = 0; i < SCORE_RUN; ++i) l[i] = ok[i] ? lg[c0 + i * SEL_THREADS] : 0.f;
+      if (mg != -INFINITY)
+#pragma unroll
+        for (int i = 0; i < SCORE_RUN; ++i)
+          if (ok[i]) s[i] += __expf(l[i] - mg) * izg;
     }
-    sc[c] = s;
-    const unsigned x = wave::order_key(s);
-    kk[c] = x;
-    if (s != -INFINITY) {
-      kmin = min(kmin, x);
-      kmax = max(kmax, x);
-    }
-    if (s > 0.f && s != INFINITY) {
-      part += (double)s;
-      pos += 1;
+#pragma unroll
+    for (int i = 0; i < SCORE_RUN; ++i) {
+      const int c = c0 + i * SEL_THREADS;
+      if (c >= n) break;
+      live += ok[i];
+      sc[c] = s[i];
+      const unsigned x = wave::order_key(s[i]);
+      kk[c] = x;
+      if (s[i] != -INFINITY) {
+        kmin = min(kmin, x);
+        kmax = max(kmax, x);
+      }
+      if (s[i] > 0.f && s[i] != INFINITY) {
+        part += (double)s[i];
+        pos += 1;
+      }
     }
   }
   live = __reduce_add_sync(0xffffffffu, live);
@@ -511,6 +548,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
         for (int i = tid; i < cap; i += SEL_THREADS) {
           const float x = top_s[i];
           int r = 0;
+#pragma unroll 8
           for (int j = 0; j < cap; ++j) {
             const float y = top_s[j];
             r += (y > x) || (y == x && j < i);
