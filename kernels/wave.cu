@@ -545,16 +545,22 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
       // others, ties by gather slot) when there are few, else a bitonic sort in place.
       float* sorted = reinterpret_cast<float*>(&ss.hist[0][0]);
       if (cap <= SEL_THREADS / 2) {
-        for (int i = tid; i < cap; i += SEL_THREADS) {
-          const float x = top_s[i];
-          int r = 0;
-#pragma unroll 8
-          for (int j = 0; j < cap; ++j) {
+        // T consecutive lanes rank one score, each against a T-th of the others.
+        const int T = cap <= SEL_THREADS / 4 ? 4 : 2;
+        const int i = tid / T, q = tid % T;
+        const bool act = i < cap;
+        const float x = act ? top_s[i] : 0.f;
+        int r = 0;
+        if (act) {
+          const int j1 = (q + 1) * cap / T;
+#pragma unroll 4
+          for (int j = q * cap / T; j < j1; ++j) {
             const float y = top_s[j];
             r += (y > x) || (y == x && j < i);
           }
-          sorted[r] = x;
         }
+        for (int o = 1; o < T; o <<= 1) r += __shfl_xor_sync(0xffffffffu, r, o);
+        if (act && q == 0) sorted[r] = x;
       } else {
         int np = 1;
         while (np < cap) np <<= 1;
