@@ -199,14 +199,29 @@ __device__ __forceinline__ void decode_partial(const float* __restrict__ q, cons
   const int n_tiles = (end - begin + TILE_T - 1) / TILE_T;
   const float qscale = scale * LOG2E;
 
+  // Wave mode: the list entries of the next tile to issue, loaded one tile ahead (when tile t is
+  // issued, t + 1's entries are requested), so that issuing a tile never waits on its list.
+  constexpr int CPT = TILE_T * CPR / DEC_THREADS;  // 16-byte copies per thread per tile
+  int ent[CPT];
+  auto load_ent = [&](int t) {
+    if constexpr (WAVE) {
+      const int tb = begin + t * TILE_T;
+#pragma unroll
+      for (int k = 0; k < CPT; ++k) {
+        const int tok = (tid + k * DEC_THREADS) / CPR;
+        ent[k] = (t < n_tiles && tb + tok < end) ? __ldg(list + tb + tok) : 0;
+      }
+    }
+  };
   // Issue the cp.async copies of tile t (tokens begin + t*TILE_T ..) into stage t % STAGES.
+  // Tiles are issued in order, each round of query heads from 0 (after load_ent(0)).
   auto issue_tile = [&](int t) {
     if (t < n_tiles) {
       const unsigned ks = sbase + (unsigned)(t % DEC_STAGES) * DEC_STAGE_BYTES;
       const unsigned vs = ks + TILE_BYTES;
       const int tb = begin + t * TILE_T;
 #pragma unroll
-      for (int k = 0; k < TILE_T * CPR / DEC_THREADS; ++k) {
+      for (int k = 0; k < CPT; ++k) {
         const int c = tid + k * DEC_THREADS;
         const int tok = c / CPR, ch = c % CPR;
         const bool ok = tb + tok < end;
@@ -214,7 +229,7 @@ __device__ __forceinline__ void decode_partial(const float* __restrict__ q, cons
         const bf16* vp = vbase;
         if (ok) {
           if constexpr (WAVE) {
-            const int e = __ldg(list + tb + tok);
+            const int e = ent[k];
             if (e < 0) {
               kp = ck + (size_t)(-e - 1) * HD;
               vp = cv + (size_t)(-e - 1) * HD;
@@ -238,10 +253,12 @@ __device__ __forceinline__ void decode_partial(const float* __restrict__ q, cons
       }
     }
     cp_async_commit();
+    load_ent(t + 1);
   };
 
   for (int cbase = 0; cbase < G; cbase += DEC_HC) {
     // Prologue first (the copies fly while the query is read): STAGES-1 tiles in flight.
+    load_ent(0);
 #pragma unroll
     for (int t = 0; t < DEC_STAGES - 1; ++t) issue_tile(t);
     // Query fragments: head cbase + g (zero past G), scaled by scale * log2e, split hi / lo.
