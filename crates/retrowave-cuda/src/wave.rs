@@ -335,8 +335,17 @@ impl CudaBackend {
     }
 }
 
-/// CTAs per multiprocessor the exact part of a wave step aims at.
-const WAVE_EXACT_CTAS_PER_SM: usize = 4;
+/// CTAs per multiprocessor the exact part of a wave step aims at: 4, or `RETROWAVE_WAVE_EXACT_CTAS`
+/// (1 to 16, read once; for measurements).
+fn wave_exact_ctas_per_sm() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("RETROWAVE_WAVE_EXACT_CTAS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .map_or(4, |n| n.clamp(1, 16))
+    })
+}
 
 /// What [`CudaBackend::wave_tokens`] leaves on the device.
 pub struct WaveTokens {
@@ -414,7 +423,7 @@ impl CudaBackend {
         // Enough CTAs to keep every multiprocessor streaming (the lists are gathers of scattered
         // rows: latency-bound unless many are in flight), but splits of at least ~64-128 tokens of
         // a typical list (the capacity is a bound, up to twice a list's length).
-        (WAVE_EXACT_CTAS_PER_SM * sms)
+        (wave_exact_ctas_per_sm() * sms)
             .div_ceil(n_units.max(1))
             .clamp(1, (list_cap / 128).max(1))
     }
