@@ -310,6 +310,12 @@ struct Inner {
     _blas_workspace: CudaSlice<u8>,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// A second stream for work of a step that does not depend on the main stream's next
+    /// kernels (the wave token lists beside the estimation), forked from and joined back into
+    /// `stream` through the two events, so that graph capture records parallel branches.
+    side: Arc<CudaStream>,
+    fork_event: cudarc::driver::CudaEvent,
+    join_event: cudarc::driver::CudaEvent,
     blas: CudaBlas,
     funcs: HashMap<&'static str, CudaFunction>,
     info: DeviceInfo,
@@ -346,12 +352,23 @@ impl CudaBackend {
     pub fn new(ordinal: usize) -> Result<Self, CudaError> {
         let ctx = device::open(ordinal)?;
         let info = device::info(&ctx)?;
-        // One stream, ordered: cudarc's cross-stream event tracking is not needed.
-        // SAFETY: every buffer of this backend is used on `stream` only.
+        // One main stream, ordered; the side stream is ordered against it by explicit events
+        // (fork / join): cudarc's cross-stream event tracking is not needed.
+        // SAFETY: buffers are allocated and freed on `stream`; the side stream only runs kernels
+        // between a fork (after the allocations it uses) and a join (before they are freed).
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx
             .new_stream()
             .map_err(CudaError::driver("cuStreamCreate"))?;
+        let side = ctx
+            .new_stream()
+            .map_err(CudaError::driver("cuStreamCreate"))?;
+        let fork_event = ctx
+            .new_event(None)
+            .map_err(CudaError::driver("cuEventCreate"))?;
+        let join_event = ctx
+            .new_event(None)
+            .map_err(CudaError::driver("cuEventCreate"))?;
         keep_pool_memory(&ctx)?;
         let (modules, reports) = compile::load_modules(&ctx)?;
         let mut funcs = HashMap::new();
@@ -395,6 +412,9 @@ impl CudaBackend {
             inner: Arc::new(Inner {
                 ctx,
                 stream,
+                side,
+                fork_event,
+                join_event,
                 blas,
                 funcs,
                 info,
@@ -613,6 +633,52 @@ impl CudaBackend {
         cfg: LaunchConfig,
         args: &mut [*mut c_void],
     ) -> Result<(), CudaError> {
+        self.launch_on(self.inner.stream.cu_stream(), name, cfg, args)
+    }
+
+    /// Makes the side stream wait for everything issued so far on the main stream; kernels
+    /// launched with [`Self::launch_side`] until [`Self::join_side`] run beside the main
+    /// stream's.
+    pub(crate) fn fork_side(&self) -> Result<(), CudaError> {
+        self.inner
+            .fork_event
+            .record(&self.inner.stream)
+            .map_err(CudaError::driver("cuEventRecord"))?;
+        self.inner
+            .side
+            .wait(&self.inner.fork_event)
+            .map_err(CudaError::driver("cuStreamWaitEvent"))
+    }
+
+    /// Makes the main stream wait for the side stream's work since [`Self::fork_side`].
+    pub(crate) fn join_side(&self) -> Result<(), CudaError> {
+        self.inner
+            .join_event
+            .record(&self.inner.side)
+            .map_err(CudaError::driver("cuEventRecord"))?;
+        self.inner
+            .stream
+            .wait(&self.inner.join_event)
+            .map_err(CudaError::driver("cuStreamWaitEvent"))
+    }
+
+    /// [`Self::launch`] on the side stream (between [`Self::fork_side`] and [`Self::join_side`]).
+    pub(crate) fn launch_side(
+        &self,
+        name: &str,
+        cfg: LaunchConfig,
+        args: &mut [*mut c_void],
+    ) -> Result<(), CudaError> {
+        self.launch_on(self.inner.side.cu_stream(), name, cfg, args)
+    }
+
+    fn launch_on(
+        &self,
+        stream: sys::CUstream,
+        name: &str,
+        cfg: LaunchConfig,
+        args: &mut [*mut c_void],
+    ) -> Result<(), CudaError> {
         let f = self.function(name)?;
         // SAFETY: `args` point at live values whose types match the kernel's parameters (each
         // call site passes them in the order of kernels/README.md).
@@ -626,7 +692,7 @@ impl CudaBackend {
                 cfg.block_dim.1,
                 cfg.block_dim.2,
                 cfg.shared_mem_bytes,
-                self.inner.stream.cu_stream(),
+                stream,
                 args.as_mut_ptr(),
                 std::ptr::null_mut(),
             )

@@ -371,6 +371,28 @@ impl CudaBackend {
         sel: &WaveSelection,
         list_cap: usize,
     ) -> Result<WaveTokens, CudaError> {
+        self.wave_tokens_impl(t, sel, list_cap, false)
+    }
+
+    /// [`CudaBackend::wave_tokens`] on the side stream: its buffers are allocated on the main
+    /// stream, which is then forked; the caller joins it (`join_side`) before anything reads the
+    /// lists or the tiers' fill jobs.
+    pub(crate) fn wave_tokens_side(
+        &self,
+        t: &StepTables,
+        sel: &WaveSelection,
+        list_cap: usize,
+    ) -> Result<WaveTokens, CudaError> {
+        self.wave_tokens_impl(t, sel, list_cap, true)
+    }
+
+    fn wave_tokens_impl(
+        &self,
+        t: &StepTables,
+        sel: &WaveSelection,
+        list_cap: usize,
+        side: bool,
+    ) -> Result<WaveTokens, CudaError> {
         let list_cap = list_cap.max(1);
         let list = self.alloc::<i32>(sel.n_units * list_cap)?;
         let count = self.alloc::<i32>(sel.n_units)?;
@@ -388,26 +410,29 @@ impl CudaBackend {
             list_cap as i32,
             self.wave_overflow_ptr()?,
         );
-        self.launch(
-            "wave_tokens",
-            LaunchConfig {
-                grid_dim: (sel.n_units as u32, 1, 1),
-                block_dim: (SEL_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            },
-            &mut [
-                ptr_of(&mut a_u),
-                ptr_of(&mut a_s),
-                ptr_of(&mut a_r),
-                ptr_of(&mut a_i),
-                ptr_of(&mut a_c),
-                ptr_of(&mut mi),
-                ptr_of(&mut a_l),
-                ptr_of(&mut a_n),
-                ptr_of(&mut lc),
-                ptr_of(&mut a_o),
-            ],
-        )?;
+        let cfg = LaunchConfig {
+            grid_dim: (sel.n_units as u32, 1, 1),
+            block_dim: (SEL_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let args: &mut [*mut std::ffi::c_void] = &mut [
+            ptr_of(&mut a_u),
+            ptr_of(&mut a_s),
+            ptr_of(&mut a_r),
+            ptr_of(&mut a_i),
+            ptr_of(&mut a_c),
+            ptr_of(&mut mi),
+            ptr_of(&mut a_l),
+            ptr_of(&mut a_n),
+            ptr_of(&mut lc),
+            ptr_of(&mut a_o),
+        ];
+        if side {
+            self.fork_side()?;
+            self.launch_side("wave_tokens", cfg, args)?;
+        } else {
+            self.launch("wave_tokens", cfg, args)?;
+        }
         Ok(WaveTokens {
             list,
             count,

@@ -661,8 +661,11 @@ impl CudaBackend {
             hd,
             ws.max_ids,
         )?;
+        // The token lists (and the tiers' cache policy) on the side stream, beside the
+        // estimation: both read only the selection, and each alone leaves most of the GPU idle.
+        let toks = self.wave_tokens_side(t, &sel, ws.list_cap)?;
         let est = self.wave_estimate(&sel)?;
-        let toks = self.wave_tokens(t, &sel, ws.list_cap)?;
+        self.join_side()?;
         if ws.tiers {
             self.wave_cache_fill(ws.layer_ptr(layer), ws.per_layer, hd)?;
         }
