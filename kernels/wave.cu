@@ -366,7 +366,7 @@ extern "C" __global__ void __launch_bounds__(WAVE_CHUNK)
 // EST_CHUNK clusters (m their max); writes the chunk's m, sum of w and sum of w * mean_i (not
 // normalised) to est_m / est_l [u][chunk][g] and est_acc [u][chunk][g][hd]. The chunk's mean rows
 // are gathered into shared memory with cp.async while the weights are computed.
-// wave_estimate_merge_hd{64,128}: grid (n_units), block hd: merges a unit's chunks by their
+// wave_estimate_merge: grid (n_units, group), block 256: merges a unit's chunks by their
 // maxima into out [u][g][hd] (the normalised estimate) and lse [u][g] (-inf: nothing estimated),
 // ready to merge with the exact part by log-sum-exp.
 //
