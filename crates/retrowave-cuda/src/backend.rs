@@ -277,6 +277,21 @@ fn decode_waves() -> Option<usize> {
     })
 }
 
+/// Makes `waiter` wait for everything issued so far on `first`, through `event` (recorded
+/// again at each call: graph capture turns this into an edge between the two streams' nodes).
+fn order_streams(
+    first: &CudaStream,
+    event: &cudarc::driver::CudaEvent,
+    waiter: &CudaStream,
+) -> Result<(), CudaError> {
+    event
+        .record(first)
+        .map_err(CudaError::driver("cuEventRecord"))?;
+    waiter
+        .wait(event)
+        .map_err(CudaError::driver("cuStreamWaitEvent"))
+}
+
 /// Whether flash-decoding is launched with programmatic stream serialization (PDL), so that its
 /// CTAs start, read the step tables and hint their first tiles into L2 while the previous kernel
 /// of the stream finishes: on (`RETROWAVE_PDL=0` turns it off; read once). Measured on an H200:
@@ -640,26 +655,14 @@ impl CudaBackend {
     /// launched with [`Self::launch_side`] until [`Self::join_side`] run beside the main
     /// stream's.
     pub(crate) fn fork_side(&self) -> Result<(), CudaError> {
-        self.inner
-            .fork_event
-            .record(&self.inner.stream)
-            .map_err(CudaError::driver("cuEventRecord"))?;
-        self.inner
-            .side
-            .wait(&self.inner.fork_event)
-            .map_err(CudaError::driver("cuStreamWaitEvent"))
+        let i = &self.inner;
+        order_streams(&i.stream, &i.fork_event, &i.side)
     }
 
     /// Makes the main stream wait for the side stream's work since [`Self::fork_side`].
     pub(crate) fn join_side(&self) -> Result<(), CudaError> {
-        self.inner
-            .join_event
-            .record(&self.inner.side)
-            .map_err(CudaError::driver("cuEventRecord"))?;
-        self.inner
-            .stream
-            .wait(&self.inner.join_event)
-            .map_err(CudaError::driver("cuStreamWaitEvent"))
+        let i = &self.inner;
+        order_streams(&i.side, &i.join_event, &i.stream)
     }
 
     /// [`Self::launch`] on the side stream (between [`Self::fork_side`] and [`Self::join_side`]).
