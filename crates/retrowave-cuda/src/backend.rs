@@ -651,12 +651,13 @@ impl CudaBackend {
         self.launch_on(self.inner.stream.cu_stream(), name, cfg, args)
     }
 
-    /// Makes the side stream wait for everything issued so far on the main stream; kernels
-    /// launched with [`Self::launch_side`] until [`Self::join_side`] run beside the main
-    /// stream's.
-    pub(crate) fn fork_side(&self) -> Result<(), CudaError> {
+    /// Makes the side stream wait for everything issued so far on the main stream and returns
+    /// it: kernels launched on it ([`Self::launch_on`]) until [`Self::join_side`] run beside the
+    /// main stream's.
+    pub(crate) fn fork_side(&self) -> Result<sys::CUstream, CudaError> {
         let i = &self.inner;
-        order_streams(&i.stream, &i.fork_event, &i.side)
+        order_streams(&i.stream, &i.fork_event, &i.side)?;
+        Ok(i.side.cu_stream())
     }
 
     /// Makes the main stream wait for the side stream's work since [`Self::fork_side`].
@@ -665,17 +666,8 @@ impl CudaBackend {
         order_streams(&i.side, &i.join_event, &i.stream)
     }
 
-    /// [`Self::launch`] on the side stream (between [`Self::fork_side`] and [`Self::join_side`]).
-    pub(crate) fn launch_side(
-        &self,
-        name: &str,
-        cfg: LaunchConfig,
-        args: &mut [*mut c_void],
-    ) -> Result<(), CudaError> {
-        self.launch_on(self.inner.side.cu_stream(), name, cfg, args)
-    }
-
-    fn launch_on(
+    /// [`Self::launch`] on `stream` (the main one, or the side one from [`Self::fork_side`]).
+    pub(crate) fn launch_on(
         &self,
         stream: sys::CUstream,
         name: &str,

@@ -371,22 +371,13 @@ impl CudaBackend {
         sel: &WaveSelection,
         list_cap: usize,
     ) -> Result<WaveTokens, CudaError> {
-        self.wave_tokens_impl(t, sel, list_cap, false)
+        self.wave_tokens_on(t, sel, list_cap, false)
     }
 
-    /// [`CudaBackend::wave_tokens`] on the side stream: its buffers are allocated on the main
-    /// stream, which is then forked; the caller joins it (`join_side`) before anything reads the
-    /// lists or the tiers' fill jobs.
-    pub(crate) fn wave_tokens_side(
-        &self,
-        t: &StepTables,
-        sel: &WaveSelection,
-        list_cap: usize,
-    ) -> Result<WaveTokens, CudaError> {
-        self.wave_tokens_impl(t, sel, list_cap, true)
-    }
-
-    fn wave_tokens_impl(
+    /// [`CudaBackend::wave_tokens`], on the side stream when `side`: its buffers are allocated
+    /// on the main stream, which is then forked; the caller joins it (`join_side`) before
+    /// anything reads the lists or the tiers' fill jobs.
+    pub(crate) fn wave_tokens_on(
         &self,
         t: &StepTables,
         sel: &WaveSelection,
@@ -428,8 +419,8 @@ impl CudaBackend {
             ptr_of(&mut a_o),
         ];
         if side {
-            self.fork_side()?;
-            self.launch_side("wave_tokens", cfg, args)?;
+            let stream = self.fork_side()?;
+            self.launch_on(stream, "wave_tokens", cfg, args)?;
         } else {
             self.launch("wave_tokens", cfg, args)?;
         }

@@ -301,13 +301,19 @@ pub(crate) fn check_wave_decode(
         2e-3,
     ));
     // Nothing may have been cut from a token list.
+    out.push(no_list_cut(b, "wave token lists: none cut short")?);
+    Ok(out)
+}
+
+/// Nothing may have been cut from a token list since the backend started (the device counter
+/// that `wave_tokens` raises, see `CudaBackend::wave_overflows`).
+fn no_list_cut(b: &CudaBackend, what: &str) -> Result<CheckResult, String> {
     let overflows = b.wave_overflows().map_err(|x| x.to_string())?;
-    out.push(CheckResult::exact(
-        "wave token lists: none cut short",
+    Ok(CheckResult::exact(
+        what,
         f64::from(overflows),
         overflows == 0,
-    ));
-    Ok(out)
+    ))
 }
 
 /// Host tier checks (see the module docs, 3.) for one head shape: two sequences, a small wave
@@ -490,12 +496,7 @@ pub(crate) fn check_wave_tier(
             want.hit_pages, want.admitted_pages, want.bypass_pages, want.evicted_pages,
             got.hit_pages, got.admitted_pages, got.bypass_pages, got.evicted_pages, resident_diff
         ), resident_diff as f64, same && want.hit_pages > 0 && want.evicted_pages > 0));
-    let overflows = b.wave_overflows().map_err(s_)?;
-    out.push(CheckResult::exact(
-        "wave tier token lists: none cut short",
-        f64::from(overflows),
-        overflows == 0,
-    ));
+    out.push(no_list_cut(b, "wave tier token lists: none cut short")?);
     Ok(out)
 }
 

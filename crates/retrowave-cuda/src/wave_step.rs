@@ -370,7 +370,6 @@ impl CudaBackend {
     /// `ClusterIndex::append_segment` does on the CPU. The tokens stay in the GPU cache (with a
     /// host tier they are read from there, outside the wave buffers).
     fn update_wave(&self, kv: &mut DevKv, range: std::ops::Range<usize>) -> Result<(), CudaError> {
-        use crate::wave_tier::copy_rows;
         let (cap, hd, units, shift) = (kv.cap, kv.head_dim, kv.n_layers * kv.n_kv, kv.hole.1);
         let Some(w) = kv.wave.as_deref_mut() else {
             return Ok(());
@@ -395,53 +394,26 @@ impl CudaBackend {
         let c = self.wave_build(&units_b, &[seg], w.cfg.kmeans_iterations, hd)?;
         let (k0, it0) = (w.n_clusters, w.indexed_tokens());
         let (k1, n_new) = (k0 + clusters, range.len());
-        let it1 = it0 + n_new;
-        // Old and new rows side by side, per unit.
-        let join =
-            |old: u64, new: u64, old_w: usize, new_w: usize, dst: u64| -> Result<(), CudaError> {
-                copy_rows(self, old, old_w, dst, old_w + new_w, old_w, units)?;
-                copy_rows(
-                    self,
-                    new,
-                    new_w,
-                    dst + old_w as u64,
-                    old_w + new_w,
-                    new_w,
-                    units,
-                )
-            };
-        let centroids = self.alloc::<bf16>(units * k1 * hd)?;
-        join(
+        // Old and new rows side by side, per unit: `old_n` then `new_n` elements a unit.
+        let centroids = join_rows::<bf16>(
+            self,
+            units,
             dp(&w.centroids),
             dp(&c.centroids),
-            k0 * row,
-            clusters * row,
-            dp(&centroids),
+            k0 * hd,
+            clusters * hd,
         )?;
-        let means = self.alloc::<bf16>(units * k1 * hd)?;
-        join(
+        let means = join_rows::<bf16>(
+            self,
+            units,
             dp(&w.means),
             dp(&c.means),
-            k0 * row,
-            clusters * row,
-            dp(&means),
+            k0 * hd,
+            clusters * hd,
         )?;
-        let ln_sizes = self.alloc::<f32>(units * k1)?;
-        join(
-            dp(&w.ln_sizes),
-            dp(&c.ln_sizes),
-            k0 * 4,
-            clusters * 4,
-            dp(&ln_sizes),
-        )?;
-        let members = self.alloc::<i32>(units * it1)?;
-        join(
-            dp(&w.members),
-            dp(&c.members),
-            it0 * 4,
-            n_new * 4,
-            dp(&members),
-        )?;
+        let ln_sizes =
+            join_rows::<f32>(self, units, dp(&w.ln_sizes), dp(&c.ln_sizes), k0, clusters)?;
+        let members = join_rows::<i32>(self, units, dp(&w.members), dp(&c.members), it0, n_new)?;
         // The new clusters' offsets continue after the old members.
         let new_offs = self.download(&c.offsets, units * (clusters + 1))?;
         let shifted: Vec<i32> = new_offs
@@ -449,14 +421,7 @@ impl CudaBackend {
             .flat_map(|o| o[1..].iter().map(|&x| x + it0 as i32))
             .collect();
         let tail = self.upload(&shifted)?;
-        let offsets = self.alloc::<i32>(units * (k1 + 1))?;
-        join(
-            dp(&w.offsets),
-            dp(&tail),
-            (k0 + 1) * 4,
-            clusters * 4,
-            dp(&offsets),
-        )?;
+        let offsets = join_rows::<i32>(self, units, dp(&w.offsets), dp(&tail), k0 + 1, clusters)?;
         let sizes = self.download(&c.sizes, c.sizes.len())?;
         let biggest = sizes.iter().copied().max().unwrap_or(0).max(0) as usize;
         w.centroids = centroids;
@@ -663,7 +628,7 @@ impl CudaBackend {
         )?;
         // The token lists (and the tiers' cache policy) on the side stream, beside the
         // estimation: both read only the selection, and each alone leaves most of the GPU idle.
-        let toks = self.wave_tokens_side(t, &sel, ws.list_cap)?;
+        let toks = self.wave_tokens_on(t, &sel, ws.list_cap, true)?;
         let est = self.wave_estimate(&sel)?;
         self.join_side()?;
         if ws.tiers {
@@ -671,6 +636,25 @@ impl CudaBackend {
         }
         self.wave_exact_attention(t, layer, q, out, &toks, &est, n_heads, n_kv, hd)
     }
+}
+
+/// A new device array of `units` rows, each a row of `old` (`old_n` elements, rows `old_n`
+/// apart) followed by the same unit's row of `new` (`new_n` elements): an index's per-unit arrays
+/// after an update appended clusters.
+fn join_rows<T: cudarc::driver::DeviceRepr>(
+    b: &CudaBackend,
+    units: usize,
+    old: u64,
+    new: u64,
+    old_n: usize,
+    new_n: usize,
+) -> Result<CudaSlice<T>, CudaError> {
+    let sz = std::mem::size_of::<T>();
+    let (ow, nw) = (old_n * sz, new_n * sz);
+    let dst = b.alloc::<T>(units * (old_n + new_n))?;
+    crate::wave_tier::copy_rows(b, old, ow, dp(&dst), ow + nw, ow, units)?;
+    crate::wave_tier::copy_rows(b, new, nw, dp(&dst) + ow as u64, ow + nw, nw, units)?;
+    Ok(dst)
 }
 
 #[cfg(test)]
