@@ -198,6 +198,25 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
+    /// Joins `backends` (one per tensor-parallel rank, in rank order) into a group whose
+    /// activations are summed on the devices by [`Backend::all_reduce`] (NCCL on GPUs).
+    /// `Ok(false)` when this backend has no device collective: the workers then sum through host
+    /// memory (a [`Collective`]).
+    fn join_group(backends: &[Self]) -> Result<bool, BackendError>
+    where
+        Self: Sized,
+    {
+        let _ = backends;
+        Ok(false)
+    }
+
+    /// Replaces `x` on every rank of the group made by [`Backend::join_group`] by the sum of all
+    /// ranks' `x`. Called only on backends that joined one; failures are reported by
+    /// [`Backend::check`].
+    fn all_reduce(&self, x: &mut Self::Acts) {
+        let _ = x;
+    }
+
     /// Whether [`Backend::sample_rows`] picks tokens on the device (so that only token ids, not
     /// the logits, travel back to the host).
     fn samples_on_device(&self) -> bool {

@@ -341,6 +341,8 @@ struct Inner {
     wave_overflow: Mutex<Option<CudaSlice<i32>>>,
     /// The units of the current wave decode step (see `wave_step`).
     wave_units: Mutex<Option<Arc<crate::wave_step::WaveStepUnits>>>,
+    /// This rank's NCCL communicator, once the backend joined a tensor-parallel group.
+    comm: std::sync::OnceLock<crate::nccl::Comm>,
 }
 
 /// The CUDA backend of one GPU. Cloning shares the context, stream and kernels.
@@ -444,6 +446,7 @@ impl CudaBackend {
                 graphs_enabled: graphs_enabled(),
                 wave_overflow: Mutex::new(None),
                 wave_units: Mutex::new(None),
+                comm: std::sync::OnceLock::new(),
             }),
         };
         // Kernels that need more than the default 48 KB of dynamic shared memory.
@@ -525,6 +528,23 @@ impl CudaBackend {
             Some(f) => Err(CudaError::Unsupported(f)),
             None => Ok(()),
         }
+    }
+
+    /// This backend's NCCL communicator, when it is in a tensor-parallel group.
+    pub(crate) fn comm(&self) -> Option<&crate::nccl::Comm> {
+        self.inner.comm.get()
+    }
+
+    /// `(rank, world)` in the tensor-parallel group, when the backend is in one.
+    pub fn group_place(&self) -> Option<(usize, usize)> {
+        self.comm().map(|c| c.place())
+    }
+
+    pub(crate) fn set_comm(&self, c: crate::nccl::Comm) -> Result<(), CudaError> {
+        self.inner
+            .comm
+            .set(c)
+            .map_err(|_| CudaError::Unsupported("backend already in a group".into()))
     }
 
     fn bind(&self) -> Result<(), CudaError> {
@@ -1779,6 +1799,28 @@ impl Backend for CudaBackend {
 
     fn samples_on_device(&self) -> bool {
         true
+    }
+
+    fn join_group(backends: &[Self]) -> Result<bool, BackendError> {
+        Ok(crate::nccl::join(backends)?)
+    }
+
+    fn all_reduce(&self, x: &mut DevActs) {
+        let Some(comm) = self.comm() else {
+            self.record("all_reduce on a backend outside a tensor-parallel group");
+            return;
+        };
+        if comm.skips() {
+            return;
+        }
+        if let Err(e) = crate::nccl::all_reduce_f32(
+            comm,
+            dp(&x.data),
+            x.rows * x.cols,
+            self.inner.stream.cu_stream(),
+        ) {
+            self.record(e);
+        }
     }
 
     fn graph_step_begin(

@@ -18,6 +18,7 @@ pub mod compile;
 pub mod dequant;
 pub mod device;
 mod error;
+pub mod nccl;
 pub mod pinned;
 pub mod timing;
 pub mod wave;

@@ -3,7 +3,8 @@
 //!
 //! With one worker the group calls it directly on the caller's thread. With several, each worker
 //! lives on its own thread and receives the step through a channel; the row-parallel projections
-//! are summed by [`HostSum`], an in-process all-reduce over host memory (NCCL replaces it on GPUs).
+//! are summed on the devices where the backend has a collective (NCCL on GPUs,
+//! [`Backend::join_group`]), else by [`HostSum`], an in-process all-reduce over host memory.
 
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Barrier, Mutex};
@@ -16,7 +17,7 @@ use retrowave_model::arch::{ModelConfig, WeightSource};
 
 use crate::EngineError;
 use crate::shard;
-use crate::worker::Worker;
+use crate::worker::{Reduce, Worker};
 
 /// In-process all-reduce: every rank publishes its buffer, then every rank sums all buffers in
 /// rank order, so each rank gets a bit-identical result.
@@ -149,7 +150,7 @@ impl<B: Backend + 'static> WorkerGroup<B> {
                 .into_iter()
                 .next()
                 .ok_or_else(|| EngineError::Config("no shard".into()))?;
-            let w = Worker::load(backend, cfg, src, shard, None)?;
+            let w = Worker::load(backend, cfg, src, shard, Reduce::Alone)?;
             return Ok(WorkerGroup {
                 device_sampling: w.samples_on_device(),
                 local: Some(w),
@@ -157,12 +158,18 @@ impl<B: Backend + 'static> WorkerGroup<B> {
                 vocab: cfg.vocab_size,
             });
         }
-        let coll: Arc<dyn Collective<Vec<f32>>> = Arc::new(HostSum::new(world));
+        // Partial sums go through the devices' collective (NCCL) where the backend has one,
+        // else through host memory.
+        let reduce = if B::join_group(&backends)? {
+            Reduce::Device
+        } else {
+            Reduce::Host(Arc::new(HostSum::new(world)))
+        };
         let device_sampling = backends.iter().all(|b| b.samples_on_device());
         let mut remotes = Vec::with_capacity(world);
         for (backend, shard) in backends.into_iter().zip(shards) {
             // Weights are loaded here (the source borrows the model file), then moved to the thread.
-            let w = Worker::load(backend, cfg, src, shard, Some(coll.clone()))?;
+            let w = Worker::load(backend, cfg, src, shard, reduce.clone())?;
             let (tx, crx) = mpsc::channel::<Cmd>();
             let (ctx, rx) = mpsc::channel::<Reply>();
             let handle = std::thread::Builder::new()

@@ -73,7 +73,18 @@ pub struct Worker<B: Backend> {
     /// Separate output matrix (rank 0 only); `None` with tied embeddings.
     output: Option<B::Matrix>,
     caches: HashMap<usize, B::Kv>,
-    collective: Option<Arc<dyn Collective<Vec<f32>>>>,
+    reduce: Reduce,
+}
+
+/// How a worker sums the partial outputs of its row-parallel projections over the group.
+#[derive(Clone)]
+pub enum Reduce {
+    /// A group of one: nothing to sum.
+    Alone,
+    /// Through host memory (the CPU backend, or a device backend without a collective).
+    Host(Arc<dyn Collective<Vec<f32>>>),
+    /// On the devices ([`Backend::all_reduce`], after [`Backend::join_group`]).
+    Device,
 }
 
 impl<B: Backend> Worker<B> {
@@ -83,7 +94,7 @@ impl<B: Backend> Worker<B> {
         cfg: &ModelConfig,
         src: &dyn WeightSource,
         shard: Shard,
-        collective: Option<Arc<dyn Collective<Vec<f32>>>>,
+        reduce: Reduce,
     ) -> Result<Self, EngineError> {
         let hd = cfg.head_dim;
         let q_rows = shard.q_heads.start * hd..shard.q_heads.end * hd;
@@ -175,7 +186,7 @@ impl<B: Backend> Worker<B> {
             out_norm,
             output,
             caches: HashMap::new(),
-            collective,
+            reduce,
         })
     }
 
@@ -202,11 +213,15 @@ impl<B: Backend> Worker<B> {
     }
 
     fn all_reduce(&self, x: &mut B::Acts) {
-        if let Some(c) = &self.collective {
-            let (rows, cols) = self.backend.acts_shape(x);
-            let mut host = self.backend.acts_to_host(x);
-            c.all_reduce_sum(self.shard.rank, &mut host);
-            *x = self.backend.acts_from_host(&host, rows, cols);
+        match &self.reduce {
+            Reduce::Alone => {}
+            Reduce::Host(c) => {
+                let (rows, cols) = self.backend.acts_shape(x);
+                let mut host = self.backend.acts_to_host(x);
+                c.all_reduce_sum(self.shard.rank, &mut host);
+                *x = self.backend.acts_from_host(&host, rows, cols);
+            }
+            Reduce::Device => self.backend.all_reduce(x),
         }
     }
 
@@ -272,9 +287,10 @@ impl<B: Backend> Worker<B> {
                 }
             }
         }
-        // Single-worker decode steps that sample on the device may run as a captured graph: the
+        // Decode steps that sample on the device may run as a captured graph (with a device
+        // collective, each rank captures and replays its own, collectives included): the
         // backend replays one when it has captured this shape, else runs (and captures) the ops.
-        let graph = sampling.filter(|_| self.collective.is_none());
+        let graph = sampling.filter(|_| !matches!(self.reduce, Reduce::Host(_)));
         if let Some(rows) = graph {
             let mut caches: Vec<&mut B::Kv> = taken.iter_mut().map(|(_, kv)| kv).collect();
             let begun =

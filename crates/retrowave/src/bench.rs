@@ -76,6 +76,9 @@ pub enum BenchCommand {
         /// (each row's greedy pick of the step before, as a real decode feeds them).
         #[arg(long, default_value = "random", value_parser = ["random", "greedy"])]
         tokens: String,
+        /// Tensor-parallel degree: GPUs from --device on, one worker each (NCCL between them).
+        #[arg(long, default_value_t = 1)]
+        tp: usize,
         #[arg(long, default_value = "bench/results/gpu-decode.jsonl")]
         out: PathBuf,
     },
@@ -94,6 +97,36 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 1.0)]
         tolerance: f32,
         #[arg(long, default_value = "bench/results/gpu-parity.jsonl")]
+        out: PathBuf,
+    },
+    /// Tensor-parallel decode on several GPUs against one GPU: logits teacher-forced on one
+    /// GPU's greedy path and free-running greedy tokens, dense and wave.
+    TpParity {
+        #[arg(long, short)]
+        model: Option<String>,
+        /// Model shape file: random bf16 weights and random prompt tokens.
+        #[arg(long)]
+        random_weights: Option<PathBuf>,
+        /// First GPU; ranks take consecutive GPUs from it.
+        #[arg(long, default_value = "cuda:0")]
+        device: String,
+        /// Tensor-parallel degrees to compare with one GPU.
+        #[arg(long, default_value = "2", value_delimiter = ',')]
+        tp: Vec<usize>,
+        #[arg(long, default_value_t = 8192)]
+        prompt: usize,
+        #[arg(long, default_value_t = 32)]
+        tokens: usize,
+        /// Attention modes: full and/or wave.
+        #[arg(long, default_value = "full,wave", value_delimiter = ',')]
+        attention: Vec<String>,
+        /// TOML file of wave-index parameters (retrowave's defaults otherwise).
+        #[arg(long)]
+        wave_config: Option<PathBuf>,
+        /// Largest |logit difference| accepted on one GPU's top-5 tokens.
+        #[arg(long, default_value_t = 0.5)]
+        tolerance: f32,
+        #[arg(long, default_value = "bench/results/gpu-tp-parity.jsonl")]
         out: PathBuf,
     },
     /// GPU prefill and decode tokens/s of a model at one context: real weights (--model) or
@@ -287,6 +320,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             wave_config,
             stage_batches,
             tokens,
+            tp,
             out,
         } => {
             let wave = match load::attention_mode("wave", wave_config.as_deref())? {
@@ -303,6 +337,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 &wave,
                 &stage_batches,
                 tokens == "greedy",
+                tp,
                 &out,
             )
         }
@@ -314,6 +349,37 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             tolerance,
             out,
         } => crate::gpubench::run_parity(&model, &golden, &device, tokens, tolerance, &out),
+        BenchCommand::TpParity {
+            model,
+            random_weights,
+            device,
+            tp,
+            prompt,
+            tokens,
+            attention,
+            wave_config,
+            tolerance,
+            out,
+        } => {
+            if tokens == 0 || prompt == 0 {
+                bail!("--prompt and --tokens must be at least 1");
+            }
+            let modes = attention
+                .iter()
+                .map(|a| load::attention_mode(a, wave_config.as_deref()))
+                .collect::<Result<Vec<_>>>()?;
+            crate::tpbench::run_tp_parity(
+                model.as_deref(),
+                random_weights.as_deref(),
+                &device,
+                &tp,
+                prompt,
+                tokens,
+                &modes,
+                tolerance,
+                &out,
+            )
+        }
         BenchCommand::GpuModel {
             model,
             random_weights,

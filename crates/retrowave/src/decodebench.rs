@@ -37,6 +37,62 @@ struct Point {
     gpu_used: u64,
 }
 
+/// The GPUs of the tensor-parallel group, in rank order (one for `--tp 1`).
+struct Gpus(Vec<CudaBackend>);
+
+impl Gpus {
+    /// `tp` GPUs from the one `first` names, consecutive ordinals.
+    fn open(first: CudaBackend, tp: usize) -> Result<Self> {
+        let base = first.info().ordinal;
+        let mut v = vec![first];
+        for i in 1..tp.max(1) {
+            v.push(
+                CudaBackend::new(base + i).map_err(|e| {
+                    anyhow::anyhow!("--tp {tp}: cannot open GPU {} ({e})", base + i)
+                })?,
+            );
+        }
+        Ok(Gpus(v))
+    }
+
+    fn tp(&self) -> usize {
+        self.0.len()
+    }
+
+    fn sync(&self) -> Result<()> {
+        for b in &self.0 {
+            b.synchronize()?;
+        }
+        Ok(())
+    }
+
+    fn trim(&self) -> Result<()> {
+        for b in &self.0 {
+            b.trim_pool()?;
+        }
+        Ok(())
+    }
+
+    /// Free bytes of the GPU with the least free, and bytes in use over all of them.
+    fn mem(&self) -> Result<(u64, u64)> {
+        let (mut least, mut used) = (u64::MAX, 0u64);
+        for b in &self.0 {
+            let (free, total) = b.context().mem_get_info()?;
+            least = least.min(free as u64);
+            used += (total - free) as u64;
+        }
+        Ok((least, used))
+    }
+
+    /// The card, with the count when there are several.
+    fn card(&self) -> String {
+        match self.tp() {
+            1 => card(&self.0[0]),
+            n => format!("{} x{n}", card(&self.0[0])),
+        }
+    }
+}
+
 /// The wave counters of slots `0..n`, summed.
 fn wave_counters(group: &mut WorkerGroup<CudaBackend>, n: usize) -> Result<WaveStats> {
     let mut t = WaveStats::default();
@@ -97,7 +153,7 @@ fn wave_bytes_per_seq(cfg: &ModelConfig, wcfg: &WaveConfig, ctx: usize) -> (f64,
 
 #[allow(clippy::too_many_arguments)]
 fn sweep(
-    b: &CudaBackend,
+    b: &Gpus,
     group: &mut WorkerGroup<CudaBackend>,
     cfg: &ModelConfig,
     ctx: usize,
@@ -117,23 +173,23 @@ fn sweep(
         group.open_slot(0, room)?;
         let t = Instant::now();
         group.fill_synthetic_indexed(0, ctx, room, 1000, w)?;
-        b.synchronize()?;
+        b.sync()?;
         build_s = t.elapsed().as_secs_f64();
     } else {
         group.open_slot(0, cap)?;
         group.fill_synthetic(0, ctx, 1000)?;
     }
     if let Some(w) = wave.filter(|w| !w.host_kv) {
-        b.synchronize()?;
+        b.sync()?;
         let t = Instant::now();
         group.build_index(0, w)?;
-        b.synchronize()?;
+        b.sync()?;
         build_s = t.elapsed().as_secs_f64();
     }
     for s in 1..max_batch {
         group.fork_slot(0, s)?;
     }
-    b.synchronize()?;
+    b.sync()?;
     println!(
         "  {} x {ctx} tokens ready in {:.1} s{}",
         max_batch,
@@ -158,7 +214,7 @@ fn sweep(
             feed_back,
         )?;
         let after = wave_counters(group, batch)?;
-        let (free, total) = b.context().mem_get_info()?;
+        let (_, used) = b.mem()?;
         for s in 0..batch {
             group.truncate_slot(s, ctx);
         }
@@ -169,13 +225,13 @@ fn sweep(
             step_s,
             tok_s: batch as f64 / step_s,
             buffer: buffer_delta(&after, &before),
-            gpu_used: (total - free) as u64,
+            gpu_used: used,
         });
     }
     for s in 0..max_batch {
         group.close_slot(s);
     }
-    b.trim_pool()?;
+    b.trim()?;
     Ok((points, build_s))
 }
 
@@ -289,6 +345,7 @@ pub fn run_decode(
     wcfg: &WaveConfig,
     stage_batches: &[usize],
     feed_back: bool,
+    tp: usize,
     out: &Path,
 ) -> Result<()> {
     let b = gpu(device)?;
@@ -313,12 +370,22 @@ pub fn run_decode(
         }
     }
     let t = Instant::now();
+    let gpus = Gpus::open(b.clone(), tp)?;
     let src = RandomWeights::new(&cfg, 1)?;
-    let mut group = WorkerGroup::load(&cfg, &src as &dyn WeightSource, vec![b.clone()])?;
+    let mut group = WorkerGroup::load(&cfg, &src as &dyn WeightSource, gpus.0.clone())?;
     drop(src);
+    let collective = match (tp, b.group_place()) {
+        (1, _) => "none (one GPU)",
+        (_, Some(_)) if retrowave_cuda::nccl::skipping() => {
+            "SKIPPED (RETROWAVE_TP_SKIP_ALL_REDUCE=1: timing without the collectives, outputs wrong)"
+        }
+        (_, Some(_)) => "NCCL all-reduce (f32), in the CUDA graphs",
+        (_, None) => "host memory (NCCL not available)",
+    };
     println!(
-        "{} (random weights): on the GPU in {:.1} s",
+        "{} (random weights): on {} in {:.1} s (tensor parallel {tp}, collective: {collective})",
         cfg.name,
+        gpus.card(),
         t.elapsed().as_secs_f64()
     );
     let kv_per_token = (2 * cfg.n_layers * cfg.kv_dim() * 2) as f64;
@@ -328,8 +395,8 @@ pub fn run_decode(
         let mut best = Vec::new();
         for mode in &modes {
             let wave = (mode == "wave").then_some(wcfg);
-            b.trim_pool()?;
-            let (free, _) = b.context().mem_get_info()?;
+            gpus.trim()?;
+            let (free, _) = gpus.mem()?;
             let cap = ctx + steps + 8;
             // Wave keeps the dense cache plus the index (centroids and means: 2 x 1/16 of the
             // keys at 16 tokens a cluster; members 4 bytes a token a head) and its build's
@@ -338,7 +405,8 @@ pub fn run_decode(
             // With the host tier a sequence keeps its index (centroids and means: 1/16 of the
             // KV), wave buffers (about 1/16 at 128K) and steady zone on the GPU, and its KV in
             // pinned host memory (built a group of heads at a time).
-            let per_seq = kv_per_token
+            // Each GPU holds its share of the KV heads.
+            let per_seq = kv_per_token / tp as f64
                 * cap as f64
                 * match wave {
                     None => 1.0,
@@ -370,7 +438,7 @@ pub fn run_decode(
             bs.push(max_batch);
             println!("context {ctx} {mode}: batches {bs:?}");
             let (points, build_s) = sweep(
-                &b, &mut group, &cfg, ctx, &bs, steps, wave, max_batch, feed_back,
+                &gpus, &mut group, &cfg, ctx, &bs, steps, wave, max_batch, feed_back,
             )?;
             let (wave_seq_bytes, r, e) = wave_bytes_per_seq(&cfg, wcfg, ctx);
             for p in &points {
@@ -384,8 +452,10 @@ pub fn run_decode(
                 // and PCIe time add up when nothing overlaps them, the larger counts when all do.
                 let timed_steps = (steps + 3) as f64;
                 let pcie_bytes = p.buffer.host_to_device_bytes as f64 / timed_steps;
-                let pcie_s = pcie_bytes / (ceil.h2d_gbs * 1e9);
-                let hbm_s = bytes / (ceil.copy_gbs * 1e9);
+                let pcie_s = pcie_bytes / (tp as f64 * ceil.h2d_gbs * 1e9);
+                // The GPUs of the group read their shares in parallel (the roofline counts
+                // every GPU at the copy rate measured on the first).
+                let hbm_s = bytes / (tp as f64 * ceil.copy_gbs * 1e9);
                 let roof_tok_s = p.batch as f64 / hbm_s.max(pcie_s);
                 let pct = 100.0 * p.tok_s / roof_tok_s;
                 let hit_ratio = p.buffer.warm_hit_ratio();
@@ -414,7 +484,8 @@ pub fn run_decode(
                                 "host_kv_bytes": if w.host_kv { kv_per_token * ctx as f64 * p.batch as f64 } else { 0.0 }})),
                             "gpu_memory_used": p.gpu_used,
                             "cuda_graphs": b.graph_counts().1 > 0,
-                            "device": card(&b), "commit": commit()}),
+                            "tp": tp, "collective": collective,
+                            "device": gpus.card(), "commit": commit()}),
                 )?;
                 println!(
                     "  {mode:>4} ctx {ctx:>7} batch {:>3}: step {:>7.2} ms {:>8.1} tok/s  roofline {roof_tok_s:>8.1} ({pct:>3.0}%)  GPU {:.1} GB{}",
@@ -448,12 +519,12 @@ pub fn run_decode(
             append(
                 out,
                 &json!({"bench": "gpu-decode-best", "model": cfg.name, "attention": mode,
-                        "context": ctx, "batch": batch, "tokens_per_s": tok_s,
-                        "ratio_to_dense": ratio, "device": card(&b), "commit": commit()}),
+                        "context": ctx, "batch": batch, "tokens_per_s": tok_s, "tp": tp,
+                        "ratio_to_dense": ratio, "device": gpus.card(), "commit": commit()}),
             )?;
         }
     }
-    println!("\n{} on {}:", cfg.name, card(&b));
+    println!("\n{} on {}:", cfg.name, gpus.card());
     for l in stage_lines.iter().chain(&summary) {
         println!("{l}");
     }

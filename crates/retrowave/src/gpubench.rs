@@ -140,7 +140,7 @@ pub(crate) fn ceilings(b: &CudaBackend, out: &Path) -> Result<Ceilings> {
 const L3_HEADS: (usize, usize, usize) = (32, 8, 128);
 
 /// One sequence (slot 0) with `n_tokens` rows from position `start_pos`.
-fn one_seq(start_pos: usize, n_tokens: usize) -> BatchLayout {
+pub(crate) fn one_seq(start_pos: usize, n_tokens: usize) -> BatchLayout {
     BatchLayout {
         seqs: vec![SeqRows {
             slot: 0,
@@ -610,7 +610,7 @@ fn greedy<B: Backend + 'static>(
     Ok((toks, all))
 }
 
-fn argmax(v: &[f32]) -> u32 {
+pub(crate) fn argmax(v: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &x) in v.iter().enumerate() {
         if x > v[best] {
@@ -622,7 +622,7 @@ fn argmax(v: &[f32]) -> u32 {
 
 /// Greedy decode through device sampling (the serving path: token ids back, decode steps as
 /// CUDA graphs).
-fn greedy_device<B: Backend + 'static>(
+pub(crate) fn greedy_device<B: Backend + 'static>(
     g: &mut WorkerGroup<B>,
     prompt: &[u32],
     n: usize,
@@ -661,7 +661,7 @@ fn forced<B: Backend + 'static>(
     Ok(l.chunks(vocab).map(|c| c.to_vec()).collect())
 }
 
-fn top2(v: &[f32]) -> (usize, usize) {
+pub(crate) fn top2(v: &[f32]) -> (usize, usize) {
     let (mut a, mut b) = (0usize, usize::MAX);
     for i in 1..v.len() {
         if v[i] > v[a] {
@@ -792,7 +792,7 @@ pub fn run_parity(
     Ok(())
 }
 
-fn random_prompt(n: usize, vocab: usize) -> Result<Vec<u32>> {
+pub(crate) fn random_prompt(n: usize, vocab: usize) -> Result<Vec<u32>> {
     let mut rng = StdRng::seed_from_u64(3);
     Ok((0..n).map(|_| rng.random_range(0..vocab as u32)).collect())
 }

@@ -15,6 +15,7 @@ mod load;
 mod serve;
 mod servebench;
 mod storebench;
+mod tpbench;
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -1,0 +1,257 @@
+//! `retrowave bench tp-parity`: tensor-parallel decode against one GPU.
+//!
+//! The model runs on one GPU (TP=1) and then on `tp` GPUs (one worker each, NCCL all-reduce),
+//! dense and wave. Each run prefills the same prompt, builds the index (wave), and decodes
+//! teacher-forced on TP=1's greedy path through the decode kernels, so that every step compares
+//! logits of the same inputs; then it decodes freely through device sampling (the serving path:
+//! CUDA graphs with the collectives inside) and compares the greedy tokens.
+//!
+//! The ranks sum their row-parallel partial outputs in a different order from one GPU's GEMM
+//! (and round the attention output of fewer heads), so logits differ at the level of bf16
+//! rounding. Criteria, with a near-tie margin of 0.5 as for `bench parity`: the argmax equals
+//! TP=1's wherever TP=1's top-2 margin exceeds it, and lies in the top 2 elsewhere; free-running
+//! greedy tokens equal TP=1's up to TP=1's first near-tie; the largest |logit difference| on
+//! TP=1's top-5 tokens is at most `tolerance`.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use retrowave_core::{AttentionMode, WaveConfig};
+use retrowave_cuda::CudaBackend;
+use retrowave_engine::WorkerGroup;
+use retrowave_model::arch::WeightSource;
+use retrowave_model::random::{RandomWeights, load_shape};
+use serde_json::json;
+
+use crate::bench::commit;
+use crate::gpubench::{append, argmax, card, gpu, greedy_device, one_seq, random_prompt, top2};
+
+/// What one run (one degree, one attention mode) produced.
+struct Run {
+    /// Logits of every decode step, teacher-forced on the reference path.
+    logits: Vec<Vec<f32>>,
+    /// Free-running greedy tokens through device sampling.
+    free: Vec<u32>,
+}
+
+/// Prefill `prompt` in chunks on slot 0 (index built for wave), then `n` decode steps fed with
+/// `path` (the reference's greedy tokens; `None`: this run's own argmax, which makes it the
+/// reference).
+fn run_once(
+    g: &mut WorkerGroup<CudaBackend>,
+    prompt: &[u32],
+    n: usize,
+    vocab: usize,
+    wave: Option<&WaveConfig>,
+    path: Option<&[u32]>,
+) -> Result<(Vec<u32>, Vec<Vec<f32>>)> {
+    g.open_slot(0, prompt.len() + n + 1)?;
+    let chunk = 4096;
+    let mut pos = 0;
+    let mut last = Vec::new();
+    while pos < prompt.len() {
+        let k = chunk.min(prompt.len() - pos);
+        let rows = if pos + k == prompt.len() {
+            vec![k - 1]
+        } else {
+            vec![]
+        };
+        last = g.forward(&prompt[pos..pos + k], &one_seq(pos, k), &rows)?;
+        pos += k;
+    }
+    if let Some(w) = wave {
+        g.build_index(0, w)?;
+    }
+    let mut toks = Vec::with_capacity(n);
+    let mut all = Vec::with_capacity(n);
+    let mut logits = last;
+    for i in 0..n {
+        let own = argmax(&logits[..vocab]);
+        let t = path.map_or(own, |p| p[i]);
+        toks.push(own);
+        all.push(logits[..vocab].to_vec());
+        if i + 1 == n {
+            break;
+        }
+        logits = g.forward(&[t], &one_seq(prompt.len() + i, 1), &[0])?;
+    }
+    g.close_slot(0);
+    Ok((toks, all))
+}
+
+/// Free-running greedy decode through device sampling, after the same prefill (and index).
+fn run_free(
+    g: &mut WorkerGroup<CudaBackend>,
+    prompt: &[u32],
+    n: usize,
+    wave: Option<&WaveConfig>,
+) -> Result<Vec<u32>> {
+    match wave {
+        None => greedy_device(g, prompt, n),
+        Some(w) => {
+            // Prefill, index, then device-sampled steps (graphs).
+            let row = [retrowave_core::RowSampling::greedy()];
+            g.open_slot(0, prompt.len() + n + 1)?;
+            let chunk = 4096;
+            let mut pos = 0;
+            let mut toks = Vec::new();
+            while pos < prompt.len() {
+                let k = chunk.min(prompt.len() - pos);
+                if pos + k == prompt.len() {
+                    toks =
+                        g.forward_sample(&prompt[pos..pos + k], &one_seq(pos, k), &[k - 1], &row)?;
+                } else {
+                    g.forward(&prompt[pos..pos + k], &one_seq(pos, k), &[])?;
+                }
+                pos += k;
+            }
+            g.build_index(0, w)?;
+            while toks.len() < n {
+                let last = *toks.last().context("no token")?;
+                let t = g.forward_sample(
+                    &[last],
+                    &one_seq(prompt.len() + toks.len() - 1, 1),
+                    &[0],
+                    &row,
+                )?;
+                toks.extend(t);
+            }
+            g.close_slot(0);
+            Ok(toks)
+        }
+    }
+}
+
+/// Fresh backends on `tp` GPUs from `first`'s (a backend belongs to one group for its life).
+fn backends(first: &CudaBackend, tp: usize) -> Result<Vec<CudaBackend>> {
+    let base = first.info().ordinal;
+    (0..tp)
+        .map(|i| {
+            CudaBackend::new(base + i)
+                .with_context(|| format!("--tp {tp}: cannot open GPU {}", base + i))
+        })
+        .collect()
+}
+
+/// `retrowave bench tp-parity`.
+#[allow(clippy::too_many_arguments)]
+pub fn run_tp_parity(
+    model: Option<&str>,
+    random_weights: Option<&Path>,
+    device: &str,
+    tps: &[usize],
+    prompt_len: usize,
+    n: usize,
+    modes: &[AttentionMode],
+    tolerance: f32,
+    out: &Path,
+) -> Result<()> {
+    let margin = 0.5f32;
+    let first = gpu(device)?;
+    enum Src {
+        Model(crate::load::LoadedModel),
+        Random(RandomWeights),
+    }
+    let (cfg, src, weights) = match (model, random_weights) {
+        (Some(m), None) => {
+            let m = crate::load::open(m)?;
+            (
+                m.config.clone(),
+                Src::Model(m),
+                "real (dequantized to bf16)",
+            )
+        }
+        (None, Some(shape)) => {
+            let cfg = load_shape(shape)?;
+            let w = RandomWeights::new(&cfg, 1)?;
+            (cfg, Src::Random(w), "random (bf16)")
+        }
+        _ => bail!("give exactly one of --model and --random-weights"),
+    };
+    let source: &dyn WeightSource = match &src {
+        Src::Model(m) => &m.source,
+        Src::Random(w) => w,
+    };
+    let prompt = match &src {
+        Src::Model(m) => crate::bench::essay_prompt(&m.tokenizer, prompt_len)
+            .or_else(|_| random_prompt(prompt_len, cfg.vocab_size))?,
+        Src::Random(_) => random_prompt(prompt_len, cfg.vocab_size)?,
+    };
+    let vocab = cfg.vocab_size;
+    let mut all_ok = true;
+    for mode in modes {
+        let wave = match mode {
+            AttentionMode::Wave(w) => Some(w.clone()),
+            AttentionMode::Full => None,
+        };
+        let name = if wave.is_some() { "wave" } else { "full" };
+        let mut reference: Option<(Vec<u32>, Run)> = None;
+        for &tp in std::iter::once(&1).chain(tps.iter().filter(|&&t| t > 1)) {
+            let t = Instant::now();
+            let mut g = WorkerGroup::load(&cfg, source, backends(&first, tp)?)?;
+            let path = reference.as_ref().map(|(p, _)| p.clone());
+            let (own, logits) =
+                run_once(&mut g, &prompt, n, vocab, wave.as_ref(), path.as_deref())?;
+            let free = run_free(&mut g, &prompt, n, wave.as_ref())?;
+            let run = Run { logits, free };
+            let seconds = t.elapsed().as_secs_f64();
+            drop(g);
+            let Some((ref_path, r)) = &reference else {
+                println!(
+                    "{} {name} TP=1: reference path of {n} tokens ({:.1} s); free-running greedy equal to it: {}",
+                    cfg.name,
+                    seconds,
+                    run.free == own
+                );
+                reference = Some((own, run));
+                continue;
+            };
+            let (mut max_top5, mut clear, mut agree, mut top2_ok, mut first_tie) =
+                (0f32, 0usize, 0usize, true, n);
+            for (pos, (a, b)) in r.logits.iter().zip(&run.logits).enumerate() {
+                let mut idx: Vec<usize> = (0..vocab).collect();
+                idx.sort_by(|&x, &y| a[y].total_cmp(&a[x]));
+                for &i in &idx[..5] {
+                    max_top5 = max_top5.max((a[i] - b[i]).abs());
+                }
+                let (ga, gb) = top2(b);
+                if a[idx[0]] - a[idx[1]] > margin {
+                    clear += 1;
+                    agree += usize::from(ga == idx[0]);
+                } else {
+                    first_tie = first_tie.min(pos);
+                    top2_ok &= ga == idx[0] || gb == idx[0];
+                }
+            }
+            let same = ref_path
+                .iter()
+                .zip(&run.free)
+                .take_while(|(a, b)| a == b)
+                .count();
+            let ok = agree == clear && top2_ok && same >= first_tie.min(n) && max_top5 <= tolerance;
+            all_ok &= ok;
+            println!(
+                "{} {name} TP={tp} vs TP=1: forced argmax {agree}/{clear} clear steps, near-ties in top-2 {top2_ok}; max |dlogit| on top-5 {max_top5:.4}; free-running greedy equal {same}/{n} (first near-tie at {first_tie}) {}",
+                cfg.name,
+                if ok { "ok" } else { "DIFFERENT" }
+            );
+            append(
+                out,
+                &json!({"bench": "gpu-tp-parity", "model": cfg.name, "weights": weights,
+                        "attention": name, "tp": tp, "prompt_tokens": prompt.len(), "tokens": n,
+                        "forced_argmax_agree_clear": agree, "clear_steps": clear,
+                        "near_ties_in_top2": top2_ok, "margin": margin,
+                        "max_abs_logit_diff_top5": max_top5, "tolerance_top5": tolerance,
+                        "free_greedy_equal_prefix": same, "first_reference_near_tie": first_tie,
+                        "seconds": seconds, "passed": ok,
+                        "wave_config": wave.as_ref().map(|w| format!("{w:?}")),
+                        "device": format!("{} x{tp}", card(&first)), "commit": commit()}),
+            )?;
+        }
+    }
+    if !all_ok {
+        bail!("tensor-parallel decode differs from one GPU beyond the criteria");
+    }
+    Ok(())
+}
