@@ -38,6 +38,20 @@ impl FromStr for DeviceRequest {
 impl DeviceRequest {
     /// Resolves `auto`: the GPU ordinal to use, or `None` for the CPU. Asking for a GPU that does
     /// not exist is an error; `auto` without a GPU is the CPU.
+    /// The GPUs of a tensor-parallel group of `tp` ranks: consecutive ordinals from the one
+    /// [`Self::resolve`] picks (`None` for the CPU); an error when the machine has too few.
+    pub fn resolve_group(self, tp: usize) -> Result<Option<Vec<usize>>, CudaError> {
+        let Some(first) = self.resolve()? else {
+            return Ok(None);
+        };
+        let tp = tp.max(1);
+        let count = device_count()?;
+        if first + tp > count {
+            return Err(CudaError::NotEnoughDevices { tp, first, count });
+        }
+        Ok(Some((first..first + tp).collect()))
+    }
+
     pub fn resolve(self) -> Result<Option<usize>, CudaError> {
         match self {
             DeviceRequest::Cpu => Ok(None),
@@ -164,5 +178,30 @@ mod tests {
             device_count().map(|n| n > 0).unwrap_or(false)
         );
         assert_eq!(DeviceRequest::Cpu.resolve().unwrap(), None);
+    }
+
+    #[test]
+    fn a_group_larger_than_the_machine_is_a_clear_error() {
+        assert_eq!(DeviceRequest::Cpu.resolve_group(4).unwrap(), None);
+        match DeviceRequest::Auto.resolve_group(1000) {
+            // No GPU here: auto is the CPU, whatever the degree.
+            Ok(None) => assert!(device_count().map(|n| n == 0).unwrap_or(true)),
+            Err(CudaError::NotEnoughDevices { tp, first, count }) => {
+                assert_eq!((tp, first), (1000, 0));
+                let msg = CudaError::NotEnoughDevices { tp, first, count }.to_string();
+                assert!(msg.contains("needs GPUs 0..=999"), "{msg}");
+            }
+            other => panic!("expected no GPU or too few GPUs, got {other:?}"),
+        }
+        let msg = CudaError::NotEnoughDevices {
+            tp: 4,
+            first: 1,
+            count: 2,
+        }
+        .to_string();
+        assert_eq!(
+            msg,
+            "tensor parallel 4 from GPU 1 needs GPUs 1..=4, but this machine has 2 GPU(s)"
+        );
     }
 }

@@ -11,6 +11,16 @@ pub enum CudaError {
         "no GPU {requested}: this machine has {count} CUDA device(s); use --device cpu or cuda:N with N < {count}"
     )]
     NoDevice { requested: usize, count: usize },
+    /// A tensor-parallel group that needs more GPUs than the machine has.
+    #[error(
+        "tensor parallel {tp} from GPU {first} needs GPUs {first}..={last}, but this machine has {count} GPU(s)",
+        last = first + tp - 1
+    )]
+    NotEnoughDevices {
+        tp: usize,
+        first: usize,
+        count: usize,
+    },
     /// A `--device` value that is not `auto`, `cpu`, `cuda` or `cuda:N`.
     #[error("invalid device {0:?}: expected auto, cpu, cuda or cuda:N")]
     BadDeviceSpec(String),

@@ -107,12 +107,13 @@ pub fn engine(model: &LoadedModel, opts: EngineOptions) -> Result<Engine<CpuBack
 /// one named), or `None` for the CPU.
 pub fn cuda_backends(device: &str, tp: usize) -> Result<Option<Vec<CudaBackend>>> {
     let req: DeviceRequest = device.parse()?;
-    let Some(first) = req.resolve()? else {
+    let Some(ordinals) = req.resolve_group(tp)? else {
         return Ok(None);
     };
     let t = Instant::now();
-    let backends = (0..tp.max(1))
-        .map(|i| CudaBackend::new(first + i))
+    let backends = ordinals
+        .into_iter()
+        .map(CudaBackend::new)
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("cannot start the CUDA backend on {device}"))?;
     for r in backends[0].module_reports() {

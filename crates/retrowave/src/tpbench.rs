@@ -173,10 +173,15 @@ pub fn run_tp_parity(
         Src::Model(m) => &m.source,
         Src::Random(w) => w,
     };
-    let prompt = match &src {
-        Src::Model(m) => crate::bench::essay_prompt(&m.tokenizer, prompt_len)
-            .or_else(|_| random_prompt(prompt_len, cfg.vocab_size))?,
-        Src::Random(_) => random_prompt(prompt_len, cfg.vocab_size)?,
+    let (prompt, prompt_kind) = match &src {
+        Src::Model(m) => match crate::bench::essay_prompt(&m.tokenizer, prompt_len) {
+            Ok(p) => (p, "essays"),
+            Err(e) => {
+                eprintln!("no essay prompt ({e}); random tokens instead");
+                (random_prompt(prompt_len, cfg.vocab_size)?, "random tokens")
+            }
+        },
+        Src::Random(_) => (random_prompt(prompt_len, cfg.vocab_size)?, "random tokens"),
     };
     let vocab = cfg.vocab_size;
     let mut all_ok = true;
@@ -239,7 +244,7 @@ pub fn run_tp_parity(
             append(
                 out,
                 &json!({"bench": "gpu-tp-parity", "model": cfg.name, "weights": weights,
-                        "attention": name, "tp": tp, "prompt_tokens": prompt.len(), "tokens": n,
+                        "attention": name, "tp": tp, "prompt_tokens": prompt.len(), "prompt": prompt_kind, "tokens": n,
                         "forced_argmax_agree_clear": agree, "clear_steps": clear,
                         "near_ties_in_top2": top2_ok, "margin": margin,
                         "max_abs_logit_diff_top5": max_top5, "tolerance_top5": tolerance,

@@ -153,7 +153,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
     };
     match load::cuda_backends(&args.device, args.tp)? {
         Some(gpus) => {
-            let name = format!("{} (CUDA)", gpus[0].info().name);
+            // With tensor parallelism the label says how many GPUs the ranks took.
+            let name = match gpus.len() {
+                1 => format!("{} (CUDA)", gpus[0].info().name),
+                n => format!("{} x{n} (CUDA, tensor parallel {n})", gpus[0].info().name),
+            };
             let group = retrowave_engine::WorkerGroup::load(&model.config, &model.source, gpus)
                 .context("loading the model")?;
             evaluate(&args, group, ctx, name)
