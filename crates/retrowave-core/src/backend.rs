@@ -217,6 +217,21 @@ pub trait Backend: Send + Sync {
         let _ = x;
     }
 
+    /// Gathers the ranks' column blocks into `[rows, sum(widths)]` on every rank of the group
+    /// made by [`Backend::join_group`]: rank r's `part` (`[rows, widths[r]]`) lands in columns
+    /// `widths[..r].sum()..`, in rank order (the vocabulary-parallel LM head).
+    fn all_gather_cols(
+        &self,
+        part: &Self::Acts,
+        widths: &[usize],
+    ) -> Result<Self::Acts, BackendError> {
+        let _ = (part, widths);
+        Err(BackendError::Device(format!(
+            "the {} backend has no device collective",
+            self.name()
+        )))
+    }
+
     /// Whether [`Backend::sample_rows`] picks tokens on the device (so that only token ids, not
     /// the logits, travel back to the host).
     fn samples_on_device(&self) -> bool {

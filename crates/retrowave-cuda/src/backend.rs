@@ -343,6 +343,8 @@ struct Inner {
     wave_units: Mutex<Option<Arc<crate::wave_step::WaveStepUnits>>>,
     /// This rank's NCCL communicator, once the backend joined a tensor-parallel group.
     comm: std::sync::OnceLock<crate::nccl::Comm>,
+    /// The node's host-tier budget and this backend's rank in it (its group's, or its own).
+    host_budget: Mutex<Option<(Arc<crate::host_budget::HostBudget>, usize)>>,
 }
 
 /// The CUDA backend of one GPU. Cloning shares the context, stream and kernels.
@@ -447,6 +449,7 @@ impl CudaBackend {
                 wave_overflow: Mutex::new(None),
                 wave_units: Mutex::new(None),
                 comm: std::sync::OnceLock::new(),
+                host_budget: Mutex::new(None),
             }),
         };
         // Kernels that need more than the default 48 KB of dynamic shared memory.
@@ -538,6 +541,26 @@ impl CudaBackend {
     /// `(rank, world)` in the tensor-parallel group, when the backend is in one.
     pub fn group_place(&self) -> Option<(usize, usize)> {
         self.comm().map(|c| c.place())
+    }
+
+    /// The host-tier budget this backend charges its pinned arenas to, and its rank there: the
+    /// group's shared one after [`Backend::join_group`], else one of its own over this machine.
+    pub fn host_budget(&self) -> (Arc<crate::host_budget::HostBudget>, usize) {
+        let mut g = self
+            .inner
+            .host_budget
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        g.get_or_insert_with(|| (crate::host_budget::HostBudget::for_machine(1), 0))
+            .clone()
+    }
+
+    pub(crate) fn set_host_budget(&self, b: Arc<crate::host_budget::HostBudget>, rank: usize) {
+        *self
+            .inner
+            .host_budget
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((b, rank));
     }
 
     pub(crate) fn set_comm(&self, c: crate::nccl::Comm) -> Result<(), CudaError> {
@@ -1803,6 +1826,70 @@ impl Backend for CudaBackend {
 
     fn join_group(backends: &[Self]) -> Result<bool, BackendError> {
         Ok(crate::nccl::join(backends)?)
+    }
+
+    fn all_gather_cols(&self, part: &DevActs, widths: &[usize]) -> Result<DevActs, BackendError> {
+        let comm = self.comm().ok_or_else(|| {
+            BackendError::Device(
+                "all_gather_cols on a backend outside a tensor-parallel group".into(),
+            )
+        })?;
+        let (rank, world) = comm.place();
+        if widths.len() != world || part.cols != widths[rank] {
+            return Err(BackendError::Device(format!(
+                "all_gather_cols: rank {rank} of {world} has {} columns, widths {widths:?}",
+                part.cols
+            )));
+        }
+        let rows = part.rows;
+        let pad = widths.iter().copied().max().unwrap_or(0);
+        let total: usize = widths.iter().sum();
+        let f = std::mem::size_of::<f32>();
+        // NCCL gathers equal counts: every rank sends [rows, pad] (its block padded), and the
+        // gathered [world][rows][pad] is copied into the [rows, total] output block by block.
+        let padded;
+        let send = if part.cols == pad {
+            dp(&part.data)
+        } else {
+            padded = self.alloc::<f32>(rows * pad)?;
+            crate::wave_tier::copy_rows(
+                self,
+                dp(&part.data),
+                part.cols * f,
+                dp(&padded),
+                pad * f,
+                part.cols * f,
+                rows,
+            )?;
+            dp(&padded)
+        };
+        let gathered = self.alloc::<f32>(world * rows * pad)?;
+        crate::nccl::all_gather_f32(
+            comm,
+            send,
+            dp(&gathered),
+            rows * pad,
+            self.inner.stream.cu_stream(),
+        )?;
+        let out = self.alloc::<f32>(rows * total)?;
+        let mut off = 0;
+        for (r, &w) in widths.iter().enumerate() {
+            crate::wave_tier::copy_rows(
+                self,
+                dp(&gathered) + (r * rows * pad * f) as u64,
+                pad * f,
+                dp(&out) + (off * f) as u64,
+                total * f,
+                w * f,
+                rows,
+            )?;
+            off += w;
+        }
+        Ok(DevActs {
+            data: out,
+            rows,
+            cols: total,
+        })
     }
 
     fn all_reduce(&self, x: &mut DevActs) {

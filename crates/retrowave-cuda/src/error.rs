@@ -11,6 +11,20 @@ pub enum CudaError {
         "no GPU {requested}: this machine has {count} CUDA device(s); use --device cpu or cuda:N with N < {count}"
     )]
     NoDevice { requested: usize, count: usize },
+    /// A host tier that would take a rank past its share of the node's pinned host budget.
+    #[error(
+        "host tier: rank {rank} of {ranks} needs {wanted_gib:.2} GiB more pinned host memory but holds {used_gib:.2} GiB of its {share_gib:.2} GiB share of the node's host-tier budget (RETROWAVE_HOST_KV_GIB sets it; default: available memory less 8 GiB)",
+        wanted_gib = *wanted as f64 / (1u64 << 30) as f64,
+        used_gib = *used as f64 / (1u64 << 30) as f64,
+        share_gib = *share as f64 / (1u64 << 30) as f64
+    )]
+    HostBudget {
+        rank: usize,
+        ranks: usize,
+        wanted: u64,
+        used: u64,
+        share: u64,
+    },
     /// A tensor-parallel group that needs more GPUs than the machine has.
     #[error(
         "tensor parallel {tp} from GPU {first} needs GPUs {first}..={last}, but this machine has {count} GPU(s)",

@@ -18,6 +18,7 @@ pub mod compile;
 pub mod dequant;
 pub mod device;
 mod error;
+pub mod host_budget;
 pub mod nccl;
 pub mod pinned;
 pub mod timing;

@@ -111,6 +111,11 @@ pub(crate) fn join(backends: &[CudaBackend]) -> Result<bool, CudaError> {
         })?;
     }
     warm_up(backends)?;
+    // One host-tier budget for the node, split equally over the ranks.
+    let budget = crate::host_budget::HostBudget::for_machine(world);
+    for (rank, b) in backends.iter().enumerate() {
+        b.set_host_budget(budget.clone(), rank);
+    }
     if skipping() {
         tracing::warn!(
             "RETROWAVE_TP_SKIP_ALL_REDUCE is set: the tensor-parallel all-reduces are skipped; \
@@ -210,4 +215,29 @@ pub(crate) fn all_reduce_f32(
     }
     .map(|_| ())
     .map_err(|e| CudaError::Unsupported(format!("ncclAllReduce: {}", describe(e, Some(comm)))))
+}
+
+/// Gathers `count` f32 from every rank at `send` into `recv` (`world * count`, rank order), on
+/// `stream`.
+pub(crate) fn all_gather_f32(
+    comm: &Comm,
+    send: u64,
+    recv: u64,
+    count: usize,
+    stream: cudarc::driver::sys::CUstream,
+) -> Result<(), CudaError> {
+    // SAFETY: `send` holds `count` f32 and `recv` `world * count` on this rank's GPU, the stream
+    // belongs to the same context, and every rank issues the same sequence of calls.
+    unsafe {
+        result::all_gather(
+            send as *const std::ffi::c_void,
+            recv as *mut std::ffi::c_void,
+            count,
+            nccl_sys::ncclDataType_t::ncclFloat32,
+            comm.comm,
+            stream as nccl_sys::cudaStream_t,
+        )
+    }
+    .map(|_| ())
+    .map_err(|e| CudaError::Unsupported(format!("ncclAllGather: {}", describe(e, Some(comm)))))
 }

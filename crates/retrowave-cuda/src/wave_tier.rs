@@ -74,6 +74,8 @@ pub struct DevTier {
     /// `[units]`: what `WaveUnit::tier` points at.
     pub table: CudaSlice<WaveTier>,
     pub n_units: usize,
+    /// The arenas' bytes, charged to this rank's share of the node's host budget.
+    _charge: crate::host_budget::HostCharge,
     /// Indexed tokens per unit (rows of the host arena).
     pub unit_tokens: usize,
     pub head_dim: usize,
@@ -232,17 +234,14 @@ impl CudaBackend {
     ) -> Result<DevTier, CudaError> {
         let (n_units, it, hd) = (c.n_units, c.n_tokens, c.head_dim);
         let (capacity, page) = tier_shape(cfg, retrieval, c.n_clusters, it)?;
-        let bytes = n_units * it * hd * 2;
-        let host_k = PinnedBuffer::new(self.context(), bytes)?;
-        let host_v = PinnedBuffer::new(self.context(), bytes)?;
+        let (host_k, host_v, charge) = self.tier_arenas(n_units * it * hd * 2)?;
         let (hk, hv) = (
             host_k.as_slice().as_ptr() as u64,
             host_v.as_slice().as_ptr() as u64,
         );
         self.wave_gather_cluster_order(units, c, hk, hv, it * hd)?;
         self.tier_around(
-            host_k,
-            host_v,
+            (host_k, host_v, charge),
             n_units,
             it,
             hd,
@@ -252,19 +251,29 @@ impl CudaBackend {
         )
     }
 
+    /// Pinned K and V arenas of `bytes` each, charged first to this rank's share of the node's
+    /// host budget (so that a tier that does not fit is refused before anything is pinned).
+    fn tier_arenas(
+        &self,
+        bytes: usize,
+    ) -> Result<(PinnedBuffer, PinnedBuffer, crate::host_budget::HostCharge), CudaError> {
+        let (budget, rank) = self.host_budget();
+        let charge = budget.reserve(rank, 2 * bytes as u64)?;
+        let host_k = PinnedBuffer::new(self.context(), bytes)?;
+        let host_v = PinnedBuffer::new(self.context(), bytes)?;
+        Ok((host_k, host_v, charge))
+    }
+
     /// A copy of `t` with the same host arena contents and empty wave buffers (a forked
     /// sequence starts cold).
     pub(crate) fn clone_tier(&self, t: &DevTier, n_clusters: usize) -> Result<DevTier, CudaError> {
         // The arena may still be being written by the build's gather.
         self.synchronize()?;
-        let bytes = t.host_k.as_slice().len();
-        let mut host_k = PinnedBuffer::new(self.context(), bytes)?;
-        let mut host_v = PinnedBuffer::new(self.context(), bytes)?;
+        let (mut host_k, mut host_v, charge) = self.tier_arenas(t.host_k.as_slice().len())?;
         parallel_copy(host_k.as_mut_slice(), t.host_k.as_slice());
         parallel_copy(host_v.as_mut_slice(), t.host_v.as_slice());
         self.tier_around(
-            host_k,
-            host_v,
+            (host_k, host_v, charge),
             t.n_units,
             t.unit_tokens,
             t.head_dim,
@@ -279,8 +288,7 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     fn tier_around(
         &self,
-        host_k: PinnedBuffer,
-        host_v: PinnedBuffer,
+        (host_k, host_v, charge): (PinnedBuffer, PinnedBuffer, crate::host_budget::HostCharge),
         n_units: usize,
         it: usize,
         hd: usize,
@@ -335,6 +343,7 @@ impl CudaBackend {
             stats,
             table,
             n_units,
+            _charge: charge,
             unit_tokens: it,
             head_dim: hd,
             capacity,
@@ -536,8 +545,7 @@ impl CudaBackend {
         let mut means = self.alloc::<bf16>(units * k * hd)?;
         let mut offsets = self.alloc::<i32>(units * (k + 1))?;
         let mut members = self.alloc::<i32>(units * it)?;
-        let host_k = PinnedBuffer::new(self.context(), units * it * row)?;
-        let host_v = PinnedBuffer::new(self.context(), units * it * row)?;
+        let (host_k, host_v, charge) = self.tier_arenas(units * it * row)?;
         let (hk, hv) = (
             host_k.as_slice().as_ptr() as u64,
             host_v.as_slice().as_ptr() as u64,
@@ -607,7 +615,7 @@ impl CudaBackend {
             }
             self.synchronize()?;
         }
-        let tier = self.tier_around(host_k, host_v, units, it, hd, k, capacity, page)?;
+        let tier = self.tier_around((host_k, host_v, charge), units, it, hd, k, capacity, page)?;
         self.synchronize()?;
         kv.k = ck;
         kv.v = cv;

@@ -64,9 +64,31 @@ pub fn plan(
         .collect())
 }
 
+/// The vocabulary rows of each rank's share of a split LM head: `vocab` split as evenly as
+/// possible over `world` ranks, in rank order.
+pub fn vocab_split(vocab: usize, world: usize) -> Vec<Range<usize>> {
+    (0..world.max(1))
+        .map(|r| even_split(vocab, world.max(1), r))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_vocabulary_split_covers_every_row_once() {
+        for (vocab, world) in [(128256, 4), (151936, 2), (49152, 3), (10, 4), (7, 1)] {
+            let v = vocab_split(vocab, world);
+            assert_eq!(v.len(), world);
+            assert_eq!(v[0].start, 0);
+            assert_eq!(v[world - 1].end, vocab);
+            for w in v.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+                assert!(w[0].len() >= w[1].len() && w[0].len() - w[1].len() <= 1);
+            }
+        }
+    }
 
     #[test]
     fn shards_cover_everything_once() {

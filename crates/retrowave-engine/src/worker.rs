@@ -70,10 +70,33 @@ pub struct Worker<B: Backend> {
     embed: B::Matrix,
     layers: Vec<Layer<B>>,
     out_norm: B::Vector,
-    /// Separate output matrix (rank 0 only); `None` with tied embeddings.
+    /// The LM head: the separate output matrix on rank 0 (`None` with tied embeddings, which use
+    /// `embed`), or with a split head this rank's vocabulary rows of it (tied or not).
     output: Option<B::Matrix>,
+    /// With a split LM head, every rank's vocabulary width (rank order).
+    lm_split: Option<Vec<usize>>,
     caches: HashMap<usize, B::Kv>,
     reduce: Reduce,
+}
+
+/// Where the LM head runs in a tensor-parallel group with a device collective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LmHead {
+    /// Rank 0 holds the whole matrix and computes every logit (the other ranks wait).
+    Rank0,
+    /// Every rank holds and computes its share of the vocabulary; the logits are gathered.
+    Split,
+}
+
+impl LmHead {
+    /// `RETROWAVE_TP_LM_HEAD=rank0`, else `Split`, the default: measured faster at batch 1 and
+    /// equal at large batches (4 x H200, README, issue 8).
+    pub fn from_env() -> Self {
+        match std::env::var("RETROWAVE_TP_LM_HEAD").as_deref() {
+            Ok("rank0") => LmHead::Rank0,
+            _ => LmHead::Split,
+        }
+    }
 }
 
 /// How a worker sums the partial outputs of its row-parallel projections over the group.
@@ -160,11 +183,22 @@ impl<B: Backend> Worker<B> {
             });
         }
         let embed = mat("token_embd.weight", all(cfg.vocab_size), all(cfg.hidden))?;
-        let output = if shard.rank == 0 && !cfg.tied_embeddings {
-            Some(mat("output.weight", all(cfg.vocab_size), all(cfg.hidden))?)
+        // A split LM head needs the device collective to gather its logits.
+        let lm_split = (matches!(reduce, Reduce::Device) && LmHead::from_env() == LmHead::Split)
+            .then(|| crate::shard::vocab_split(cfg.vocab_size, shard.world));
+        let head_name = if cfg.tied_embeddings {
+            "token_embd.weight"
         } else {
-            None
+            "output.weight"
         };
+        let output = match &lm_split {
+            Some(v) => Some(mat(head_name, v[shard.rank].clone(), all(cfg.hidden))?),
+            None if shard.rank == 0 && !cfg.tied_embeddings => {
+                Some(mat("output.weight", all(cfg.vocab_size), all(cfg.hidden))?)
+            }
+            None => None,
+        };
+        let lm_split = lm_split.map(|v| v.iter().map(|r| r.len()).collect());
         let out_norm = vec("output_norm.weight", all(cfg.hidden))?;
         Ok(Worker {
             heads: HeadLayout {
@@ -185,6 +219,7 @@ impl<B: Backend> Worker<B> {
             layers,
             out_norm,
             output,
+            lm_split,
             caches: HashMap::new(),
             reduce,
         })
@@ -354,13 +389,22 @@ impl<B: Backend> Worker<B> {
                     this.all_reduce(&mut d);
                     b.add_assign(&mut x, &d);
                 }
-                if this.shard.rank != 0 || logits_rows.is_empty() {
+                if logits_rows.is_empty() || (this.shard.rank != 0 && this.lm_split.is_none()) {
                     b.check()?;
                     return Ok(None);
                 }
                 let last = b.select_rows(&x, logits_rows);
                 let h = b.rms_norm(&last, &this.out_norm, this.rms_eps);
-                let logits = b.linear(&h, this.output.as_ref().unwrap_or(&this.embed), None);
+                let logits = match (&this.lm_split, &this.output) {
+                    (Some(widths), Some(part)) => {
+                        b.all_gather_cols(&b.linear(&h, part, None), widths)?
+                    }
+                    (_, out) => b.linear(&h, out.as_ref().unwrap_or(&this.embed), None),
+                };
+                if this.shard.rank != 0 {
+                    b.check()?;
+                    return Ok(None);
+                }
                 if let Some(rows) = sampling {
                     let t = b.sample_rows(&logits, rows)?;
                     b.check()?;

@@ -79,6 +79,9 @@ pub enum BenchCommand {
         /// Tensor-parallel degree: GPUs from --device on, one worker each (NCCL between them).
         #[arg(long, default_value_t = 1)]
         tp: usize,
+        /// Most sequences (0: as many as fit in GPU and, with the host tier, host memory).
+        #[arg(long, default_value_t = 0)]
+        max_batch: usize,
         #[arg(long, default_value = "bench/results/gpu-decode.jsonl")]
         out: PathBuf,
     },
@@ -321,6 +324,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             stage_batches,
             tokens,
             tp,
+            max_batch,
             out,
         } => {
             let wave = match load::attention_mode("wave", wave_config.as_deref())? {
@@ -338,6 +342,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 &stage_batches,
                 tokens == "greedy",
                 tp,
+                max_batch,
                 &out,
             )
         }

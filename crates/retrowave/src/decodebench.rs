@@ -346,6 +346,7 @@ pub fn run_decode(
     stage_batches: &[usize],
     feed_back: bool,
     tp: usize,
+    batch_cap: usize,
     out: &Path,
 ) -> Result<()> {
     let b = gpu(device)?;
@@ -430,6 +431,9 @@ pub fn run_decode(
                 );
                 max_batch = max_batch.min(by_host as usize);
             }
+            if batch_cap > 0 {
+                max_batch = max_batch.min(batch_cap);
+            }
             if max_batch == 0 {
                 println!("context {ctx} {mode}: no sequence fits");
                 continue;
@@ -485,6 +489,7 @@ pub fn run_decode(
                             "gpu_memory_used": p.gpu_used,
                             "cuda_graphs": b.graph_counts().1 > 0,
                             "tp": tp, "collective": collective,
+                            "lm_head": if tp > 1 { format!("{:?}", retrowave_engine::LmHead::from_env()) } else { "one GPU".into() },
                             "device": gpus.card(), "commit": commit()}),
                 )?;
                 println!(

@@ -250,6 +250,7 @@ pub fn run_tp_parity(
                         "max_abs_logit_diff_top5": max_top5, "tolerance_top5": tolerance,
                         "free_greedy_equal_prefix": same, "first_reference_near_tie": first_tie,
                         "seconds": seconds, "passed": ok,
+                        "lm_head": format!("{:?}", retrowave_engine::LmHead::from_env()),
                         "wave_config": wave.as_ref().map(|w| format!("{w:?}")),
                         "device": format!("{} x{tp}", card(&first)), "commit": commit()}),
             )?;
