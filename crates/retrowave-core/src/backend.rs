@@ -172,6 +172,93 @@ pub trait Collective<A>: Send + Sync {
     fn all_reduce_sum(&self, rank: usize, x: &mut A);
 }
 
+/// An in-process group of `world` ranks that exchange host buffers (one thread a rank): every
+/// rank publishes its buffer, waits for the others, then reads them all in rank order, so that
+/// each rank gets a bit-identical result. The host-memory collective of the CPU workers, and of
+/// GPU workers where NCCL is missing.
+#[derive(Debug)]
+pub struct HostGroup {
+    slots: Vec<std::sync::Mutex<Vec<f32>>>,
+    barrier: std::sync::Barrier,
+}
+
+impl HostGroup {
+    /// A group of `world` ranks (at least one).
+    pub fn new(world: usize) -> Self {
+        HostGroup {
+            slots: (0..world.max(1))
+                .map(|_| std::sync::Mutex::new(Vec::new()))
+                .collect(),
+            barrier: std::sync::Barrier::new(world.max(1)),
+        }
+    }
+
+    /// Calls `read` with every rank's buffer in rank order, after each rank published `x`;
+    /// returns when every rank has read (so the slots can be reused by the next call).
+    fn exchange<R>(&self, rank: usize, x: &[f32], read: impl FnOnce(&[&[f32]]) -> R) -> R {
+        {
+            let mut slot = self.slots[rank].lock().unwrap_or_else(|p| p.into_inner());
+            slot.clear();
+            slot.extend_from_slice(x);
+        }
+        self.barrier.wait();
+        let out = {
+            let guards: Vec<_> = self
+                .slots
+                .iter()
+                .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()))
+                .collect();
+            let views: Vec<&[f32]> = guards.iter().map(|g| g.as_slice()).collect();
+            read(&views)
+        };
+        self.barrier.wait();
+        out
+    }
+
+    /// Replaces `x` by the sum over the ranks (summed in rank order).
+    pub fn all_reduce_sum(&self, rank: usize, x: &mut [f32]) {
+        let n = x.len();
+        let sum = self.exchange(rank, x, |all| {
+            let mut acc = vec![0f32; n];
+            for s in all {
+                acc.iter_mut().zip(s.iter()).for_each(|(a, b)| *a += b);
+            }
+            acc
+        });
+        x.copy_from_slice(&sum);
+    }
+
+    /// Every rank's `part`, in rank order.
+    pub fn all_gather(&self, rank: usize, part: &[f32]) -> Vec<Vec<f32>> {
+        self.exchange(rank, part, |all| all.iter().map(|s| s.to_vec()).collect())
+    }
+}
+
+impl Collective<Vec<f32>> for HostGroup {
+    fn world(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn all_reduce_sum(&self, rank: usize, x: &mut Vec<f32>) {
+        HostGroup::all_reduce_sum(self, rank, x);
+    }
+}
+
+/// Assembles `[rows, sum(widths)]` from the ranks' `[rows, widths[r]]` blocks (rank order): what
+/// [`Backend::all_gather_cols`] returns.
+pub fn join_col_blocks(parts: &[Vec<f32>], rows: usize, widths: &[usize]) -> Vec<f32> {
+    let total: usize = widths.iter().sum();
+    let mut out = vec![0f32; rows * total];
+    let mut off = 0;
+    for (p, &w) in parts.iter().zip(widths) {
+        for r in 0..rows {
+            out[r * total + off..r * total + off + w].copy_from_slice(&p[r * w..(r + 1) * w]);
+        }
+        off += w;
+    }
+    out
+}
+
 /// The operations the model forward is written against.
 pub trait Backend: Send + Sync {
     /// A weight matrix `[rows = out features, cols = in features]` in the backend's layout.
@@ -424,4 +511,53 @@ pub trait Backend: Send + Sync {
         batch: &BatchLayout,
         heads: HeadLayout,
     ) -> Result<Self::Acts, BackendError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_group_sums_and_gathers_in_rank_order_on_every_rank() {
+        let g = HostGroup::new(3);
+        let (sums, gathers): (Vec<_>, Vec<_>) = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..3)
+                .map(|rank| {
+                    let g = &g;
+                    s.spawn(move || {
+                        // Twice, so that the slots are reused between calls.
+                        let mut last = Vec::new();
+                        for round in 0..2 {
+                            let mut x = vec![0.1 * (rank + 1) as f32, 1e8, round as f32];
+                            g.all_reduce_sum(rank, &mut x);
+                            last = x;
+                        }
+                        let parts = g.all_gather(rank, &vec![rank as f32; rank + 1]);
+                        (last, parts)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).unzip()
+        });
+        // Summed in rank order: 0.1 + 0.2 + 0.3 in f32, the same bits on every rank.
+        let want = (0.1f32 + 0.2f32) + 0.3f32;
+        for s in &sums {
+            assert_eq!(s[0].to_bits(), want.to_bits());
+            assert_eq!(s[1], 3e8);
+            assert_eq!(s[2], 3.0);
+        }
+        for p in &gathers {
+            assert_eq!(p, &vec![vec![0.0], vec![1.0, 1.0], vec![2.0, 2.0, 2.0]]);
+        }
+    }
+
+    #[test]
+    fn column_blocks_join_into_rows() {
+        // Two rows; rank 0 holds columns 0..2, rank 1 column 2.
+        let parts = vec![vec![1.0, 2.0, 4.0, 5.0], vec![3.0, 6.0]];
+        assert_eq!(
+            join_col_blocks(&parts, 2, &[2, 1]),
+            vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+        );
+    }
 }

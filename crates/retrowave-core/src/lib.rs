@@ -8,8 +8,8 @@ pub mod wave;
 pub mod weights;
 
 pub use backend::{
-    Backend, BackendError, BatchLayout, Collective, HeadLayout, RopeParams, RopeStyle, RowSampling,
-    SeqRows, vector_f32,
+    Backend, BackendError, BatchLayout, Collective, HeadLayout, HostGroup, RopeParams, RopeStyle,
+    RowSampling, SeqRows, join_col_blocks, vector_f32,
 };
 pub use dtype::TensorType;
 pub use wave::{

@@ -18,8 +18,8 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use retrowave_core::{
-    Backend, BackendError, BatchLayout, FidelitySample, HeadLayout, RopeParams, WaveConfig,
-    WaveStats, WeightView,
+    Backend, BackendError, BatchLayout, Collective, FidelitySample, HeadLayout, HostGroup,
+    RopeParams, WaveConfig, WaveStats, WeightView, join_col_blocks,
 };
 
 pub use attention::CpuKv;
@@ -37,6 +37,9 @@ pub struct CpuActs {
 #[derive(Debug, Clone)]
 pub struct CpuBackend {
     pool: Arc<rayon::ThreadPool>,
+    /// The tensor-parallel group this backend joined and its rank there: its collectives run in
+    /// process over host memory (where the CPU's activations live).
+    group: Arc<std::sync::OnceLock<(Arc<HostGroup>, usize)>>,
 }
 
 impl Default for CpuBackend {
@@ -77,6 +80,7 @@ impl CpuBackend {
             .expect("a one-thread pool on the current thread always builds");
         CpuBackend {
             pool: Arc::new(pool),
+            group: Arc::new(std::sync::OnceLock::new()),
         }
     }
 
@@ -91,6 +95,43 @@ impl Backend for CpuBackend {
     type Vector = Vec<f32>;
     type Acts = CpuActs;
     type Kv = CpuKv;
+
+    fn join_group(backends: &[Self]) -> Result<bool, BackendError> {
+        if backends.len() < 2 {
+            return Ok(false);
+        }
+        let g = Arc::new(HostGroup::new(backends.len()));
+        for (rank, b) in backends.iter().enumerate() {
+            b.group.set((g.clone(), rank)).map_err(|_| {
+                BackendError::Device("a CPU backend is already in a tensor-parallel group".into())
+            })?;
+        }
+        Ok(true)
+    }
+
+    fn all_reduce(&self, x: &mut CpuActs) {
+        if let Some((g, rank)) = self.group.get() {
+            g.all_reduce_sum(*rank, &mut x.data);
+        }
+    }
+
+    fn all_gather_cols(&self, part: &CpuActs, widths: &[usize]) -> Result<CpuActs, BackendError> {
+        let (g, rank) = self.group.get().ok_or_else(|| {
+            BackendError::Device("all_gather_cols on a CPU backend outside a group".into())
+        })?;
+        if widths.len() != g.world() || part.cols != widths[*rank] {
+            return Err(BackendError::Device(format!(
+                "all_gather_cols: rank {rank} has {} columns, widths {widths:?}",
+                part.cols
+            )));
+        }
+        let parts = g.all_gather(*rank, &part.data);
+        Ok(CpuActs {
+            data: join_col_blocks(&parts, part.rows, widths),
+            rows: part.rows,
+            cols: widths.iter().sum(),
+        })
+    }
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", self.threads())

@@ -4,58 +4,20 @@
 //! With one worker the group calls it directly on the caller's thread. With several, each worker
 //! lives on its own thread and receives the step through a channel; the row-parallel projections
 //! are summed on the devices where the backend has a collective (NCCL on GPUs,
-//! [`Backend::join_group`]), else by [`HostSum`], an in-process all-reduce over host memory.
+//! [`Backend::join_group`]), else by [`HostGroup`], an in-process all-reduce over host memory.
 
+use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Barrier, Mutex};
 use std::thread::JoinHandle;
 
 use retrowave_core::{
-    Backend, BatchLayout, Collective, FidelitySample, RowSampling, WaveConfig, WaveStats,
+    Backend, BatchLayout, FidelitySample, HostGroup, RowSampling, WaveConfig, WaveStats,
 };
 use retrowave_model::arch::{ModelConfig, WeightSource};
 
 use crate::EngineError;
 use crate::shard;
 use crate::worker::{Reduce, Worker};
-
-/// In-process all-reduce: every rank publishes its buffer, then every rank sums all buffers in
-/// rank order, so each rank gets a bit-identical result.
-pub struct HostSum {
-    slots: Vec<Mutex<Vec<f32>>>,
-    barrier: Barrier,
-}
-
-impl HostSum {
-    /// A collective for `world` ranks.
-    pub fn new(world: usize) -> Self {
-        HostSum {
-            slots: (0..world).map(|_| Mutex::new(Vec::new())).collect(),
-            barrier: Barrier::new(world),
-        }
-    }
-}
-
-impl Collective<Vec<f32>> for HostSum {
-    fn world(&self) -> usize {
-        self.slots.len()
-    }
-
-    fn all_reduce_sum(&self, rank: usize, x: &mut Vec<f32>) {
-        {
-            let mut slot = self.slots[rank].lock().unwrap_or_else(|p| p.into_inner());
-            slot.clear();
-            slot.extend_from_slice(x);
-        }
-        self.barrier.wait();
-        x.iter_mut().for_each(|v| *v = 0.0);
-        for s in &self.slots {
-            let s = s.lock().unwrap_or_else(|p| p.into_inner());
-            x.iter_mut().zip(s.iter()).for_each(|(a, b)| *a += b);
-        }
-        self.barrier.wait();
-    }
-}
 
 enum Cmd {
     Forward {
@@ -163,7 +125,7 @@ impl<B: Backend + 'static> WorkerGroup<B> {
         let reduce = if B::join_group(&backends)? {
             Reduce::Device
         } else {
-            Reduce::Host(Arc::new(HostSum::new(world)))
+            Reduce::Host(Arc::new(HostGroup::new(world)))
         };
         let device_sampling = backends.iter().all(|b| b.samples_on_device());
         let mut remotes = Vec::with_capacity(world);

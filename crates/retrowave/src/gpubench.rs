@@ -622,7 +622,7 @@ pub(crate) fn argmax(v: &[f32]) -> u32 {
 
 /// Greedy decode through device sampling (the serving path: token ids back, decode steps as
 /// CUDA graphs).
-pub(crate) fn greedy_device<B: Backend + 'static>(
+fn greedy_device<B: Backend + 'static>(
     g: &mut WorkerGroup<B>,
     prompt: &[u32],
     n: usize,

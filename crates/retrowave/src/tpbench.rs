@@ -17,7 +17,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use retrowave_core::{AttentionMode, WaveConfig};
+use retrowave_core::{AttentionMode, BatchLayout, RowSampling, WaveConfig};
 use retrowave_cuda::CudaBackend;
 use retrowave_engine::WorkerGroup;
 use retrowave_model::arch::WeightSource;
@@ -25,7 +25,7 @@ use retrowave_model::random::{RandomWeights, load_shape};
 use serde_json::json;
 
 use crate::bench::commit;
-use crate::gpubench::{append, argmax, card, gpu, greedy_device, one_seq, random_prompt, top2};
+use crate::gpubench::{append, argmax, card, gpu, one_seq, random_prompt, top2};
 
 /// What one run (one degree, one attention mode) produced.
 struct Run {
@@ -35,9 +35,33 @@ struct Run {
     free: Vec<u32>,
 }
 
-/// Prefill `prompt` in chunks on slot 0 (index built for wave), then `n` decode steps fed with
-/// `path` (the reference's greedy tokens; `None`: this run's own argmax, which makes it the
-/// reference).
+/// Opens slot 0 for `prompt` and `n` more tokens and prefills it in chunks of 4096; `last` runs
+/// the final chunk (asking for the prompt's last row), and its result is returned after the
+/// index is built (wave).
+fn prefill<T>(
+    g: &mut WorkerGroup<CudaBackend>,
+    prompt: &[u32],
+    n: usize,
+    wave: Option<&WaveConfig>,
+    last: impl FnOnce(&mut WorkerGroup<CudaBackend>, &[u32], &BatchLayout, &[usize]) -> Result<T>,
+) -> Result<T> {
+    const CHUNK: usize = 4096;
+    g.open_slot(0, prompt.len() + n + 1)?;
+    let tail = (prompt.len() - 1) / CHUNK * CHUNK;
+    for pos in (0..tail).step_by(CHUNK) {
+        g.forward(&prompt[pos..pos + CHUNK], &one_seq(pos, CHUNK), &[])?;
+    }
+    let k = prompt.len() - tail;
+    let out = last(g, &prompt[tail..], &one_seq(tail, k), &[k - 1])?;
+    if let Some(w) = wave {
+        g.build_index(0, w)?;
+    }
+    Ok(out)
+}
+
+/// Prefill (and index), then `n` decode steps through the decode kernels fed with `path` (the
+/// reference's greedy tokens; `None`: this run's own argmax, which makes it the reference).
+/// Returns the argmax and the logits of every step.
 fn run_once(
     g: &mut WorkerGroup<CudaBackend>,
     prompt: &[u32],
@@ -46,81 +70,42 @@ fn run_once(
     wave: Option<&WaveConfig>,
     path: Option<&[u32]>,
 ) -> Result<(Vec<u32>, Vec<Vec<f32>>)> {
-    g.open_slot(0, prompt.len() + n + 1)?;
-    let chunk = 4096;
-    let mut pos = 0;
-    let mut last = Vec::new();
-    while pos < prompt.len() {
-        let k = chunk.min(prompt.len() - pos);
-        let rows = if pos + k == prompt.len() {
-            vec![k - 1]
-        } else {
-            vec![]
-        };
-        last = g.forward(&prompt[pos..pos + k], &one_seq(pos, k), &rows)?;
-        pos += k;
-    }
-    if let Some(w) = wave {
-        g.build_index(0, w)?;
-    }
+    let mut logits = prefill(g, prompt, n, wave, |g, t, l, r| Ok(g.forward(t, l, r)?))?;
     let mut toks = Vec::with_capacity(n);
     let mut all = Vec::with_capacity(n);
-    let mut logits = last;
     for i in 0..n {
         let own = argmax(&logits[..vocab]);
-        let t = path.map_or(own, |p| p[i]);
         toks.push(own);
         all.push(logits[..vocab].to_vec());
         if i + 1 == n {
             break;
         }
+        let t = path.map_or(own, |p| p[i]);
         logits = g.forward(&[t], &one_seq(prompt.len() + i, 1), &[0])?;
     }
     g.close_slot(0);
     Ok((toks, all))
 }
 
-/// Free-running greedy decode through device sampling, after the same prefill (and index).
+/// Prefill (and index), then free-running greedy decode through device sampling (the serving
+/// path: CUDA graphs, the collectives inside).
 fn run_free(
     g: &mut WorkerGroup<CudaBackend>,
     prompt: &[u32],
     n: usize,
     wave: Option<&WaveConfig>,
 ) -> Result<Vec<u32>> {
-    match wave {
-        None => greedy_device(g, prompt, n),
-        Some(w) => {
-            // Prefill, index, then device-sampled steps (graphs).
-            let row = [retrowave_core::RowSampling::greedy()];
-            g.open_slot(0, prompt.len() + n + 1)?;
-            let chunk = 4096;
-            let mut pos = 0;
-            let mut toks = Vec::new();
-            while pos < prompt.len() {
-                let k = chunk.min(prompt.len() - pos);
-                if pos + k == prompt.len() {
-                    toks =
-                        g.forward_sample(&prompt[pos..pos + k], &one_seq(pos, k), &[k - 1], &row)?;
-                } else {
-                    g.forward(&prompt[pos..pos + k], &one_seq(pos, k), &[])?;
-                }
-                pos += k;
-            }
-            g.build_index(0, w)?;
-            while toks.len() < n {
-                let last = *toks.last().context("no token")?;
-                let t = g.forward_sample(
-                    &[last],
-                    &one_seq(prompt.len() + toks.len() - 1, 1),
-                    &[0],
-                    &row,
-                )?;
-                toks.extend(t);
-            }
-            g.close_slot(0);
-            Ok(toks)
-        }
+    let row = [RowSampling::greedy()];
+    let mut toks = prefill(g, prompt, n, wave, |g, t, l, r| {
+        Ok(g.forward_sample(t, l, r, &row)?)
+    })?;
+    while toks.len() < n {
+        let last = *toks.last().context("no token")?;
+        let pos = prompt.len() + toks.len() - 1;
+        toks.extend(g.forward_sample(&[last], &one_seq(pos, 1), &[0], &row)?);
     }
+    g.close_slot(0);
+    Ok(toks)
 }
 
 /// Fresh backends on `tp` GPUs from `first`'s (a backend belongs to one group for its life).
