@@ -661,7 +661,7 @@ fn forced<B: Backend + 'static>(
     Ok(l.chunks(vocab).map(|c| c.to_vec()).collect())
 }
 
-pub(crate) fn top2(v: &[f32]) -> (usize, usize) {
+fn top2(v: &[f32]) -> (usize, usize) {
     let (mut a, mut b) = (0usize, usize::MAX);
     for i in 1..v.len() {
         if v[i] > v[a] {
@@ -672,6 +672,52 @@ pub(crate) fn top2(v: &[f32]) -> (usize, usize) {
         }
     }
     (a, b)
+}
+
+/// How one run's logits compare with a reference's at the same steps (the parity criteria).
+pub(crate) struct Agreement {
+    /// Largest |logit difference| on the reference's top-5 tokens.
+    pub max_top5: f32,
+    /// Steps whose reference top-2 margin exceeds the near-tie margin, and how many of them
+    /// have the same argmax in the run.
+    pub clear: usize,
+    pub agree: usize,
+    /// Whether at every near-tie the reference's argmax is in the run's top 2.
+    pub top2_ok: bool,
+    /// First near-tie step of the reference (`reference.len()` when none).
+    pub first_tie: usize,
+}
+
+/// Compares `run` with `reference`, step by step, over `vocab` logits each.
+pub(crate) fn agreement(
+    reference: &[Vec<f32>],
+    run: &[Vec<f32>],
+    vocab: usize,
+    margin: f32,
+) -> Agreement {
+    let mut a = Agreement {
+        max_top5: 0.0,
+        clear: 0,
+        agree: 0,
+        top2_ok: true,
+        first_tie: reference.len(),
+    };
+    for (pos, (c, g)) in reference.iter().zip(run).enumerate() {
+        let mut idx: Vec<usize> = (0..vocab).collect();
+        idx.sort_by(|&x, &y| c[y].total_cmp(&c[x]));
+        for &i in &idx[..5] {
+            a.max_top5 = a.max_top5.max((c[i] - g[i]).abs());
+        }
+        let (ga, gb) = top2(g);
+        if c[idx[0]] - c[idx[1]] > margin {
+            a.clear += 1;
+            a.agree += usize::from(ga == idx[0]);
+        } else {
+            a.first_tie = a.first_tie.min(pos);
+            a.top2_ok &= ga == idx[0] || gb == idx[0];
+        }
+    }
+    a
 }
 
 /// `retrowave bench parity`: the GPU against the CPU backend and against the golden llama.cpp
@@ -724,23 +770,13 @@ pub fn run_parity(
         let graph_equal = gg == gt;
         let gf = forced(&mut gpu_g, &prompt, &ct, vocab)?;
         let same = ct.iter().zip(&gt).take_while(|(a, b)| a == b).count();
-        let (mut max_top5, mut agree_clear, mut clear, mut top2_ok) = (0f32, 0usize, 0usize, true);
-        let mut first_tie = n;
-        for (pos, (c, g)) in cl.iter().zip(&gf).enumerate() {
-            let mut idx: Vec<usize> = (0..vocab).collect();
-            idx.sort_by(|&a, &b| c[b].total_cmp(&c[a]));
-            for &i in &idx[..5] {
-                max_top5 = max_top5.max((c[i] - g[i]).abs());
-            }
-            let (ga, gb) = top2(g);
-            if c[idx[0]] - c[idx[1]] > margin {
-                clear += 1;
-                agree_clear += usize::from(ga == idx[0]);
-            } else {
-                first_tie = first_tie.min(pos);
-                top2_ok &= ga == idx[0] || gb == idx[0];
-            }
-        }
+        let Agreement {
+            max_top5,
+            clear,
+            agree: agree_clear,
+            top2_ok,
+            first_tie,
+        } = agreement(&cl, &gf, vocab, margin);
         // Against llama.cpp: teacher-forced on the golden path, its top-5 logits.
         let gold_ids = ids(&p["generated_ids"]);
         let steps = p["per_step"].as_array().cloned().unwrap_or_default();

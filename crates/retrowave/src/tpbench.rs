@@ -25,7 +25,7 @@ use retrowave_model::random::{RandomWeights, load_shape};
 use serde_json::json;
 
 use crate::bench::commit;
-use crate::gpubench::{append, argmax, card, gpu, one_seq, random_prompt, top2};
+use crate::gpubench::{Agreement, agreement, append, argmax, card, gpu, one_seq, random_prompt};
 
 /// What one run (one degree, one attention mode) produced.
 struct Run {
@@ -197,23 +197,13 @@ pub fn run_tp_parity(
                 reference = Some((own, run));
                 continue;
             };
-            let (mut max_top5, mut clear, mut agree, mut top2_ok, mut first_tie) =
-                (0f32, 0usize, 0usize, true, n);
-            for (pos, (a, b)) in r.logits.iter().zip(&run.logits).enumerate() {
-                let mut idx: Vec<usize> = (0..vocab).collect();
-                idx.sort_by(|&x, &y| a[y].total_cmp(&a[x]));
-                for &i in &idx[..5] {
-                    max_top5 = max_top5.max((a[i] - b[i]).abs());
-                }
-                let (ga, gb) = top2(b);
-                if a[idx[0]] - a[idx[1]] > margin {
-                    clear += 1;
-                    agree += usize::from(ga == idx[0]);
-                } else {
-                    first_tie = first_tie.min(pos);
-                    top2_ok &= ga == idx[0] || gb == idx[0];
-                }
-            }
+            let Agreement {
+                max_top5,
+                clear,
+                agree,
+                top2_ok,
+                first_tie,
+            } = agreement(&r.logits, &run.logits, vocab, margin);
             let same = ref_path
                 .iter()
                 .zip(&run.free)
