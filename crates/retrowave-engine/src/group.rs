@@ -127,6 +127,15 @@ impl<B: Backend + 'static> WorkerGroup<B> {
         } else {
             Reduce::Host(Arc::new(HostGroup::new(world)))
         };
+        tracing::info!(
+            world,
+            collective = if matches!(reduce, Reduce::Device) {
+                "the backend's (NCCL on GPUs, in process on the CPU)"
+            } else {
+                "host memory"
+            },
+            "tensor-parallel group"
+        );
         let device_sampling = backends.iter().all(|b| b.samples_on_device());
         let mut remotes = Vec::with_capacity(world);
         for (backend, shard) in backends.into_iter().zip(shards) {

@@ -94,7 +94,11 @@ impl LmHead {
     pub fn from_env() -> Self {
         match std::env::var("RETROWAVE_TP_LM_HEAD").as_deref() {
             Ok("rank0") => LmHead::Rank0,
-            _ => LmHead::Split,
+            Ok("split") | Err(_) => LmHead::Split,
+            Ok(other) => {
+                tracing::warn!("RETROWAVE_TP_LM_HEAD={other:?} is not rank0 or split; using split");
+                LmHead::Split
+            }
         }
     }
 }
