@@ -533,6 +533,44 @@ impl CudaBackend {
         }
     }
 
+    /// Copies `height` rows of `width` bytes between device buffers with the given pitches, on
+    /// the backend's stream.
+    pub(crate) fn copy_rows(
+        &self,
+        src: u64,
+        src_pitch: usize,
+        dst: u64,
+        dst_pitch: usize,
+        width: usize,
+        height: usize,
+    ) -> Result<(), CudaError> {
+        if width == 0 || height == 0 {
+            return Ok(());
+        }
+        let p = sys::CUDA_MEMCPY2D {
+            srcXInBytes: 0,
+            srcY: 0,
+            srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            srcHost: std::ptr::null(),
+            srcDevice: src,
+            srcArray: std::ptr::null_mut(),
+            srcPitch: src_pitch,
+            dstXInBytes: 0,
+            dstY: 0,
+            dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            dstHost: std::ptr::null_mut(),
+            dstDevice: dst,
+            dstArray: std::ptr::null_mut(),
+            dstPitch: dst_pitch,
+            WidthInBytes: width,
+            Height: height,
+        };
+        // SAFETY: both regions lie inside live allocations (the callers size them), on our stream.
+        unsafe { sys::cuMemcpy2DAsync_v2(&p, self.inner.stream.cu_stream()) }
+            .result()
+            .map_err(CudaError::driver("cuMemcpy2DAsync"))
+    }
+
     /// This backend's NCCL communicator, when it is in a tensor-parallel group.
     pub(crate) fn comm(&self) -> Option<&crate::nccl::Comm> {
         self.inner.comm.get()
@@ -1825,6 +1863,14 @@ impl Backend for CudaBackend {
     }
 
     fn join_group(backends: &[Self]) -> Result<bool, BackendError> {
+        if backends.len() > 1 {
+            // One host-tier budget for the node, split equally over the ranks, whatever sums
+            // their activations (NCCL, or host memory without it).
+            let budget = crate::host_budget::HostBudget::for_machine(backends.len());
+            for (rank, b) in backends.iter().enumerate() {
+                b.set_host_budget(budget.clone(), rank);
+            }
+        }
         Ok(crate::nccl::join(backends)?)
     }
 
@@ -1852,8 +1898,7 @@ impl Backend for CudaBackend {
             dp(&part.data)
         } else {
             padded = self.alloc::<f32>(rows * pad)?;
-            crate::wave_tier::copy_rows(
-                self,
+            self.copy_rows(
                 dp(&part.data),
                 part.cols * f,
                 dp(&padded),
@@ -1874,8 +1919,7 @@ impl Backend for CudaBackend {
         let out = self.alloc::<f32>(rows * total)?;
         let mut off = 0;
         for (r, &w) in widths.iter().enumerate() {
-            crate::wave_tier::copy_rows(
-                self,
+            self.copy_rows(
                 dp(&gathered) + (r * rows * pad * f) as u64,
                 pad * f,
                 dp(&out) + (off * f) as u64,
@@ -2019,37 +2063,18 @@ impl Backend for CudaBackend {
                 out.push(self.empty_acts(w));
                 continue;
             };
-            if x.rows > 0 && w > 0 && c0 + w <= x.cols {
-                let src = dp(&x.data);
-                let dst = dp(&part.data);
-                let copy = sys::CUDA_MEMCPY2D {
-                    srcXInBytes: c0 * 4,
-                    srcY: 0,
-                    srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-                    srcHost: std::ptr::null(),
-                    srcDevice: src,
-                    srcArray: std::ptr::null_mut(),
-                    srcPitch: x.cols * 4,
-                    dstXInBytes: 0,
-                    dstY: 0,
-                    dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-                    dstHost: std::ptr::null_mut(),
-                    dstDevice: dst,
-                    dstArray: std::ptr::null_mut(),
-                    dstPitch: w * 4,
-                    WidthInBytes: w * 4,
-                    Height: x.rows,
-                };
-                // SAFETY: both regions are device buffers of the described pitches and heights.
-                if let Err(e) =
-                    unsafe { sys::cuMemcpy2DAsync_v2(&copy, self.inner.stream.cu_stream()) }
-                        .result()
-                {
-                    self.record(CudaError::Driver {
-                        what: "cuMemcpy2DAsync".into(),
-                        source: e,
-                    });
-                }
+            // (copy_rows does nothing for zero rows or columns.)
+            if c0 + w <= x.cols
+                && let Err(e) = self.copy_rows(
+                    dp(&x.data) + (c0 * 4) as u64,
+                    x.cols * 4,
+                    dp(&part.data),
+                    w * 4,
+                    w * 4,
+                    x.rows,
+                )
+            {
+                self.record(e);
             }
             c0 += w;
             out.push(part);

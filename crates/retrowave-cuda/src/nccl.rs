@@ -41,6 +41,11 @@ impl Comm {
     pub(crate) fn place(&self) -> (usize, usize) {
         (self.rank, self.world)
     }
+
+    /// Whether this group's decode all-reduces are skipped (see `skip`).
+    pub(crate) fn skips(&self) -> bool {
+        self.skip
+    }
 }
 
 /// Whether NCCL can be loaded on this machine.
@@ -101,22 +106,17 @@ pub(crate) fn join(backends: &[CudaBackend]) -> Result<bool, CudaError> {
                 describe(e, None)
             ))
         })?;
-    let world = backends.len();
+    let (world, skip) = (backends.len(), skipping());
     for (rank, (b, comm)) in backends.iter().zip(comms).enumerate() {
         b.set_comm(Comm {
             comm,
             rank,
             world,
-            skip: skipping(),
+            skip,
         })?;
     }
     warm_up(backends)?;
-    // One host-tier budget for the node, split equally over the ranks.
-    let budget = crate::host_budget::HostBudget::for_machine(world);
-    for (rank, b) in backends.iter().enumerate() {
-        b.set_host_budget(budget.clone(), rank);
-    }
-    if skipping() {
+    if skip {
         tracing::warn!(
             "RETROWAVE_TP_SKIP_ALL_REDUCE is set: the tensor-parallel all-reduces are skipped; \
              outputs are WRONG (for timing a step without its collectives only)"
@@ -184,13 +184,6 @@ fn describe(e: result::NcclError, comm: Option<&Comm>) -> String {
 /// Whether `RETROWAVE_TP_SKIP_ALL_REDUCE=1` asks to skip the collectives (timing only).
 pub fn skipping() -> bool {
     std::env::var("RETROWAVE_TP_SKIP_ALL_REDUCE").is_ok_and(|v| v == "1")
-}
-
-impl Comm {
-    /// Whether this group's decode all-reduces are skipped (see `skip`).
-    pub(crate) fn skips(&self) -> bool {
-        self.skip
-    }
 }
 
 /// Sums `count` f32 at `ptr` over the group, in place, on `stream`.

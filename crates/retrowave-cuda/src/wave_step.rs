@@ -652,8 +652,8 @@ fn join_rows<T: cudarc::driver::DeviceRepr>(
     let sz = std::mem::size_of::<T>();
     let (ow, nw) = (old_n * sz, new_n * sz);
     let dst = b.alloc::<T>(units * (old_n + new_n))?;
-    crate::wave_tier::copy_rows(b, old, ow, dp(&dst), ow + nw, ow, units)?;
-    crate::wave_tier::copy_rows(b, new, nw, dp(&dst) + ow as u64, ow + nw, nw, units)?;
+    b.copy_rows(old, ow, dp(&dst), ow + nw, ow, units)?;
+    b.copy_rows(new, nw, dp(&dst) + ow as u64, ow + nw, nw, units)?;
     Ok(dst)
 }
 

@@ -158,44 +158,6 @@ fn tier_shape(
     Ok((capacity, page))
 }
 
-/// Copies `height` rows of `width` bytes between device buffers with the given pitches.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn copy_rows(
-    b: &CudaBackend,
-    src: u64,
-    src_pitch: usize,
-    dst: u64,
-    dst_pitch: usize,
-    width: usize,
-    height: usize,
-) -> Result<(), CudaError> {
-    if width == 0 || height == 0 {
-        return Ok(());
-    }
-    let p = sys::CUDA_MEMCPY2D {
-        srcXInBytes: 0,
-        srcY: 0,
-        srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-        srcHost: std::ptr::null(),
-        srcDevice: src,
-        srcArray: std::ptr::null_mut(),
-        srcPitch: src_pitch,
-        dstXInBytes: 0,
-        dstY: 0,
-        dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-        dstHost: std::ptr::null_mut(),
-        dstDevice: dst,
-        dstArray: std::ptr::null_mut(),
-        dstPitch: dst_pitch,
-        WidthInBytes: width,
-        Height: height,
-    };
-    // SAFETY: both regions lie inside live allocations (the callers size them), on our stream.
-    unsafe { sys::cuMemcpy2DAsync_v2(&p, b.stream().cu_stream()) }
-        .result()
-        .map_err(CudaError::driver("cuMemcpy2DAsync"))
-}
-
 /// Copies the steady zone of `units` heads between two caches of `row`-byte tokens: the first
 /// `sink` tokens, and `tail` tokens from slot `src_tail` of the source (`src_cap` slots a head) to
 /// slot `dst_tail` of the destination (`dst_cap` slots a head).
@@ -209,9 +171,8 @@ fn copy_steady(
     units: usize,
     row: usize,
 ) -> Result<(), CudaError> {
-    copy_rows(b, src, src_cap * row, dst, dst_cap * row, sink * row, units)?;
-    copy_rows(
-        b,
+    b.copy_rows(src, src_cap * row, dst, dst_cap * row, sink * row, units)?;
+    b.copy_rows(
         src + (src_tail * row) as u64,
         src_cap * row,
         dst + (dst_tail * row) as u64,

@@ -195,13 +195,14 @@ impl<B: Backend> Worker<B> {
         } else {
             "output.weight"
         };
-        let output = match &lm_split {
-            Some(v) => Some(mat(head_name, v[shard.rank].clone(), all(cfg.hidden))?),
-            None if shard.rank == 0 && !cfg.tied_embeddings => {
-                Some(mat("output.weight", all(cfg.vocab_size), all(cfg.hidden))?)
-            }
-            None => None,
+        // Tied embeddings without a split head use `embed` itself.
+        let rows = match &lm_split {
+            Some(v) => Some(v[shard.rank].clone()),
+            None => (shard.rank == 0 && !cfg.tied_embeddings).then(|| all(cfg.vocab_size)),
         };
+        let output = rows
+            .map(|r| mat(head_name, r, all(cfg.hidden)))
+            .transpose()?;
         let lm_split = lm_split.map(|v| v.iter().map(|r| r.len()).collect());
         let out_norm = vec("output_norm.weight", all(cfg.hidden))?;
         Ok(Worker {

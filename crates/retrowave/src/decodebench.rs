@@ -22,7 +22,7 @@ use serde_json::json;
 
 use crate::bench::commit;
 use crate::gpubench::{
-    append, card, ceilings, decode_batch, gpu, timed_decode_steps, weight_bytes,
+    append, card, cards, ceilings, decode_batch, timed_decode_steps, weight_bytes,
 };
 
 /// What one batch point measured.
@@ -41,24 +41,6 @@ struct Point {
 struct Gpus(Vec<CudaBackend>);
 
 impl Gpus {
-    /// `tp` GPUs from the one `first` names, consecutive ordinals.
-    fn open(first: CudaBackend, tp: usize) -> Result<Self> {
-        let base = first.info().ordinal;
-        let mut v = vec![first];
-        for i in 1..tp.max(1) {
-            v.push(
-                CudaBackend::new(base + i).map_err(|e| {
-                    anyhow::anyhow!("--tp {tp}: cannot open GPU {} ({e})", base + i)
-                })?,
-            );
-        }
-        Ok(Gpus(v))
-    }
-
-    fn tp(&self) -> usize {
-        self.0.len()
-    }
-
     fn sync(&self) -> Result<()> {
         for b in &self.0 {
             b.synchronize()?;
@@ -84,12 +66,8 @@ impl Gpus {
         Ok((least, used))
     }
 
-    /// The card, with the count when there are several.
     fn card(&self) -> String {
-        match self.tp() {
-            1 => card(&self.0[0]),
-            n => format!("{} x{n}", card(&self.0[0])),
-        }
+        cards(&self.0)
     }
 }
 
@@ -113,19 +91,6 @@ fn buffer_delta(after: &WaveStats, before: &WaveStats) -> WaveStats {
         host_to_device_bytes: after.host_to_device_bytes - before.host_to_device_bytes,
         ..WaveStats::default()
     }
-}
-
-/// `MemAvailable` of this machine in bytes (0 when unknown).
-fn host_available() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
 }
 
 /// Bytes a wave step must move per sequence, from the index's shape: every centroid and ln size,
@@ -349,7 +314,10 @@ pub fn run_decode(
     batch_cap: usize,
     out: &Path,
 ) -> Result<()> {
-    let b = gpu(device)?;
+    // Every GPU of the group opens first (too few is an error before any work); the first also
+    // runs the ceilings and the per-stage breakdown.
+    let gpus = Gpus(crate::gpubench::gpus(device, tp)?);
+    let b = gpus.0[0].clone();
     let ceil = ceilings(&b, out)?;
     let cfg = load_shape(shape)?;
     let mut stage_lines = Vec::new();
@@ -371,7 +339,6 @@ pub fn run_decode(
         }
     }
     let t = Instant::now();
-    let gpus = Gpus::open(b.clone(), tp)?;
     let src = RandomWeights::new(&cfg, 1)?;
     let mut group = WorkerGroup::load(&cfg, &src as &dyn WeightSource, gpus.0.clone())?;
     drop(src);
@@ -421,7 +388,7 @@ pub fn run_decode(
             };
             let mut max_batch = (((free as f64 - reserve) / per_seq).floor() as usize).min(256);
             if host_kv {
-                let host = host_available() as f64;
+                let host = retrowave_cuda::host_budget::mem_available().unwrap_or(0) as f64;
                 let by_host = ((host - 16.0e9) / (kv_per_token * ctx as f64))
                     .floor()
                     .max(0.0);

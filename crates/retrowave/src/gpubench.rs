@@ -49,6 +49,24 @@ pub(crate) fn card(b: &CudaBackend) -> String {
     b.info().name.clone()
 }
 
+/// The card of a tensor-parallel group's GPUs, with their count when there are several
+/// ("NVIDIA H200 x2").
+pub(crate) fn cards(gpus: &[CudaBackend]) -> String {
+    match gpus {
+        [b] => card(b),
+        [b, ..] => format!("{} x{}", card(b), gpus.len()),
+        [] => String::new(),
+    }
+}
+
+/// The GPUs of `--device` and `--tp` (one backend a rank, `load::cuda_backends`), or an error
+/// where the device resolves to the CPU.
+pub(crate) fn gpus(device: &str, tp: usize) -> Result<Vec<CudaBackend>> {
+    crate::load::cuda_backends(device, tp)?.with_context(|| {
+        format!("--device {device} resolves to the CPU; these benchmarks need a GPU")
+    })
+}
+
 /// Measured device-to-device copy rate (bytes read + written per second) and bf16 GEMM rate.
 pub struct Ceilings {
     pub copy_gbs: f64,
@@ -594,19 +612,35 @@ fn greedy<B: Backend + 'static>(
     vocab: usize,
 ) -> Result<(Vec<u32>, Vec<Vec<f32>>)> {
     g.open_slot(0, prompt.len() + n + 1)?;
-    let mut toks = Vec::new();
-    let mut all = Vec::new();
-    let mut logits = g.forward(prompt, &one_seq(0, prompt.len()), &[prompt.len() - 1])?;
+    let logits = g.forward(prompt, &one_seq(0, prompt.len()), &[prompt.len() - 1])?;
+    let out = decode_steps(g, logits, prompt.len(), n, vocab, None)?;
+    g.close_slot(0);
+    Ok(out)
+}
+
+/// `n` decode steps of slot 0 through the decode kernels, from `logits` (the prompt's last row;
+/// the first step is at position `start`): every step's argmax and logits. Each step is fed its
+/// own argmax, or `path[i]` when given (teacher forcing).
+pub(crate) fn decode_steps<B: Backend + 'static>(
+    g: &mut WorkerGroup<B>,
+    mut logits: Vec<f32>,
+    start: usize,
+    n: usize,
+    vocab: usize,
+    path: Option<&[u32]>,
+) -> Result<(Vec<u32>, Vec<Vec<f32>>)> {
+    let mut toks = Vec::with_capacity(n);
+    let mut all = Vec::with_capacity(n);
     for i in 0..n {
-        let t = argmax(&logits[..vocab]);
-        toks.push(t);
+        let own = argmax(&logits[..vocab]);
+        toks.push(own);
         all.push(logits[..vocab].to_vec());
         if i + 1 == n {
             break;
         }
-        logits = g.forward(&[t], &one_seq(prompt.len() + i, 1), &[0])?;
+        let t = path.map_or(own, |p| p[i]);
+        logits = g.forward(&[t], &one_seq(start + i, 1), &[0])?;
     }
-    g.close_slot(0);
     Ok((toks, all))
 }
 

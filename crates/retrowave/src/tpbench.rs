@@ -25,7 +25,9 @@ use retrowave_model::random::{RandomWeights, load_shape};
 use serde_json::json;
 
 use crate::bench::commit;
-use crate::gpubench::{Agreement, agreement, append, argmax, card, gpu, one_seq, random_prompt};
+use crate::gpubench::{
+    Agreement, agreement, append, cards, decode_steps, gpus, one_seq, random_prompt,
+};
 
 /// What one run (one degree, one attention mode) produced.
 struct Run {
@@ -70,21 +72,10 @@ fn run_once(
     wave: Option<&WaveConfig>,
     path: Option<&[u32]>,
 ) -> Result<(Vec<u32>, Vec<Vec<f32>>)> {
-    let mut logits = prefill(g, prompt, n, wave, |g, t, l, r| Ok(g.forward(t, l, r)?))?;
-    let mut toks = Vec::with_capacity(n);
-    let mut all = Vec::with_capacity(n);
-    for i in 0..n {
-        let own = argmax(&logits[..vocab]);
-        toks.push(own);
-        all.push(logits[..vocab].to_vec());
-        if i + 1 == n {
-            break;
-        }
-        let t = path.map_or(own, |p| p[i]);
-        logits = g.forward(&[t], &one_seq(prompt.len() + i, 1), &[0])?;
-    }
+    let logits = prefill(g, prompt, n, wave, |g, t, l, r| Ok(g.forward(t, l, r)?))?;
+    let out = decode_steps(g, logits, prompt.len(), n, vocab, path)?;
     g.close_slot(0);
-    Ok((toks, all))
+    Ok(out)
 }
 
 /// Prefill (and index), then free-running greedy decode through device sampling (the serving
@@ -108,17 +99,6 @@ fn run_free(
     Ok(toks)
 }
 
-/// Fresh backends on `tp` GPUs from `first`'s (a backend belongs to one group for its life).
-fn backends(first: &CudaBackend, tp: usize) -> Result<Vec<CudaBackend>> {
-    let base = first.info().ordinal;
-    (0..tp)
-        .map(|i| {
-            CudaBackend::new(base + i)
-                .with_context(|| format!("--tp {tp}: cannot open GPU {}", base + i))
-        })
-        .collect()
-}
-
 /// `retrowave bench tp-parity`.
 #[allow(clippy::too_many_arguments)]
 pub fn run_tp_parity(
@@ -133,7 +113,6 @@ pub fn run_tp_parity(
     out: &Path,
 ) -> Result<()> {
     let margin = 0.5f32;
-    let first = gpu(device)?;
     enum Src {
         Model(crate::load::LoadedModel),
         Random(RandomWeights),
@@ -179,7 +158,10 @@ pub fn run_tp_parity(
         let mut reference: Option<(Vec<u32>, Run)> = None;
         for &tp in std::iter::once(&1).chain(tps.iter().filter(|&&t| t > 1)) {
             let t = Instant::now();
-            let mut g = WorkerGroup::load(&cfg, source, backends(&first, tp)?)?;
+            // Fresh backends for every group (a backend belongs to one group for its life).
+            let backends = gpus(device, tp)?;
+            let device_name = cards(&backends);
+            let mut g = WorkerGroup::load(&cfg, source, backends)?;
             let path = reference.as_ref().map(|(p, _)| p.clone());
             let (own, logits) =
                 run_once(&mut g, &prompt, n, vocab, wave.as_ref(), path.as_deref())?;
@@ -227,7 +209,7 @@ pub fn run_tp_parity(
                         "seconds": seconds, "passed": ok,
                         "lm_head": format!("{:?}", retrowave_engine::LmHead::from_env()),
                         "wave_config": wave.as_ref().map(|w| format!("{w:?}")),
-                        "device": format!("{} x{tp}", card(&first)), "commit": commit()}),
+                        "device": device_name, "commit": commit()}),
             )?;
         }
     }

@@ -155,8 +155,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
         Some(gpus) => {
             // With tensor parallelism the label says how many GPUs the ranks took.
             let name = match gpus.len() {
-                1 => format!("{} (CUDA)", gpus[0].info().name),
-                n => format!("{} x{n} (CUDA, tensor parallel {n})", gpus[0].info().name),
+                1 => format!("{} (CUDA)", crate::gpubench::cards(&gpus)),
+                n => format!(
+                    "{} (CUDA, tensor parallel {n})",
+                    crate::gpubench::cards(&gpus)
+                ),
             };
             let group = retrowave_engine::WorkerGroup::load(&model.config, &model.source, gpus)
                 .context("loading the model")?;
