@@ -304,6 +304,28 @@ pub trait Backend: Send + Sync {
         let _ = x;
     }
 
+    /// Starts [`Backend::all_reduce`] of `x` without making this rank's next operations wait
+    /// for it, so that work independent of `x` runs while the sum is in flight (NCCL on a second
+    /// stream of the GPU). Neither `x` nor its sum may be touched until
+    /// [`Backend::all_reduce_end`] with the same `tag`; tags 0 and 1 may be in flight at once,
+    /// and every rank begins and ends them in the same order. The default blocks, like
+    /// `all_reduce`: see [`Backend::overlaps_collectives`].
+    fn all_reduce_begin(&self, x: &mut Self::Acts, tag: usize) {
+        let _ = tag;
+        self.all_reduce(x);
+    }
+
+    /// Makes this rank's next operations wait for the sum begun with `tag` (no-op if none is).
+    fn all_reduce_end(&self, tag: usize) {
+        let _ = tag;
+    }
+
+    /// Whether [`Backend::all_reduce_begin`] really runs beside later work (the engine splits a
+    /// large step in two to overlap the halves' collectives with each other's work only then).
+    fn overlaps_collectives(&self) -> bool {
+        false
+    }
+
     /// Gathers the ranks' column blocks into `[rows, sum(widths)]` on every rank of the group
     /// made by [`Backend::join_group`]: rank r's `part` (`[rows, widths[r]]`) lands in columns
     /// `widths[..r].sum()..`, in rank order (the vocabulary-parallel LM head).
@@ -397,6 +419,8 @@ pub trait Backend: Send + Sync {
     fn acts_shape(&self, a: &Self::Acts) -> (usize, usize);
     /// Keeps only the listed rows, in the listed order.
     fn select_rows(&self, a: &Self::Acts, rows: &[usize]) -> Self::Acts;
+    /// The rows of `parts`, one part after another (`[sum of rows, cols]`; equal `cols`).
+    fn concat_rows(&self, parts: &[&Self::Acts]) -> Self::Acts;
 
     /// Looks up embedding rows.
     fn embed(&self, table: &Self::Matrix, tokens: &[u32]) -> Result<Self::Acts, BackendError>;

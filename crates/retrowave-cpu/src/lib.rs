@@ -197,6 +197,20 @@ impl Backend for CpuBackend {
         (a.rows, a.cols)
     }
 
+    fn concat_rows(&self, parts: &[&CpuActs]) -> CpuActs {
+        let cols = parts.first().map_or(0, |p| p.cols);
+        debug_assert!(parts.iter().all(|p| p.cols == cols));
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        for p in parts {
+            data.extend_from_slice(&p.data);
+        }
+        CpuActs {
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols,
+            data,
+        }
+    }
+
     fn select_rows(&self, a: &CpuActs, rows: &[usize]) -> CpuActs {
         let mut data = Vec::with_capacity(rows.len() * a.cols);
         for &r in rows {

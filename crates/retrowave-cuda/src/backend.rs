@@ -315,12 +315,37 @@ struct GraphState {
 /// The last positions uploaded: host copy and device buffer.
 type CachedPositions = (Vec<i32>, Arc<CudaSlice<i32>>);
 
+/// The two most recently used entries of a cache, the newest first.
+struct Recent<T>(Vec<T>);
+
+impl<T: Clone> Recent<T> {
+    const fn new() -> Self {
+        Recent(Vec::new())
+    }
+
+    /// The first entry that `hit` accepts, made the newest.
+    fn find(&mut self, hit: impl Fn(&T) -> bool) -> Option<T> {
+        let i = self.0.iter().position(hit)?;
+        let t = self.0.remove(i);
+        self.0.insert(0, t.clone());
+        Some(t)
+    }
+
+    /// Adds `t` as the newest entry, dropping the oldest beyond two.
+    fn put(&mut self, t: T) {
+        self.0.insert(0, t);
+        self.0.truncate(2);
+    }
+}
+
 struct Inner {
     /// `RETROWAVE_CUDA_GRAPHS` as read when the backend started.
     graphs_enabled: bool,
-    positions: Mutex<Option<CachedPositions>>,
+    /// The last two steps' positions and tables: a step split in two for overlap (see
+    /// `Backend::all_reduce_begin`) alternates between its halves' at every layer.
+    positions: Mutex<Recent<CachedPositions>>,
     poison: std::sync::atomic::AtomicBool,
-    tables: Mutex<Option<Arc<StepTables>>>,
+    tables: Mutex<Recent<Arc<StepTables>>>,
     graph: Mutex<GraphState>,
     _blas_workspace: CudaSlice<u8>,
     ctx: Arc<CudaContext>,
@@ -331,6 +356,11 @@ struct Inner {
     side: Arc<CudaStream>,
     fork_event: cudarc::driver::CudaEvent,
     join_event: cudarc::driver::CudaEvent,
+    /// The stream of collectives begun with `all_reduce_begin`, the event that orders them
+    /// after the main stream's work, and one completion event per tag.
+    comm_stream: Arc<CudaStream>,
+    comm_fork: cudarc::driver::CudaEvent,
+    comm_done: [cudarc::driver::CudaEvent; 2],
     blas: CudaBlas,
     funcs: HashMap<&'static str, CudaFunction>,
     info: DeviceInfo,
@@ -388,6 +418,14 @@ impl CudaBackend {
         let join_event = ctx
             .new_event(None)
             .map_err(CudaError::driver("cuEventCreate"))?;
+        let comm_stream = ctx
+            .new_stream()
+            .map_err(CudaError::driver("cuStreamCreate"))?;
+        let event = || {
+            ctx.new_event(None)
+                .map_err(CudaError::driver("cuEventCreate"))
+        };
+        let (comm_fork, comm_done) = (event()?, [event()?, event()?]);
         keep_pool_memory(&ctx)?;
         let (modules, reports) = compile::load_modules(&ctx)?;
         let mut funcs = HashMap::new();
@@ -434,17 +472,20 @@ impl CudaBackend {
                 side,
                 fork_event,
                 join_event,
+                comm_stream,
+                comm_fork,
+                comm_done,
                 blas,
                 funcs,
                 info,
                 reports,
                 _modules: modules,
                 failure: Mutex::new(None),
-                tables: Mutex::new(None),
+                tables: Mutex::new(Recent::new()),
                 graph: Mutex::new(GraphState::default()),
                 _blas_workspace: workspace,
                 poison: std::sync::atomic::AtomicBool::new(false),
-                positions: Mutex::new(None),
+                positions: Mutex::new(Recent::new()),
                 graphs_enabled: graphs_enabled(),
                 wave_overflow: Mutex::new(None),
                 wave_units: Mutex::new(None),
@@ -1024,13 +1065,11 @@ impl CudaBackend {
             .positions
             .lock()
             .map_err(|_| CudaError::Unsupported("position cache lock poisoned".into()))?;
-        if let Some((host, dev)) = cached.as_ref()
-            && *host == pos
-        {
-            return Ok(dev.clone());
+        if let Some((_, dev)) = cached.find(|(host, _)| *host == pos) {
+            return Ok(dev);
         }
         let dev = Arc::new(self.upload(&pos)?);
-        *cached = Some((pos, dev.clone()));
+        cached.put((pos, dev.clone()));
         Ok(dev)
     }
 
@@ -1090,18 +1129,18 @@ impl CudaBackend {
             .tables
             .lock()
             .map_err(|_| CudaError::Unsupported("step table lock poisoned".into()))?;
-        if let Some(t) = cached.as_ref()
-            && t.descs == descs
-            && t.row_seq == row_seq
-            && t.decode_rows == decode_rows
-            && t.tile_row0 == tile_row0
-            && t.tile_seq == tile_seq
-            && t.split == split
-            && t.n_kv == n_kv
-        {
-            // (n_kv too: a freed cache's addresses may come back with another model's shape,
-            // whose merge counters would not fit.)
-            return Ok(t.clone());
+        // (n_kv too: a freed cache's addresses may come back with another model's shape, whose
+        // merge counters would not fit.)
+        if let Some(t) = cached.find(|t| {
+            t.descs == descs
+                && t.row_seq == row_seq
+                && t.decode_rows == decode_rows
+                && t.tile_row0 == tile_row0
+                && t.tile_seq == tile_seq
+                && t.split == split
+                && t.n_kv == n_kv
+        }) {
+            return Ok(t);
         }
         let counters = self
             .inner
@@ -1135,7 +1174,7 @@ impl CudaBackend {
             max_splits,
             n_kv,
         });
-        *cached = Some(t.clone());
+        cached.put(t.clone());
         Ok(t)
     }
 
@@ -1936,6 +1975,55 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn all_reduce_begin(&self, x: &mut DevActs, tag: usize) {
+        let Some(comm) = self.comm() else {
+            self.record("all_reduce_begin on a backend outside a tensor-parallel group");
+            return;
+        };
+        if comm.skips() {
+            return;
+        }
+        let i = &self.inner;
+        let Some(done) = i.comm_done.get(tag) else {
+            self.record(format!("all_reduce_begin: tag {tag} (0 or 1)"));
+            return;
+        };
+        // The collective runs on the comm stream after everything queued so far on the main
+        // stream (`x` included); its completion is `done`, which `all_reduce_end` waits for.
+        let r = order_streams(&i.stream, &i.comm_fork, &i.comm_stream)
+            .and_then(|()| {
+                crate::nccl::all_reduce_f32(
+                    comm,
+                    dp(&x.data),
+                    x.rows * x.cols,
+                    i.comm_stream.cu_stream(),
+                )
+            })
+            .and_then(|()| {
+                done.record(&i.comm_stream)
+                    .map_err(CudaError::driver("cuEventRecord"))
+            });
+        if let Err(e) = r {
+            self.record(e);
+        }
+    }
+
+    fn all_reduce_end(&self, tag: usize) {
+        let i = &self.inner;
+        if let Some(done) = i.comm_done.get(tag)
+            && let Err(e) = i
+                .stream
+                .wait(done)
+                .map_err(CudaError::driver("cuStreamWaitEvent"))
+        {
+            self.record(e);
+        }
+    }
+
+    fn overlaps_collectives(&self) -> bool {
+        self.comm().is_some_and(|c| !c.skips())
+    }
+
     fn all_reduce(&self, x: &mut DevActs) {
         let Some(comm) = self.comm() else {
             self.record("all_reduce on a backend outside a tensor-parallel group");
@@ -2138,6 +2226,31 @@ impl Backend for CudaBackend {
 
     fn acts_shape(&self, a: &DevActs) -> (usize, usize) {
         (a.rows, a.cols)
+    }
+
+    fn concat_rows(&self, parts: &[&DevActs]) -> DevActs {
+        let cols = parts.first().map_or(0, |p| p.cols);
+        let rows = parts.iter().map(|p| p.rows).sum();
+        if parts.iter().any(|p| p.cols != cols) {
+            self.record("concat_rows: parts of different widths");
+            return self.empty_acts(cols);
+        }
+        let Some(out) = self.new_acts(rows, cols) else {
+            return self.empty_acts(cols);
+        };
+        let row_bytes = cols * std::mem::size_of::<f32>();
+        let mut at = 0;
+        for p in parts {
+            // Row-major and contiguous: each part is one block of the output.
+            let dst = dp(&out.data) + (at * row_bytes) as u64;
+            if let Err(e) =
+                self.copy_rows(dp(&p.data), row_bytes, dst, row_bytes, row_bytes, p.rows)
+            {
+                self.record(e);
+            }
+            at += p.rows;
+        }
+        out
     }
 
     fn select_rows(&self, a: &DevActs, rows: &[usize]) -> DevActs {

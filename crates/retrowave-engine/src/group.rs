@@ -17,7 +17,7 @@ use retrowave_model::arch::{ModelConfig, WeightSource};
 
 use crate::EngineError;
 use crate::shard;
-use crate::worker::{Reduce, Worker};
+use crate::worker::{Overlap, Reduce, Worker};
 
 enum Cmd {
     Forward {
@@ -67,6 +67,7 @@ enum Cmd {
     TakeProbe {
         slot: usize,
     },
+    SetOverlap(Overlap),
 }
 
 /// What a worker sends back.
@@ -298,6 +299,17 @@ impl<B: Backend + 'static> WorkerGroup<B> {
         }
     }
 
+    /// Sets when the workers cut a step in two to overlap collectives ([`Overlap`]).
+    pub fn set_overlap(&mut self, overlap: Overlap) -> Result<(), EngineError> {
+        match &mut self.local {
+            Some(w) => {
+                w.set_overlap(overlap);
+                Ok(())
+            }
+            None => self.broadcast(|| Cmd::SetOverlap(overlap)).map(|_| ()),
+        }
+    }
+
     /// Takes the fidelity samples of `slot` from every worker.
     pub fn take_probe(&mut self, slot: usize) -> Result<Vec<FidelitySample>, EngineError> {
         match &mut self.local {
@@ -459,6 +471,10 @@ fn serve<B: Backend>(mut w: Worker<B>, rx: Receiver<Cmd>, tx: Sender<Reply>) {
             Cmd::WaveStats { slot } => Ok(Data::Stats(w.wave_stats(slot))),
             Cmd::SetProbe { slot, on } => w.set_probe(slot, on).map(|_| Data::None),
             Cmd::TakeProbe { slot } => w.take_probe(slot).map(Data::Probe),
+            Cmd::SetOverlap(o) => {
+                w.set_overlap(o);
+                Ok(Data::None)
+            }
         };
         if tx.send(reply).is_err() {
             break;

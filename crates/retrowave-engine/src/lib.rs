@@ -13,7 +13,7 @@ pub mod worker;
 pub use engine::{Engine, EngineConfig, EngineStats, Event, FinishReason, RequestOptions, Usage};
 pub use group::WorkerGroup;
 pub use scheduler::{AdmissionConfig, SchedulerConfig, SeqId, StepPlan};
-pub use worker::LmHead;
+pub use worker::{LmHead, Overlap};
 
 use retrowave_core::BackendError;
 use retrowave_model::arch::ArchError;

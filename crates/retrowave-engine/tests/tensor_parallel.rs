@@ -146,3 +146,68 @@ fn tp2_gives_the_same_tokens_as_tp1_quantized() {
         assert!(same >= 4, "paths split after {same} tokens: {a:?} vs {b:?}");
     }
 }
+
+/// A step cut in two so that each half's all-reduce overlaps the other half's work (what GPUs do
+/// with large prefill chunks) computes what the uncut step computes: the B rows of a sequence cut
+/// in two attend to its A rows, and a mixed step of prefill and decode rows splits cleanly. The
+/// CPU forces the cut (`Overlap::Always`); the float32 export keeps the comparison tight.
+#[test]
+fn a_step_cut_in_two_for_overlap_computes_the_uncut_step() {
+    use retrowave_core::{BatchLayout, SeqRows};
+    use retrowave_engine::Overlap;
+    let (_dir, m) = common::smollm2_f32_export();
+    let p = golden_prompts();
+    let (a, b, c) = (&p[0], &p[1], &p[2]);
+    let seq = |slot, row, start_pos, n_tokens| SeqRows {
+        slot,
+        row,
+        start_pos,
+        n_tokens,
+    };
+    let mut runs = Vec::new();
+    for overlap in [Overlap::Off, Overlap::Always] {
+        let mut g = common::group(&m, 2);
+        g.set_overlap(overlap).unwrap();
+        for slot in 0..3 {
+            g.open_slot(slot, 256).unwrap();
+        }
+        let mut logits = Vec::new();
+        // Step 1: prompts a and b prefilled together; the cut (half the rows) falls inside a
+        // sequence unless the two happen to be the same length.
+        let tokens: Vec<u32> = a.iter().chain(b).copied().collect();
+        let batch = BatchLayout {
+            seqs: vec![seq(0, 0, 0, a.len()), seq(1, a.len(), 0, b.len())],
+        };
+        let rows: Vec<usize> = (0..tokens.len()).collect();
+        logits.extend(g.forward(&tokens, &batch, &rows).unwrap());
+        // Step 2: one decode row of a, then prompt c's prefill, then one decode row of b.
+        let tokens: Vec<u32> = [a[0]].iter().chain(c).chain(&[b[0]]).copied().collect();
+        let batch = BatchLayout {
+            seqs: vec![
+                seq(0, 0, a.len(), 1),
+                seq(2, 1, 0, c.len()),
+                seq(1, 1 + c.len(), b.len(), 1),
+            ],
+        };
+        let rows: Vec<usize> = (0..tokens.len()).collect();
+        logits.extend(g.forward(&tokens, &batch, &rows).unwrap());
+        runs.push(logits);
+    }
+    let vocab = m.config.vocab_size;
+    assert_eq!(runs[0].len(), runs[1].len());
+    assert_eq!(runs[0].len() % vocab, 0);
+    let diff = runs[0]
+        .iter()
+        .zip(&runs[1])
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    eprintln!(
+        "cut vs uncut steps: {} rows, max |logit diff| {diff:.2e}",
+        runs[0].len() / vocab
+    );
+    assert!(diff < 1e-3, "{diff}");
+    let am = retrowave_model::sampling::argmax;
+    for (r0, r1) in runs[0].chunks(vocab).zip(runs[1].chunks(vocab)) {
+        assert_eq!(am(r0), am(r1));
+    }
+}

@@ -148,6 +148,17 @@ pub enum BenchCommand {
         decode_tokens: usize,
         #[arg(long, default_value_t = 8192)]
         prefill_chunk: usize,
+        /// Tensor-parallel degree: GPUs from --device on, one worker each.
+        #[arg(long, default_value_t = 1)]
+        tp: usize,
+        /// With --tp > 1, how steps overlap their collectives, each timed over the whole
+        /// prefill in turn: `off`, `auto` (the default rule), `always`, or a row count (cut
+        /// prefill steps from there).
+        #[arg(long, default_value = "auto", value_delimiter = ',')]
+        overlap: Vec<String>,
+        /// Timed prefills per overlap mode (alternating between modes); the fastest is kept.
+        #[arg(long, default_value_t = 1)]
+        prefill_runs: usize,
         #[arg(long, default_value = "bench/results/gpu.jsonl")]
         out: PathBuf,
     },
@@ -392,14 +403,22 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             context,
             decode_tokens,
             prefill_chunk,
+            tp,
+            overlap,
+            prefill_runs,
             out,
         } => crate::gpubench::run_model(
             model.as_deref(),
             random_weights.as_deref(),
-            &device,
-            context,
-            decode_tokens,
-            prefill_chunk,
+            &crate::gpubench::ModelRun {
+                device: &device,
+                context,
+                decode: decode_tokens,
+                chunk: prefill_chunk,
+                tp,
+                overlap: &overlap,
+                prefill_runs,
+            },
             &out,
         ),
         BenchCommand::Store {

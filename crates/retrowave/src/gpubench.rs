@@ -17,7 +17,7 @@ use retrowave_cpu::CpuBackend;
 use retrowave_cuda::backend::dp;
 use retrowave_cuda::timing::{median, time_back_to_back_us, time_us};
 use retrowave_cuda::{CudaBackend, DevKv, checks};
-use retrowave_engine::WorkerGroup;
+use retrowave_engine::{Overlap, WorkerGroup};
 use retrowave_model::arch::{ModelConfig, WeightSource};
 use retrowave_model::random::{RandomWeights, load_shape};
 use serde_json::{Value, json};
@@ -867,25 +867,60 @@ pub(crate) fn random_prompt(n: usize, vocab: usize) -> Result<Vec<u32>> {
     Ok((0..n).map(|_| rng.random_range(0..vocab as u32)).collect())
 }
 
-/// `retrowave bench gpu-model`: prefill and decode tokens/s of a real model at a context.
+/// What `retrowave bench gpu-model` measures.
+pub struct ModelRun<'a> {
+    pub device: &'a str,
+    pub context: usize,
+    pub decode: usize,
+    pub chunk: usize,
+    pub tp: usize,
+    /// Overlap modes to time the prefill with (see [`parse_overlap`]).
+    pub overlap: &'a [String],
+    pub prefill_runs: usize,
+}
+
+/// `off`, `auto`, `always` or a row count (Auto from there).
+pub(crate) fn parse_overlap(s: &str) -> Result<Overlap> {
+    Ok(match s.trim() {
+        "off" | "0" => Overlap::Off,
+        "auto" => Overlap::Auto(Overlap::DEFAULT_MIN_ROWS),
+        "always" => Overlap::Always,
+        n => Overlap::Auto(
+            n.parse()
+                .with_context(|| format!("--overlap {n:?}: off, auto, always or a row count"))?,
+        ),
+    })
+}
+
+/// `retrowave bench gpu-model`: prefill and decode tokens/s of a real model at a context, on one
+/// GPU or a tensor-parallel group (the prefill timed once per overlap mode).
 pub fn run_model(
     model: Option<&str>,
     random_weights: Option<&Path>,
-    device: &str,
-    context: usize,
-    decode: usize,
-    chunk: usize,
+    run: &ModelRun<'_>,
     out: &Path,
 ) -> Result<()> {
-    let b = gpu(device)?;
-    // Seconds to put the weights on the GPU (file opening and prompt building excluded).
+    let (context, decode, chunk) = (run.context, run.decode, run.chunk);
+    let modes = run
+        .overlap
+        .iter()
+        .map(|m| parse_overlap(m))
+        .collect::<Result<Vec<_>>>()?;
+    let gpus = gpus(run.device, run.tp)?;
+    let sync = |gpus: &[CudaBackend]| -> Result<()> {
+        for b in gpus {
+            b.synchronize()?;
+        }
+        Ok(())
+    };
+    // Seconds to put the weights on the GPUs (file opening and prompt building excluded).
     let load_s;
     let (cfg, weights, mut g, prompt) = match (model, random_weights) {
         (Some(model), None) => {
             let m = crate::load::open(model)?;
             let t = Instant::now();
-            let g = WorkerGroup::load(&m.config, &m.source, vec![b.clone()])?;
-            b.synchronize()?;
+            let g = WorkerGroup::load(&m.config, &m.source, gpus.clone())?;
+            sync(&gpus)?;
             load_s = t.elapsed().as_secs_f64();
             let prompt = crate::bench::essay_prompt(&m.tokenizer, context)
                 .or_else(|_| random_prompt(context, m.config.vocab_size))?;
@@ -895,31 +930,40 @@ pub fn run_model(
             let cfg = load_shape(shape)?;
             let t = Instant::now();
             let src = RandomWeights::new(&cfg, 1)?;
-            let g = WorkerGroup::load(&cfg, &src as &dyn WeightSource, vec![b.clone()])?;
-            b.synchronize()?;
+            let g = WorkerGroup::load(&cfg, &src as &dyn WeightSource, gpus.clone())?;
+            sync(&gpus)?;
             load_s = t.elapsed().as_secs_f64();
             let prompt = random_prompt(context, cfg.vocab_size)?;
             (cfg, "random (bf16); random prompt tokens", g, prompt)
         }
         _ => bail!("give exactly one of --model and --random-weights"),
     };
-    g.open_slot(0, context + decode + 1)?;
-    b.synchronize()?;
-    let t = Instant::now();
-    let mut pos = 0;
+    let b = &gpus[0];
+    // Prefill once per mode and run, alternating; the fastest run of each mode is kept.
+    let mut best = vec![f64::INFINITY; modes.len()];
     let mut last = Vec::new();
-    while pos < context {
-        let n = chunk.min(context - pos);
-        let rows = if pos + n == context {
-            vec![n - 1]
-        } else {
-            vec![]
-        };
-        last = g.forward(&prompt[pos..pos + n], &one_seq(pos, n), &rows)?;
-        pos += n;
+    for _ in 0..run.prefill_runs.max(1) {
+        for (mi, &mode) in modes.iter().enumerate() {
+            g.set_overlap(mode)?;
+            g.close_slot(0);
+            g.open_slot(0, context + decode + 1)?;
+            sync(&gpus)?;
+            let t = Instant::now();
+            let mut pos = 0;
+            while pos < context {
+                let n = chunk.min(context - pos);
+                let rows = if pos + n == context {
+                    vec![n - 1]
+                } else {
+                    vec![]
+                };
+                last = g.forward(&prompt[pos..pos + n], &one_seq(pos, n), &rows)?;
+                pos += n;
+            }
+            sync(&gpus)?;
+            best[mi] = best[mi].min(t.elapsed().as_secs_f64());
+        }
     }
-    b.synchronize()?;
-    let prefill_s = t.elapsed().as_secs_f64();
     let mut tok = argmax(&last[..cfg.vocab_size]);
     let greedy = [RowSampling::greedy()];
     let (caps0, reps0) = b.graph_counts();
@@ -929,13 +973,17 @@ pub fn run_model(
         tok = *l.first().context("no token")?;
     }
     let decode_s = t.elapsed().as_secs_f64();
-    let rec = json!({"bench": "gpu-model", "model": cfg.name, "context": context,
-        "prefill_chunk": chunk, "prefill_tokens_per_s": context as f64 / prefill_s,
-        "decode_tokens": decode, "decode_tokens_per_s": decode as f64 / decode_s,
-        "weights": weights, "load_seconds": load_s,
-        "cuda_graphs": {"captures": b.graph_counts().0 - caps0, "replays": b.graph_counts().1 - reps0},
-        "device": card(&b), "commit": commit()});
-    println!("{rec}");
-    append(out, &rec)?;
+    for (mode, prefill_s) in run.overlap.iter().zip(&best) {
+        let rec = json!({"bench": "gpu-model", "model": cfg.name, "context": context,
+            "prefill_chunk": chunk, "prefill_tokens_per_s": context as f64 / prefill_s,
+            "tp": run.tp, "overlap": mode, "prefill_runs": run.prefill_runs,
+            "skip_all_reduce": retrowave_cuda::nccl::skipping(),
+            "decode_tokens": decode, "decode_tokens_per_s": decode as f64 / decode_s,
+            "weights": weights, "load_seconds": load_s,
+            "cuda_graphs": {"captures": b.graph_counts().0 - caps0, "replays": b.graph_counts().1 - reps0},
+            "device": cards(&gpus), "commit": commit()});
+        println!("{rec}");
+        append(out, &rec)?;
+    }
     Ok(())
 }
