@@ -168,18 +168,64 @@ pub trait Collective<A>: Send + Sync {
     /// Number of workers in the group.
     fn world(&self) -> usize;
     /// Replaces `x` on every rank by the sum of all ranks' `x` (same order on every rank, so the
-    /// result is bit-identical everywhere).
-    fn all_reduce_sum(&self, rank: usize, x: &mut A);
+    /// result is bit-identical everywhere). Fails once the group is aborted.
+    fn all_reduce_sum(&self, rank: usize, x: &mut A) -> Result<(), BackendError>;
+    /// Fails every collective now waiting and every later one (see [`Backend::abort_group`]).
+    fn abort(&self);
 }
 
 /// An in-process group of `world` ranks that exchange host buffers (one thread a rank): every
 /// rank publishes its buffer, waits for the others, then reads them all in rank order, so that
 /// each rank gets a bit-identical result. The host-memory collective of the CPU workers, and of
 /// GPU workers where NCCL is missing.
+///
+/// A group can be aborted ([`HostGroup::abort`]): every rank waiting in an exchange, and every
+/// later exchange, then fails instead of waiting for a rank that will not come.
 #[derive(Debug)]
 pub struct HostGroup {
     slots: Vec<std::sync::Mutex<Vec<f32>>>,
-    barrier: std::sync::Barrier,
+    gate: Gate,
+}
+
+/// A reusable barrier that can be aborted.
+#[derive(Debug)]
+struct Gate {
+    world: usize,
+    /// Ranks arrived in the current round, the round's number, and whether the group is aborted.
+    state: std::sync::Mutex<(usize, u64, bool)>,
+    cv: std::sync::Condvar,
+}
+
+impl Gate {
+    fn wait(&self) -> Result<(), BackendError> {
+        let aborted = || BackendError::Device("the tensor-parallel group was aborted".into());
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.2 {
+            return Err(aborted());
+        }
+        st.0 += 1;
+        if st.0 == self.world {
+            st.0 = 0;
+            st.1 += 1;
+            self.cv.notify_all();
+            return Ok(());
+        }
+        let round = st.1;
+        while st.1 == round && !st.2 {
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        if st.1 == round {
+            Err(aborted())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn abort(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.2 = true;
+        self.cv.notify_all();
+    }
 }
 
 impl HostGroup {
@@ -189,19 +235,28 @@ impl HostGroup {
             slots: (0..world.max(1))
                 .map(|_| std::sync::Mutex::new(Vec::new()))
                 .collect(),
-            barrier: std::sync::Barrier::new(world.max(1)),
+            gate: Gate {
+                world: world.max(1),
+                state: std::sync::Mutex::new((0, 0, false)),
+                cv: std::sync::Condvar::new(),
+            },
         }
     }
 
     /// Calls `read` with every rank's buffer in rank order, after each rank published `x`;
     /// returns when every rank has read (so the slots can be reused by the next call).
-    fn exchange<R>(&self, rank: usize, x: &[f32], read: impl FnOnce(&[&[f32]]) -> R) -> R {
+    fn exchange<R>(
+        &self,
+        rank: usize,
+        x: &[f32],
+        read: impl FnOnce(&[&[f32]]) -> R,
+    ) -> Result<R, BackendError> {
         {
             let mut slot = self.slots[rank].lock().unwrap_or_else(|p| p.into_inner());
             slot.clear();
             slot.extend_from_slice(x);
         }
-        self.barrier.wait();
+        self.gate.wait()?;
         let out = {
             let guards: Vec<_> = self
                 .slots
@@ -211,12 +266,12 @@ impl HostGroup {
             let views: Vec<&[f32]> = guards.iter().map(|g| g.as_slice()).collect();
             read(&views)
         };
-        self.barrier.wait();
-        out
+        self.gate.wait()?;
+        Ok(out)
     }
 
     /// Replaces `x` by the sum over the ranks (summed in rank order).
-    pub fn all_reduce_sum(&self, rank: usize, x: &mut [f32]) {
+    pub fn all_reduce_sum(&self, rank: usize, x: &mut [f32]) -> Result<(), BackendError> {
         let n = x.len();
         let sum = self.exchange(rank, x, |all| {
             let mut acc = vec![0f32; n];
@@ -224,13 +279,19 @@ impl HostGroup {
                 acc.iter_mut().zip(s.iter()).for_each(|(a, b)| *a += b);
             }
             acc
-        });
+        })?;
         x.copy_from_slice(&sum);
+        Ok(())
     }
 
     /// Every rank's `part`, in rank order.
-    pub fn all_gather(&self, rank: usize, part: &[f32]) -> Vec<Vec<f32>> {
+    pub fn all_gather(&self, rank: usize, part: &[f32]) -> Result<Vec<Vec<f32>>, BackendError> {
         self.exchange(rank, part, |all| all.iter().map(|s| s.to_vec()).collect())
+    }
+
+    /// Fails every exchange now waiting and every later one.
+    pub fn abort(&self) {
+        self.gate.abort();
     }
 }
 
@@ -239,8 +300,12 @@ impl Collective<Vec<f32>> for HostGroup {
         self.slots.len()
     }
 
-    fn all_reduce_sum(&self, rank: usize, x: &mut Vec<f32>) {
-        HostGroup::all_reduce_sum(self, rank, x);
+    fn all_reduce_sum(&self, rank: usize, x: &mut Vec<f32>) -> Result<(), BackendError> {
+        HostGroup::all_reduce_sum(self, rank, x)
+    }
+
+    fn abort(&self) {
+        HostGroup::abort(self);
     }
 }
 
@@ -260,7 +325,7 @@ pub fn join_col_blocks(parts: &[Vec<f32>], rows: usize, widths: &[usize]) -> Vec
 }
 
 /// The operations the model forward is written against.
-pub trait Backend: Send + Sync {
+pub trait Backend: Send + Sync + Clone {
     /// A weight matrix `[rows = out features, cols = in features]` in the backend's layout.
     type Matrix: Send + Sync + 'static;
     /// A 1-D f32 parameter (norm weight, bias).
@@ -323,6 +388,24 @@ pub trait Backend: Send + Sync {
     /// Whether [`Backend::all_reduce_begin`] really runs beside later work (the engine splits a
     /// large step in two to overlap the halves' collectives with each other's work only then).
     fn overlaps_collectives(&self) -> bool {
+        false
+    }
+
+    /// Aborts the group that `backends` (all its ranks, in rank order) joined with
+    /// [`Backend::join_group`], after one rank failed in the middle of a step: the collectives
+    /// of the other ranks that wait for it return, and every later one fails (reported by
+    /// [`Backend::check`]) instead of waiting for a rank that will not come. Called from a
+    /// thread other than the ranks' own, while they may be blocked. Returns whether it did
+    /// (then `join_group` on the same backends makes a new group). Default: `false`, cannot.
+    ///
+    /// (The CUDA backend cannot: `ncclCommAbort` of a group whose peer stopped mid-step did not
+    /// return on the H200s, README issue 8. Its ranks avoid the wait instead: a rank whose step
+    /// fails goes on taking part in the step's collectives, see the engine's worker.)
+    fn abort_group(backends: &[Self]) -> bool
+    where
+        Self: Sized,
+    {
+        let _ = backends;
         false
     }
 
@@ -553,10 +636,10 @@ mod tests {
                         let mut last = Vec::new();
                         for round in 0..2 {
                             let mut x = vec![0.1 * (rank + 1) as f32, 1e8, round as f32];
-                            g.all_reduce_sum(rank, &mut x);
+                            g.all_reduce_sum(rank, &mut x).unwrap();
                             last = x;
                         }
-                        let parts = g.all_gather(rank, &vec![rank as f32; rank + 1]);
+                        let parts = g.all_gather(rank, &vec![rank as f32; rank + 1]).unwrap();
                         (last, parts)
                     })
                 })
@@ -573,6 +656,27 @@ mod tests {
         for p in &gathers {
             assert_eq!(p, &vec![vec![0.0], vec![1.0, 1.0], vec![2.0, 2.0, 2.0]]);
         }
+    }
+
+    #[test]
+    fn an_aborted_host_group_frees_the_ranks_waiting_for_a_lost_one() {
+        // Ranks 0 and 1 of 3 enter an all-reduce that rank 2 never joins (it failed); aborting
+        // the group returns them an error instead of leaving them waiting, and the group stays
+        // failed for later calls.
+        let g = HostGroup::new(3);
+        let results: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..2)
+                .map(|rank| {
+                    let g = &g;
+                    s.spawn(move || g.all_reduce_sum(rank, &mut [1.0]))
+                })
+                .collect();
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            g.abort();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(results.iter().all(|r| r.is_err()), "{results:?}");
+        assert!(g.all_gather(2, &[1.0]).is_err());
     }
 
     #[test]

@@ -33,13 +33,18 @@ pub struct CpuActs {
     pub cols: usize,
 }
 
+/// A tensor-parallel group and this backend's rank in it.
+type Membership = (Arc<HostGroup>, usize);
+
 /// The CPU backend: a thread pool; every buffer belongs to the matrices, caches and activations.
 #[derive(Debug, Clone)]
 pub struct CpuBackend {
     pool: Arc<rayon::ThreadPool>,
     /// The tensor-parallel group this backend joined and its rank there: its collectives run in
     /// process over host memory (where the CPU's activations live).
-    group: Arc<std::sync::OnceLock<(Arc<HostGroup>, usize)>>,
+    group: Arc<std::sync::Mutex<Option<Membership>>>,
+    /// The first failure of a collective since the last [`Backend::check`].
+    failure: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Default for CpuBackend {
@@ -49,6 +54,19 @@ impl Default for CpuBackend {
 }
 
 impl CpuBackend {
+    /// The group this backend is in and its rank there.
+    fn group(&self) -> Option<Membership> {
+        self.group.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Keeps the first failure of an operation that cannot return one, for [`Backend::check`].
+    fn record(&self, e: impl std::fmt::Display) {
+        let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            *f = Some(e.to_string());
+        }
+    }
+
     /// A backend with one thread per core (or `RETROWAVE_THREADS`).
     pub fn new() -> Self {
         let n = std::env::var("RETROWAVE_THREADS")
@@ -80,7 +98,8 @@ impl CpuBackend {
             .expect("a one-thread pool on the current thread always builds");
         CpuBackend {
             pool: Arc::new(pool),
-            group: Arc::new(std::sync::OnceLock::new()),
+            group: Arc::new(std::sync::Mutex::new(None)),
+            failure: Arc::new(std::sync::Mutex::new(None)),
         }
     }
 
@@ -100,32 +119,54 @@ impl Backend for CpuBackend {
         if backends.len() < 2 {
             return Ok(false);
         }
+        // A new group each time: joining again after an abort replaces the aborted one.
         let g = Arc::new(HostGroup::new(backends.len()));
         for (rank, b) in backends.iter().enumerate() {
-            b.group.set((g.clone(), rank)).map_err(|_| {
-                BackendError::Device("a CPU backend is already in a tensor-parallel group".into())
-            })?;
+            *b.group.lock().unwrap_or_else(|p| p.into_inner()) = Some((g.clone(), rank));
         }
         Ok(true)
     }
 
     fn all_reduce(&self, x: &mut CpuActs) {
-        if let Some((g, rank)) = self.group.get() {
-            g.all_reduce_sum(*rank, &mut x.data);
+        if let Some((g, rank)) = self.group()
+            && let Err(e) = g.all_reduce_sum(rank, &mut x.data)
+        {
+            self.record(e);
+        }
+    }
+
+    fn abort_group(backends: &[Self]) -> bool {
+        for b in backends {
+            if let Some((g, _)) = b.group() {
+                g.abort();
+            }
+        }
+        true
+    }
+
+    fn check(&self) -> Result<(), BackendError> {
+        match self
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            Some(f) => Err(BackendError::Device(f)),
+            None => Ok(()),
         }
     }
 
     fn all_gather_cols(&self, part: &CpuActs, widths: &[usize]) -> Result<CpuActs, BackendError> {
-        let (g, rank) = self.group.get().ok_or_else(|| {
+        let (g, rank) = self.group().ok_or_else(|| {
             BackendError::Device("all_gather_cols on a CPU backend outside a group".into())
         })?;
-        if widths.len() != g.world() || part.cols != widths[*rank] {
+        if widths.len() != g.world() || part.cols != widths[rank] {
             return Err(BackendError::Device(format!(
                 "all_gather_cols: rank {rank} has {} columns, widths {widths:?}",
                 part.cols
             )));
         }
-        let parts = g.all_gather(*rank, &part.data);
+        let parts = g.all_gather(rank, &part.data)?;
         Ok(CpuActs {
             data: join_col_blocks(&parts, part.rows, widths),
             rows: part.rows,

@@ -68,6 +68,11 @@ enum Cmd {
         slot: usize,
     },
     SetOverlap(Overlap),
+    SetReduce(Reduce),
+    FailNextStep {
+        layer: usize,
+        panic: bool,
+    },
 }
 
 /// What a worker sends back.
@@ -83,15 +88,36 @@ type Reply = Result<Data, EngineError>;
 
 struct Remote {
     tx: Sender<Cmd>,
-    rx: Receiver<Reply>,
     handle: Option<JoinHandle<()>>,
 }
+
+/// The replies to one command, in rank order.
+struct Collected {
+    replies: Vec<Reply>,
+    /// Whether the group's collectives were aborted while waiting for them.
+    aborted: bool,
+    /// The rank whose failure arrived first.
+    first_failed: Option<usize>,
+}
+
+/// How long the group waits for the other workers' replies once one worker's step failed,
+/// before it aborts the group's collectives: a rank that fails in the middle of a step never
+/// joins its next collective, so the others would wait in it forever.
+const STEP_FAILURE_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// A group of workers that together hold the whole model.
 pub struct WorkerGroup<B: Backend + 'static> {
     device_sampling: bool,
     local: Option<Worker<B>>,
     remotes: Vec<Remote>,
+    /// Every worker's replies, tagged with its rank.
+    replies: Receiver<(usize, Reply)>,
+    /// The workers' backends (shared handles), to abort and rebuild their group.
+    backends: Vec<B>,
+    /// The host-memory group the workers sum through when the backend has no collective.
+    host_group: Option<Arc<HostGroup>>,
+    /// Times the group's collectives were aborted and rebuilt after a failed step.
+    rebuilds: u64,
     vocab: usize,
 }
 
@@ -118,15 +144,19 @@ impl<B: Backend + 'static> WorkerGroup<B> {
                 device_sampling: w.samples_on_device(),
                 local: Some(w),
                 remotes: Vec::new(),
+                replies: mpsc::channel().1,
+                backends: Vec::new(),
+                host_group: None,
+                rebuilds: 0,
                 vocab: cfg.vocab_size,
             });
         }
         // Partial sums go through the devices' collective (NCCL) where the backend has one,
         // else through host memory.
-        let reduce = if B::join_group(&backends)? {
-            Reduce::Device
-        } else {
-            Reduce::Host(Arc::new(HostGroup::new(world)))
+        let host_group = (!B::join_group(&backends)?).then(|| Arc::new(HostGroup::new(world)));
+        let reduce = match &host_group {
+            None => Reduce::Device,
+            Some(g) => Reduce::Host(g.clone()),
         };
         tracing::info!(
             world,
@@ -138,19 +168,20 @@ impl<B: Backend + 'static> WorkerGroup<B> {
             "tensor-parallel group"
         );
         let device_sampling = backends.iter().all(|b| b.samples_on_device());
+        let handles = backends.clone();
         let mut remotes = Vec::with_capacity(world);
-        for (backend, shard) in backends.into_iter().zip(shards) {
+        let (reply_tx, replies) = mpsc::channel::<(usize, Reply)>();
+        for (rank, (backend, shard)) in backends.into_iter().zip(shards).enumerate() {
             // Weights are loaded here (the source borrows the model file), then moved to the thread.
             let w = Worker::load(backend, cfg, src, shard, reduce.clone())?;
             let (tx, crx) = mpsc::channel::<Cmd>();
-            let (ctx, rx) = mpsc::channel::<Reply>();
+            let ctx = reply_tx.clone();
             let handle = std::thread::Builder::new()
-                .name(format!("retrowave-worker-{}", remotes.len()))
-                .spawn(move || serve(w, crx, ctx))
+                .name(format!("retrowave-worker-{rank}"))
+                .spawn(move || serve(w, rank, crx, ctx))
                 .map_err(|e| EngineError::Config(format!("cannot start worker thread: {e}")))?;
             remotes.push(Remote {
                 tx,
-                rx,
                 handle: Some(handle),
             });
         }
@@ -158,6 +189,10 @@ impl<B: Backend + 'static> WorkerGroup<B> {
             device_sampling,
             local: None,
             remotes,
+            replies,
+            backends: handles,
+            host_group,
+            rebuilds: 0,
             vocab: cfg.vocab_size,
         })
     }
@@ -186,21 +221,166 @@ impl<B: Backend + 'static> WorkerGroup<B> {
 
     /// Sends a command to every worker and collects the replies in rank order.
     fn broadcast(&mut self, make: impl Fn() -> Cmd) -> Result<Vec<Data>, EngineError> {
+        self.send_all(make)?;
+        first_error(self.collect(false)?.replies)
+    }
+
+    fn send_all(&self, make: impl Fn() -> Cmd) -> Result<(), EngineError> {
         for r in &self.remotes {
             r.tx.send(make()).map_err(|_| EngineError::WorkerLost)?;
         }
-        let mut out = Vec::with_capacity(self.remotes.len());
-        let mut err = None;
-        for r in &self.remotes {
-            match r.rx.recv() {
-                Ok(Ok(v)) => out.push(v),
-                Ok(Err(e)) => err = err.or(Some(e)),
-                Err(_) => err = err.or(Some(EngineError::WorkerLost)),
+        Ok(())
+    }
+
+    /// Every worker's reply to the command just sent, in rank order, and whether the group's
+    /// collectives were aborted. With `abort_on_failure` (steps), once a reply is an error the
+    /// others get [`STEP_FAILURE_GRACE`] to arrive; then the collectives are aborted, so that
+    /// workers waiting in one for the failed rank return (with an error) instead of never.
+    fn collect(&mut self, abort_on_failure: bool) -> Result<Collected, EngineError> {
+        let n = self.remotes.len();
+        let mut got: Vec<Option<Reply>> = (0..n).map(|_| None).collect();
+        let (mut left, mut failed_at, mut aborted, mut first_failed) = (n, None, false, None);
+        while left > 0 {
+            let next = match failed_at {
+                Some(t) if !aborted => {
+                    let wait = STEP_FAILURE_GRACE.saturating_sub(std::time::Instant::elapsed(&t));
+                    match self.replies.recv_timeout(wait) {
+                        Ok(r) => Some(r),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            aborted = match &self.host_group {
+                                Some(g) => {
+                                    g.abort();
+                                    true
+                                }
+                                None => B::abort_group(&self.backends),
+                            };
+                            if aborted {
+                                tracing::warn!(
+                                    waiting = left,
+                                    "a worker's step failed while others wait in a \
+                                     collective: the tensor-parallel group was aborted"
+                                );
+                            } else {
+                                tracing::error!(
+                                    waiting = left,
+                                    "a worker's step failed and others have not finished it; \
+                                     this backend cannot abort its group: waiting for them"
+                                );
+                                failed_at = None;
+                            }
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => None,
+                    }
+                }
+                _ => self.replies.recv().ok(),
+            };
+            let (rank, reply) = next.ok_or(EngineError::WorkerLost)?;
+            tracing::debug!(rank, ok = reply.is_ok(), "worker replied");
+            if reply.is_err() && first_failed.is_none() {
+                first_failed = Some(rank);
+                if abort_on_failure {
+                    failed_at = Some(std::time::Instant::now());
+                }
+            }
+            if let Some(slot) = got.get_mut(rank) {
+                *slot = Some(reply);
+                left -= 1;
             }
         }
-        match err {
-            Some(e) => Err(e),
-            None => Ok(out),
+        Ok(Collected {
+            replies: got.into_iter().flatten().collect(),
+            aborted,
+            first_failed,
+        })
+    }
+
+    /// Runs a step command on every worker. When it fails on any, the step's sequences are
+    /// rewound on every worker (ranks that finished it keep no token of it), and if the
+    /// group's collectives had to be aborted they are rebuilt: the group goes on with the other
+    /// sequences, and the first failure is returned.
+    fn step(
+        &mut self,
+        make: impl Fn() -> Cmd,
+        batch: &BatchLayout,
+    ) -> Result<Vec<Data>, EngineError> {
+        self.send_all(make)?;
+        let Collected {
+            replies,
+            aborted,
+            first_failed,
+        } = self.collect(true)?;
+        let Some(first) = first_failed else {
+            return first_error(replies);
+        };
+        // The failure that came first is the cause; the others may be its consequences.
+        let cause = replies
+            .into_iter()
+            .nth(first)
+            .and_then(|r| r.err())
+            .unwrap_or(EngineError::WorkerLost);
+        for s in &batch.seqs {
+            let (slot, len) = (s.slot, s.start_pos);
+            self.broadcast(|| Cmd::Truncate { slot, len })?;
+        }
+        if aborted {
+            self.rebuild()?;
+        }
+        Err(cause)
+    }
+
+    /// A new group for the workers after their collectives were aborted.
+    fn rebuild(&mut self) -> Result<(), EngineError> {
+        let world = self.remotes.len();
+        if self.host_group.is_some() {
+            let g = Arc::new(HostGroup::new(world));
+            self.host_group = Some(g.clone());
+            self.broadcast(|| Cmd::SetReduce(Reduce::Host(g.clone())))?;
+        } else if !{
+            tracing::info!(world, "rebuilding the tensor-parallel group");
+            B::join_group(&self.backends)?
+        } {
+            return Err(EngineError::Config(
+                "the tensor-parallel group could not be rebuilt after an abort".into(),
+            ));
+        }
+        self.rebuilds += 1;
+        tracing::warn!(
+            world,
+            rebuilds = self.rebuilds,
+            "tensor-parallel group rebuilt"
+        );
+        Ok(())
+    }
+
+    /// Times the group's collectives were aborted and rebuilt after a failed step.
+    pub fn rebuilds(&self) -> u64 {
+        self.rebuilds
+    }
+
+    /// Makes the next step fail on worker `rank` at the attention of `layer`, as a rank-local
+    /// failure in the middle of a step would, or with `panic` panic there, as a bug would (tests
+    /// and `bench tp-recover`).
+    #[doc(hidden)]
+    pub fn fail_next_step(
+        &mut self,
+        rank: usize,
+        layer: usize,
+        panic: bool,
+    ) -> Result<(), EngineError> {
+        match (&mut self.local, self.remotes.get(rank)) {
+            (Some(w), _) if rank == 0 => {
+                w.fail_next_step(layer, panic);
+                Ok(())
+            }
+            (None, Some(r)) => {
+                r.tx.send(Cmd::FailNextStep { layer, panic })
+                    .map_err(|_| EngineError::WorkerLost)?;
+                let (got, reply) = self.replies.recv().map_err(|_| EngineError::WorkerLost)?;
+                debug_assert_eq!(got, rank);
+                reply.map(|_| ())
+            }
+            _ => Err(EngineError::Config(format!("no worker of rank {rank}"))),
         }
     }
 
@@ -378,12 +558,15 @@ impl<B: Backend + 'static> WorkerGroup<B> {
                     Arc::new(logits_rows.to_vec()),
                     Arc::new(sampling.to_vec()),
                 );
-                self.broadcast(|| Cmd::Forward {
-                    tokens: t.clone(),
-                    batch: b.clone(),
-                    logits_rows: l.clone(),
-                    sampling: Some(s.clone()),
-                })?
+                self.step(
+                    || Cmd::Forward {
+                        tokens: t.clone(),
+                        batch: b.clone(),
+                        logits_rows: l.clone(),
+                        sampling: Some(s.clone()),
+                    },
+                    batch,
+                )?
                 .into_iter()
                 .find_map(|d| match d {
                     Data::Tokens(t) => Some(t),
@@ -409,12 +592,15 @@ impl<B: Backend + 'static> WorkerGroup<B> {
                     Arc::new(batch.clone()),
                     Arc::new(logits_rows.to_vec()),
                 );
-                self.broadcast(|| Cmd::Forward {
-                    tokens: t.clone(),
-                    batch: b.clone(),
-                    logits_rows: l.clone(),
-                    sampling: None,
-                })?
+                self.step(
+                    || Cmd::Forward {
+                        tokens: t.clone(),
+                        batch: b.clone(),
+                        logits_rows: l.clone(),
+                        sampling: None,
+                    },
+                    batch,
+                )?
                 .into_iter()
                 .find_map(|d| match d {
                     Data::Logits(l) => Some(l),
@@ -426,58 +612,85 @@ impl<B: Backend + 'static> WorkerGroup<B> {
     }
 }
 
-fn serve<B: Backend>(mut w: Worker<B>, rx: Receiver<Cmd>, tx: Sender<Reply>) {
+fn serve<B: Backend>(mut w: Worker<B>, rank: usize, rx: Receiver<Cmd>, tx: Sender<(usize, Reply)>) {
     while let Ok(cmd) = rx.recv() {
-        let reply = match cmd {
-            Cmd::Forward {
-                tokens,
-                batch,
-                logits_rows,
-                sampling: None,
-            } => w
-                .forward(&tokens, &batch, &logits_rows)
-                .map(|l| l.map_or(Data::None, Data::Logits)),
-            Cmd::Forward {
-                tokens,
-                batch,
-                logits_rows,
-                sampling: Some(sampling),
-            } => w
-                .forward_sample(&tokens, &batch, &logits_rows, &sampling)
-                .map(|t| t.map_or(Data::None, Data::Tokens)),
-            Cmd::Open { slot, max_tokens } => w.open_slot(slot, max_tokens).map(|_| Data::None),
-            Cmd::Close { slot } => {
-                w.close_slot(slot);
-                Ok(Data::None)
-            }
-            Cmd::Truncate { slot, len } => {
-                w.truncate_slot(slot, len);
-                Ok(Data::None)
-            }
-            Cmd::BuildIndex { slot, cfg } => w.build_index(slot, &cfg).map(|_| Data::None),
-            Cmd::Fork { src, dst } => w.fork_slot(src, dst).map(|_| Data::None),
-            Cmd::FillSynthetic { slot, len, seed } => {
-                w.fill_synthetic(slot, len, seed).map(|_| Data::None)
-            }
-            Cmd::FillSyntheticIndexed {
-                slot,
-                len,
-                room,
-                seed,
-                cfg,
-            } => w
-                .fill_synthetic_indexed(slot, len, room, seed, &cfg)
-                .map(|_| Data::None),
-            Cmd::WaveStats { slot } => Ok(Data::Stats(w.wave_stats(slot))),
-            Cmd::SetProbe { slot, on } => w.set_probe(slot, on).map(|_| Data::None),
-            Cmd::TakeProbe { slot } => w.take_probe(slot).map(Data::Probe),
-            Cmd::SetOverlap(o) => {
-                w.set_overlap(o);
-                Ok(Data::None)
-            }
-        };
-        if tx.send(reply).is_err() {
+        // A panic (a bug) fails the command instead of ending the thread silently: the group
+        // waits for every worker's reply, and then aborts its collectives for the others.
+        let run = std::panic::AssertUnwindSafe(|| handle(&mut w, cmd));
+        let reply = std::panic::catch_unwind(run).unwrap_or_else(|p| {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(EngineError::WorkerPanicked(what))
+        });
+        if tx.send((rank, reply)).is_err() {
             break;
+        }
+    }
+}
+
+/// The replies' data, or the first failure among them.
+fn first_error(replies: Vec<Reply>) -> Result<Vec<Data>, EngineError> {
+    replies.into_iter().collect()
+}
+
+fn handle<B: Backend>(w: &mut Worker<B>, cmd: Cmd) -> Reply {
+    match cmd {
+        Cmd::Forward {
+            tokens,
+            batch,
+            logits_rows,
+            sampling: None,
+        } => w
+            .forward(&tokens, &batch, &logits_rows)
+            .map(|l| l.map_or(Data::None, Data::Logits)),
+        Cmd::Forward {
+            tokens,
+            batch,
+            logits_rows,
+            sampling: Some(sampling),
+        } => w
+            .forward_sample(&tokens, &batch, &logits_rows, &sampling)
+            .map(|t| t.map_or(Data::None, Data::Tokens)),
+        Cmd::Open { slot, max_tokens } => w.open_slot(slot, max_tokens).map(|_| Data::None),
+        Cmd::Close { slot } => {
+            w.close_slot(slot);
+            Ok(Data::None)
+        }
+        Cmd::Truncate { slot, len } => {
+            w.truncate_slot(slot, len);
+            Ok(Data::None)
+        }
+        Cmd::BuildIndex { slot, cfg } => w.build_index(slot, &cfg).map(|_| Data::None),
+        Cmd::Fork { src, dst } => w.fork_slot(src, dst).map(|_| Data::None),
+        Cmd::FillSynthetic { slot, len, seed } => {
+            w.fill_synthetic(slot, len, seed).map(|_| Data::None)
+        }
+        Cmd::FillSyntheticIndexed {
+            slot,
+            len,
+            room,
+            seed,
+            cfg,
+        } => w
+            .fill_synthetic_indexed(slot, len, room, seed, &cfg)
+            .map(|_| Data::None),
+        Cmd::WaveStats { slot } => Ok(Data::Stats(w.wave_stats(slot))),
+        Cmd::SetProbe { slot, on } => w.set_probe(slot, on).map(|_| Data::None),
+        Cmd::TakeProbe { slot } => w.take_probe(slot).map(Data::Probe),
+        Cmd::SetOverlap(o) => {
+            w.set_overlap(o);
+            Ok(Data::None)
+        }
+        Cmd::SetReduce(r) => {
+            w.set_reduce(r);
+            Ok(Data::None)
+        }
+        Cmd::FailNextStep { layer, panic } => {
+            w.fail_next_step(layer, panic);
+            Ok(Data::None)
         }
     }
 }

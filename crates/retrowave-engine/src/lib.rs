@@ -44,6 +44,13 @@ pub enum EngineError {
     UnknownSlot(usize),
     #[error("a worker thread stopped")]
     WorkerLost,
+    /// A worker's step panicked (a bug); the step failed on every worker and the group was
+    /// rebuilt.
+    #[error("a worker panicked: {0}")]
+    WorkerPanicked(String),
+    /// The failure a test asked a worker to raise ([`WorkerGroup::fail_next_step`]).
+    #[error("injected failure at layer {layer}")]
+    InjectedFailure { layer: usize },
     /// A step failed; its sequences were ended (their final events are attached), the others go on.
     #[error("step failed: {source}")]
     StepFailed {

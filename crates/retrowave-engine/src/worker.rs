@@ -78,6 +78,9 @@ pub struct Worker<B: Backend> {
     caches: HashMap<usize, B::Kv>,
     reduce: Reduce,
     overlap: Overlap,
+    /// A failure to raise at this layer in the next step, and whether as a panic
+    /// ([`Worker::fail_next_step`]).
+    fail_at: Option<(usize, bool)>,
 }
 
 /// Where the LM head runs in a tensor-parallel group with a device collective.
@@ -131,10 +134,11 @@ pub enum Overlap {
 
 impl Overlap {
     /// Rows from which [`Overlap::Auto`] cuts a step by default. Measured on 4 x H200
-    /// (random-weight Llama-3-8B, 32K prefill): cutting 8192-row chunks took prefill from
-    /// 34.0K to 35.4K tokens/s at TP=2 and 54.2K to 60.4K at TP=4; cutting 2048-row chunks
-    /// lost 1% and 13% (halves of 1024 rows run the GEMMs less efficiently than they hide).
-    pub const DEFAULT_MIN_ROWS: usize = 8192;
+    /// (random-weight Llama-3-8B, 32K prefill, tokens/s uncut -> cut): chunks of 4096 rows
+    /// 33.1K -> 33.7K at TP=2 and 52.8K -> 55.8K at TP=4; 8192 rows 34.0K -> 35.4K and
+    /// 54.2K -> 60.4K; but 2048 rows lost 1% and 13% (halves of 1024 rows run the GEMMs less
+    /// efficiently than the overlap hides).
+    pub const DEFAULT_MIN_ROWS: usize = 4096;
 
     /// `RETROWAVE_TP_OVERLAP`: `0`/`off`, `always`, or a number of rows (`Auto` from there);
     /// unset: `Auto(DEFAULT_MIN_ROWS)`.
@@ -154,6 +158,18 @@ impl Overlap {
                 }),
             },
         }
+    }
+}
+
+/// The failure [`Worker::fail_next_step`] asked for, raised at its layer (into `failed`), or
+/// the panic.
+fn injected(fail_at: Option<(usize, bool)>, layer: usize, failed: &mut Option<EngineError>) {
+    match fail_at {
+        Some((l, true)) if l == layer => panic!("injected panic at layer {layer}"),
+        Some((l, false)) if l == layer && failed.is_none() => {
+            *failed = Some(EngineError::InjectedFailure { layer });
+        }
+        _ => {}
     }
 }
 
@@ -299,6 +315,7 @@ impl<B: Backend> Worker<B> {
             caches: HashMap::new(),
             reduce,
             overlap: Overlap::from_env(),
+            fail_at: None,
         })
     }
 
@@ -329,17 +346,30 @@ impl<B: Backend> Worker<B> {
         self.caches.remove(&slot);
     }
 
-    fn all_reduce(&self, x: &mut B::Acts) {
+    fn all_reduce(&self, x: &mut B::Acts) -> Result<(), EngineError> {
         match &self.reduce {
             Reduce::Alone => {}
             Reduce::Host(c) => {
                 let (rows, cols) = self.backend.acts_shape(x);
                 let mut host = self.backend.acts_to_host(x);
-                c.all_reduce_sum(self.shard.rank, &mut host);
+                c.all_reduce_sum(self.shard.rank, &mut host)?;
                 *x = self.backend.acts_from_host(&host, rows, cols);
             }
             Reduce::Device => self.backend.all_reduce(x),
         }
+        Ok(())
+    }
+
+    /// Replaces how partial sums are summed (a new group after an abort).
+    pub(crate) fn set_reduce(&mut self, reduce: Reduce) {
+        self.reduce = reduce;
+    }
+
+    /// Makes the next step fail at the attention of `layer` on this worker, as a rank-local
+    /// failure in the middle of a step would (tests and `bench tp-recover`).
+    /// With `panic`, the worker panics there instead (a bug in the middle of a step).
+    pub(crate) fn fail_next_step(&mut self, layer: usize, panic: bool) {
+        self.fail_at = Some((layer, panic));
     }
 
     /// Runs the model over `tokens` laid out by `batch`, appending to the caches of its slots.
@@ -406,7 +436,10 @@ impl<B: Backend> Worker<B> {
         // Decode steps that sample on the device may run as a captured graph (with a device
         // collective, each rank captures and replays its own, collectives included): the
         // backend replays one when it has captured this shape, else runs (and captures) the ops.
-        let graph = sampling.filter(|_| !matches!(self.reduce, Reduce::Host(_)));
+        // (A step asked to fail runs eagerly, so that the failure happens where it was asked.)
+        let fail_at = self.fail_at.take();
+        let graph =
+            sampling.filter(|_| !matches!(self.reduce, Reduce::Host(_)) && fail_at.is_none());
         if let Some(rows) = graph {
             let mut caches: Vec<&mut B::Kv> = taken.iter_mut().map(|(_, kv)| kv).collect();
             let begun =
@@ -437,10 +470,10 @@ impl<B: Backend> Worker<B> {
             .run(|| -> Result<Option<StepOutput>, EngineError> {
                 let mut caches: Vec<&mut B::Kv> = taken.iter_mut().map(|(_, kv)| kv).collect();
                 let x = match halves {
-                    Some(at) => this.layers_overlapped(tokens, batch, &mut caches, at)?,
-                    None => this.layers_in_turn(tokens, batch, &mut caches)?,
+                    Some(at) => this.layers_overlapped(tokens, batch, &mut caches, at, fail_at)?,
+                    None => this.layers_in_turn(tokens, batch, &mut caches, fail_at)?,
                 };
-                this.lm_head(&x, logits_rows, sampling)
+                this.lm_head(&x.0, logits_rows, sampling, x.1)
             });
         if graph.is_some() {
             match self.backend.graph_step_end(result.is_ok()) {
@@ -448,6 +481,11 @@ impl<B: Backend> Worker<B> {
                 Ok(_) => {}
                 Err(e) => result = Err(e.into()),
             }
+        }
+        if result.is_err() {
+            // A step that failed early (through `?`) may leave a failure recorded by a later
+            // operation (an aborted collective): it belongs to this step, not the next.
+            let _ = self.backend.check();
         }
         for ((slot, mut kv), s) in taken.into_iter().zip(&batch.seqs) {
             if result.is_err() {
@@ -508,19 +546,45 @@ impl<B: Backend> Worker<B> {
         tokens: &[u32],
         batch: &BatchLayout,
         caches: &mut [&mut B::Kv],
-    ) -> Result<B::Acts, EngineError> {
+        fail_at: Option<(usize, bool)>,
+    ) -> Result<(B::Acts, Option<EngineError>), EngineError> {
         let b = &self.backend;
         let positions = batch.positions();
         let mut x = b.embed(&self.embed, tokens)?;
+        let mut failed = None;
         for li in 0..self.layers.len() {
-            let mut o = self.attention_block(li, &x, &positions, batch, caches)?;
-            self.all_reduce(&mut o);
+            injected(fail_at, li, &mut failed);
+            let mut o = self.partial(&mut failed, &x, |x| {
+                self.attention_block(li, x, &positions, batch, caches)
+            });
+            self.all_reduce(&mut o)?;
             b.add_assign(&mut x, &o);
-            let mut d = self.mlp_block(li, &x)?;
-            self.all_reduce(&mut d);
+            let mut d = self.partial(&mut failed, &x, |x| self.mlp_block(li, x));
+            self.all_reduce(&mut d)?;
             b.add_assign(&mut x, &d);
         }
-        Ok(x)
+        Ok((x, failed))
+    }
+
+    /// This rank's partial sum `f(x)` for the next collective, or, once the step has failed on
+    /// this rank (`failed`, set here if `f` fails), zeros of `x`'s shape: a failed rank goes on
+    /// taking part in the step's remaining collectives, so that the other ranks finish the step
+    /// instead of waiting for it forever; the step then fails (see [`Worker::lm_head`]).
+    fn partial(
+        &self,
+        failed: &mut Option<EngineError>,
+        x: &B::Acts,
+        f: impl FnOnce(&B::Acts) -> Result<B::Acts, EngineError>,
+    ) -> B::Acts {
+        if failed.is_none() {
+            match f(x) {
+                Ok(a) => return a,
+                Err(e) => *failed = Some(e),
+            }
+        }
+        let (rows, cols) = self.backend.acts_shape(x);
+        self.backend
+            .acts_from_host(&vec![0.0; rows * cols], rows, cols)
     }
 
     /// Where to cut this step's rows in two for [`Worker::layers_overlapped`], if it should be:
@@ -553,7 +617,8 @@ impl<B: Backend> Worker<B> {
         batch: &BatchLayout,
         caches: &mut [&mut B::Kv],
         at: usize,
-    ) -> Result<B::Acts, EngineError> {
+        fail_at: Option<(usize, bool)>,
+    ) -> Result<(B::Acts, Option<EngineError>), EngineError> {
         let b = &self.backend;
         let halves = split_rows(batch, at);
         let positions = [halves[0].0.positions(), halves[1].0.positions()];
@@ -563,8 +628,10 @@ impl<B: Backend> Worker<B> {
         ];
         // The partial sums in flight, by half (tag).
         let mut pending: [Option<B::Acts>; 2] = [None, None];
+        let mut failed = None;
         let mut run = |xs: &mut [B::Acts; 2], pending: &mut [Option<B::Acts>; 2]| {
             for li in 0..self.layers.len() {
+                injected(fail_at, li, &mut failed);
                 for (h, (half, seqs)) in halves.iter().enumerate() {
                     if let Some(d) = pending[h].take() {
                         b.all_reduce_end(h);
@@ -576,7 +643,9 @@ impl<B: Backend> Worker<B> {
                         .filter(|(i, _)| seqs.contains(i))
                         .map(|(_, c)| &mut **c)
                         .collect();
-                    let mut o = self.attention_block(li, &xs[h], &positions[h], half, &mut sub)?;
+                    let mut o = self.partial(&mut failed, &xs[h], |x| {
+                        self.attention_block(li, x, &positions[h], half, &mut sub)
+                    });
                     b.all_reduce_begin(&mut o, h);
                     pending[h] = Some(o);
                 }
@@ -585,7 +654,7 @@ impl<B: Backend> Worker<B> {
                         b.all_reduce_end(h);
                         b.add_assign(&mut xs[h], &o);
                     }
-                    let mut d = self.mlp_block(li, &xs[h])?;
+                    let mut d = self.partial(&mut failed, &xs[h], |x| self.mlp_block(li, x));
                     b.all_reduce_begin(&mut d, h);
                     pending[h] = Some(d);
                 }
@@ -604,21 +673,32 @@ impl<B: Backend> Worker<B> {
             }
         }
         r?;
-        Ok(b.concat_rows(&[&xs[0], &xs[1]]))
+        Ok((b.concat_rows(&[&xs[0], &xs[1]]), failed))
     }
 
     /// Final norm and LM head of the rows `logits_rows` of `x`: logits (or sampled tokens) on
     /// rank 0, `None` elsewhere.
+    /// `failed`: the step failed on this rank in a layer; it still takes part in the head's
+    /// gather like the other ranks (with zeros), then returns that failure.
     fn lm_head(
         &self,
         x: &B::Acts,
         logits_rows: &[usize],
         sampling: Option<&[RowSampling]>,
+        failed: Option<EngineError>,
     ) -> Result<Option<StepOutput>, EngineError> {
         let b = &self.backend;
         if logits_rows.is_empty() || (self.shard.rank != 0 && self.lm_split.is_none()) {
             b.check()?;
-            return Ok(None);
+            return failed.map_or(Ok(None), Err);
+        }
+        if let Some(e) = failed {
+            if let (Some(widths), Some(_)) = (&self.lm_split, &self.output) {
+                let (n, w) = (logits_rows.len(), widths[self.shard.rank]);
+                let part = b.acts_from_host(&vec![0.0; n * w], n, w);
+                let _ = b.all_gather_cols(&part, widths);
+            }
+            return Err(e);
         }
         let last = b.select_rows(x, logits_rows);
         let h = b.rms_norm(&last, &self.out_norm, self.rms_eps);

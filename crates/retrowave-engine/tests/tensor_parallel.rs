@@ -211,3 +211,120 @@ fn a_step_cut_in_two_for_overlap_computes_the_uncut_step() {
         assert_eq!(am(r0), am(r1));
     }
 }
+
+/// A worker that fails in the middle of a step (on purpose here: at one layer, on one rank)
+/// does not leave the others waiting forever in their next all-reduce, and the group goes on:
+/// - an error (what a backend operation returns): the failed worker goes on taking part in the
+///   step's collectives with zeros, so every worker finishes the step, which fails with that
+///   error; no token of it stays in any cache, and the step run again and the following ones
+///   give exactly the logits of a group that never failed. Once for rank 0 failing in the
+///   prefill before any collective, once for rank 1 half-way through a decode step.
+/// - a panic (a bug): the panicking worker stops taking part, so the others wait in a
+///   collective until the group aborts it; the step fails, the group is rebuilt, and a sequence
+///   started again gives the logits of a group that never failed.
+#[test]
+fn a_rank_failing_mid_step_fails_the_step_and_the_group_goes_on() {
+    use retrowave_engine::EngineError;
+    let (_dir, m) = common::smollm2_f32_export();
+    let m = std::sync::Arc::new(m);
+    let prompt = golden_prompts()[0].clone();
+    // A hang is the failure this test exists for: each case runs on its own thread, with a
+    // deadline.
+    let within = |fail: Option<Fail>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (m, prompt) = (m.clone(), prompt.clone());
+        std::thread::spawn(move || tx.send(steps_with_failure(&m, &prompt, fail)).unwrap());
+        rx.recv_timeout(std::time::Duration::from_secs(300))
+            .expect("the group hung after a worker failed")
+    };
+    let (want, rebuilds, _) = within(None);
+    assert_eq!(rebuilds, 0);
+    let error = |step, rank, layer| Fail {
+        step,
+        rank,
+        layer,
+        panic: false,
+    };
+    for fail in [error(0, 0, 0), error(2, 1, 17)] {
+        let (got, rebuilds, e) = within(Some(fail));
+        assert!(
+            matches!(e, Some(EngineError::InjectedFailure { layer }) if layer == fail.layer),
+            "{fail:?}: {e:?}"
+        );
+        assert_eq!(
+            rebuilds, 0,
+            "{fail:?}: the failed worker kept to the collectives"
+        );
+        assert_eq!(got, want, "{fail:?}: logits after the failed step differ");
+    }
+    let fail = Fail {
+        panic: true,
+        ..error(1, 1, 5)
+    };
+    let (got, rebuilds, e) = within(Some(fail));
+    assert!(
+        matches!(&e, Some(EngineError::WorkerPanicked(w)) if w.contains("injected panic")),
+        "{e:?}"
+    );
+    assert_eq!(rebuilds, 1);
+    assert_eq!(got, want, "after the rebuild");
+}
+
+/// `step` fails once on `rank` at `layer` (a panic with `panic`).
+#[derive(Debug, Clone, Copy)]
+struct Fail {
+    step: usize,
+    rank: usize,
+    layer: usize,
+    panic: bool,
+}
+
+/// TP=2: prefill `prompt`, then three greedy decode steps; `fail` makes one step fail once, then
+/// the step runs again (after a panic, which may lose the failed worker's cache, the sequence
+/// starts over). Returns every step's logits, the group's rebuilds and the failure.
+fn steps_with_failure(
+    m: &common::Model,
+    prompt: &[u32],
+    fail: Option<Fail>,
+) -> (Vec<Vec<f32>>, u64, Option<retrowave_engine::EngineError>) {
+    use retrowave_core::{BatchLayout, SeqRows};
+    let one = |start_pos, n_tokens| BatchLayout {
+        seqs: vec![SeqRows {
+            slot: 0,
+            row: 0,
+            start_pos,
+            n_tokens,
+        }],
+    };
+    let mut g = common::group(m, 2);
+    let mut error = None;
+    let mut fail = fail;
+    'again: loop {
+        g.open_slot(0, 64).unwrap();
+        let (mut logits, mut pos, mut tok) = (Vec::new(), 0, Vec::new());
+        for step in 0..4 {
+            let (tokens, batch) = if step == 0 {
+                (prompt.to_vec(), one(0, prompt.len()))
+            } else {
+                (tok.clone(), one(pos, 1))
+            };
+            let rows = [tokens.len() - 1];
+            if let Some(f) = fail
+                && f.step == step
+            {
+                fail = None;
+                g.fail_next_step(f.rank, f.layer, f.panic).unwrap();
+                error = Some(g.forward(&tokens, &batch, &rows).unwrap_err());
+                if f.panic {
+                    g.close_slot(0);
+                    continue 'again;
+                }
+            }
+            let l = g.forward(&tokens, &batch, &rows).unwrap();
+            pos += tokens.len();
+            tok = vec![retrowave_model::sampling::argmax(&l)];
+            logits.push(l);
+        }
+        return (logits, g.rebuilds(), error);
+    }
+}

@@ -132,6 +132,29 @@ pub enum BenchCommand {
         #[arg(long, default_value = "bench/results/gpu-tp-parity.jsonl")]
         out: PathBuf,
     },
+    /// A rank of a tensor-parallel GPU group failing in the middle of a step: the step fails on
+    /// every rank instead of hanging, the group is rebuilt, and decoding goes on unchanged.
+    TpRecover {
+        /// Model shape file: random bf16 weights and random prompt tokens.
+        #[arg(long, default_value = "configs/models/llama-3-8b.toml")]
+        random_weights: PathBuf,
+        /// First GPU; ranks take consecutive GPUs from it.
+        #[arg(long, default_value = "cuda:0")]
+        device: String,
+        #[arg(long, default_value_t = 2)]
+        tp: usize,
+        #[arg(long, default_value_t = 8192)]
+        prompt: usize,
+        #[arg(long, default_value_t = 16)]
+        tokens: usize,
+        /// The rank that fails, and the layer where it fails.
+        #[arg(long, default_value_t = 1)]
+        fail_rank: usize,
+        #[arg(long, default_value_t = 16)]
+        fail_layer: usize,
+        #[arg(long, default_value = "bench/results/gpu-tp-recover.jsonl")]
+        out: PathBuf,
+    },
     /// GPU prefill and decode tokens/s of a model at one context: real weights (--model) or
     /// random weights of a shape (--random-weights configs/models/llama-3-8b.toml).
     GpuModel {
@@ -396,6 +419,25 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 &out,
             )
         }
+        BenchCommand::TpRecover {
+            random_weights,
+            device,
+            tp,
+            prompt,
+            tokens,
+            fail_rank,
+            fail_layer,
+            out,
+        } => crate::tpbench::run_tp_recover(
+            &random_weights,
+            &device,
+            tp,
+            prompt,
+            tokens,
+            fail_rank,
+            fail_layer,
+            &out,
+        ),
         BenchCommand::GpuModel {
             model,
             random_weights,

@@ -218,3 +218,87 @@ pub fn run_tp_parity(
     }
     Ok(())
 }
+
+/// `retrowave bench tp-recover`: a rank of a tensor-parallel group of GPUs fails in the middle of
+/// a step (asked to, at one layer): the step must fail on every rank instead of hanging in the
+/// next collective (the failed rank goes on taking part in the step's collectives), and the
+/// step run again gives the tokens of a run that never failed. Greedy decode through device
+/// sampling (CUDA graphs with the collectives inside, captured again after the rebuild); once
+/// with the failure in the prompt's last prefill chunk, once in a decode step.
+#[allow(clippy::too_many_arguments)]
+pub fn run_tp_recover(
+    random_weights: &Path,
+    device: &str,
+    tp: usize,
+    prompt_len: usize,
+    tokens: usize,
+    fail_rank: usize,
+    fail_layer: usize,
+    out: &Path,
+) -> Result<()> {
+    if tp < 2 || fail_rank >= tp || prompt_len == 0 || tokens < 4 {
+        bail!("--tp >= 2, --fail-rank < --tp, --prompt >= 1 and --tokens >= 4 are needed");
+    }
+    let cfg = load_shape(random_weights)?;
+    if fail_layer >= cfg.n_layers {
+        bail!(
+            "--fail-layer {fail_layer}: the model has {} layers",
+            cfg.n_layers
+        );
+    }
+    let gpus = gpus(device, tp)?;
+    let src = RandomWeights::new(&cfg, 1)?;
+    let mut g = WorkerGroup::load(&cfg, &src as &dyn WeightSource, gpus.clone())?;
+    let prompt = random_prompt(prompt_len, cfg.vocab_size)?;
+    let want = run_free(&mut g, &prompt, tokens, None)?;
+    let row = [RowSampling::greedy()];
+    // Step 0 is the prompt's last chunk; step k > 0 the k-th decode step.
+    for (case, fail_step) in [("prefill", 0), ("decode", tokens / 2)] {
+        let rebuilds0 = g.rebuilds();
+        let mut failed = None;
+        let mut step = |g: &mut WorkerGroup<CudaBackend>,
+                        k: usize,
+                        t: &[u32],
+                        b: &BatchLayout,
+                        r: &[usize]|
+         -> Result<Vec<u32>> {
+            if k == fail_step {
+                g.fail_next_step(fail_rank, fail_layer, false)?;
+                let t0 = Instant::now();
+                match g.forward_sample(t, b, r, &row) {
+                    Ok(_) => bail!("the step asked to fail on rank {fail_rank} succeeded"),
+                    Err(e) => failed = Some((e.to_string(), t0.elapsed().as_secs_f64())),
+                }
+            }
+            Ok(g.forward_sample(t, b, r, &row)?)
+        };
+        let mut toks = prefill(&mut g, &prompt, tokens, None, |g, t, l, r| {
+            step(g, 0, t, l, r)
+        })?;
+        while toks.len() < tokens {
+            let last = *toks.last().context("no token")?;
+            let pos = prompt.len() + toks.len() - 1;
+            toks.extend(step(&mut g, toks.len(), &[last], &one_seq(pos, 1), &[0])?);
+        }
+        g.close_slot(0);
+        let (error, failed_s) = failed.context("the injected failure did not happen")?;
+        let equal = toks.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        let rec = json!({"bench": "gpu-tp-recover", "model": cfg.name, "tp": tp, "case": case,
+            "prompt": prompt_len, "tokens": tokens, "fail_step": fail_step,
+            "fail_rank": fail_rank, "fail_layer": fail_layer, "error": error,
+            "failed_step_s": failed_s, "rebuilds": g.rebuilds() - rebuilds0,
+            "tokens_equal_prefix": equal, "passed": equal == tokens,
+            "weights": "random (bf16); random prompt tokens", "device": cards(&gpus),
+            "commit": commit()});
+        println!(
+            "{case}: rank {fail_rank} failed at layer {fail_layer}; the step failed on every rank \
+             in {failed_s:.3} s ({error}); then {equal}/{tokens} tokens equal to the run \
+             without failure"
+        );
+        append(out, &rec)?;
+        if equal != tokens {
+            bail!("{case}: tokens after the recovery differ from the run without failure");
+        }
+    }
+    Ok(())
+}
