@@ -244,9 +244,19 @@ fn a_rank_failing_mid_step_fails_the_step_and_the_group_goes_on() {
         rank,
         layer,
         panic: false,
+        cut: false,
     };
-    for fail in [error(0, 0, 0), error(2, 1, 17)] {
+    // (The last: the prefill step cut in two for overlap, failing in the layers' interleave.)
+    let cut = Fail {
+        cut: true,
+        ..error(0, 1, 9)
+    };
+    // A cut prefill sums in another order than an uncut one (like chunked prefill): the cut
+    // case is compared with a cut run that never failed.
+    let (want_cut, _, _) = within(Some(Fail { step: 99, ..cut }));
+    for fail in [error(0, 0, 0), error(2, 1, 17), cut] {
         let (got, rebuilds, e) = within(Some(fail));
+        let want = if fail.cut { &want_cut } else { &want };
         assert!(
             matches!(e, Some(EngineError::InjectedFailure { layer }) if layer == fail.layer),
             "{fail:?}: {e:?}"
@@ -255,7 +265,7 @@ fn a_rank_failing_mid_step_fails_the_step_and_the_group_goes_on() {
             rebuilds, 0,
             "{fail:?}: the failed worker kept to the collectives"
         );
-        assert_eq!(got, want, "{fail:?}: logits after the failed step differ");
+        assert_same(&got, want, &format!("{fail:?}"));
     }
     let fail = Fail {
         panic: true,
@@ -267,16 +277,31 @@ fn a_rank_failing_mid_step_fails_the_step_and_the_group_goes_on() {
         "{e:?}"
     );
     assert_eq!(rebuilds, 1);
-    assert_eq!(got, want, "after the rebuild");
+    assert_same(&got, &want, "after the rebuild");
 }
 
-/// `step` fails once on `rank` at `layer` (a panic with `panic`).
+/// Every step's logits equal, bit for bit.
+fn assert_same(got: &[Vec<f32>], want: &[Vec<f32>], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (step, (g, w)) in got.iter().zip(want).enumerate() {
+        let diff = g
+            .iter()
+            .zip(w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(g == w, "{what}: step {step} logits differ by up to {diff}");
+    }
+}
+
+/// `step` fails once on `rank` at `layer` (a panic with `panic`; a step past the last: none).
 #[derive(Debug, Clone, Copy)]
 struct Fail {
     step: usize,
     rank: usize,
     layer: usize,
     panic: bool,
+    /// Steps cut in two for overlap (`Overlap::Always`).
+    cut: bool,
 }
 
 /// TP=2: prefill `prompt`, then three greedy decode steps; `fail` makes one step fail once, then
@@ -297,6 +322,9 @@ fn steps_with_failure(
         }],
     };
     let mut g = common::group(m, 2);
+    if fail.is_some_and(|f| f.cut) {
+        g.set_overlap(retrowave_engine::Overlap::Always).unwrap();
+    }
     let mut error = None;
     let mut fail = fail;
     'again: loop {
