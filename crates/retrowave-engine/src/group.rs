@@ -336,13 +336,13 @@ impl<B: Backend + 'static> WorkerGroup<B> {
             let g = Arc::new(HostGroup::new(world));
             self.host_group = Some(g.clone());
             self.broadcast(|| Cmd::SetReduce(Reduce::Host(g.clone())))?;
-        } else if !{
+        } else {
             tracing::info!(world, "rebuilding the tensor-parallel group");
-            B::join_group(&self.backends)?
-        } {
-            return Err(EngineError::Config(
-                "the tensor-parallel group could not be rebuilt after an abort".into(),
-            ));
+            if !B::join_group(&self.backends)? {
+                return Err(EngineError::Config(
+                    "the tensor-parallel group could not be rebuilt after an abort".into(),
+                ));
+            }
         }
         self.rebuilds += 1;
         tracing::warn!(
