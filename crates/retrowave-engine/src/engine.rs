@@ -197,6 +197,12 @@ impl<B: Backend + 'static> Engine<B> {
         &self.group
     }
 
+    /// The worker group, to change (tests: [`WorkerGroup::fail_next_step`]).
+    #[doc(hidden)]
+    pub fn group_mut(&mut self) -> &mut WorkerGroup<B> {
+        &mut self.group
+    }
+
     /// The settings.
     pub fn config(&self) -> &EngineConfig {
         &self.cfg

@@ -356,3 +356,44 @@ fn steps_with_failure(
         return (logits, g.rebuilds(), error);
     }
 }
+
+/// The engine over a TP=2 group whose rank 1 fails in the middle of a step: the step's requests
+/// end (cancelled, with the error), and the engine goes on serving: a request added afterwards
+/// gets the same greedy tokens as on an engine that never failed.
+#[test]
+fn the_engine_goes_on_after_a_rank_fails_mid_step() {
+    use retrowave_engine::{EngineError, FinishReason};
+    let (_dir, m) = common::smollm2_f32_export();
+    let prompts = golden_prompts();
+    let want = greedy(&mut common::engine(&m, 2, 512), &prompts[2..3], 8);
+    let mut e = common::engine(&m, 2, 512);
+    let params = SamplingParams {
+        max_tokens: 8,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let ids: Vec<u64> = prompts[..2]
+        .iter()
+        .map(|p| e.add_request(p.clone(), params.clone()).unwrap())
+        .collect();
+    // Two steps (the prompts, one decode step), then rank 1 fails at layer 11 of the next.
+    for _ in 0..2 {
+        e.step().unwrap();
+    }
+    e.group_mut().fail_next_step(1, 11, false).unwrap();
+    let Err(EngineError::StepFailed { source, events }) = e.step() else {
+        panic!("the step with a failing rank did not fail");
+    };
+    assert!(
+        matches!(*source, EngineError::InjectedFailure { layer: 11 }),
+        "{source}"
+    );
+    for id in &ids {
+        assert!(
+            events.iter().any(|ev| matches!(ev, Event::Finished { id: x, reason: FinishReason::Cancelled, .. } if x == id)),
+            "request {id} was not ended: {events:?}"
+        );
+    }
+    assert!(e.is_idle());
+    assert_eq!(greedy(&mut e, &prompts[2..3], 8), want);
+}
