@@ -140,24 +140,30 @@ impl Overlap {
     /// efficiently than the overlap hides).
     pub const DEFAULT_MIN_ROWS: usize = 4096;
 
-    /// `RETROWAVE_TP_OVERLAP`: `0`/`off`, `always`, or a number of rows (`Auto` from there);
-    /// unset: `Auto(DEFAULT_MIN_ROWS)`.
-    pub fn from_env() -> Self {
-        match std::env::var("RETROWAVE_TP_OVERLAP") {
-            Err(_) => Overlap::Auto(Self::DEFAULT_MIN_ROWS),
-            Ok(v) => match v.trim() {
-                "0" | "off" => Overlap::Off,
-                "always" => Overlap::Always,
-                n => n.parse().map(Overlap::Auto).unwrap_or_else(|_| {
-                    tracing::warn!(
-                        "RETROWAVE_TP_OVERLAP={v:?} is not off, always or a number of rows; \
-                         using {}",
-                        Self::DEFAULT_MIN_ROWS
-                    );
-                    Overlap::Auto(Self::DEFAULT_MIN_ROWS)
-                }),
-            },
+    /// `off` (or `0`), `auto` (from [`Overlap::DEFAULT_MIN_ROWS`]), `always`, or a number of
+    /// rows (`Auto` from there).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "0" | "off" => Ok(Overlap::Off),
+            "auto" => Ok(Overlap::Auto(Self::DEFAULT_MIN_ROWS)),
+            "always" => Ok(Overlap::Always),
+            n => n
+                .parse()
+                .map(Overlap::Auto)
+                .map_err(|_| format!("{s:?} is not off, auto, always or a number of rows")),
         }
+    }
+
+    /// `RETROWAVE_TP_OVERLAP` ([`Overlap::parse`]); unset or unreadable (with a warning):
+    /// `Auto(DEFAULT_MIN_ROWS)`.
+    pub fn from_env() -> Self {
+        let Ok(v) = std::env::var("RETROWAVE_TP_OVERLAP") else {
+            return Overlap::Auto(Self::DEFAULT_MIN_ROWS);
+        };
+        Self::parse(&v).unwrap_or_else(|e| {
+            tracing::warn!("RETROWAVE_TP_OVERLAP: {e}; using auto");
+            Overlap::Auto(Self::DEFAULT_MIN_ROWS)
+        })
     }
 }
 
@@ -814,6 +820,20 @@ mod tests {
             start_pos,
             n_tokens,
         }
+    }
+
+    #[test]
+    fn overlap_modes_parse_and_bad_ones_are_named() {
+        assert_eq!(Overlap::parse("off"), Ok(Overlap::Off));
+        assert_eq!(Overlap::parse("0"), Ok(Overlap::Off));
+        assert_eq!(
+            Overlap::parse(" auto "),
+            Ok(Overlap::Auto(Overlap::DEFAULT_MIN_ROWS))
+        );
+        assert_eq!(Overlap::parse("always"), Ok(Overlap::Always));
+        assert_eq!(Overlap::parse("8192"), Ok(Overlap::Auto(8192)));
+        let e = Overlap::parse("sometimes").unwrap_err();
+        assert!(e.contains("sometimes"), "{e}");
     }
 
     #[test]

@@ -874,22 +874,9 @@ pub struct ModelRun<'a> {
     pub decode: usize,
     pub chunk: usize,
     pub tp: usize,
-    /// Overlap modes to time the prefill with (see [`parse_overlap`]).
+    /// Overlap modes to time the prefill with ([`Overlap::parse`]).
     pub overlap: &'a [String],
     pub prefill_runs: usize,
-}
-
-/// `off`, `auto`, `always` or a row count (Auto from there).
-pub(crate) fn parse_overlap(s: &str) -> Result<Overlap> {
-    Ok(match s.trim() {
-        "off" | "0" => Overlap::Off,
-        "auto" => Overlap::Auto(Overlap::DEFAULT_MIN_ROWS),
-        "always" => Overlap::Always,
-        n => Overlap::Auto(
-            n.parse()
-                .with_context(|| format!("--overlap {n:?}: off, auto, always or a row count"))?,
-        ),
-    })
 }
 
 /// `retrowave bench gpu-model`: prefill and decode tokens/s of a real model at a context, on one
@@ -904,7 +891,7 @@ pub fn run_model(
     let modes = run
         .overlap
         .iter()
-        .map(|m| parse_overlap(m))
+        .map(|m| Overlap::parse(m).map_err(|e| anyhow::anyhow!("--overlap {e}")))
         .collect::<Result<Vec<_>>>()?;
     let gpus = gpus(run.device, run.tp)?;
     let sync = |gpus: &[CudaBackend]| -> Result<()> {
