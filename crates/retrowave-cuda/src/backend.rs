@@ -612,6 +612,18 @@ impl CudaBackend {
             .map_err(CudaError::driver("cuMemcpy2DAsync"))
     }
 
+    /// Sums `x` over the tensor-parallel group, in place, on `stream` (nothing when
+    /// `RETROWAVE_TP_SKIP_ALL_REDUCE` skips the collectives).
+    fn sum_over_group(&self, x: &DevActs, stream: sys::CUstream) -> Result<(), CudaError> {
+        let comm = self.comm().ok_or_else(|| {
+            CudaError::Unsupported("all-reduce on a backend outside a tensor-parallel group".into())
+        })?;
+        if comm.skips() {
+            return Ok(());
+        }
+        crate::nccl::all_reduce_f32(comm, dp(&x.data), x.rows * x.cols, stream)
+    }
+
     /// This backend's NCCL communicator, when it is in a tensor-parallel group.
     pub(crate) fn comm(&self) -> Option<&crate::nccl::Comm> {
         self.inner.comm.get()
@@ -1976,13 +1988,6 @@ impl Backend for CudaBackend {
     }
 
     fn all_reduce_begin(&self, x: &mut DevActs, tag: usize) {
-        let Some(comm) = self.comm() else {
-            self.record("all_reduce_begin on a backend outside a tensor-parallel group");
-            return;
-        };
-        if comm.skips() {
-            return;
-        }
         let i = &self.inner;
         let Some(done) = i.comm_done.get(tag) else {
             self.record(format!("all_reduce_begin: tag {tag} (0 or 1)"));
@@ -1991,14 +1996,7 @@ impl Backend for CudaBackend {
         // The collective runs on the comm stream after everything queued so far on the main
         // stream (`x` included); its completion is `done`, which `all_reduce_end` waits for.
         let r = order_streams(&i.stream, &i.comm_fork, &i.comm_stream)
-            .and_then(|()| {
-                crate::nccl::all_reduce_f32(
-                    comm,
-                    dp(&x.data),
-                    x.rows * x.cols,
-                    i.comm_stream.cu_stream(),
-                )
-            })
+            .and_then(|()| self.sum_over_group(x, i.comm_stream.cu_stream()))
             .and_then(|()| {
                 done.record(&i.comm_stream)
                     .map_err(CudaError::driver("cuEventRecord"))
@@ -2025,19 +2023,7 @@ impl Backend for CudaBackend {
     }
 
     fn all_reduce(&self, x: &mut DevActs) {
-        let Some(comm) = self.comm() else {
-            self.record("all_reduce on a backend outside a tensor-parallel group");
-            return;
-        };
-        if comm.skips() {
-            return;
-        }
-        if let Err(e) = crate::nccl::all_reduce_f32(
-            comm,
-            dp(&x.data),
-            x.rows * x.cols,
-            self.inner.stream.cu_stream(),
-        ) {
+        if let Err(e) = self.sum_over_group(x, self.inner.stream.cu_stream()) {
             self.record(e);
         }
     }

@@ -276,7 +276,6 @@ impl<B: Backend + 'static> WorkerGroup<B> {
                 _ => self.replies.recv().ok(),
             };
             let (rank, reply) = next.ok_or(EngineError::WorkerLost)?;
-            tracing::debug!(rank, ok = reply.is_ok(), "worker replied");
             if reply.is_err() && first_failed.is_none() {
                 first_failed = Some(rank);
                 if abort_on_failure {

@@ -589,6 +589,11 @@ impl<B: Backend> Worker<B> {
             }
         }
         let (rows, cols) = self.backend.acts_shape(x);
+        self.zeros(rows, cols)
+    }
+
+    /// `[rows, cols]` zeros: what a failed rank sends into the step's remaining collectives.
+    fn zeros(&self, rows: usize, cols: usize) -> B::Acts {
         self.backend
             .acts_from_host(&vec![0.0; rows * cols], rows, cols)
     }
@@ -632,53 +637,42 @@ impl<B: Backend> Worker<B> {
             b.embed(&self.embed, &tokens[..at])?,
             b.embed(&self.embed, &tokens[at..])?,
         ];
-        // The partial sums in flight, by half (tag).
+        // The partial sum in flight of each half (tag h), waited for and added to the half's
+        // activations just before their next use (and at the end).
         let mut pending: [Option<B::Acts>; 2] = [None, None];
-        let mut failed = None;
-        let mut run = |xs: &mut [B::Acts; 2], pending: &mut [Option<B::Acts>; 2]| {
-            for li in 0..self.layers.len() {
-                injected(fail_at, li, &mut failed);
-                for (h, (half, seqs)) in halves.iter().enumerate() {
-                    if let Some(d) = pending[h].take() {
-                        b.all_reduce_end(h);
-                        b.add_assign(&mut xs[h], &d);
-                    }
-                    let mut sub: Vec<&mut B::Kv> = caches
-                        .iter_mut()
-                        .enumerate()
-                        .filter(|(i, _)| seqs.contains(i))
-                        .map(|(_, c)| &mut **c)
-                        .collect();
-                    let mut o = self.partial(&mut failed, &xs[h], |x| {
-                        self.attention_block(li, x, &positions[h], half, &mut sub)
-                    });
-                    b.all_reduce_begin(&mut o, h);
-                    pending[h] = Some(o);
-                }
-                for h in 0..2 {
-                    if let Some(o) = pending[h].take() {
-                        b.all_reduce_end(h);
-                        b.add_assign(&mut xs[h], &o);
-                    }
-                    let mut d = self.partial(&mut failed, &xs[h], |x| self.mlp_block(li, x));
-                    b.all_reduce_begin(&mut d, h);
-                    pending[h] = Some(d);
-                }
-            }
-            Ok::<(), EngineError>(())
-        };
-        let r = run(&mut xs, &mut pending);
-        // Every begun sum is waited for, also after a failure: its buffer may not be freed
-        // while the collective still writes it.
-        for (h, p) in pending.iter_mut().enumerate() {
+        let settle = |h: usize, x: &mut B::Acts, p: &mut Option<B::Acts>| {
             if let Some(d) = p.take() {
                 b.all_reduce_end(h);
-                if r.is_ok() {
-                    b.add_assign(&mut xs[h], &d);
-                }
+                b.add_assign(x, &d);
+            }
+        };
+        let mut failed = None;
+        for li in 0..self.layers.len() {
+            injected(fail_at, li, &mut failed);
+            for (h, (half, seqs)) in halves.iter().enumerate() {
+                settle(h, &mut xs[h], &mut pending[h]);
+                let mut sub: Vec<&mut B::Kv> = caches
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(i, _)| seqs.contains(i))
+                    .map(|(_, c)| &mut **c)
+                    .collect();
+                let mut o = self.partial(&mut failed, &xs[h], |x| {
+                    self.attention_block(li, x, &positions[h], half, &mut sub)
+                });
+                b.all_reduce_begin(&mut o, h);
+                pending[h] = Some(o);
+            }
+            for h in 0..2 {
+                settle(h, &mut xs[h], &mut pending[h]);
+                let mut d = self.partial(&mut failed, &xs[h], |x| self.mlp_block(li, x));
+                b.all_reduce_begin(&mut d, h);
+                pending[h] = Some(d);
             }
         }
-        r?;
+        for h in 0..2 {
+            settle(h, &mut xs[h], &mut pending[h]);
+        }
         Ok((b.concat_rows(&[&xs[0], &xs[1]]), failed))
     }
 
@@ -700,8 +694,7 @@ impl<B: Backend> Worker<B> {
         }
         if let Some(e) = failed {
             if let (Some(widths), Some(_)) = (&self.lm_split, &self.output) {
-                let (n, w) = (logits_rows.len(), widths[self.shard.rank]);
-                let part = b.acts_from_host(&vec![0.0; n * w], n, w);
+                let part = self.zeros(logits_rows.len(), widths[self.shard.rank]);
                 let _ = b.all_gather_cols(&part, widths);
             }
             return Err(e);

@@ -42,10 +42,7 @@ struct Gpus(Vec<CudaBackend>);
 
 impl Gpus {
     fn sync(&self) -> Result<()> {
-        for b in &self.0 {
-            b.synchronize()?;
-        }
-        Ok(())
+        crate::gpubench::synchronize(&self.0)
     }
 
     fn trim(&self) -> Result<()> {

@@ -67,6 +67,14 @@ pub(crate) fn gpus(device: &str, tp: usize) -> Result<Vec<CudaBackend>> {
     })
 }
 
+/// Waits for the work queued on every GPU of a group.
+pub(crate) fn synchronize(gpus: &[CudaBackend]) -> Result<()> {
+    for b in gpus {
+        b.synchronize()?;
+    }
+    Ok(())
+}
+
 /// Measured device-to-device copy rate (bytes read + written per second) and bf16 GEMM rate.
 pub struct Ceilings {
     pub copy_gbs: f64,
@@ -894,12 +902,6 @@ pub fn run_model(
         .map(|m| Overlap::parse(m).map_err(|e| anyhow::anyhow!("--overlap {e}")))
         .collect::<Result<Vec<_>>>()?;
     let gpus = gpus(run.device, run.tp)?;
-    let sync = |gpus: &[CudaBackend]| -> Result<()> {
-        for b in gpus {
-            b.synchronize()?;
-        }
-        Ok(())
-    };
     // Seconds to put the weights on the GPUs (file opening and prompt building excluded).
     let load_s;
     let (cfg, weights, mut g, prompt) = match (model, random_weights) {
@@ -907,7 +909,7 @@ pub fn run_model(
             let m = crate::load::open(model)?;
             let t = Instant::now();
             let g = WorkerGroup::load(&m.config, &m.source, gpus.clone())?;
-            sync(&gpus)?;
+            synchronize(&gpus)?;
             load_s = t.elapsed().as_secs_f64();
             let prompt = crate::bench::essay_prompt(&m.tokenizer, context)
                 .or_else(|_| random_prompt(context, m.config.vocab_size))?;
@@ -918,7 +920,7 @@ pub fn run_model(
             let t = Instant::now();
             let src = RandomWeights::new(&cfg, 1)?;
             let g = WorkerGroup::load(&cfg, &src as &dyn WeightSource, gpus.clone())?;
-            sync(&gpus)?;
+            synchronize(&gpus)?;
             load_s = t.elapsed().as_secs_f64();
             let prompt = random_prompt(context, cfg.vocab_size)?;
             (cfg, "random (bf16); random prompt tokens", g, prompt)
@@ -934,7 +936,7 @@ pub fn run_model(
             g.set_overlap(mode)?;
             g.close_slot(0);
             g.open_slot(0, context + decode + 1)?;
-            sync(&gpus)?;
+            synchronize(&gpus)?;
             let t = Instant::now();
             let mut pos = 0;
             while pos < context {
@@ -947,7 +949,7 @@ pub fn run_model(
                 last = g.forward(&prompt[pos..pos + n], &one_seq(pos, n), &rows)?;
                 pos += n;
             }
-            sync(&gpus)?;
+            synchronize(&gpus)?;
             best[mi] = best[mi].min(t.elapsed().as_secs_f64());
         }
     }
