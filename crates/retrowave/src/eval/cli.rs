@@ -212,6 +212,7 @@ fn evaluate<B: retrowave_core::Backend + 'static>(
         .clone()
         .unwrap_or_else(|| run::default_out(&args.model));
     let commit = commit();
+    let model_name = run::model_label(&args.model);
     let bar = ProgressBar::new(cases.len() as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -232,7 +233,7 @@ fn evaluate<B: retrowave_core::Backend + 'static>(
         let mut records = Vec::new();
         for (mode, a) in names.iter().zip(&r.answers) {
             records.push(json!({
-                "bench": "eval", "kind": "case", "model": args.model, "task": case.task,
+                "bench": "eval", "kind": "case", "model": model_name, "task": case.task,
                 "length": length, "prompt_tokens": r.prompt_tokens, "depth": case.depth,
                 "seed": case.seed, "attention": mode, "score": a.score, "answer": a.text,
                 "expected": case.outputs, "answer_tokens": a.tokens, "case_seconds": r.seconds,
@@ -273,7 +274,7 @@ fn evaluate<B: retrowave_core::Backend + 'static>(
         let cells = names.iter().zip(&modes).zip(&row.means).zip(&row.agreement);
         for (((mode, m), mean), ag) in cells {
             records.push(json!({
-                "bench": "eval", "kind": "summary", "model": args.model, "task": row.task,
+                "bench": "eval", "kind": "summary", "model": model_name, "task": row.task,
                 "length": row.length, "cases": row.cases, "attention": mode, "score": mean,
                 "gap_vs_first": mean - row.means[0], "wave_config": m.wave().map(|c| json!(c)),
                 "teacher_forced": args.teacher_forced,
@@ -300,7 +301,7 @@ fn evaluate<B: retrowave_core::Backend + 'static>(
             r["attention"] = json!(label);
             r["bench"] = json!("eval");
             r["kind"] = json!("fidelity");
-            r["model"] = json!(args.model);
+            r["model"] = json!(model_name);
             r["lengths"] = json!(args.lengths);
             r["device"] = json!(device);
             r["commit"] = json!(commit);

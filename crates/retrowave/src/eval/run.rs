@@ -489,9 +489,33 @@ pub fn append_records(path: &Path, records: &[serde_json::Value]) -> Result<()> 
 
 /// The default results file of a model.
 pub fn default_out(model: &str) -> PathBuf {
-    let name = Path::new(model)
+    PathBuf::from(format!("bench/results/eval-{}.jsonl", model_label(model)))
+}
+
+/// The name records give a model: a registry name as it is, a path by its file stem
+/// (`/models/smollm2-135m.gguf` -> `smollm2-135m`), so records of one model agree however it
+/// was named on the command line.
+pub fn model_label(model: &str) -> String {
+    Path::new(model)
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| model.to_string());
-    PathBuf::from(format!("bench/results/eval-{name}.jsonl"))
+        .unwrap_or_else(|| model.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_model_path_is_labelled_by_its_file_stem() {
+        assert_eq!(model_label("smollm2-135m"), "smollm2-135m");
+        assert_eq!(
+            model_label("/root/rwhome/models/qwen2.5-coder-0.5b.gguf"),
+            "qwen2.5-coder-0.5b"
+        );
+        assert_eq!(
+            default_out("/m/smollm2-135m.gguf"),
+            PathBuf::from("bench/results/eval-smollm2-135m.jsonl")
+        );
+    }
 }
