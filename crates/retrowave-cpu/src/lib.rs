@@ -7,6 +7,7 @@
 //! checked against, and it makes the whole system run (slowly) on any machine.
 
 pub mod attention;
+pub mod capture;
 pub mod decode_kernel;
 pub mod ops;
 pub mod quant;
@@ -45,6 +46,8 @@ pub struct CpuBackend {
     group: Arc<std::sync::Mutex<Option<Membership>>>,
     /// The first failure of a collective since the last [`Backend::check`].
     failure: Arc<std::sync::Mutex<Option<String>>>,
+    /// Decode queries and KV captured for offline study ([`capture`]).
+    capture: Option<Arc<capture::Capture>>,
 }
 
 impl Default for CpuBackend {
@@ -100,7 +103,15 @@ impl CpuBackend {
             pool: Arc::new(pool),
             group: Arc::new(std::sync::Mutex::new(None)),
             failure: Arc::new(std::sync::Mutex::new(None)),
+            capture: capture::Capture::from_env().map(Arc::new),
         }
+    }
+
+    /// This backend, capturing the decode queries and KV cache of one sequence into `capture`
+    /// (see [`capture`]; `RETROWAVE_CAPTURE_QK` sets it from the environment).
+    pub fn with_capture(mut self, capture: capture::Capture) -> Self {
+        self.capture = Some(Arc::new(capture));
+        self
     }
 
     /// Threads in the pool.
@@ -375,6 +386,20 @@ impl Backend for CpuBackend {
             } else {
                 exact_seqs.push(i);
             }
+        }
+        if let Some(c) = &self.capture
+            && let [s] = batch.seqs[..]
+            && s.n_tokens == 1
+            && exact_seqs.len() == 1
+        {
+            let w = q.cols;
+            c.step(
+                layer,
+                s.start_pos,
+                &q.data[s.row * w..(s.row + 1) * w],
+                caches[0],
+                heads,
+            );
         }
         let mut data = vec![0f32; q.data.len()];
         let pick = |ids: &[usize]| {
