@@ -671,9 +671,9 @@ mod tests {
             (148, 1900, 205)
         );
         assert!((b.retrieval_mass - 0.9).abs() < 1e-12);
-        // 32K: the 64-cluster minimum is above the 2.5% cap, so nothing grows.
+        // 32K: the 128-cluster minimum is above the 2.5% cap, so nothing grows.
         let b = StepBudgets::of(&cfg, 2044, 0, 2044);
-        assert_eq!((b.retrieval, b.retrieval_cap), (64, 64));
+        assert_eq!((b.retrieval, b.retrieval_cap), (128, 128));
         // Fewer clusters than the minimum: everything, nothing left to estimate.
         let b = StepBudgets::of(&cfg, 40, 0, 40);
         assert_eq!((b.retrieval, b.estimation, b.retrieval_cap), (40, 0, 40));

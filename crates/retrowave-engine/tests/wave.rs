@@ -68,16 +68,21 @@ fn wave_decode_builds_the_index_and_everything_retrieved_is_dense() {
     assert_eq!(w.indexed_tokens, 1500 - 4 - 64);
     assert!(w.clusters >= (1500 - 68) / 16 && w.build_seconds > 0.0);
 
-    // The default budgets attend exactly to a fraction and estimate part of the rest, and the
-    // counters add up over two tensor-parallel workers.
-    let mut e = common::engine_with(&m, 1, 4096, AttentionMode::Wave(WaveConfig::default()));
+    // Sparse budgets attend exactly to a fraction and estimate part of the rest, and the
+    // counters add up over two tensor-parallel workers. (The default's 128-cluster minimum
+    // retrieves every one of this short context's 89 clusters; 64, the default before, does not.)
+    let sparse = WaveConfig {
+        min_retrieval_clusters: 64,
+        ..WaveConfig::default()
+    };
+    let mut e = common::engine_with(&m, 1, 4096, AttentionMode::Wave(sparse.clone()));
     let (tokens1, usage1) = run(&mut e, prompt.clone(), n);
     let w1 = usage1.wave.unwrap();
-    // 89 clusters: the default's minimum of 64 retrieval clusters is the budget (2.5% would
-    // be 3), about three quarters of the context.
+    // 89 clusters: the minimum of 64 retrieval clusters is the budget (2.5% would be 3), about
+    // three quarters of the context.
     assert_eq!(
         w1.retrieval_clusters,
-        WaveConfig::default().min_retrieval_clusters as u64 * w1.head_steps,
+        sparse.min_retrieval_clusters as u64 * w1.head_steps,
         "{w1:?}"
     );
     assert!(w1.exact_tokens < w1.context_tokens * 4 / 5, "{w1:?}");
@@ -91,7 +96,7 @@ fn wave_decode_builds_the_index_and_everything_retrieved_is_dense() {
         tokens1[0], dense[0],
         "the first token comes from the exact prefill"
     );
-    let mut e2 = common::engine_with(&m, 3, 4096, AttentionMode::Wave(WaveConfig::default()));
+    let mut e2 = common::engine_with(&m, 3, 4096, AttentionMode::Wave(sparse));
     let (_, usage3) = run(&mut e2, prompt, n);
     let w3 = usage3.wave.unwrap();
     assert_eq!(w3.head_steps, w1.head_steps);
