@@ -18,7 +18,9 @@ rankings (which `r` clusters are attended exactly)
   lognorm-iso   `q . c_i + |q|^2 s_i^2 / 2`, s_i the cluster's key spread per dimension
   lognorm-cov   `q . c_i + q' S_i q / 2`, S_i the cluster's key covariance
   quest         the per-dimension min/max bound of Quest
-  maxlogit      the largest exact `q . k` in the cluster (needs every candidate's keys)
+  maxlogit      the largest exact `q . k` in the cluster (needs every cluster's keys)
+  rerank-M      the method's ranking, then its best M x r clusters re-ranked by their largest
+                exact `q . k` (reads the keys of M x r clusters)
   oracle        the clusters' true attention mass (the best any ranking can do)
 estimations (what stands for the clusters not attended exactly)
   none          nothing (they are dropped)
@@ -75,7 +77,7 @@ def group_softmax_sum(x, nonempty):
     return (e / e.sum(1, keepdims=True)).sum(0)
 
 
-def study(d, budgets, avg, iterations, stride, est_fraction):
+def study(d, budgets, avg, iterations, stride, est_fraction, rerank=()):
     n, nkv, nh, hd, layers = load(d)
     prompt = n - 1
     g = nh // nkv
@@ -130,6 +132,13 @@ def study(d, budgets, avg, iterations, stride, est_fraction):
                     "maxlogit": group_softmax_sum(maxlogit, ne),
                     "oracle": mass.sum(0),
                 }
+                ml = group_softmax_sum(maxlogit, ne)
+                for mult in rerank:
+                    base = rankings["centroid"]
+                    cand = np.argsort(-base, kind="stable")
+                    s = base.copy() - 2.0 * base.max() - 1.0  # below every candidate
+                    s[cand[: mult * budgets[0]]] = ml[cand[: mult * budgets[0]]]
+                    rankings[f"rerank-{mult}"] = s
                 for r in budgets:
                     for name, score in rankings.items():
                         order = np.argsort(-score, kind="stable")
@@ -167,12 +176,14 @@ def main():
     ap.add_argument("--iterations", type=int, default=9)
     ap.add_argument("--stride", type=int, default=4, help="study every N-th decode step")
     ap.add_argument("--estimation-fraction", type=float, default=0.232)
+    ap.add_argument("--rerank", default="", help="re-ranking multiples M to study (candidates: M x the first budget), comma-separated")
     args = ap.parse_args()
     budgets = [int(x) for x in args.budgets.split(",")]
     rows = {}
     for d in args.dirs:
+        rerank = [int(x) for x in args.rerank.split(",") if x]
         for key, v in study(d, budgets, args.avg_cluster_size, args.iterations, args.stride,
-                            args.estimation_fraction).items():
+                            args.estimation_fraction, rerank).items():
             rows.setdefault(key, []).extend(v)
     print("| r | ranking | estimation | exact mass | rel. error, mean | p95 | layer 0 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
