@@ -191,30 +191,38 @@ pub struct HostGroup {
 #[derive(Debug)]
 struct Gate {
     world: usize,
-    /// Ranks arrived in the current round, the round's number, and whether the group is aborted.
-    state: std::sync::Mutex<(usize, u64, bool)>,
+    state: std::sync::Mutex<GateState>,
     cv: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    /// Ranks arrived in the current round.
+    arrived: usize,
+    /// The current round's number.
+    round: u64,
+    aborted: bool,
 }
 
 impl Gate {
     fn wait(&self) -> Result<(), BackendError> {
         let aborted = || BackendError::Device("the tensor-parallel group was aborted".into());
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if st.2 {
+        if st.aborted {
             return Err(aborted());
         }
-        st.0 += 1;
-        if st.0 == self.world {
-            st.0 = 0;
-            st.1 += 1;
+        st.arrived += 1;
+        if st.arrived == self.world {
+            st.arrived = 0;
+            st.round += 1;
             self.cv.notify_all();
             return Ok(());
         }
-        let round = st.1;
-        while st.1 == round && !st.2 {
+        let round = st.round;
+        while st.round == round && !st.aborted {
             st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
         }
-        if st.1 == round {
+        if st.round == round {
             Err(aborted())
         } else {
             Ok(())
@@ -222,8 +230,7 @@ impl Gate {
     }
 
     fn abort(&self) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.2 = true;
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).aborted = true;
         self.cv.notify_all();
     }
 }
@@ -237,7 +244,7 @@ impl HostGroup {
                 .collect(),
             gate: Gate {
                 world: world.max(1),
-                state: std::sync::Mutex::new((0, 0, false)),
+                state: std::sync::Mutex::default(),
                 cv: std::sync::Condvar::new(),
             },
         }

@@ -5,7 +5,8 @@
 //!
 //! Only steps of exactly one sequence and one row (a decode step of a single sequence attending
 //! exactly) are captured, and only the sequence whose first such step came first: a later
-//! sequence, or a step that does not follow the captured ones, is left out. In `DIR`, per layer
+//! sequence, or a step that does not follow the captured ones, is left out; so is every step
+//! of a backend in a tensor-parallel group (it holds only its own heads). In `DIR`, per layer
 //! `L`:
 //! - `kv_L{L}.bin`: at the first decode step, the cached K then V (that step's token included)
 //!   as little-endian f32, `[n_kv_heads][n][head_dim]` each;
@@ -14,8 +15,9 @@
 //! - `meta.txt`: `n n_kv_heads n_heads head_dim`.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use retrowave_core::HeadLayout;
 
@@ -29,7 +31,7 @@ pub struct Capture {
     /// (`None` before its first step).
     next: Mutex<Vec<Option<usize>>>,
     /// Whether a write failed (reported once; capturing stops).
-    failed: Mutex<bool>,
+    failed: AtomicBool,
 }
 
 impl Capture {
@@ -40,7 +42,7 @@ impl Capture {
         Ok(Capture {
             dir,
             next: Mutex::new(Vec::new()),
-            failed: Mutex::new(false),
+            failed: AtomicBool::new(false),
         })
     }
 
@@ -60,11 +62,6 @@ impl Capture {
         }
     }
 
-    /// The directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Records a decode step of `layer` at position `pos` (the row of `q`, `[n_heads *
     /// head_dim]`), with `cache` already holding that step's K and V.
     pub(crate) fn step(
@@ -75,7 +72,7 @@ impl Capture {
         cache: &CpuKv,
         heads: HeadLayout,
     ) {
-        if *self.failed.lock().unwrap_or_else(|p| p.into_inner()) {
+        if self.failed.load(Ordering::Relaxed) {
             return;
         }
         let first = {
@@ -93,7 +90,7 @@ impl Capture {
         };
         if let Err(e) = self.write(layer, first, q, cache, heads) {
             tracing::error!(dir = %self.dir.display(), error = %e, "capture failed; capturing stops");
-            *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            self.failed.store(true, Ordering::Relaxed);
         }
     }
 
@@ -107,16 +104,14 @@ impl Capture {
     ) -> std::io::Result<()> {
         if first {
             let n = cache.layer_len(layer);
-            let mut buf = Vec::with_capacity(2 * heads.n_kv_heads * n * heads.head_dim * 4);
-            for part in 0..2 {
-                for h in 0..heads.n_kv_heads {
+            let heads_of = |values: bool| {
+                (0..heads.n_kv_heads).flat_map(move |h| {
                     let (k, v) = cache.head_keys(layer, h);
-                    for x in if part == 0 { k } else { v } {
-                        buf.extend_from_slice(&x.to_f32().to_le_bytes());
-                    }
-                }
-            }
-            std::fs::write(self.dir.join(format!("kv_L{layer}.bin")), buf)?;
+                    if values { v } else { k }.iter().map(|x| x.to_f32())
+                })
+            };
+            let kv = le_bytes(heads_of(false).chain(heads_of(true)));
+            std::fs::write(self.dir.join(format!("kv_L{layer}.bin")), kv)?;
             std::fs::write(
                 self.dir.join("meta.txt"),
                 format!(
@@ -130,9 +125,13 @@ impl Capture {
         let mut f = std::fs::OpenOptions::new()
             .append(true)
             .open(self.dir.join(format!("q_L{layer}.bin")))?;
-        let bytes: Vec<u8> = q.iter().flat_map(|x| x.to_le_bytes()).collect();
-        f.write_all(&bytes)
+        f.write_all(&le_bytes(q.iter().copied()))
     }
+}
+
+/// Little-endian f32 bytes.
+fn le_bytes(xs: impl Iterator<Item = f32>) -> Vec<u8> {
+    xs.flat_map(f32::to_le_bytes).collect()
 }
 
 #[cfg(test)]
@@ -156,7 +155,7 @@ mod tests {
         }
     }
 
-    fn floats(path: &Path) -> Vec<f32> {
+    fn floats(path: &std::path::Path) -> Vec<f32> {
         std::fs::read(path)
             .unwrap()
             .chunks_exact(4)
@@ -263,5 +262,29 @@ mod tests {
             !dir.path().join("kv_L0.bin").exists(),
             "layer 0 had no decode step"
         );
+    }
+
+    /// A rank of a tensor-parallel group holds only its own heads: it captures nothing.
+    #[test]
+    fn a_rank_of_a_group_captures_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = CpuBackend::with_threads(1).with_capture(Capture::new(dir.path()).unwrap());
+        assert!(CpuBackend::join_group(&[b.clone(), CpuBackend::with_threads(1)]).unwrap());
+        let kw = HEADS.n_kv_heads * HEADS.head_dim;
+        let qw = HEADS.n_heads * HEADS.head_dim;
+        let mut kv = CpuKv::new(1, HEADS, 8);
+        kv.write(0, 0, &vec![0.5; kw], &vec![0.5; kw]).unwrap();
+        let row = vec![0.25; kw];
+        b.attention(
+            0,
+            &acts(vec![1.0; qw], qw),
+            &acts(row.clone(), kw),
+            &acts(row, kw),
+            &mut [&mut kv],
+            &one_row(1, 0),
+            HEADS,
+        )
+        .unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

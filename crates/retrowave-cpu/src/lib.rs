@@ -388,6 +388,7 @@ impl Backend for CpuBackend {
             }
         }
         if let Some(c) = &self.capture
+            && self.group().is_none()
             && let [s] = batch.seqs[..]
             && s.n_tokens == 1
             && exact_seqs.len() == 1

@@ -247,13 +247,7 @@ impl<B: Backend + 'static> WorkerGroup<B> {
                     match self.replies.recv_timeout(wait) {
                         Ok(r) => Some(r),
                         Err(mpsc::RecvTimeoutError::Timeout) => {
-                            aborted = match &self.host_group {
-                                Some(g) => {
-                                    g.abort();
-                                    true
-                                }
-                                None => B::abort_group(&self.backends),
-                            };
+                            aborted = self.abort_collectives();
                             if aborted {
                                 tracing::warn!(
                                     waiting = left,
@@ -292,6 +286,18 @@ impl<B: Backend + 'static> WorkerGroup<B> {
             aborted,
             first_failed,
         })
+    }
+
+    /// Aborts the collectives the workers sum through (the host group, or the backends'); whether
+    /// that could be done.
+    fn abort_collectives(&self) -> bool {
+        match &self.host_group {
+            Some(g) => {
+                g.abort();
+                true
+            }
+            None => B::abort_group(&self.backends),
+        }
     }
 
     /// Runs a step command on every worker. When it fails on any, the step's sequences are

@@ -475,11 +475,11 @@ impl<B: Backend> Worker<B> {
             .backend
             .run(|| -> Result<Option<StepOutput>, EngineError> {
                 let mut caches: Vec<&mut B::Kv> = taken.iter_mut().map(|(_, kv)| kv).collect();
-                let x = match halves {
+                let (x, failed) = match halves {
                     Some(at) => this.layers_overlapped(tokens, batch, &mut caches, at, fail_at)?,
                     None => this.layers_in_turn(tokens, batch, &mut caches, fail_at)?,
                 };
-                this.lm_head(&x.0, logits_rows, sampling, x.1)
+                this.lm_head(&x, logits_rows, sampling, failed)
             });
         if graph.is_some() {
             match self.backend.graph_step_end(result.is_ok()) {
