@@ -53,6 +53,10 @@ struct WaveUnit {
                                  // token included)
   int retrieval_cap;             // adaptive retrieval: grow `retrieval` (up to this many) until
   float retrieval_mass;          // the zone covers this share of the scores (0: fixed budget)
+  int rank_by_size;              // 1: rank by the softmax of scale * q . c_i + ln |C_i| (the
+                                 // clusters' estimated mass; WaveConfig::rank_by_size), 0: of
+                                 // scale * q . c_i alone. The logits written stay without ln |C_i|.
+  int reserved;
   unsigned long long tier;       // WaveTier* when the unit's indexed KV lives in host memory, or 0
 };
 

@@ -135,11 +135,16 @@ __device__ void logits(const WaveUnit* __restrict__ units, const float* __restri
   const int r = warp * 32 + lane, c = chunk * WAVE_CHUNK + r;
   const bool live = c < n && reinterpret_cast<const float*>(wu.ln_sizes)[c] != -INFINITY;
   const int part = chunk * (WAVE_CHUNK / 32) + warp, n_parts = n_chunks * (WAVE_CHUNK / 32);
+  // Ranking by size: each head's softmax is over the logits plus ln |C_i| (the logits written
+  // stay without it, for the estimation).
+  const float bias =
+      live && wu.rank_by_size ? reinterpret_cast<const float*>(wu.ln_sizes)[c] : 0.f;
   for (int g = 0; g < G; ++g) {
     const float l = live ? lg[g * WAVE_CHUNK + r] : -INFINITY;
     if (c < max_clusters) out[((size_t)u * G + g) * max_clusters + c] = l;
-    const float m = warp_max(l);
-    const float e = warp_sum(m == -INFINITY ? 0.f : __expf(l - m));
+    const float lb = l + bias;
+    const float m = warp_max(lb);
+    const float e = warp_sum(m == -INFINITY ? 0.f : __expf(lb - m));
     if (lane == 0) {
       part_max[((size_t)u * G + g) * n_parts + part] = m;
       part_sum[((size_t)u * G + g) * n_parts + part] = e;
@@ -424,13 +429,15 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   // instead of one a cluster).
   constexpr int SCORE_RUN = 8;
   for (int c0 = tid; c0 < n; c0 += SCORE_RUN * SEL_THREADS) {
-    float s[SCORE_RUN];
+    float s[SCORE_RUN], bias[SCORE_RUN];
     bool ok[SCORE_RUN];
 #pragma unroll
     for (int i = 0; i < SCORE_RUN; ++i) {
       const int c = c0 + i * SEL_THREADS;
-      ok[i] = c < n && lns[c] != -INFINITY;
+      const float ln = c < n ? lns[c] : -INFINITY;
+      ok[i] = ln != -INFINITY;
       s[i] = ok[i] ? 0.f : -INFINITY;
+      bias[i] = ok[i] && wu.rank_by_size ? ln : 0.f;
     }
     for (int g = 0; g < G; ++g) {
       const float mg = m_s[g], izg = iz_s[g];
@@ -441,7 +448,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
       if (mg != -INFINITY)
 #pragma unroll
         for (int i = 0; i < SCORE_RUN; ++i)
-          if (ok[i]) s[i] += __expf(l[i] - mg) * izg;
+          if (ok[i]) s[i] += __expf(l[i] + bias[i] - mg) * izg;
     }
 #pragma unroll
     for (int i = 0; i < SCORE_RUN; ++i) {

@@ -360,16 +360,44 @@ fn run_inner(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
     if section("wave selection") {
         let rows: &[(usize, usize, usize)] = &[(8192, 205, 1900), (300, 30, 300), (97, 5, 20)];
         for &(hd, nh, nkv) in &[(128usize, 8usize, 2usize), (64, 14, 2), (128, 32, 8)] {
-            out.extend(check_wave_select(b, &mut rng, hd, nh, nkv, rows, &[])?);
+            out.extend(check_wave_select(
+                b,
+                &mut rng,
+                hd,
+                nh,
+                nkv,
+                rows,
+                &[],
+                false,
+            )?);
         }
         let rows: &[(usize, usize, usize)] = &[(41000, 738, 9500), (513, 40, 100)];
-        out.extend(check_wave_select(b, &mut rng, 128, 8, 2, rows, &[])?);
+        out.extend(check_wave_select(b, &mut rng, 128, 8, 2, rows, &[], false)?);
+        // Ranking by size (`rank_by_size`): the softmax over the logits plus ln |C_i|.
+        let rows: &[(usize, usize, usize)] = &[(8192, 205, 1900), (300, 30, 100)];
+        for &(hd, nh, nkv) in &[(128usize, 8usize, 2usize), (64, 9, 3)] {
+            out.extend(check_wave_select(
+                b,
+                &mut rng,
+                hd,
+                nh,
+                nkv,
+                rows,
+                &[],
+                true,
+            )?);
+        }
         // The adaptive retrieval budget: (cap, share of the scores) per row.
         let rows: &[(usize, usize, usize)] = &[(8192, 64, 1900), (300, 5, 100), (97, 2, 20)];
         let adaptive: &[(usize, f32)] = &[(8192, 0.05), (200, 0.3), (60, 0.5)];
         for &(hd, nh, nkv) in &[(128usize, 8usize, 2usize), (64, 12, 4)] {
-            out.extend(check_wave_select(b, &mut rng, hd, nh, nkv, rows, adaptive)?);
+            out.extend(check_wave_select(
+                b, &mut rng, hd, nh, nkv, rows, adaptive, false,
+            )?);
         }
+        out.extend(check_wave_select(
+            b, &mut rng, 128, 8, 2, rows, adaptive, true,
+        )?);
     }
     // The wave index build (GPU k-means) against the CPU reference, bit for bit.
     if section("wave build") {
@@ -403,7 +431,9 @@ fn run_inner(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
 }
 
 /// One row of units per entry of `sizes` x KV heads: random bf16 centroids (every 11th a copy
-/// of the one before, so scores tie), every 37th cluster empty.
+/// of the one before, so scores tie), every 37th cluster empty; `by_size` ranks by the clusters'
+/// estimated mass (`rank_by_size`).
+#[allow(clippy::too_many_arguments)]
 fn check_wave_select(
     b: &CudaBackend,
     rng: &mut StdRng,
@@ -412,6 +442,7 @@ fn check_wave_select(
     nkv: usize,
     rows: &[(usize, usize, usize)],
     adaptive: &[(usize, f32)],
+    by_size: bool,
 ) -> Result<Vec<CheckResult>, String> {
     use crate::wave::{WaveUnit, reference_split};
     let e = |x: crate::CudaError| x.to_string();
@@ -457,6 +488,7 @@ fn check_wave_select(
                 estimation: est as i32,
                 retrieval_cap: adaptive.get(row).map_or(0, |a| a.0 as i32),
                 retrieval_mass: adaptive.get(row).map_or(0.0, |a| a.1),
+                rank_by_size: i32::from(by_size),
                 ..Default::default()
             });
             keep.push((dc, dl, dm));
@@ -499,13 +531,19 @@ fn check_wave_select(
         let kvh = u % nkv;
         let row = unit.q_row as usize;
         let live: Vec<bool> = lns[u].iter().map(|&l| l != f32::NEG_INFINITY).collect();
-        // Reference scores: per query head, the softmax over live clusters of scale * q . c.
+        // Reference scores: per query head, the softmax over live clusters of scale * q . c
+        // (plus ln |C_i| when ranking by size).
         let mut want = vec![0f64; n];
         for g in 0..group {
             let qg = &q[(row * nh + kvh * group + g) * hd..][..hd];
             let l: Vec<f64> = (0..n)
                 .map(|c| {
-                    scale
+                    let bias = if by_size && live[c] {
+                        f64::from(lns[u][c])
+                    } else {
+                        0.0
+                    };
+                    bias + scale
                         * cents[u][c * hd..(c + 1) * hd]
                             .iter()
                             .zip(qg)
@@ -595,10 +633,11 @@ fn check_wave_select(
             });
         }
     }
+    let tag = if by_size { ", ranked by size" } else { "" };
     let res = compare(
         format!(
-            "wave scores hd{hd} {nh}/{nkv} heads, {:?} clusters",
-            rows.iter().map(|r| r.0).collect::<Vec<_>>()
+            "wave scores hd{hd} {nh}/{nkv} heads, {:?} clusters{tag}",
+            rows.iter().map(|r| r.0).collect::<Vec<_>>(),
         ),
         &gpu_s,
         &ref_s,
@@ -606,7 +645,7 @@ fn check_wave_select(
     );
     let zones = CheckResult {
         name: format!(
-            "wave zones hd{hd} {nh}/{nkv} heads, {} rows (units with wrong lists)",
+            "wave zones hd{hd} {nh}/{nkv} heads, {} rows{tag} (units with wrong lists)",
             rows.len()
         ),
         rel_l2: mismatched as f64,
@@ -617,7 +656,7 @@ fn check_wave_select(
     };
     let est_o = compare(
         format!(
-            "wave estimation hd{hd} {nh}/{nkv} heads, {} rows: outputs",
+            "wave estimation hd{hd} {nh}/{nkv} heads, {} rows{tag}: outputs",
             rows.len()
         ),
         &gpu_o,
@@ -626,7 +665,7 @@ fn check_wave_select(
     );
     let est_l = compare(
         format!(
-            "wave estimation hd{hd} {nh}/{nkv} heads, {} rows: lse",
+            "wave estimation hd{hd} {nh}/{nkv} heads, {} rows{tag}: lse",
             rows.len()
         ),
         &gpu_lse,

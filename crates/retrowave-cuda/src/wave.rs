@@ -39,6 +39,11 @@ pub struct WaveUnit {
     /// the CPU; `retrieval_mass` 0 keeps the fixed budget.
     pub retrieval_cap: i32,
     pub retrieval_mass: f32,
+    /// 1: rank the clusters by the softmax of `scale * q . c_i + ln |C_i|` (their estimated
+    /// attention mass, `WaveConfig::rank_by_size`); 0: of `scale * q . c_i` alone. The logits
+    /// the selection leaves stay without `ln |C_i|`.
+    pub rank_by_size: i32,
+    pub reserved: i32,
     /// `WaveTier*` of the unit when its indexed KV lives in host memory (see
     /// [`crate::wave_tier`]), or 0.
     pub tier: u64,
@@ -574,10 +579,11 @@ mod tests {
 
     #[test]
     fn wave_unit_has_the_kernel_layout() {
-        // Six pointers and eight ints: 80 bytes, as `WaveUnit` in kernels/common.cuh.
-        assert_eq!(std::mem::size_of::<WaveUnit>(), 80);
+        // Six pointers and ten ints: 88 bytes, as `WaveUnit` in kernels/common.cuh.
+        assert_eq!(std::mem::size_of::<WaveUnit>(), 88);
         assert_eq!(std::mem::offset_of!(WaveUnit, offsets), 40);
         assert_eq!(std::mem::offset_of!(WaveUnit, sink), 56);
-        assert_eq!(std::mem::offset_of!(WaveUnit, tier), 72);
+        assert_eq!(std::mem::offset_of!(WaveUnit, rank_by_size), 72);
+        assert_eq!(std::mem::offset_of!(WaveUnit, tier), 80);
     }
 }

@@ -127,12 +127,6 @@ impl BuildPlan {
 pub(crate) fn check_gpu_config(cfg: &WaveConfig) -> Result<(), CudaError> {
     cfg.validate()
         .map_err(|e| CudaError::Unsupported(format!("wave config: {e}")))?;
-    if cfg.rank_by_size {
-        return Err(CudaError::Unsupported(
-            "wave config: rank_by_size is not implemented on the GPU (the CPU backend has it)"
-                .into(),
-        ));
-    }
     if cfg.host_kv && cfg.dense_layers > 0 {
         return Err(CudaError::Unsupported(
             "wave config: host_kv with dense_layers > 0 (dense layers read every token from GPU \
@@ -152,6 +146,8 @@ pub struct StepBudgets {
     pub retrieval_cap: usize,
     /// Share of the scores the adaptive retrieval zone covers (0: fixed budget).
     pub retrieval_mass: f64,
+    /// Rank the clusters by their estimated mass (`WaveConfig::rank_by_size`).
+    pub rank_by_size: bool,
 }
 
 impl StepBudgets {
@@ -181,6 +177,7 @@ impl StepBudgets {
             estimation,
             retrieval_cap: cap,
             retrieval_mass: mass,
+            rank_by_size: cfg.rank_by_size,
         }
     }
 }
@@ -548,6 +545,8 @@ impl CudaBackend {
                         indexed_end: x.indexed_end as i32,
                         retrieval_cap: x.budgets.retrieval_cap as i32,
                         retrieval_mass: x.budgets.retrieval_mass as f32,
+                        rank_by_size: i32::from(x.budgets.rank_by_size),
+                        reserved: 0,
                         tier: if tier == 0 {
                             0
                         } else {
