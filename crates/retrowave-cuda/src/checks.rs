@@ -358,46 +358,27 @@ fn run_inner(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
     // exceed the live clusters, and one of a single chunk; then a context too long for the keys
     // to fit in shared memory.
     if section("wave selection") {
+        let mut select = |hd, nh, nkv, rows: &[(usize, usize, usize)], adaptive, by_size| {
+            check_wave_select(b, &mut rng, hd, nh, nkv, rows, adaptive, by_size)
+        };
         let rows: &[(usize, usize, usize)] = &[(8192, 205, 1900), (300, 30, 300), (97, 5, 20)];
         for &(hd, nh, nkv) in &[(128usize, 8usize, 2usize), (64, 14, 2), (128, 32, 8)] {
-            out.extend(check_wave_select(
-                b,
-                &mut rng,
-                hd,
-                nh,
-                nkv,
-                rows,
-                &[],
-                false,
-            )?);
+            out.extend(select(hd, nh, nkv, rows, &[], false)?);
         }
         let rows: &[(usize, usize, usize)] = &[(41000, 738, 9500), (513, 40, 100)];
-        out.extend(check_wave_select(b, &mut rng, 128, 8, 2, rows, &[], false)?);
+        out.extend(select(128, 8, 2, rows, &[], false)?);
         // Ranking by size (`rank_by_size`): the softmax over the logits plus ln |C_i|.
         let rows: &[(usize, usize, usize)] = &[(8192, 205, 1900), (300, 30, 100)];
         for &(hd, nh, nkv) in &[(128usize, 8usize, 2usize), (64, 9, 3)] {
-            out.extend(check_wave_select(
-                b,
-                &mut rng,
-                hd,
-                nh,
-                nkv,
-                rows,
-                &[],
-                true,
-            )?);
+            out.extend(select(hd, nh, nkv, rows, &[], true)?);
         }
         // The adaptive retrieval budget: (cap, share of the scores) per row.
         let rows: &[(usize, usize, usize)] = &[(8192, 64, 1900), (300, 5, 100), (97, 2, 20)];
         let adaptive: &[(usize, f32)] = &[(8192, 0.05), (200, 0.3), (60, 0.5)];
         for &(hd, nh, nkv) in &[(128usize, 8usize, 2usize), (64, 12, 4)] {
-            out.extend(check_wave_select(
-                b, &mut rng, hd, nh, nkv, rows, adaptive, false,
-            )?);
+            out.extend(select(hd, nh, nkv, rows, adaptive, false)?);
         }
-        out.extend(check_wave_select(
-            b, &mut rng, 128, 8, 2, rows, adaptive, true,
-        )?);
+        out.extend(select(128, 8, 2, rows, adaptive, true)?);
     }
     // The wave index build (GPU k-means) against the CPU reference, bit for bit.
     if section("wave build") {
