@@ -18,7 +18,7 @@ use retrowave_core::{
     BackendError, BatchLayout, ClusterStore, FidelitySample, HeadKey, HeadLayout, WaveConfig,
     WaveStats,
 };
-use retrowave_index::{ClusterIndex, HeadDims, KvView, ZonePlan, plan_step};
+use retrowave_index::{ClusterIndex, HeadDims, KvView, ZonePlan, plan_step, plan_step_union};
 use retrowave_store::policy::{CacheConfig, Tier, Wanted, WaveBufferPolicy};
 
 use crate::attention::CpuKv;
@@ -1002,7 +1002,12 @@ pub fn decode(
             );
             clock.lap(0);
             let (scores, logits) = (&scratch.scores, &scratch.logits);
-            let plan = plan_step(&head.index, &wave.cfg, scores, n_tokens).map_err(index_err)?;
+            let plan = if wave.cfg.union_ranking {
+                plan_step_union(&head.index, &wave.cfg, scores, logits, group, n_tokens)
+            } else {
+                plan_step(&head.index, &wave.cfg, scores, n_tokens)
+            }
+            .map_err(index_err)?;
             clock.lap(1);
             let mut st = GroupState::new(group, hd);
             let (keys, values) = kv.head_keys(layer, h);

@@ -127,6 +127,12 @@ impl BuildPlan {
 pub(crate) fn check_gpu_config(cfg: &WaveConfig) -> Result<(), CudaError> {
     cfg.validate()
         .map_err(|e| CudaError::Unsupported(format!("wave config: {e}")))?;
+    if cfg.union_ranking {
+        return Err(CudaError::Unsupported(
+            "wave config: union_ranking is not implemented on the GPU (the CPU backend has it)"
+                .into(),
+        ));
+    }
     if cfg.host_kv && cfg.dense_layers > 0 {
         return Err(CudaError::Unsupported(
             "wave config: host_kv with dense_layers > 0 (dense layers read every token from GPU \

@@ -93,6 +93,12 @@ pub struct WaveConfig {
     pub rank_by_size: bool,
     /// Least retrieval clusters of a step, whatever the fraction gives (published: 0).
     pub min_retrieval_clusters: usize,
+    /// Fill the retrieval budget (fixed or adaptive, as the summed scores give it) with each
+    /// query head's own best clusters by centroid logit, the heads of a GQA group in turn (round
+    /// robin), instead of the best by the group's summed softmax, under which a head whose
+    /// softmax sits on one cluster loses its other clusters; the estimation zone still follows
+    /// the summed score ([`crate::plan_step_union`]; CPU backend only so far; published: off).
+    pub union_ranking: bool,
     /// Adaptive retrieval: beyond the fixed budget, keep adding clusters (best first) until they
     /// hold this share of the clusters' estimated attention mass, up to
     /// `max_retrieval_fraction` of the clusters (published: 0, off).
@@ -146,6 +152,7 @@ impl WaveConfig {
             exec_buffer_ratio: 4,
             rank_by_size: false,
             min_retrieval_clusters: 0,
+            union_ranking: false,
             retrieval_mass: 0.0,
             max_retrieval_fraction: 0.0,
             dense_layers: 0,

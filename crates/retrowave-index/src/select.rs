@@ -153,3 +153,89 @@ mod timing {
         );
     }
 }
+
+/// The round-robin union ranking of [`crate::WaveConfig::union_ranking`]: raises above every
+/// other score (by more than the `group` a summed softmax can reach) the `r` clusters that the
+/// query heads choose in turn, each its next best by its own logit (`logits` is `[group][n]`,
+/// ties to the lowest id), so that they are the first `r` of any ranking by `scores`, in the
+/// order chosen. Empty clusters (`scores` of `-inf`) are never chosen; fewer than `r` live
+/// clusters are all chosen. The other scores are left as they are.
+pub fn union_boost(scores: &mut [f32], logits: &[f32], group: usize, r: usize) {
+    let n = scores.len();
+    if group == 0 || n == 0 || r == 0 {
+        return;
+    }
+    assert_eq!(logits.len(), group * n, "logits must be [group][n]");
+    let live: Vec<u32> = (0..n as u32)
+        .filter(|&c| scores[c as usize] != f32::NEG_INFINITY)
+        .collect();
+    let want = r.min(live.len());
+    // Each head's best `want` live clusters, best first.
+    let orders: Vec<Vec<u32>> = (0..group)
+        .map(|g| {
+            let lg = &logits[g * n..(g + 1) * n];
+            let better =
+                |a: &u32, b: &u32| lg[*b as usize].total_cmp(&lg[*a as usize]).then(a.cmp(b));
+            let mut ids = live.clone();
+            if want < ids.len() {
+                ids.select_nth_unstable_by(want - 1, better);
+                ids.truncate(want);
+            }
+            ids.sort_unstable_by(better);
+            ids
+        })
+        .collect();
+    let mut chosen = vec![false; n];
+    let mut picked = 0usize;
+    let top = group as f32 + 1.0;
+    'rounds: for i in 0..want {
+        for order in &orders {
+            let c = order[i] as usize;
+            if !chosen[c] {
+                chosen[c] = true;
+                scores[c] += top + (want - picked) as f32;
+                picked += 1;
+                if picked == want {
+                    break 'rounds;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod union_tests {
+    use super::*;
+
+    /// The clusters come out of the union in round-robin order, one head's concentrated softmax
+    /// cannot crowd another head's best clusters out, and empty clusters are never chosen.
+    #[test]
+    fn union_boost_takes_each_heads_best_in_turn() {
+        // 6 clusters, 2 heads; cluster 5 empty. Head 0 prefers 0 > 1 > 2, head 1 prefers 3 > 4.
+        let logits = [
+            9.0, 8.0, 7.0, 0.0, -1.0, 50.0, // head 0
+            0.0, 0.0, -5.0, 3.0, 2.0, 60.0, // head 1
+        ];
+        // Summed softmax: head 0's mass sits on 0 and 1; 3 and 4 score low.
+        let base = [1.2f32, 0.5, 0.1, 0.15, 0.05, f32::NEG_INFINITY];
+        let mut s = base;
+        union_boost(&mut s, &logits, 2, 3);
+        let mut order: Vec<usize> = (0..6).collect();
+        order.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
+        // Round robin: head 0's 0, head 1's 3, head 0's 1; then the rest by the summed score.
+        assert_eq!(order, vec![0, 3, 1, 2, 4, 5]);
+        assert_eq!(s[5], f32::NEG_INFINITY);
+        assert_eq!((s[2], s[4]), (base[2], base[4]));
+        // More wanted than live: every live cluster is chosen, the empty one is not.
+        let mut s = base;
+        union_boost(&mut s, &logits, 2, 10);
+        assert!(s[..5].iter().all(|&x| x > 3.0));
+        assert_eq!(s[5], f32::NEG_INFINITY);
+        // A head whose best clusters another head already took moves on to its next ones.
+        let same = [5.0, 4.0, 3.0, 2.0, 1.0, 0.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0];
+        let mut s = [0.1f32; 6];
+        union_boost(&mut s, &same, 2, 4);
+        let chosen: Vec<usize> = (0..6).filter(|&c| s[c] > 3.0).collect();
+        assert_eq!(chosen, vec![0, 1, 2, 3]);
+    }
+}

@@ -195,6 +195,26 @@ fn plan_from_ranked(
 /// exponent and 3 mantissa bits (buckets an eighth of an octave wide).
 const HIST_BITS: u32 = 12;
 
+/// The plan of one decode step under `cfg` with the round-robin union ranking
+/// ([`WaveConfig::union_ranking`]): the budgets from the summed `scores` as [`plan_step`] has
+/// them, the retrieval zone filled with the clusters the query heads choose in turn by their own
+/// centroid `logits` (`[group][clusters]`, see [`select::union_boost`]), the estimation zone the
+/// next clusters by summed score.
+pub fn plan_step_union(
+    index: &ClusterIndex,
+    cfg: &WaveConfig,
+    scores: &[f32],
+    logits: &[f32],
+    group: usize,
+    n_tokens: usize,
+) -> Result<ZonePlan, IndexError> {
+    check_scores(index, scores)?;
+    let budgets = index.step_budgets(cfg, scores);
+    let mut ranked = scores.to_vec();
+    select::union_boost(&mut ranked, logits, group, budgets.retrieval);
+    plan_zones_with_budgets(index, &ranked, budgets, n_tokens)
+}
+
 /// The plan of one decode step under `cfg`: the same plan as
 /// `plan_zones_with_budgets(index, scores, index.step_budgets(cfg, scores), n_tokens)`, found
 /// with less work. The clusters that could be in any zone (the top `cap + estimation` by score,
@@ -624,5 +644,92 @@ mod tests {
             ..ZonePlan::default()
         };
         assert!(beyond.token_zones(&index, 3).is_err());
+    }
+
+    /// The union planner fills the budgets of the summed scores (fixed or adaptive) with the
+    /// heads' own best clusters in turn; the estimation zone takes the next by summed score.
+    #[test]
+    fn plan_step_union_takes_each_heads_best_in_turn() {
+        let (index, _) = random_index();
+        let n = index.n_clusters();
+        let live: Vec<usize> = (0..n).filter(|&c| index.sizes()[c] > 0).collect();
+        // Head 0's softmax sits on the first four live clusters, a quarter each; head 1 prefers
+        // the last live cluster, gently (its summed score stays below those four's).
+        let last = *live.last().unwrap();
+        let logits: Vec<f32> = (0..2 * n)
+            .map(|i| {
+                let c = i % n;
+                match (i < n, live.iter().position(|&x| x == c)) {
+                    (true, Some(k)) if k < 4 => 10.0,
+                    (false, _) if c == last => 1.0,
+                    _ => 0.0,
+                }
+            })
+            .collect();
+        let mut scores = vec![f32::NEG_INFINITY; n];
+        for g in 0..2 {
+            let lg = &logits[g * n..(g + 1) * n];
+            let m = live
+                .iter()
+                .map(|&c| lg[c])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let z: f32 = live.iter().map(|&c| (lg[c] - m).exp()).sum();
+            for &c in &live {
+                let p = (lg[c] - m).exp() / z;
+                scores[c] = if g == 0 { p } else { scores[c] + p };
+            }
+        }
+        // Reference: each head's live clusters best first (ties to the lower id), in turn.
+        let order = |g: usize| {
+            let lg = &logits[g * n..(g + 1) * n];
+            let mut o = live.clone();
+            o.sort_by(|&a, &b| lg[b].total_cmp(&lg[a]).then(a.cmp(&b)));
+            o
+        };
+        let (o0, o1) = (order(0), order(1));
+        assert!(live.len() >= 6, "{live:?}");
+        for (mass, min_r) in [(0.0, 4usize), (0.6, 2)] {
+            let cfg = WaveConfig {
+                min_retrieval_clusters: min_r,
+                retrieval_fraction: 0.0,
+                estimation_fraction: 0.2,
+                retrieval_mass: mass,
+                max_retrieval_fraction: 0.5,
+                ..WaveConfig::published()
+            };
+            let budgets = index.step_budgets(&cfg, &scores);
+            let r = budgets.retrieval;
+            assert_eq!(r, 4, "mass {mass}");
+            let mut want_r = Vec::new();
+            'rounds: for i in 0..live.len() {
+                for o in [&o0, &o1] {
+                    if !want_r.contains(&o[i]) {
+                        want_r.push(o[i]);
+                        if want_r.len() == r {
+                            break 'rounds;
+                        }
+                    }
+                }
+            }
+            let mut rest: Vec<usize> = live
+                .iter()
+                .copied()
+                .filter(|c| !want_r.contains(c))
+                .collect();
+            rest.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+            let mut want_e: Vec<usize> = rest[..budgets.estimation.min(rest.len())].to_vec();
+            want_r.sort_unstable();
+            want_e.sort_unstable();
+            let plan = plan_step_union(&index, &cfg, &scores, &logits, 2, 130).unwrap();
+            let got_r: Vec<usize> = plan.retrieval.iter().map(|&c| c as usize).collect();
+            let got_e: Vec<usize> = plan.estimation.iter().map(|&c| c as usize).collect();
+            assert_eq!(got_r, want_r, "mass {mass}");
+            assert_eq!(got_e, want_e, "mass {mass}");
+            // Head 1's best clusters are in, although head 0's softmax outweighs them.
+            assert!(got_r.contains(&o1[0]));
+            // Without the union, the summed score keeps head 0's clusters.
+            let plain = plan_step(&index, &cfg, &scores, 130).unwrap();
+            assert_ne!(plain.retrieval, plan.retrieval);
+        }
     }
 }
