@@ -133,12 +133,12 @@ __device__ void logits(const WaveUnit* __restrict__ units, const float* __restri
   // as one partial of the head's softmax (no block-wide step: a warp wrote its own rows of lg).
   __syncwarp();
   const int r = warp * 32 + lane, c = chunk * WAVE_CHUNK + r;
-  const bool live = c < n && reinterpret_cast<const float*>(wu.ln_sizes)[c] != -INFINITY;
+  const float ln = c < n ? reinterpret_cast<const float*>(wu.ln_sizes)[c] : -INFINITY;
+  const bool live = ln != -INFINITY;
   const int part = chunk * (WAVE_CHUNK / 32) + warp, n_parts = n_chunks * (WAVE_CHUNK / 32);
   // Ranking by size: each head's softmax is over the logits plus ln |C_i| (the logits written
   // stay without it, for the estimation).
-  const float bias =
-      live && wu.rank_by_size ? reinterpret_cast<const float*>(wu.ln_sizes)[c] : 0.f;
+  const float bias = live && wu.rank_by_size ? ln : 0.f;
   for (int g = 0; g < G; ++g) {
     const float l = live ? lg[g * WAVE_CHUNK + r] : -INFINITY;
     if (c < max_clusters) out[((size_t)u * G + g) * max_clusters + c] = l;

@@ -158,7 +158,7 @@ def study(d, budgets, avg, iterations, stride, est_fraction, rerank=()):
                     "oracle": mass.sum(0),
                 }
                 rankings["union"] = union_ranking(clog, ne, max(budgets), rankings["centroid"])
-                ml = group_softmax_sum(maxlogit, ne)
+                ml = rankings["maxlogit"]
                 for mult in rerank:
                     base = rankings["centroid"]
                     cand = np.argsort(-base, kind="stable")

@@ -152,8 +152,6 @@ pub struct StepBudgets {
     pub retrieval_cap: usize,
     /// Share of the scores the adaptive retrieval zone covers (0: fixed budget).
     pub retrieval_mass: f64,
-    /// Rank the clusters by their estimated mass (`WaveConfig::rank_by_size`).
-    pub rank_by_size: bool,
 }
 
 impl StepBudgets {
@@ -183,7 +181,6 @@ impl StepBudgets {
             estimation,
             retrieval_cap: cap,
             retrieval_mass: mass,
-            rank_by_size: cfg.rank_by_size,
         }
     }
 }
@@ -254,6 +251,7 @@ struct IndexSig {
     sink: usize,
     indexed_end: usize,
     dense_layers: usize,
+    rank_by_size: bool,
     budgets: StepBudgets,
 }
 
@@ -510,6 +508,7 @@ impl CudaBackend {
                         sink: w.sink,
                         indexed_end: w.indexed_end,
                         dense_layers: w.cfg.dense_layers,
+                        rank_by_size: w.cfg.rank_by_size,
                         budgets,
                     }),
                 }
@@ -551,7 +550,7 @@ impl CudaBackend {
                         indexed_end: x.indexed_end as i32,
                         retrieval_cap: x.budgets.retrieval_cap as i32,
                         retrieval_mass: x.budgets.retrieval_mass as f32,
-                        rank_by_size: i32::from(x.budgets.rank_by_size),
+                        rank_by_size: i32::from(x.rank_by_size),
                         reserved: 0,
                         tier: if tier == 0 {
                             0
