@@ -56,7 +56,9 @@ struct WaveUnit {
   int rank_by_size;              // 1: rank by the softmax of scale * q . c_i + ln |C_i| (the
                                  // clusters' estimated mass; WaveConfig::rank_by_size), 0: of
                                  // scale * q . c_i alone. The logits written stay without ln |C_i|.
-  int reserved;
+  int union_ranking;             // 1: the retrieval zone is the union of each query head's best
+                                 // clusters by its own logit (WaveConfig::union_ranking; see
+                                 // wave_select), 0: the best by summed score
   unsigned long long tier;       // WaveTier* when the unit's indexed KV lives in host memory, or 0
 };
 

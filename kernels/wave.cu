@@ -18,6 +18,9 @@
 // counts[u] = {n_r, n_e} (fewer when fewer clusters are non-empty). The scores are also left in
 // scores[u][c] (f32) for checks and for the adaptive budget. Radix selection on the scores' order
 // keys (SEL_BITS bits a pass), finished by ranking the few keys of the thresholds' bins; no sort.
+// With the union ranking (WaveUnit::union_ranking) the retrieval zone is instead the union of
+// each query head's best clusters by its own logit (see union_mark), and the estimation zone the
+// next clusters by summed score.
 
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
@@ -347,6 +350,135 @@ __device__ void find_thresholds(const unsigned* kk, int n, unsigned kmin, unsign
   key[1] = pre[1];
 }
 
+// Sorts a[0 .. np) (np a power of two) descending in place: a block-wide bitonic sort (every
+// thread of the block calls it; it ends synchronised).
+template <typename T>
+__device__ void bitonic_desc(T* a, int np) {
+  const int tid = threadIdx.x;
+  for (int k = 2; k <= np; k <<= 1) {
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int i = tid; i < np; i += SEL_THREADS) {
+        const int l = i ^ j;
+        if (l > i) {
+          const T x = a[i], y = a[l];
+          const bool desc = (i & k) == 0;
+          if (desc ? x < y : x > y) {
+            a[i] = y;
+            a[l] = x;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// The smallest and largest of every thread's lo and hi, in every thread (red_*: 32 words of
+// shared memory each).
+__device__ __forceinline__ void block_minmax(unsigned& lo, unsigned& hi, unsigned* red_min,
+                                             unsigned* red_max) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  lo = __reduce_min_sync(0xffffffffu, lo);
+  hi = __reduce_max_sync(0xffffffffu, hi);
+  __syncthreads();  // earlier readers of red_* are done
+  if (lane == 0) {
+    red_min[warp] = lo;
+    red_max[warp] = hi;
+  }
+  __syncthreads();
+  lo = __reduce_min_sync(0xffffffffu, red_min[lane]);  // SEL_THREADS / 32 == 32 warps
+  hi = __reduce_max_sync(0xffffffffu, red_max[lane]);
+}
+
+// The union ranking (WaveUnit::union_ranking; retrowave_index::select::union_retrieval on the
+// CPU): marks the `want` retrieval clusters by setting their summed-score key kk[c] to `top`
+// (above every other key). Each query head g ranks the live clusters by its own logit
+// (lg_u[g * max_clusters + c]; rank: how many live clusters have a larger logit, so ties share
+// a rank); a cluster's union key is its best rank * G + that head; the `want` clusters of
+// smallest union key are chosen, ties to the lowest id (the union of each head's best k, k as
+// large as `want` allows). Per head: the want-th largest logit key (find_thresholds over kg),
+// the keys above it gathered and sorted into ss.hist, and each cluster at or above it ranked by
+// binary search; then one more threshold over the inverted union keys (in kg) and a scan that
+// breaks the ties by id. kg, mk: scratch of n keys each. want <= SEL_TOP.
+__device__ void union_mark(unsigned* kk, unsigned* kg, unsigned* mk, int n, int want, int G,
+                           const float* lns, const float* lg_u, int max_clusters, unsigned top,
+                           SelSmem& ss, unsigned* red_min, unsigned* red_max) {
+  const int tid = threadIdx.x;
+  __shared__ unsigned n_above;
+  unsigned* sorted = &ss.hist[0][0];  // 2 * SEL_BINS == SEL_TOP keys
+  for (int c = tid; c < n; c += SEL_THREADS) mk[c] = 0xffffffffu;
+  for (int g = 0; g < G; ++g) {
+    const float* lg = lg_u + (size_t)g * max_clusters;
+    unsigned lo = 0xffffffffu, hi = 0u;
+    for (int c = tid; c < n; c += SEL_THREADS) {
+      const bool live = lns[c] != -INFINITY;
+      const unsigned x = live ? order_key(lg[c]) : 0u;  // live keys are above 0 (finite logits)
+      kg[c] = x;
+      if (live) {
+        lo = min(lo, x);
+        hi = max(hi, x);
+      }
+    }
+    block_minmax(lo, hi, red_min, red_max);
+    const unsigned need[2] = {(unsigned)want, 0u};
+    unsigned thr[2], above[2];
+    find_thresholds(kg, n, lo, hi, need, ss, thr, above);
+    if (above[0] >= SEL_TOP) __trap();  // the host keeps the budget within SEL_TOP
+    if (tid == 0) n_above = 0;
+    __syncthreads();
+    for (int c = tid; c < n; c += SEL_THREADS) {
+      const unsigned x = kg[c];
+      if (x > thr[0]) sorted[atomicAdd(&n_above, 1u)] = x;
+    }
+    __syncthreads();
+    const int na = (int)n_above;
+    int np = 1;
+    while (np < na) np <<= 1;
+    for (int i = na + tid; i < np; i += SEL_THREADS) sorted[i] = 0u;
+    __syncthreads();
+    bitonic_desc(sorted, np);
+    for (int c = tid; c < n; c += SEL_THREADS) {
+      const unsigned x = kg[c];
+      if (x >= thr[0]) {
+        int a = 0, b = na;  // the first of sorted[0 .. na) not above x
+        while (a < b) {
+          const int mid = (a + b) >> 1;
+          if (sorted[mid] > x) a = mid + 1;
+          else b = mid;
+        }
+        mk[c] = min(mk[c], (unsigned)(a * G + g));
+      }
+    }
+    __syncthreads();  // sorted (the histograms) and kg are rewritten next
+  }
+  // The want smallest union keys: the want largest inverted keys (clusters in no head's best
+  // `want` invert to 0 and are never reached: head 0 alone has `want`).
+  unsigned lo = 0xffffffffu, hi = 0u;
+  for (int c = tid; c < n; c += SEL_THREADS) {
+    const unsigned x = ~mk[c];
+    kg[c] = x;
+    lo = min(lo, x);
+    hi = max(hi, x);
+  }
+  block_minmax(lo, hi, red_min, red_max);
+  const unsigned need[2] = {(unsigned)want, 0u};
+  unsigned thr[2], above[2];
+  find_thresholds(kg, n, lo, hi, need, ss, thr, above);
+  // Ties at the threshold to the lowest ids: thread t takes ids [t * per, (t + 1) * per).
+  const int per = (n + SEL_THREADS - 1) / SEL_THREADS;
+  const int c0 = min(n, tid * per), c1 = min(n, c0 + per);
+  unsigned tie = 0;
+  for (int c = c0; c < c1; ++c) tie += kg[c] == thr[0];
+  unsigned rank =
+      (unsigned)block_scan((unsigned long long)tie, ss.warp_tot, (unsigned long long*)nullptr);
+  const unsigned ties = (unsigned)want - above[0];
+  for (int c = c0; c < c1; ++c) {
+    const unsigned x = kg[c];
+    if (x > thr[0] || (x == thr[0] && rank++ < ties)) kk[c] = top;
+  }
+  __syncthreads();
+}
+
 }  // namespace wave
 
 extern "C" __global__ void __launch_bounds__(WAVE_CHUNK)
@@ -384,7 +516,8 @@ extern "C" __global__ void __launch_bounds__(WAVE_CHUNK)
 extern "C" __global__ void __launch_bounds__(SEL_THREADS)
     wave_select(const WaveUnit* units, const float* logits, const float* part_max,
                 const float* part_sum, int n_parts, int group, int max_clusters, float* scores,
-                unsigned* keys, int keys_in_smem, int* ids, int max_ids, int* counts) {
+                unsigned* keys, int keys_in_smem, int union_space, int* ids, int max_ids,
+                int* counts) {
   extern __shared__ unsigned skeys[];
   __shared__ float m_s[WAVE_MAX_G], iz_s[WAVE_MAX_G];
   __shared__ wave::SelSmem ss;
@@ -418,7 +551,9 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   }
   __syncthreads();
   SEL_T(1);
-  unsigned* kk = keys_in_smem ? skeys : keys + (size_t)u * max_clusters;
+  // The unit's keys; with union_space, two more arrays of max_clusters keys follow them (the
+  // union ranking's scratch).
+  unsigned* kk = keys_in_smem ? skeys : keys + (size_t)u * max_clusters * (union_space ? 3 : 1);
   float* sc = scores + (size_t)u * max_clusters;
   const float* lns = reinterpret_cast<const float*>(wu.ln_sizes);
   int live = 0, pos = 0;
@@ -573,22 +708,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
         while (np < cap) np <<= 1;
         for (int i = tid; i < np; i += SEL_THREADS) sorted[i] = i < cap ? top_s[i] : -INFINITY;
         __syncthreads();
-        for (int k = 2; k <= np; k <<= 1) {
-          for (int j = k >> 1; j > 0; j >>= 1) {
-            for (int i = tid; i < np; i += SEL_THREADS) {
-              const int l = i ^ j;
-              if (l > i) {
-                const float a = sorted[i], b = sorted[l];
-                const bool desc = (i & k) == 0;
-                if (desc ? a < b : a > b) {
-                  sorted[i] = b;
-                  sorted[l] = a;
-                }
-              }
-            }
-            __syncthreads();
-          }
-        }
+        wave::bitonic_desc(sorted, np);
       }
       __syncthreads();
       SEL_T(5);
@@ -622,6 +742,16 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   if (m_want == 0) {
     if (tid == 0) counts[2 * u] = counts[2 * u + 1] = 0;
     return;
+  }
+  // The union ranking: the retrieval clusters' keys raised above every other key (just above
+  // the largest, so the radix passes below start where they would have).
+  if (wu.union_ranking && r_want > 0) {
+    if (!union_space) __trap();  // the host sizes the scratch for the union ranking
+    const unsigned top = kmax == 0xffffffffu ? kmax : kmax + 1u;
+    wave::union_mark(kk, kk + max_clusters, kk + 2 * (size_t)max_clusters, n, r_want, G, lns,
+                     logits + (size_t)u * G * max_clusters, max_clusters, top, ss, red_min,
+                     red_max);
+    kmax = top;
   }
   // Both thresholds: the m-th and the r-th largest key.
   const unsigned need[2] = {(unsigned)m_want, (unsigned)max(r_want, 1)};

@@ -24,6 +24,12 @@ rankings (which `r` clusters are attended exactly)
   oracle        the clusters' true attention mass (the best any ranking can do)
   union         each query head's own best clusters by `q . c_i`, taken in turn from the heads
                 of the group (round robin) until `r` are chosen, instead of one summed score
+  quota         each query head's own best floor(r / G) clusters by `q . c_i` (G the group),
+                the rest of the `r` by the summed score
+  maxp          the largest of the heads' softmax probabilities instead of their sum
+  maxrel        the largest over the heads of `q . c_i` less the head's best `q . c_j`
+  minrank       the union of each head's best k clusters by `q . c_i`, k as large as `r`
+                allows (clusters ordered by their best rank in any head, ties by head)
 estimations (what stands for the clusters not attended exactly)
   none          nothing (they are dropped)
   default       the next `e` clusters by rank, as `|C_i|` copies of the centroid with the mean
@@ -81,6 +87,13 @@ def group_softmax_sum(x, nonempty):
     return (e / e.sum(1, keepdims=True)).sum(0)
 
 
+def group_max_softmax(x, nonempty):
+    x = np.where(nonempty, x, -np.inf)
+    x = x - x.max(1, keepdims=True)
+    e = np.exp(x)
+    return (e / e.sum(1, keepdims=True)).max(0)
+
+
 def union_ranking(clog, nonempty, r, tie):
     """A score whose best `r` are the round-robin union of each head's own best clusters by
     centroid logit (ties and the rest ordered by `tie`)."""
@@ -99,6 +112,41 @@ def union_ranking(clog, nonempty, r, tie):
     score = tie.copy()
     top = np.abs(tie[np.isfinite(tie)]).max() + 1.0
     score[chosen] = top + (want - np.arange(want))  # the round-robin order
+    return score
+
+
+def quota_ranking(clog, nonempty, r, tie):
+    """A score whose best `r` hold each head's own best floor(r / G) clusters by centroid logit,
+    then the rest by `tie` (the summed score)."""
+    g = clog.shape[0]
+    k = r // g
+    score = tie.copy()
+    if k == 0:
+        return score
+    x = np.where(nonempty, clog, -np.inf)
+    top = np.abs(tie[np.isfinite(tie)]).max() + 1.0
+    for row in x:
+        thr = np.sort(row)[::-1][min(k, int(nonempty.sum())) - 1]
+        chosen = nonempty & (row >= thr)
+        score[chosen] = np.where(score[chosen] >= top, score[chosen], score[chosen] + top)
+    return score
+
+
+def minrank_ranking(clog, nonempty, r, tie):
+    """A score whose best `r` are the clusters of smallest best rank over the heads (rank * G +
+    head), i.e. the union of each head's best k, k as large as `r` allows."""
+    g, n = clog.shape
+    orders = np.argsort(-np.where(nonempty, clog, -np.inf), axis=1, kind="stable")
+    key = np.full(n, np.inf)
+    for h, row in enumerate(orders):
+        rank = np.empty(n)
+        rank[row] = np.arange(n)
+        key = np.minimum(key, rank * g + h)
+    want = min(r, int(nonempty.sum()))
+    chosen = np.argsort(key, kind="stable")[:want]
+    score = tie.copy()
+    top = np.abs(tie[np.isfinite(tie)]).max() + 1.0
+    score[chosen] = top + (want - np.arange(want))
     return score
 
 
@@ -156,8 +204,14 @@ def study(d, budgets, avg, iterations, stride, est_fraction, rerank=()):
                     "quest": group_softmax_sum(np.maximum(qs[:, None] * kmin[None], qs[:, None] * kmax[None]).sum(2), ne),
                     "maxlogit": group_softmax_sum(maxlogit, ne),
                     "oracle": mass.sum(0),
+                    "maxp": group_max_softmax(clog, ne),
+                    "maxrel": np.where(ne, (clog - clog[:, ne].max(1, keepdims=True)).max(0), -np.inf),
                 }
-                rankings["union"] = union_ranking(clog, ne, max(budgets), rankings["centroid"])
+                per_r = {
+                    "union": union_ranking,
+                    "quota": quota_ranking,
+                    "minrank": minrank_ranking,
+                }
                 ml = rankings["maxlogit"]
                 for mult in rerank:
                     base = rankings["centroid"]
@@ -166,7 +220,10 @@ def study(d, budgets, avg, iterations, stride, est_fraction, rerank=()):
                     s[cand[: mult * budgets[0]]] = ml[cand[: mult * budgets[0]]]
                     rankings[f"rerank-{mult}"] = s
                 for r in budgets:
-                    for name, score in rankings.items():
+                    at_r = dict(rankings)
+                    for name, f in per_r.items():
+                        at_r[name] = f(clog, ne, r, rankings["centroid"])
+                    for name, score in at_r.items():
                         order = np.argsort(-score, kind="stable")
                         exact = np.concatenate([steady, idx[np.isin(a, order[:r])]])
                         covered = p[:, exact].sum(1).mean()

@@ -359,7 +359,7 @@ fn run_inner(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
     // to fit in shared memory.
     if section("wave selection") {
         let mut select = |hd, nh, nkv, rows: &[(usize, usize, usize)], adaptive, by_size| {
-            check_wave_select(b, &mut rng, hd, nh, nkv, rows, adaptive, by_size)
+            check_wave_select(b, &mut rng, hd, nh, nkv, rows, adaptive, by_size, false)
         };
         let rows: &[(usize, usize, usize)] = &[(8192, 205, 1900), (300, 30, 300), (97, 5, 20)];
         for &(hd, nh, nkv) in &[(128usize, 8usize, 2usize), (64, 14, 2), (128, 32, 8)] {
@@ -379,6 +379,30 @@ fn run_inner(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
             out.extend(select(hd, nh, nkv, rows, adaptive, false)?);
         }
         out.extend(select(128, 8, 2, rows, adaptive, true)?);
+        // The union ranking: each query head's own best clusters (groups of 4 and 7), fixed and
+        // adaptive budgets, keys in shared and in global memory.
+        let mut union = |hd, nh, nkv, rows: &[(usize, usize, usize)], adaptive| {
+            check_wave_select(b, &mut rng, hd, nh, nkv, rows, adaptive, false, true)
+        };
+        let rows: &[(usize, usize, usize)] = &[(8192, 205, 1900), (300, 30, 100), (97, 5, 20)];
+        for &(hd, nh, nkv) in &[(128usize, 8usize, 2usize), (64, 14, 2)] {
+            out.extend(union(hd, nh, nkv, rows, &[])?);
+        }
+        out.extend(union(
+            128,
+            8,
+            2,
+            &[(41000, 738, 9500), (513, 40, 100)],
+            &[],
+        )?);
+        let rows: &[(usize, usize, usize)] = &[(8192, 64, 1900), (300, 5, 100), (97, 2, 20)];
+        out.extend(union(
+            128,
+            8,
+            2,
+            rows,
+            &[(2000, 0.05), (200, 0.3), (60, 0.5)],
+        )?);
     }
     // The wave index build (GPU k-means) against the CPU reference, bit for bit.
     if section("wave build") {
@@ -413,7 +437,7 @@ fn run_inner(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
 
 /// One row of units per entry of `sizes` x KV heads: random bf16 centroids (every 11th a copy
 /// of the one before, so scores tie), every 37th cluster empty; `by_size` ranks by the clusters'
-/// estimated mass (`rank_by_size`).
+/// estimated mass (`rank_by_size`), `union` with the union ranking (`union_ranking`).
 #[allow(clippy::too_many_arguments)]
 fn check_wave_select(
     b: &CudaBackend,
@@ -424,6 +448,7 @@ fn check_wave_select(
     rows: &[(usize, usize, usize)],
     adaptive: &[(usize, f32)],
     by_size: bool,
+    union: bool,
 ) -> Result<Vec<CheckResult>, String> {
     use crate::wave::{WaveUnit, reference_split};
     let e = |x: crate::CudaError| x.to_string();
@@ -470,6 +495,7 @@ fn check_wave_select(
                 retrieval_cap: adaptive.get(row).map_or(0, |a| a.0 as i32),
                 retrieval_mass: adaptive.get(row).map_or(0.0, |a| a.1),
                 rank_by_size: i32::from(by_size),
+                union_ranking: i32::from(union),
                 ..Default::default()
             });
             keep.push((dc, dl, dm));
@@ -574,8 +600,19 @@ fn check_wave_select(
             r_ref = r_ref.max(k);
             adaptive_seen.push((r_ref, counts[2 * u] as usize, cap));
         }
-        // The zones from the GPU's own scores, exactly.
-        let (ret, est) = reference_split(got, &live, r_ref, unit.estimation as usize);
+        // The zones from the GPU's own scores (and with the union ranking its own logits),
+        // exactly.
+        let mut ranked = got.to_vec();
+        if union {
+            let lg: Vec<f32> = (0..group)
+                .flat_map(|g| {
+                    let at = (u * group + g) * sel.max_clusters;
+                    logits[at..at + n].iter().copied()
+                })
+                .collect();
+            retrowave_index::select::union_boost(&mut ranked, &lg, group, r_ref);
+        }
+        let (ret, est) = reference_split(&ranked, &live, r_ref, unit.estimation as usize);
         let (nr, ne) = (counts[2 * u] as usize, counts[2 * u + 1] as usize);
         let list = &ids[u * max_ids..];
         if nr != ret.len()
@@ -614,7 +651,11 @@ fn check_wave_select(
             });
         }
     }
-    let tag = if by_size { ", ranked by size" } else { "" };
+    let tag = match (by_size, union) {
+        (true, _) => ", ranked by size",
+        (false, true) => ", union ranking",
+        _ => "",
+    };
     let res = compare(
         format!(
             "wave scores hd{hd} {nh}/{nkv} heads, {:?} clusters{tag}",

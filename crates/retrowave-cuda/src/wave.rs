@@ -43,7 +43,11 @@ pub struct WaveUnit {
     /// attention mass, `WaveConfig::rank_by_size`); 0: of `scale * q . c_i` alone. The logits
     /// the selection leaves stay without `ln |C_i|`.
     pub rank_by_size: i32,
-    pub reserved: i32,
+    /// 1: the retrieval zone is the union of each query head's own best clusters by its logit
+    /// (`WaveConfig::union_ranking`, `retrowave_index::select::union_retrieval`), the estimation
+    /// zone the next by summed score; 0: both by summed score. The selection's scratch must be
+    /// sized for it (`union` of [`CudaBackend::wave_select_dev`]).
+    pub union_ranking: i32,
     /// `WaveTier*` of the unit when its indexed KV lives in host memory (see
     /// [`crate::wave_tier`]), or 0.
     pub tier: u64,
@@ -142,6 +146,14 @@ impl CudaBackend {
             .map(|u| u.n_clusters as usize)
             .max()
             .unwrap_or(0);
+        let union = units.iter().any(|u| u.union_ranking != 0);
+        if union && let Some(u) = units.iter().find(|u| u.retrieval as usize > SEL_TOP) {
+            return Err(CudaError::Unsupported(format!(
+                "the union ranking on the GPU takes retrieval budgets of at most {SEL_TOP} \
+                 clusters, got {}",
+                u.retrieval
+            )));
+        }
         let d_units = self.upload(units)?;
         let mut sel = self.wave_select_dev(
             dp(&d_units),
@@ -152,6 +164,7 @@ impl CudaBackend {
             n_kv,
             hd,
             max_ids,
+            union,
         )?;
         sel._units = Some(d_units);
         Ok(sel)
@@ -159,7 +172,8 @@ impl CudaBackend {
 
     /// [`CudaBackend::wave_select`] over units already on the device (`n_units` of them at
     /// `units`, none with more than `max_clusters` clusters): what a decode step uses, with
-    /// every layer's units uploaded once.
+    /// every layer's units uploaded once. `union`: some unit may use the union ranking (its
+    /// scratch is three times the keys).
     #[allow(clippy::too_many_arguments)]
     pub fn wave_select_dev(
         &self,
@@ -171,6 +185,7 @@ impl CudaBackend {
         n_kv: usize,
         hd: usize,
         max_ids: usize,
+        union: bool,
     ) -> Result<WaveSelection, CudaError> {
         if n_kv == 0 || !n_heads.is_multiple_of(n_kv) || n_heads / n_kv > WAVE_MAX_G {
             return Err(CudaError::Unsupported(format!(
@@ -197,7 +212,8 @@ impl CudaBackend {
         let part_max = self.alloc::<f32>(n_units * group * n_parts)?;
         let part_sum = self.alloc::<f32>(n_units * group * n_parts)?;
         let scores = self.alloc::<f32>(n_units * max_clusters)?;
-        let keys = self.alloc::<u32>(n_units * max_clusters)?;
+        let arrays = if union { 3 } else { 1 };
+        let keys = self.alloc::<u32>(n_units * max_clusters * arrays)?;
         let ids = self.alloc::<i32>(n_units * max_ids)?;
         let counts = self.alloc::<i32>(n_units * 2)?;
         let (mut a_units, mut a_q) = (units, q);
@@ -228,8 +244,9 @@ impl CudaBackend {
             ],
         )?;
         let (mut nch, mut grp, mut mi) = (n_parts as i32, group as i32, max_ids as i32);
-        let smem = max_clusters * 4;
+        let smem = max_clusters * 4 * arrays;
         let mut in_smem = i32::from(smem <= WAVE_SELECT_SMEM);
+        let mut union_space = i32::from(union);
         let (mut a_s, mut a_k, mut a_i, mut a_c) = (dp(&scores), dp(&keys), dp(&ids), dp(&counts));
         self.launch(
             "wave_select",
@@ -249,6 +266,7 @@ impl CudaBackend {
                 ptr_of(&mut a_s),
                 ptr_of(&mut a_k),
                 ptr_of(&mut in_smem),
+                ptr_of(&mut union_space),
                 ptr_of(&mut a_i),
                 ptr_of(&mut mi),
                 ptr_of(&mut a_c),
@@ -584,6 +602,7 @@ mod tests {
         assert_eq!(std::mem::offset_of!(WaveUnit, offsets), 40);
         assert_eq!(std::mem::offset_of!(WaveUnit, sink), 56);
         assert_eq!(std::mem::offset_of!(WaveUnit, rank_by_size), 72);
+        assert_eq!(std::mem::offset_of!(WaveUnit, union_ranking), 76);
         assert_eq!(std::mem::offset_of!(WaveUnit, tier), 80);
     }
 }

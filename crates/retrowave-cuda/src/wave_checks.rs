@@ -143,6 +143,7 @@ fn step_selection(
             nkv,
             hd,
             ws.max_ids,
+            ws.union,
         )
         .map_err(s_)?;
     let ids = b.download(&sel.ids, sel.ids.len()).map_err(s_)?;

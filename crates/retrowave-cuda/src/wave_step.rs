@@ -127,12 +127,6 @@ impl BuildPlan {
 pub(crate) fn check_gpu_config(cfg: &WaveConfig) -> Result<(), CudaError> {
     cfg.validate()
         .map_err(|e| CudaError::Unsupported(format!("wave config: {e}")))?;
-    if cfg.union_ranking {
-        return Err(CudaError::Unsupported(
-            "wave config: union_ranking is not implemented on the GPU (the CPU backend has it)"
-                .into(),
-        ));
-    }
     if cfg.host_kv && cfg.dense_layers > 0 {
         return Err(CudaError::Unsupported(
             "wave config: host_kv with dense_layers > 0 (dense layers read every token from GPU \
@@ -199,6 +193,8 @@ pub struct WaveStepUnits {
     pub list_cap: usize,
     /// Whether some unit reads through a host tier (the step copies its misses in).
     pub tiers: bool,
+    /// Whether some unit uses the union ranking (the selection sizes its scratch for it).
+    pub union: bool,
 }
 
 impl WaveStepUnits {
@@ -252,6 +248,7 @@ struct IndexSig {
     indexed_end: usize,
     dense_layers: usize,
     rank_by_size: bool,
+    union_ranking: bool,
     budgets: StepBudgets,
 }
 
@@ -509,6 +506,7 @@ impl CudaBackend {
                         indexed_end: w.indexed_end,
                         dense_layers: w.cfg.dense_layers,
                         rank_by_size: w.cfg.rank_by_size,
+                        union_ranking: w.cfg.union_ranking,
                         budgets,
                     }),
                 }
@@ -551,7 +549,7 @@ impl CudaBackend {
                         retrieval_cap: x.budgets.retrieval_cap as i32,
                         retrieval_mass: x.budgets.retrieval_mass as f32,
                         rank_by_size: i32::from(x.rank_by_size),
-                        reserved: 0,
+                        union_ranking: i32::from(x.union_ranking),
                         tier: if tier == 0 {
                             0
                         } else {
@@ -590,6 +588,22 @@ impl CudaBackend {
         let tiers = sig
             .iter()
             .any(|r| r.index.as_ref().is_some_and(|x| x.arrays[5] != 0));
+        let union = sig
+            .iter()
+            .any(|r| r.index.as_ref().is_some_and(|x| x.union_ranking));
+        if let Some(x) = sig
+            .iter()
+            .filter_map(|r| r.index.as_ref())
+            .find(|x| x.union_ranking && x.budgets.retrieval > crate::wave::SEL_TOP)
+        {
+            return Err(CudaError::Unsupported(format!(
+                "the union ranking on the GPU takes retrieval budgets of at most {} clusters, \
+                 got {} ({} clusters)",
+                crate::wave::SEL_TOP,
+                x.budgets.retrieval,
+                x.n_clusters
+            )));
+        }
         let host = Self::wave_units_host(&sig, n_layers, n_kv, hd);
         let dev = self.upload(&host)?;
         let s = std::sync::Arc::new(WaveStepUnits {
@@ -601,6 +615,7 @@ impl CudaBackend {
             max_ids,
             list_cap,
             tiers,
+            union,
         });
         *slot = Some(s.clone());
         Ok(s)
@@ -629,6 +644,7 @@ impl CudaBackend {
             n_kv,
             hd,
             ws.max_ids,
+            ws.union,
         )?;
         // The token lists (and the tiers' cache policy) on the side stream, beside the
         // estimation: both read only the selection, and each alone leaves most of the GPU idle.

@@ -93,11 +93,12 @@ pub struct WaveConfig {
     pub rank_by_size: bool,
     /// Least retrieval clusters of a step, whatever the fraction gives (published: 0).
     pub min_retrieval_clusters: usize,
-    /// Fill the retrieval budget (fixed or adaptive, as the summed scores give it) with each
-    /// query head's own best clusters by centroid logit, the heads of a GQA group in turn (round
-    /// robin), instead of the best by the group's summed softmax, under which a head whose
-    /// softmax sits on one cluster loses its other clusters; the estimation zone still follows
-    /// the summed score ([`crate::plan_step_union`]; CPU backend only so far; published: off).
+    /// Fill the retrieval budget (fixed or adaptive, as the summed scores give it) with the
+    /// union of each query head's own best clusters by centroid logit (each head's best `k`, `k`
+    /// as large as the budget allows; [`crate::select::union_retrieval`]) instead of the best by
+    /// the group's summed softmax, under which a head whose softmax sits on one cluster loses its
+    /// other clusters; the estimation zone still follows the summed score
+    /// ([`crate::plan_step_union`]; published: off).
     pub union_ranking: bool,
     /// Adaptive retrieval: beyond the fixed budget, keep adding clusters (best first) until they
     /// hold this share of the clusters' estimated attention mass, up to

@@ -35,6 +35,6 @@ pub use index::{ClusterIndex, IndexError};
 pub use kmeans::{Clustering, Segment, kmeans, kmeans_segments, segments};
 pub use kv::{HeadDims, KvView, ShapeError};
 pub use zones::{
-    Zone, ZonePlan, plan_step, plan_step_union, plan_zones, plan_zones_with_budgets,
-    score_clusters, score_clusters_cfg,
+    Zone, ZonePlan, plan_step, plan_step_union, plan_step_union_reference, plan_zones,
+    plan_zones_with_budgets, score_clusters, score_clusters_cfg,
 };

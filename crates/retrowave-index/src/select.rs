@@ -154,52 +154,68 @@ mod timing {
     }
 }
 
-/// The round-robin union ranking of [`crate::WaveConfig::union_ranking`]: raises above every
-/// other score (by more than the `group` a summed softmax can reach) the `r` clusters that the
-/// query heads choose in turn, each its next best by its own logit (`logits` is `[group][n]`,
-/// ties to the lowest id), so that they are the first `r` of any ranking by `scores`, in the
-/// order chosen. Empty clusters (`scores` of `-inf`) are never chosen; fewer than `r` live
-/// clusters are all chosen. The other scores are left as they are.
-pub fn union_boost(scores: &mut [f32], logits: &[f32], group: usize, r: usize) {
-    let n = scores.len();
-    if group == 0 || n == 0 || r == 0 {
-        return;
-    }
-    assert_eq!(logits.len(), group * n, "logits must be [group][n]");
-    let live: Vec<u32> = (0..n as u32)
-        .filter(|&c| scores[c as usize] != f32::NEG_INFINITY)
-        .collect();
+/// The retrieval clusters of the union ranking ([`crate::WaveConfig::union_ranking`]): the
+/// union of each query head's own best `k` clusters by centroid logit, `k` as large as `r`
+/// allows. Each head ranks the `live` clusters (ascending ids) by its logit (`logits` is
+/// `[group][n]`; a cluster's rank is how many live clusters have a larger logit, so ties share
+/// a rank); a cluster's union key is its best rank times `group` plus that head; the `r`
+/// clusters of smallest key are chosen (ties to the lowest id), in ascending id order. Fewer than
+/// `r` live clusters are all chosen. O(group x n): a radix selection and one pass a head.
+pub fn union_retrieval(live: &[u32], logits: &[f32], group: usize, r: usize) -> Vec<u32> {
     let want = r.min(live.len());
-    // Each head's best `want` live clusters, best first.
-    let orders: Vec<Vec<u32>> = (0..group)
-        .map(|g| {
-            let lg = &logits[g * n..(g + 1) * n];
-            let better =
-                |a: &u32, b: &u32| lg[*b as usize].total_cmp(&lg[*a as usize]).then(a.cmp(b));
-            let mut ids = live.clone();
-            if want < ids.len() {
-                ids.select_nth_unstable_by(want - 1, better);
-                ids.truncate(want);
-            }
-            ids.sort_unstable_by(better);
-            ids
-        })
-        .collect();
-    let mut chosen = vec![false; n];
-    let mut picked = 0usize;
-    let top = group as f32 + 1.0;
-    'rounds: for i in 0..want {
-        for order in &orders {
-            let c = order[i] as usize;
-            if !chosen[c] {
-                chosen[c] = true;
-                scores[c] += top + (want - picked) as f32;
-                picked += 1;
-                if picked == want {
-                    break 'rounds;
-                }
+    if group == 0 || want == 0 {
+        return Vec::new();
+    }
+    assert_eq!(logits.len() % group, 0, "logits must be [group][n]");
+    let n = logits.len() / group;
+    let mut best = vec![u32::MAX; live.len()];
+    let mut keys = vec![0u32; live.len()];
+    let mut above: Vec<u32> = Vec::with_capacity(want);
+    for g in 0..group {
+        let lg = &logits[g * n..(g + 1) * n];
+        for (k, &c) in keys.iter_mut().zip(live) {
+            *k = order_key(lg[c as usize]);
+        }
+        let (t, _) = kth_largest(&keys, want).expect("want is at most the live clusters");
+        above.clear();
+        above.extend(keys.iter().copied().filter(|&k| k > t));
+        above.sort_unstable_by(|a, b| b.cmp(a));
+        for (b, &k) in best.iter_mut().zip(&keys) {
+            if k >= t {
+                let rank = above.partition_point(|&x| x > k) as u32;
+                *b = (*b).min(rank * group as u32 + g as u32);
             }
         }
+    }
+    // The `want` smallest union keys, ties to the lowest id: the largest inverted keys (clusters
+    // in no head's best `want` invert to 0 and are never reached: head 0 alone has `want`).
+    for b in &mut best {
+        *b = !*b;
+    }
+    let (t, above) = kth_largest(&best, want).expect("want is at most the live clusters");
+    let mut ties = want - above;
+    let mut out = Vec::with_capacity(want);
+    for (&c, &k) in live.iter().zip(&best) {
+        let tie = k == t && ties > 0;
+        ties -= usize::from(tie);
+        if k > t || tie {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// [`union_retrieval`] as a ranking: raises the chosen clusters' `scores` above every other
+/// score (by more than the `group` a summed softmax can reach), so that they are the first `r`
+/// of any ranking by `scores`. Live clusters are those whose score is not `-inf`; the other
+/// scores are left as they are.
+pub fn union_boost(scores: &mut [f32], logits: &[f32], group: usize, r: usize) {
+    let live: Vec<u32> = (0..scores.len() as u32)
+        .filter(|&c| scores[c as usize] != f32::NEG_INFINITY)
+        .collect();
+    let top = 2.0 * group as f32 + 2.0;
+    for c in union_retrieval(&live, logits, group, r) {
+        scores[c as usize] += top;
     }
 }
 
@@ -207,10 +223,11 @@ pub fn union_boost(scores: &mut [f32], logits: &[f32], group: usize, r: usize) {
 mod union_tests {
     use super::*;
 
-    /// The clusters come out of the union in round-robin order, one head's concentrated softmax
-    /// cannot crowd another head's best clusters out, and empty clusters are never chosen.
+    /// The union of each head's best `k`, `k` as large as `r` allows: one head's concentrated
+    /// softmax cannot crowd another head's best clusters out, ties in a head share a rank, the
+    /// last level goes by head then id, and empty clusters are never chosen.
     #[test]
-    fn union_boost_takes_each_heads_best_in_turn() {
+    fn union_takes_each_heads_best_k() {
         // 6 clusters, 2 heads; cluster 5 empty. Head 0 prefers 0 > 1 > 2, head 1 prefers 3 > 4.
         let logits = [
             9.0, 8.0, 7.0, 0.0, -1.0, 50.0, // head 0
@@ -218,24 +235,36 @@ mod union_tests {
         ];
         // Summed softmax: head 0's mass sits on 0 and 1; 3 and 4 score low.
         let base = [1.2f32, 0.5, 0.1, 0.15, 0.05, f32::NEG_INFINITY];
+        let live = [0u32, 1, 2, 3, 4];
+        // Keys: rank x 2 + head. Head 0: 0 -> 0, 1 -> 2, 2 -> 4; head 1: 3 -> 1, 4 -> 3.
+        assert_eq!(union_retrieval(&live, &logits, 2, 1), vec![0]);
+        assert_eq!(union_retrieval(&live, &logits, 2, 2), vec![0, 3]);
+        assert_eq!(union_retrieval(&live, &logits, 2, 3), vec![0, 1, 3]);
+        assert_eq!(union_retrieval(&live, &logits, 2, 4), vec![0, 1, 3, 4]);
         let mut s = base;
         union_boost(&mut s, &logits, 2, 3);
         let mut order: Vec<usize> = (0..6).collect();
         order.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
-        // Round robin: head 0's 0, head 1's 3, head 0's 1; then the rest by the summed score.
-        assert_eq!(order, vec![0, 3, 1, 2, 4, 5]);
+        assert_eq!(&order[..3], &[0, 1, 3]);
+        assert_eq!(&order[3..], &[2, 4, 5]);
         assert_eq!(s[5], f32::NEG_INFINITY);
         assert_eq!((s[2], s[4]), (base[2], base[4]));
         // More wanted than live: every live cluster is chosen, the empty one is not.
         let mut s = base;
         union_boost(&mut s, &logits, 2, 10);
-        assert!(s[..5].iter().all(|&x| x > 3.0));
+        assert!(s[..5].iter().all(|&x| x > 4.0));
         assert_eq!(s[5], f32::NEG_INFINITY);
-        // A head whose best clusters another head already took moves on to its next ones.
+        // Heads that agree: the union of the best k is each head's best k.
         let same = [5.0, 4.0, 3.0, 2.0, 1.0, 0.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0];
-        let mut s = [0.1f32; 6];
-        union_boost(&mut s, &same, 2, 4);
-        let chosen: Vec<usize> = (0..6).filter(|&c| s[c] > 3.0).collect();
-        assert_eq!(chosen, vec![0, 1, 2, 3]);
+        let all = [0u32, 1, 2, 3, 4, 5];
+        assert_eq!(union_retrieval(&all, &same, 2, 4), vec![0, 1, 2, 3]);
+        // Ties within a head share a rank: 0 and 1 both have head 0's rank 0 (key 0) and come
+        // before head 1's best, 3 (key 1); cluster 2 has head 0's rank 2 (key 4), after head
+        // 1's second, 4 (key 3). Equal keys go to the lowest id.
+        let tied = [7.0, 7.0, 6.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.5, 0.0];
+        assert_eq!(union_retrieval(&all, &tied, 2, 1), vec![0]);
+        assert_eq!(union_retrieval(&all, &tied, 2, 3), vec![0, 1, 3]);
+        assert_eq!(union_retrieval(&all, &tied, 2, 4), vec![0, 1, 3, 4]);
+        assert_eq!(union_retrieval(&all, &tied, 2, 5), vec![0, 1, 2, 3, 4]);
     }
 }

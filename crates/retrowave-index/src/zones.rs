@@ -195,11 +195,11 @@ fn plan_from_ranked(
 /// exponent and 3 mantissa bits (buckets an eighth of an octave wide).
 const HIST_BITS: u32 = 12;
 
-/// The plan of one decode step under `cfg` with the round-robin union ranking
+/// The plan of one decode step under `cfg` with the union ranking
 /// ([`WaveConfig::union_ranking`]): the budgets from the summed `scores` as [`plan_step`] has
-/// them, the retrieval zone filled with the clusters the query heads choose in turn by their own
-/// centroid `logits` (`[group][clusters]`, see [`select::union_boost`]), the estimation zone the
-/// next clusters by summed score.
+/// them; the retrieval zone the union of each query head's own best clusters by centroid `logits`
+/// (`[group][clusters]`, see [`select::union_retrieval`]); the estimation zone the next clusters
+/// by summed score. The same plan as [`plan_step_union_reference`], with less work.
 pub fn plan_step_union(
     index: &ClusterIndex,
     cfg: &WaveConfig,
@@ -208,11 +208,38 @@ pub fn plan_step_union(
     group: usize,
     n_tokens: usize,
 ) -> Result<ZonePlan, IndexError> {
+    check_logits(index, logits, group)?;
+    plan_step_inner(index, cfg, scores, n_tokens, Some((logits, group)))
+}
+
+/// [`plan_step_union`] the plain way: the budgets of [`ClusterIndex::step_budgets`], the chosen
+/// clusters' scores raised above all others ([`select::union_boost`]), then
+/// [`plan_zones_with_budgets`].
+pub fn plan_step_union_reference(
+    index: &ClusterIndex,
+    cfg: &WaveConfig,
+    scores: &[f32],
+    logits: &[f32],
+    group: usize,
+    n_tokens: usize,
+) -> Result<ZonePlan, IndexError> {
     check_scores(index, scores)?;
+    check_logits(index, logits, group)?;
     let budgets = index.step_budgets(cfg, scores);
     let mut ranked = scores.to_vec();
     select::union_boost(&mut ranked, logits, group, budgets.retrieval);
     plan_zones_with_budgets(index, &ranked, budgets, n_tokens)
+}
+
+/// `group` rows of one logit per cluster of `index`, or the error that says otherwise.
+fn check_logits(index: &ClusterIndex, logits: &[f32], group: usize) -> Result<(), IndexError> {
+    if group == 0 || logits.len() != group * index.n_clusters() {
+        return Err(IndexError::ScoresLen {
+            got: logits.len(),
+            clusters: group * index.n_clusters(),
+        });
+    }
+    Ok(())
 }
 
 /// The plan of one decode step under `cfg`: the same plan as
@@ -226,6 +253,17 @@ pub fn plan_step(
     cfg: &WaveConfig,
     scores: &[f32],
     n_tokens: usize,
+) -> Result<ZonePlan, IndexError> {
+    plan_step_inner(index, cfg, scores, n_tokens, None)
+}
+
+/// [`plan_step`], or with `union` (`logits`, `group`) [`plan_step_union`].
+fn plan_step_inner(
+    index: &ClusterIndex,
+    cfg: &WaveConfig,
+    scores: &[f32],
+    n_tokens: usize,
+    union: Option<(&[f32], usize)>,
 ) -> Result<ZonePlan, IndexError> {
     check_scores(index, scores)?;
     let (base, updates) = (index.base_clusters(), index.updates());
@@ -258,12 +296,21 @@ pub fn plan_step(
     }
     let (live, total) = live_total.finish();
     if unusual {
-        let budgets = index.step_budgets(cfg, scores);
-        return plan_zones_with_budgets(index, scores, budgets, n_tokens);
+        return match union {
+            Some((logits, group)) => {
+                plan_step_union_reference(index, cfg, scores, logits, group, n_tokens)
+            }
+            None => {
+                let budgets = index.step_budgets(cfg, scores);
+                plan_zones_with_budgets(index, scores, budgets, n_tokens)
+            }
+        };
     }
     ids.truncate(w);
     keys.truncate(w);
     let n_live = ids.len();
+    // The union ranking looks at every live cluster, not only the summed score's candidates.
+    let live_ids = union.map(|_| ids.clone());
     let most = cap
         .unwrap_or(0)
         .max(fixed.retrieval)
@@ -316,7 +363,28 @@ pub fn plan_step(
             budgets.retrieval = budgets.retrieval.max(cfg.covering(&mut top, total));
         }
     }
-    plan_from_ranked(index, scores, budgets, n_tokens, n_live, ids)
+    let (Some((logits, group)), Some(live_ids)) = (union, live_ids) else {
+        return plan_from_ranked(index, scores, budgets, n_tokens, n_live, ids);
+    };
+    // The retrieval zone from the heads' own logits; the estimation zone the best of the
+    // candidates left by summed score (the candidates hold the top `r + e` summed scores, so at
+    // least `e` of them are not retrieved).
+    let retrieval = select::union_retrieval(&live_ids, logits, group, budgets.retrieval);
+    let mut plan = plan_from_ranked(
+        index,
+        scores,
+        Budgets {
+            retrieval: 0,
+            estimation: budgets.estimation.min(n_live - retrieval.len()),
+        },
+        n_tokens,
+        n_live,
+        ids.into_iter()
+            .filter(|c| retrieval.binary_search(c).is_err())
+            .collect(),
+    )?;
+    plan.retrieval = retrieval;
+    Ok(plan)
 }
 
 /// Puts the top `r` of `ids` (by score descending, then id ascending: a total order, since ids
@@ -646,22 +714,49 @@ mod tests {
         assert!(beyond.token_zones(&index, 3).is_err());
     }
 
-    /// The union planner fills the budgets of the summed scores (fixed or adaptive) with the
-    /// heads' own best clusters in turn; the estimation zone takes the next by summed score.
+    /// The union retrieval by brute force: each head's competition rank of every live cluster by
+    /// counting, the union key `rank * group + head`, then a sort by (key, id).
+    fn union_brute(live: &[usize], logits: &[f32], group: usize, r: usize) -> Vec<usize> {
+        let n = logits.len() / group;
+        let mut keyed: Vec<(usize, usize)> = live
+            .iter()
+            .map(|&c| {
+                let key = (0..group)
+                    .map(|g| {
+                        let lg = &logits[g * n..(g + 1) * n];
+                        let rank = live
+                            .iter()
+                            .filter(|&&o| lg[o].total_cmp(&lg[c]).is_gt())
+                            .count();
+                        rank * group + g
+                    })
+                    .min()
+                    .unwrap();
+                (key, c)
+            })
+            .collect();
+        keyed.sort_unstable();
+        let mut out: Vec<usize> = keyed.iter().take(r).map(|&(_, c)| c).collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// The union planner fills the budget of the summed scores (fixed or adaptive) with the
+    /// union of the heads' own best clusters; the estimation zone takes the next by summed score.
     #[test]
-    fn plan_step_union_takes_each_heads_best_in_turn() {
+    fn plan_step_union_takes_each_heads_best() {
         let (index, _) = random_index();
         let n = index.n_clusters();
         let live: Vec<usize> = (0..n).filter(|&c| index.sizes()[c] > 0).collect();
-        // Head 0's softmax sits on the first four live clusters, a quarter each; head 1 prefers
-        // the last live cluster, gently (its summed score stays below those four's).
+        // Head 0's softmax sits on the first four live clusters; head 1 prefers the last live
+        // cluster, gently (its summed score stays below those four's).
         let last = *live.last().unwrap();
         let logits: Vec<f32> = (0..2 * n)
             .map(|i| {
                 let c = i % n;
                 match (i < n, live.iter().position(|&x| x == c)) {
-                    (true, Some(k)) if k < 4 => 10.0,
-                    (false, _) if c == last => 1.0,
+                    (true, Some(k)) if k < 4 => 10.0 - 0.2 * k as f32,
+                    (false, _) if c == last => 0.5,
                     _ => 0.0,
                 }
             })
@@ -679,16 +774,8 @@ mod tests {
                 scores[c] = if g == 0 { p } else { scores[c] + p };
             }
         }
-        // Reference: each head's live clusters best first (ties to the lower id), in turn.
-        let order = |g: usize| {
-            let lg = &logits[g * n..(g + 1) * n];
-            let mut o = live.clone();
-            o.sort_by(|&a, &b| lg[b].total_cmp(&lg[a]).then(a.cmp(&b)));
-            o
-        };
-        let (o0, o1) = (order(0), order(1));
         assert!(live.len() >= 6, "{live:?}");
-        for (mass, min_r) in [(0.0, 4usize), (0.6, 2)] {
+        for (mass, min_r) in [(0.0, 4usize), (0.7, 2)] {
             let cfg = WaveConfig {
                 min_retrieval_clusters: min_r,
                 retrieval_fraction: 0.0,
@@ -700,17 +787,10 @@ mod tests {
             let budgets = index.step_budgets(&cfg, &scores);
             let r = budgets.retrieval;
             assert_eq!(r, 4, "mass {mass}");
-            let mut want_r = Vec::new();
-            'rounds: for i in 0..live.len() {
-                for o in [&o0, &o1] {
-                    if !want_r.contains(&o[i]) {
-                        want_r.push(o[i]);
-                        if want_r.len() == r {
-                            break 'rounds;
-                        }
-                    }
-                }
-            }
+            // Head 0's two best (keys 0, 2), head 1's best (key 1), then the lowest id of head
+            // 1's tied second rank (key 3): live[2].
+            let want_r = vec![live[0], live[1], live[2], last];
+            assert_eq!(union_brute(&live, &logits, 2, r), want_r);
             let mut rest: Vec<usize> = live
                 .iter()
                 .copied()
@@ -718,18 +798,67 @@ mod tests {
                 .collect();
             rest.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
             let mut want_e: Vec<usize> = rest[..budgets.estimation.min(rest.len())].to_vec();
-            want_r.sort_unstable();
             want_e.sort_unstable();
             let plan = plan_step_union(&index, &cfg, &scores, &logits, 2, 130).unwrap();
             let got_r: Vec<usize> = plan.retrieval.iter().map(|&c| c as usize).collect();
             let got_e: Vec<usize> = plan.estimation.iter().map(|&c| c as usize).collect();
             assert_eq!(got_r, want_r, "mass {mass}");
             assert_eq!(got_e, want_e, "mass {mass}");
-            // Head 1's best clusters are in, although head 0's softmax outweighs them.
-            assert!(got_r.contains(&o1[0]));
-            // Without the union, the summed score keeps head 0's clusters.
+            let reference =
+                plan_step_union_reference(&index, &cfg, &scores, &logits, 2, 130).unwrap();
+            assert_eq!(plan, reference);
+            // Without the union, the summed score keeps head 0's four clusters.
             let plain = plan_step(&index, &cfg, &scores, 130).unwrap();
-            assert_ne!(plain.retrieval, plan.retrieval);
+            assert_ne!(plain.retrieval, plan.retrieval, "{live:?} {scores:?}");
+        }
+        // Logits of the wrong length are an error.
+        assert!(
+            plan_step_union(
+                &index,
+                &WaveConfig::published(),
+                &scores,
+                &logits[1..],
+                2,
+                130
+            )
+            .is_err()
+        );
+    }
+
+    proptest::proptest! {
+        /// The fused union planner gives the reference's plan (union boost, then the plain
+        /// planner), and its retrieval zone is the brute-force union, with tied logits, fixed or
+        /// adaptive budgets and groups of 1 to 4 heads.
+        #[test]
+        fn plan_step_union_equals_reference(
+            raw in proptest::collection::vec(0u8..40, 40),
+            lraw in proptest::collection::vec(0u8..9, 160),
+            group in 1usize..5,
+            mass in 0.0f64..=1.0,
+            min_r in 0usize..40,
+            estimation in 0.0f64..0.5,
+        ) {
+            let (index, _) = random_index();
+            let n = index.n_clusters();
+            let scores: Vec<f32> = (0..n)
+                .map(|c| if index.sizes()[c] == 0 { f32::NEG_INFINITY } else { f32::from(raw[c % 40] % 9) * 0.1 })
+                .collect();
+            let logits: Vec<f32> = (0..group * n).map(|i| f32::from(lraw[i % 160]) - 4.0).collect();
+            let cfg = WaveConfig {
+                retrieval_fraction: 0.0,
+                estimation_fraction: estimation,
+                min_retrieval_clusters: min_r,
+                retrieval_mass: if mass < 0.2 { 0.0 } else { mass },
+                max_retrieval_fraction: 0.5,
+                ..WaveConfig::published()
+            };
+            let want = plan_step_union_reference(&index, &cfg, &scores, &logits, group, 130).unwrap();
+            let got = plan_step_union(&index, &cfg, &scores, &logits, group, 130).unwrap();
+            proptest::prop_assert_eq!(&got, &want);
+            let live: Vec<usize> = (0..n).filter(|&c| index.sizes()[c] > 0).collect();
+            let r = index.step_budgets(&cfg, &scores).retrieval;
+            let brute: Vec<u32> = union_brute(&live, &logits, group, r).iter().map(|&c| c as u32).collect();
+            proptest::prop_assert_eq!(&got.retrieval, &brute);
         }
     }
 }

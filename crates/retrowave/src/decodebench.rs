@@ -249,6 +249,7 @@ fn stage_bench(
             nkv,
             hd,
             ws.max_ids,
+            ws.union,
         )
     };
     let t_sel = median(&time_us(&s, w, r, || sel_f().map(|_| ()))?);
