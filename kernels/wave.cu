@@ -19,8 +19,8 @@
 // scores[u][c] (f32) for checks and for the adaptive budget. Radix selection on the scores' order
 // keys (SEL_BITS bits a pass), finished by ranking the few keys of the thresholds' bins; no sort.
 // With the union ranking (WaveUnit::union_ranking) the retrieval zone is instead the union of
-// each query head's best clusters by its own logit (see union_mark), and the estimation zone the
-// next clusters by summed score.
+// each query head's best clusters by its own logit (wave_union_rank ranks each head's clusters,
+// union_pick takes the best), and the estimation zone the next clusters by summed score.
 
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
@@ -390,72 +390,22 @@ __device__ __forceinline__ void block_minmax(unsigned& lo, unsigned& hi, unsigne
   hi = __reduce_max_sync(0xffffffffu, red_max[lane]);
 }
 
-// The union ranking (WaveUnit::union_ranking; retrowave_index::select::union_retrieval on the
-// CPU): marks the `want` retrieval clusters by setting their summed-score key kk[c] to `top`
-// (above every other key). Each query head g ranks the live clusters by its own logit
-// (lg_u[g * max_clusters + c]; rank: how many live clusters have a larger logit, so ties share
-// a rank); a cluster's union key is its best rank * G + that head; the `want` clusters of
-// smallest union key are chosen, ties to the lowest id (the union of each head's best k, k as
-// large as `want` allows). Per head: the want-th largest logit key (find_thresholds over kg),
-// the keys above it gathered and sorted into ss.hist, and each cluster at or above it ranked by
-// binary search; then one more threshold over the inverted union keys (in kg) and a scan that
-// breaks the ties by id. kg, mk: scratch of n keys each. want <= SEL_TOP.
-__device__ void union_mark(unsigned* kk, unsigned* kg, unsigned* mk, int n, int want, int G,
-                           const float* lns, const float* lg_u, int max_clusters, unsigned top,
-                           SelSmem& ss, unsigned* red_min, unsigned* red_max) {
+// The union ranking's pick (WaveUnit::union_ranking; retrowave_index::select::union_retrieval on
+// the CPU): ranks holds, per query head g of the unit, ranks[g * max_clusters + c] = the
+// cluster's union key in that head (its rank * G + g; see wave_union_rank) or ~0. The `want`
+// clusters of smallest union key over the heads (ties to the lowest id) get their summed-score
+// key kk[c] set to `top` (above every other key). kg: scratch of n keys (may be ranks' row 0).
+__device__ void union_pick(unsigned* kk, unsigned* kg, const unsigned* ranks, int n, int want,
+                           int G, int max_clusters, unsigned top, SelSmem& ss, unsigned* red_min,
+                           unsigned* red_max) {
   const int tid = threadIdx.x;
-  __shared__ unsigned n_above;
-  unsigned* sorted = &ss.hist[0][0];  // 2 * SEL_BINS == SEL_TOP keys
-  for (int c = tid; c < n; c += SEL_THREADS) mk[c] = 0xffffffffu;
-  for (int g = 0; g < G; ++g) {
-    const float* lg = lg_u + (size_t)g * max_clusters;
-    unsigned lo = 0xffffffffu, hi = 0u;
-    for (int c = tid; c < n; c += SEL_THREADS) {
-      const bool live = lns[c] != -INFINITY;
-      const unsigned x = live ? order_key(lg[c]) : 0u;  // live keys are above 0 (finite logits)
-      kg[c] = x;
-      if (live) {
-        lo = min(lo, x);
-        hi = max(hi, x);
-      }
-    }
-    block_minmax(lo, hi, red_min, red_max);
-    const unsigned need[2] = {(unsigned)want, 0u};
-    unsigned thr[2], above[2];
-    find_thresholds(kg, n, lo, hi, need, ss, thr, above);
-    if (above[0] >= SEL_TOP) __trap();  // the host keeps the budget within SEL_TOP
-    if (tid == 0) n_above = 0;
-    __syncthreads();
-    for (int c = tid; c < n; c += SEL_THREADS) {
-      const unsigned x = kg[c];
-      if (x > thr[0]) sorted[atomicAdd(&n_above, 1u)] = x;
-    }
-    __syncthreads();
-    const int na = (int)n_above;
-    int np = 1;
-    while (np < na) np <<= 1;
-    for (int i = na + tid; i < np; i += SEL_THREADS) sorted[i] = 0u;
-    __syncthreads();
-    bitonic_desc(sorted, np);
-    for (int c = tid; c < n; c += SEL_THREADS) {
-      const unsigned x = kg[c];
-      if (x >= thr[0]) {
-        int a = 0, b = na;  // the first of sorted[0 .. na) not above x
-        while (a < b) {
-          const int mid = (a + b) >> 1;
-          if (sorted[mid] > x) a = mid + 1;
-          else b = mid;
-        }
-        mk[c] = min(mk[c], (unsigned)(a * G + g));
-      }
-    }
-    __syncthreads();  // sorted (the histograms) and kg are rewritten next
-  }
   // The want smallest union keys: the want largest inverted keys (clusters in no head's best
   // `want` invert to 0 and are never reached: head 0 alone has `want`).
   unsigned lo = 0xffffffffu, hi = 0u;
   for (int c = tid; c < n; c += SEL_THREADS) {
-    const unsigned x = ~mk[c];
+    unsigned m = ranks[c];
+    for (int g = 1; g < G; ++g) m = min(m, ranks[(size_t)g * max_clusters + c]);
+    const unsigned x = ~m;
     kg[c] = x;
     lo = min(lo, x);
     hi = max(hi, x);
@@ -516,7 +466,7 @@ extern "C" __global__ void __launch_bounds__(WAVE_CHUNK)
 extern "C" __global__ void __launch_bounds__(SEL_THREADS)
     wave_select(const WaveUnit* units, const float* logits, const float* part_max,
                 const float* part_sum, int n_parts, int group, int max_clusters, float* scores,
-                unsigned* keys, int keys_in_smem, int union_space, int* ids, int max_ids,
+                unsigned* keys, int keys_in_smem, unsigned* ranks, int* ids, int max_ids,
                 int* counts) {
   extern __shared__ unsigned skeys[];
   __shared__ float m_s[WAVE_MAX_G], iz_s[WAVE_MAX_G];
@@ -551,9 +501,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   }
   __syncthreads();
   SEL_T(1);
-  // The unit's keys; with union_space, two more arrays of max_clusters keys follow them (the
-  // union ranking's scratch).
-  unsigned* kk = keys_in_smem ? skeys : keys + (size_t)u * max_clusters * (union_space ? 3 : 1);
+  unsigned* kk = keys_in_smem ? skeys : keys + (size_t)u * max_clusters;
   float* sc = scores + (size_t)u * max_clusters;
   const float* lns = reinterpret_cast<const float*>(wu.ln_sizes);
   int live = 0, pos = 0;
@@ -746,11 +694,12 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   // The union ranking: the retrieval clusters' keys raised above every other key (just above
   // the largest, so the radix passes below start where they would have).
   if (wu.union_ranking && r_want > 0) {
-    if (!union_space) __trap();  // the host sizes the scratch for the union ranking
+    if (!ranks) __trap();  // the host runs wave_union_rank first
     const unsigned top = kmax == 0xffffffffu ? kmax : kmax + 1u;
-    wave::union_mark(kk, kk + max_clusters, kk + 2 * (size_t)max_clusters, n, r_want, G, lns,
-                     logits + (size_t)u * G * max_clusters, max_clusters, top, ss, red_min,
-                     red_max);
+    // The pick's scratch: beside the keys in shared memory, else the unit's first rank row.
+    unsigned* ru = ranks + (size_t)u * G * max_clusters;
+    wave::union_pick(kk, keys_in_smem ? skeys + max_clusters : ru, ru, n, r_want, G, max_clusters,
+                     top, ss, red_min, red_max);
     kmax = top;
   }
   // Both thresholds: the m-th and the r-th largest key.
@@ -814,6 +763,91 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
 #endif
 }
 
+
+// wave_union_rank: grid (n_units, group), block 1024, for units with the union ranking (others
+// return at once). CTA (u, g) ranks the live clusters of unit u by query head g's logit
+// (logits[u][g][c]; a cluster's rank is how many live clusters have a larger logit, so ties
+// share a rank) and writes ranks[u][g][c] = rank * group + g for the clusters of rank below
+// `want`, ~0 for the others, `want` the most retrieval clusters the unit's budget can reach
+// (the fixed budget, or the adaptive cap up to SEL_TOP) but at most the live clusters. Ranks
+// beyond the step's actual budget r only add keys of r * group and more, which union_pick never
+// reaches, so the pick equals the CPU's union over exactly r. The want-th largest logit key by
+// find_thresholds, the keys above it gathered and sorted (bitonic), each cluster at or above it
+// ranked by binary search. keys_in_smem: the keys in max_clusters * 4 bytes of dynamic shared
+// memory, else in the output row itself.
+extern "C" __global__ void __launch_bounds__(SEL_THREADS)
+    wave_union_rank(const WaveUnit* units, const float* logits, int group, int max_clusters,
+                    unsigned* ranks, int keys_in_smem) {
+  extern __shared__ unsigned skeys[];
+  __shared__ wave::SelSmem ss;
+  __shared__ unsigned red_min[32], red_max[32], n_above;
+  const int u = blockIdx.x, g = blockIdx.y, tid = threadIdx.x;
+  const WaveUnit wu = units[u];
+  if (!wu.union_ranking) return;
+  const int n = wu.n_clusters, G = group;
+  unsigned* out = ranks + ((size_t)u * G + g) * max_clusters;
+  unsigned* kg = keys_in_smem ? skeys : out;
+  const float* lns = reinterpret_cast<const float*>(wu.ln_sizes);
+  const float* lg = logits + ((size_t)u * G + g) * max_clusters;
+  unsigned lo = 0xffffffffu, hi = 0u, live = 0u;
+  for (int c = tid; c < n; c += SEL_THREADS) {
+    const bool ok = lns[c] != -INFINITY;
+    const unsigned x = ok ? wave::order_key(lg[c]) : 0u;  // live keys are above 0
+    kg[c] = x;
+    if (ok) {
+      lo = min(lo, x);
+      hi = max(hi, x);
+      live += 1;
+    }
+  }
+  // The live count: a warp sum, then one shared atomic a warp (complete after block_minmax's
+  // synchronisation).
+  __shared__ unsigned live_s;
+  if (tid == 0) live_s = 0u;
+  __syncthreads();
+  live = __reduce_add_sync(0xffffffffu, live);
+  if ((tid & 31) == 0) atomicAdd(&live_s, live);
+  wave::block_minmax(lo, hi, red_min, red_max);
+  const int cap = wu.retrieval_mass > 0.f ? min(wu.retrieval_cap, SEL_TOP) : 0;
+  const int want = min(max(wu.retrieval, cap), (int)live_s);
+  if (want <= 0) {
+    for (int c = tid; c < n; c += SEL_THREADS) out[c] = 0xffffffffu;
+    return;
+  }
+  const unsigned need[2] = {(unsigned)want, 0u};
+  unsigned thr[2], above[2];
+  wave::find_thresholds(kg, n, lo, hi, need, ss, thr, above);
+  if (above[0] >= SEL_TOP) __trap();  // the host keeps the budget within SEL_TOP
+  unsigned* sorted = &ss.hist[0][0];  // 2 * SEL_BINS == SEL_TOP keys
+  if (tid == 0) n_above = 0;
+  __syncthreads();
+  for (int c = tid; c < n; c += SEL_THREADS) {
+    const unsigned x = kg[c];
+    if (x > thr[0]) sorted[atomicAdd(&n_above, 1u)] = x;
+  }
+  __syncthreads();
+  const int na = (int)n_above;
+  int np = 1;
+  while (np < na) np <<= 1;
+  for (int i = na + tid; i < np; i += SEL_THREADS) sorted[i] = 0u;
+  __syncthreads();
+  wave::bitonic_desc(sorted, np);
+  // Each thread reads and writes only its own clusters here (kg may be out).
+  for (int c = tid; c < n; c += SEL_THREADS) {
+    const unsigned x = kg[c];
+    unsigned r = 0xffffffffu;
+    if (x >= thr[0]) {
+      int a = 0, b = na;  // the first of sorted[0 .. na) not above x
+      while (a < b) {
+        const int mid = (a + b) >> 1;
+        if (sorted[mid] > x) a = mid + 1;
+        else b = mid;
+      }
+      r = (unsigned)(a * G + g);
+    }
+    out[c] = r;
+  }
+}
 
 namespace wave {
 

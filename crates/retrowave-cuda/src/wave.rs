@@ -172,8 +172,8 @@ impl CudaBackend {
 
     /// [`CudaBackend::wave_select`] over units already on the device (`n_units` of them at
     /// `units`, none with more than `max_clusters` clusters): what a decode step uses, with
-    /// every layer's units uploaded once. `union`: some unit may use the union ranking (its
-    /// scratch is three times the keys).
+    /// every layer's units uploaded once. `union`: some unit may use the union ranking (each
+    /// query head's clusters are then ranked first, by `wave_union_rank`).
     #[allow(clippy::too_many_arguments)]
     pub fn wave_select_dev(
         &self,
@@ -212,8 +212,7 @@ impl CudaBackend {
         let part_max = self.alloc::<f32>(n_units * group * n_parts)?;
         let part_sum = self.alloc::<f32>(n_units * group * n_parts)?;
         let scores = self.alloc::<f32>(n_units * max_clusters)?;
-        let arrays = if union { 3 } else { 1 };
-        let keys = self.alloc::<u32>(n_units * max_clusters * arrays)?;
+        let keys = self.alloc::<u32>(n_units * max_clusters)?;
         let ids = self.alloc::<i32>(n_units * max_ids)?;
         let counts = self.alloc::<i32>(n_units * 2)?;
         let (mut a_units, mut a_q) = (units, q);
@@ -244,9 +243,37 @@ impl CudaBackend {
             ],
         )?;
         let (mut nch, mut grp, mut mi) = (n_parts as i32, group as i32, max_ids as i32);
-        let smem = max_clusters * 4 * arrays;
+        // The union ranking: one CTA a (unit, query head) ranks the head's clusters (a unit's
+        // keys in shared memory when they fit, else in its output row).
+        let ranks = if union {
+            let ranks = self.alloc::<u32>(n_units * group * max_clusters)?;
+            let smem = max_clusters * 4;
+            let mut in_smem = i32::from(smem <= WAVE_SELECT_SMEM);
+            let mut a_r = dp(&ranks);
+            self.launch(
+                "wave_union_rank",
+                LaunchConfig {
+                    grid_dim: (n_units as u32, group as u32, 1),
+                    block_dim: (SEL_THREADS, 1, 1),
+                    shared_mem_bytes: if in_smem == 1 { smem as u32 } else { 0 },
+                },
+                &mut [
+                    ptr_of(&mut a_units),
+                    ptr_of(&mut a_l),
+                    ptr_of(&mut grp),
+                    ptr_of(&mut mc),
+                    ptr_of(&mut a_r),
+                    ptr_of(&mut in_smem),
+                ],
+            )?;
+            Some(ranks)
+        } else {
+            None
+        };
+        // The keys in shared memory when they fit (and beside them the union pick's scratch).
+        let smem = max_clusters * 4 * if union { 2 } else { 1 };
         let mut in_smem = i32::from(smem <= WAVE_SELECT_SMEM);
-        let mut union_space = i32::from(union);
+        let mut a_ranks = ranks.as_ref().map_or(0, dp);
         let (mut a_s, mut a_k, mut a_i, mut a_c) = (dp(&scores), dp(&keys), dp(&ids), dp(&counts));
         self.launch(
             "wave_select",
@@ -266,7 +293,7 @@ impl CudaBackend {
                 ptr_of(&mut a_s),
                 ptr_of(&mut a_k),
                 ptr_of(&mut in_smem),
-                ptr_of(&mut union_space),
+                ptr_of(&mut a_ranks),
                 ptr_of(&mut a_i),
                 ptr_of(&mut mi),
                 ptr_of(&mut a_c),

@@ -20,7 +20,8 @@ pub fn order_key(x: f32) -> u32 {
 ///
 /// One histogram pass over the 11 highest bits in which the keys differ (scores of one head sit
 /// in a narrow range of exponents, so fixed top bits would put them all in a few buckets), then
-/// a sort of the keys of the one bucket that holds the answer.
+/// a sort of the keys of the one bucket that holds the answer, or when that bucket holds more
+/// than 256 keys, the same again over its keys.
 pub fn kth_largest(keys: &[u32], k: usize) -> Option<(u32, usize)> {
     if k == 0 || k > keys.len() {
         return None;
@@ -63,6 +64,12 @@ pub fn kth_largest(keys: &[u32], k: usize) -> Option<(u32, usize)> {
         .copied()
         .filter(|&x| ((x >> shift) & mask) as usize == b)
         .collect();
+    // A crowded bucket (keys of a narrow range, such as one head's logits, fill a few) gets
+    // another histogram pass over its lower bits instead of a sort.
+    if bucket.len() > 256 {
+        let (key, more) = kth_largest(&bucket, rest)?;
+        return Some((key, above + more));
+    }
     bucket.sort_unstable_by(|a, b| b.cmp(a));
     let key = bucket[rest - 1];
     Some((key, above + bucket.iter().take_while(|&&x| x > key).count()))
@@ -111,6 +118,29 @@ mod tests {
         }
     }
 
+    /// Keys crowded into a few buckets (logits of one head: a narrow range of exponents) go
+    /// through the further passes; the answer is still the sort's.
+    #[test]
+    fn crowded_buckets_equal_sorting() {
+        let mut x = 99u64;
+        let keys: Vec<u32> = (0..20000)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let v = 1.0 + (x >> 40) as f32 / (1u64 << 24) as f32;
+                order_key(if i % 5 == 0 { 1.5 } else { v })
+            })
+            .collect();
+        let mut sorted = keys.clone();
+        sorted.sort_unstable_by(|a, b| b.cmp(a));
+        for k in [1, 100, 4000, 4001, 12345, 20000] {
+            let want = sorted[k - 1];
+            let above = sorted.iter().filter(|&&y| y > want).count();
+            assert_eq!(kth_largest(&keys, k), Some((want, above)), "k {k}");
+        }
+    }
+
     #[test]
     fn out_of_range_ranks() {
         assert_eq!(kth_largest(&[1, 2, 3], 0), None);
@@ -152,6 +182,32 @@ mod timing {
             t.elapsed().as_secs_f64() * 1e3
         );
     }
+
+    /// The union ranking's cost for one 128K-token unit (8192 clusters, a group of 4).
+    #[test]
+    #[ignore = "timing"]
+    fn time_union() {
+        let (n, g) = (8192usize, 4usize);
+        let mut x = 777u64;
+        let logits: Vec<f32> = (0..n * g)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 6.0
+            })
+            .collect();
+        let live: Vec<u32> = (0..n as u32).collect();
+        let t = std::time::Instant::now();
+        let mut s = 0;
+        for i in 0..200 {
+            s += super::union_retrieval(&live, &logits, g, 147 + i % 3)[5] as usize;
+        }
+        println!(
+            "union: {:.1} us ({s})",
+            t.elapsed().as_secs_f64() * 1e6 / 200.0
+        );
+    }
 }
 
 /// The retrieval clusters of the union ranking ([`crate::WaveConfig::union_ranking`]): the
@@ -187,21 +243,20 @@ pub fn union_retrieval(live: &[u32], logits: &[f32], group: usize, r: usize) -> 
             }
         }
     }
-    // The `want` smallest union keys, ties to the lowest id: the largest inverted keys (clusters
-    // in no head's best `want` invert to 0 and are never reached: head 0 alone has `want`).
-    for b in &mut best {
-        *b = !*b;
+    // The `want` smallest union keys, ties to the lowest id, among the clusters in some head's
+    // best `want` (head 0 alone has `want` of them).
+    let mut cand: Vec<(u32, u32)> = best
+        .iter()
+        .zip(live)
+        .filter(|(b, _)| **b != u32::MAX)
+        .map(|(&b, &c)| (b, c))
+        .collect();
+    if want < cand.len() {
+        cand.select_nth_unstable(want - 1);
+        cand.truncate(want);
     }
-    let (t, above) = kth_largest(&best, want).expect("want is at most the live clusters");
-    let mut ties = want - above;
-    let mut out = Vec::with_capacity(want);
-    for (&c, &k) in live.iter().zip(&best) {
-        let tie = k == t && ties > 0;
-        ties -= usize::from(tie);
-        if k > t || tie {
-            out.push(c);
-        }
-    }
+    let mut out: Vec<u32> = cand.into_iter().map(|(_, c)| c).collect();
+    out.sort_unstable();
     out
 }
 
