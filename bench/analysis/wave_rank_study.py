@@ -24,12 +24,14 @@ rankings (which `r` clusters are attended exactly)
   oracle        the clusters' true attention mass (the best any ranking can do)
   union         each query head's own best clusters by `q . c_i`, taken in turn from the heads
                 of the group (round robin) until `r` are chosen, instead of one summed score
+                (the first version of `union_ranking`)
   quota         each query head's own best floor(r / G) clusters by `q . c_i` (G the group),
                 the rest of the `r` by the summed score
   maxp          the largest of the heads' softmax probabilities instead of their sum
   maxrel        the largest over the heads of `q . c_i` less the head's best `q . c_j`
   minrank       the union of each head's best k clusters by `q . c_i`, k as large as `r`
-                allows (clusters ordered by their best rank in any head, ties by head)
+                allows (clusters ordered by their best rank in any head, ties by head): what
+                `union_ranking` does now
 estimations (what stands for the clusters not attended exactly)
   none          nothing (they are dropped)
   default       the next `e` clusters by rank, as `|C_i|` copies of the centroid with the mean

@@ -216,7 +216,8 @@ mod timing {
 /// `[group][n]`; a cluster's rank is how many live clusters have a larger logit, so ties share
 /// a rank); a cluster's union key is its best rank times `group` plus that head; the `r`
 /// clusters of smallest key are chosen (ties to the lowest id), in ascending id order. Fewer than
-/// `r` live clusters are all chosen. O(group x n): a radix selection and one pass a head.
+/// `r` live clusters are all chosen. O(group x n): two passes a head over its logits, then work
+/// on its few candidates only.
 pub fn union_retrieval(live: &[u32], logits: &[f32], group: usize, r: usize) -> Vec<u32> {
     let want = r.min(live.len());
     if group == 0 || want == 0 {
@@ -226,19 +227,43 @@ pub fn union_retrieval(live: &[u32], logits: &[f32], group: usize, r: usize) -> 
     let n = logits.len() / group;
     let mut best = vec![u32::MAX; live.len()];
     let mut keys = vec![0u32; live.len()];
+    let mut cand: Vec<(u32, u32)> = Vec::new();
+    let mut ckeys: Vec<u32> = Vec::new();
     let mut above: Vec<u32> = Vec::with_capacity(want);
     for g in 0..group {
         let lg = &logits[g * n..(g + 1) * n];
+        // One pass: the keys and a histogram of their top 11 bits (sign, exponent, 2 mantissa
+        // bits); the buckets from the top down to the one that holds the want-th key bound the
+        // candidates, among which the exact selection runs.
+        let mut hist = [0u32; 1 << 11];
         for (k, &c) in keys.iter_mut().zip(live) {
             *k = order_key(lg[c as usize]);
+            hist[(*k >> 21) as usize] += 1;
         }
-        let (t, _) = kth_largest(&keys, want).expect("want is at most the live clusters");
+        let mut b = hist.len() - 1;
+        let mut seen = hist[b] as usize;
+        while seen < want {
+            b -= 1;
+            seen += hist[b] as usize;
+        }
+        let floor = (b as u32) << 21;
+        cand.clear();
+        cand.extend(
+            keys.iter()
+                .enumerate()
+                .filter(|(_, k)| **k >= floor)
+                .map(|(i, &k)| (k, i as u32)),
+        );
+        ckeys.clear();
+        ckeys.extend(cand.iter().map(|x| x.0));
+        let (t, _) = kth_largest(&ckeys, want).expect("the candidates hold the best `want`");
         above.clear();
-        above.extend(keys.iter().copied().filter(|&k| k > t));
+        above.extend(ckeys.iter().copied().filter(|&k| k > t));
         above.sort_unstable_by(|a, b| b.cmp(a));
-        for (b, &k) in best.iter_mut().zip(&keys) {
+        for &(k, i) in &cand {
             if k >= t {
                 let rank = above.partition_point(|&x| x > k) as u32;
+                let b = &mut best[i as usize];
                 *b = (*b).min(rank * group as u32 + g as u32);
             }
         }
