@@ -212,8 +212,8 @@ pub fn plan_step_union(
     plan_step_inner(index, cfg, scores, n_tokens, Some((logits, group)))
 }
 
-/// [`plan_step_union`] the plain way: the budgets of [`ClusterIndex::step_budgets`], the chosen
-/// clusters' scores raised above all others ([`select::union_boost`]), then
+/// [`plan_step_union`] the plain way: the budgets of [`ClusterIndex::step_budgets`], the
+/// union's clusters (over the non-empty clusters) raised above all others by score, then
 /// [`plan_zones_with_budgets`].
 pub fn plan_step_union_reference(
     index: &ClusterIndex,
@@ -226,8 +226,15 @@ pub fn plan_step_union_reference(
     check_scores(index, scores)?;
     check_logits(index, logits, group)?;
     let budgets = index.step_budgets(cfg, scores);
+    let live: Vec<u32> = (0..index.n_clusters())
+        .filter(|&c| index.sizes()[c] > 0)
+        .map(to_u32)
+        .collect::<Result<_, _>>()?;
     let mut ranked = scores.to_vec();
-    select::union_boost(&mut ranked, logits, group, budgets.retrieval);
+    for c in select::union_retrieval(&live, logits, group, budgets.retrieval) {
+        // Above every score a summed softmax (or anything finite) can have.
+        ranked[c as usize] = f32::INFINITY;
+    }
     plan_zones_with_budgets(index, &ranked, budgets, n_tokens)
 }
 
@@ -841,7 +848,12 @@ mod tests {
             let (index, _) = random_index();
             let n = index.n_clusters();
             let scores: Vec<f32> = (0..n)
-                .map(|c| if index.sizes()[c] == 0 { f32::NEG_INFINITY } else { f32::from(raw[c % 40] % 9) * 0.1 })
+                .map(|c| match (index.sizes()[c], raw[c % 40]) {
+                    // Empty clusters: -inf as scoring gives them, or a zero (never chosen either).
+                    (0, x) if x % 2 == 0 => f32::NEG_INFINITY,
+                    (0, _) => 0.0,
+                    (_, x) => f32::from(x % 9) * 0.1,
+                })
                 .collect();
             let logits: Vec<f32> = (0..group * n).map(|i| f32::from(lraw[i % 160]) - 4.0).collect();
             let cfg = WaveConfig {
