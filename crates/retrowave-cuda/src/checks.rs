@@ -610,7 +610,8 @@ fn check_wave_select(
                     logits[at..at + n].iter().copied()
                 })
                 .collect();
-            retrowave_index::select::union_boost(&mut ranked, &lg, group, r_ref);
+            let live_ids: Vec<u32> = (0..n as u32).filter(|&c| live[c as usize]).collect();
+            retrowave_index::select::union_boost(&mut ranked, &live_ids, &lg, group, r_ref);
         }
         let (ret, est) = reference_split(&ranked, &live, r_ref, unit.estimation as usize);
         let (nr, ne) = (counts[2 * u] as usize, counts[2 * u + 1] as usize);

@@ -45,8 +45,9 @@ pub struct WaveUnit {
     pub rank_by_size: i32,
     /// 1: the retrieval zone is the union of each query head's own best clusters by its logit
     /// (`WaveConfig::union_ranking`, `retrowave_index::select::union_retrieval`), the estimation
-    /// zone the next by summed score; 0: both by summed score. The selection's scratch must be
-    /// sized for it (`union` of [`CudaBackend::wave_select_dev`]).
+    /// zone the next by summed score; 0: both by summed score. The selection must be told
+    /// (`union` of [`CudaBackend::wave_select_dev`], which then ranks each head's clusters
+    /// first), and the retrieval budget be at most [`SEL_TOP`] ([`check_union_budget`]).
     pub union_ranking: i32,
     /// `WaveTier*` of the unit when its indexed KV lives in host memory (see
     /// [`crate::wave_tier`]), or 0.
@@ -77,6 +78,18 @@ const EST_THREADS: u32 = 128;
 /// 40960 clusters, 655K tokens of context at 16 a cluster; longer contexts keep them in global
 /// memory).
 pub const WAVE_SELECT_SMEM: usize = 160 * 1024;
+
+/// The union ranking's limit on the GPU: each head ranks its best `retrieval` clusters in a
+/// sort of at most [`SEL_TOP`] keys.
+pub(crate) fn check_union_budget(retrieval: usize, n_clusters: usize) -> Result<(), CudaError> {
+    if retrieval > SEL_TOP {
+        return Err(CudaError::Unsupported(format!(
+            "the union ranking on the GPU takes retrieval budgets of at most {SEL_TOP} \
+             clusters, got {retrieval} ({n_clusters} clusters)"
+        )));
+    }
+    Ok(())
+}
 
 /// What [`CudaBackend::wave_select`] leaves on the device.
 pub struct WaveSelection {
@@ -147,12 +160,8 @@ impl CudaBackend {
             .max()
             .unwrap_or(0);
         let union = units.iter().any(|u| u.union_ranking != 0);
-        if union && let Some(u) = units.iter().find(|u| u.retrieval as usize > SEL_TOP) {
-            return Err(CudaError::Unsupported(format!(
-                "the union ranking on the GPU takes retrieval budgets of at most {SEL_TOP} \
-                 clusters, got {}",
-                u.retrieval
-            )));
+        for u in units.iter().filter(|u| u.union_ranking != 0) {
+            check_union_budget(u.retrieval as usize, u.n_clusters as usize)?;
         }
         let d_units = self.upload(units)?;
         let mut sel = self.wave_select_dev(

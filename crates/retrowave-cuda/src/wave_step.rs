@@ -591,18 +591,12 @@ impl CudaBackend {
         let union = sig
             .iter()
             .any(|r| r.index.as_ref().is_some_and(|x| x.union_ranking));
-        if let Some(x) = sig
+        for x in sig
             .iter()
             .filter_map(|r| r.index.as_ref())
-            .find(|x| x.union_ranking && x.budgets.retrieval > crate::wave::SEL_TOP)
+            .filter(|x| x.union_ranking)
         {
-            return Err(CudaError::Unsupported(format!(
-                "the union ranking on the GPU takes retrieval budgets of at most {} clusters, \
-                 got {} ({} clusters)",
-                crate::wave::SEL_TOP,
-                x.budgets.retrieval,
-                x.n_clusters
-            )));
+            crate::wave::check_union_budget(x.budgets.retrieval, x.n_clusters)?;
         }
         let host = Self::wave_units_host(&sig, n_layers, n_kv, hd);
         let dev = self.upload(&host)?;

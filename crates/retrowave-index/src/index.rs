@@ -66,6 +66,16 @@ pub enum IndexError {
         /// Clusters in the index.
         clusters: usize,
     },
+    /// Centroid logits that are not one row per query head of one logit per cluster.
+    #[error("got {got} centroid logits for {heads} query heads and {clusters} clusters")]
+    LogitsLen {
+        /// Logits given.
+        got: usize,
+        /// Query heads of the group.
+        heads: usize,
+        /// Clusters in the index.
+        clusters: usize,
+    },
     /// A query buffer that is empty or not whole rows of the key dimension.
     #[error(
         "queries have {len} floats, expected a non-zero multiple of the head dimension {key_dim}"

@@ -15,6 +15,29 @@ pub fn order_key(x: f32) -> u32 {
     }
 }
 
+/// Top key bits of the candidate histograms of the planners ([`hist_bucket`]): for positive
+/// scores the sign, the exponent and 3 mantissa bits (buckets an eighth of an octave wide).
+pub(crate) const HIST_BITS: u32 = 12;
+
+/// The bucket of `key` in a candidate histogram of `1 << HIST_BITS` buckets.
+#[inline]
+pub(crate) fn hist_bucket(key: u32) -> usize {
+    (key >> (32 - HIST_BITS)) as usize
+}
+
+/// The smallest key of the highest buckets of `hist` (counts by [`hist_bucket`]) that together
+/// hold at least `want` keys, 0 when that takes every bucket: the best `want` keys are all at
+/// least this, so the exact selection need only look at those.
+pub(crate) fn candidate_floor(hist: &[u32], want: usize) -> u32 {
+    let mut b = hist.len() - 1;
+    let mut seen = hist[b] as usize;
+    while seen < want && b > 0 {
+        b -= 1;
+        seen += hist[b] as usize;
+    }
+    (b as u32) << (32 - HIST_BITS)
+}
+
 /// The `k`-th largest of `keys` (1-based: `k = 1` is the maximum) and how many keys are
 /// strictly larger than it. `None` when `k` is 0 or larger than `keys.len()`.
 ///
@@ -232,21 +255,14 @@ pub fn union_retrieval(live: &[u32], logits: &[f32], group: usize, r: usize) -> 
     let mut above: Vec<u32> = Vec::with_capacity(want);
     for g in 0..group {
         let lg = &logits[g * n..(g + 1) * n];
-        // One pass: the keys and a histogram of their top 11 bits (sign, exponent, 2 mantissa
-        // bits); the buckets from the top down to the one that holds the want-th key bound the
-        // candidates, among which the exact selection runs.
-        let mut hist = [0u32; 1 << 11];
+        // One pass: the keys and a histogram of their top bits, which bounds the candidates
+        // among which the exact selection runs.
+        let mut hist = [0u32; 1 << HIST_BITS];
         for (k, &c) in keys.iter_mut().zip(live) {
             *k = order_key(lg[c as usize]);
-            hist[(*k >> 21) as usize] += 1;
+            hist[hist_bucket(*k)] += 1;
         }
-        let mut b = hist.len() - 1;
-        let mut seen = hist[b] as usize;
-        while seen < want {
-            b -= 1;
-            seen += hist[b] as usize;
-        }
-        let floor = (b as u32) << 21;
+        let floor = candidate_floor(&hist, want);
         cand.clear();
         cand.extend(
             keys.iter()
@@ -285,17 +301,12 @@ pub fn union_retrieval(live: &[u32], logits: &[f32], group: usize, r: usize) -> 
     out
 }
 
-/// [`union_retrieval`] as a ranking: raises the chosen clusters' `scores` above every other
-/// score (by more than the `group` a summed softmax can reach), so that they are the first `r`
-/// of any ranking by `scores`. Live clusters are those whose score is not `-inf`; the other
-/// scores are left as they are.
-pub fn union_boost(scores: &mut [f32], logits: &[f32], group: usize, r: usize) {
-    let live: Vec<u32> = (0..scores.len() as u32)
-        .filter(|&c| scores[c as usize] != f32::NEG_INFINITY)
-        .collect();
-    let top = 2.0 * group as f32 + 2.0;
-    for c in union_retrieval(&live, logits, group, r) {
-        scores[c as usize] += top;
+/// [`union_retrieval`] over the `live` clusters as a ranking: the chosen clusters' `scores` are
+/// raised to `+inf`, above every summed softmax, so that they are the first `r` of any ranking
+/// by `scores` (ties by id); the other scores are left as they are.
+pub fn union_boost(scores: &mut [f32], live: &[u32], logits: &[f32], group: usize, r: usize) {
+    for c in union_retrieval(live, logits, group, r) {
+        scores[c as usize] = f32::INFINITY;
     }
 }
 
@@ -322,7 +333,7 @@ mod union_tests {
         assert_eq!(union_retrieval(&live, &logits, 2, 3), vec![0, 1, 3]);
         assert_eq!(union_retrieval(&live, &logits, 2, 4), vec![0, 1, 3, 4]);
         let mut s = base;
-        union_boost(&mut s, &logits, 2, 3);
+        union_boost(&mut s, &live, &logits, 2, 3);
         let mut order: Vec<usize> = (0..6).collect();
         order.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
         assert_eq!(&order[..3], &[0, 1, 3]);
@@ -331,7 +342,7 @@ mod union_tests {
         assert_eq!((s[2], s[4]), (base[2], base[4]));
         // More wanted than live: every live cluster is chosen, the empty one is not.
         let mut s = base;
-        union_boost(&mut s, &logits, 2, 10);
+        union_boost(&mut s, &live, &logits, 2, 10);
         assert!(s[..5].iter().all(|&x| x > 4.0));
         assert_eq!(s[5], f32::NEG_INFINITY);
         // Heads that agree: the union of the best k is each head's best k.

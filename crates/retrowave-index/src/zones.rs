@@ -191,10 +191,6 @@ fn plan_from_ranked(
     })
 }
 
-/// Top key bits of the candidate histogram of [`plan_step`]: for positive scores the sign, the
-/// exponent and 3 mantissa bits (buckets an eighth of an octave wide).
-const HIST_BITS: u32 = 12;
-
 /// The plan of one decode step under `cfg` with the union ranking
 /// ([`WaveConfig::union_ranking`]): the budgets from the summed `scores` as [`plan_step`] has
 /// them; the retrieval zone the union of each query head's own best clusters by centroid `logits`
@@ -231,19 +227,17 @@ pub fn plan_step_union_reference(
         .map(to_u32)
         .collect::<Result<_, _>>()?;
     let mut ranked = scores.to_vec();
-    for c in select::union_retrieval(&live, logits, group, budgets.retrieval) {
-        // Above every score a summed softmax (or anything finite) can have.
-        ranked[c as usize] = f32::INFINITY;
-    }
+    select::union_boost(&mut ranked, &live, logits, group, budgets.retrieval);
     plan_zones_with_budgets(index, &ranked, budgets, n_tokens)
 }
 
 /// `group` rows of one logit per cluster of `index`, or the error that says otherwise.
 fn check_logits(index: &ClusterIndex, logits: &[f32], group: usize) -> Result<(), IndexError> {
     if group == 0 || logits.len() != group * index.n_clusters() {
-        return Err(IndexError::ScoresLen {
+        return Err(IndexError::LogitsLen {
             got: logits.len(),
-            clusters: group * index.n_clusters(),
+            heads: group,
+            clusters: index.n_clusters(),
         });
     }
     Ok(())
@@ -283,7 +277,7 @@ fn plan_step_inner(
     let n = scores.len();
     let mut ids = vec![0u32; n];
     let mut keys = vec![0u32; n];
-    let mut hist = vec![0u32; 1 << HIST_BITS];
+    let mut hist = vec![0u32; 1 << select::HIST_BITS];
     let mut w = 0;
     // Summed as `config::live_total` sums, so the total and the adaptive budget are bit for bit
     // the reference's.
@@ -295,7 +289,7 @@ fn plan_step_inner(
         keys[w] = k;
         let filled = size > 0;
         w += usize::from(filled);
-        hist[(k >> (32 - HIST_BITS)) as usize] += u32::from(filled);
+        hist[select::hist_bucket(k)] += u32::from(filled);
         live_total.add(c, s);
         // Scores that rank above every finite one (NaN, +inf) or live scores on empty clusters:
         // the candidates might not hold the top live scores; take the general path.
@@ -325,16 +319,10 @@ fn plan_step_inner(
     let m_max = most.min(ids.len());
     // The candidates, in id order (ties at the threshold: the lowest ids, as the ranking has it).
     if m_max < ids.len() {
-        // Every key of the top `m_max` lies in the histogram buckets from `floor` up: keep only
-        // those, then select exactly among them.
-        let mut floor = hist.len() - 1;
-        let mut seen = hist[floor] as usize;
-        while seen < m_max && floor > 0 {
-            floor -= 1;
-            seen += hist[floor] as usize;
-        }
-        if floor > 0 {
-            let low = (floor as u32) << (32 - HIST_BITS);
+        // Every key of the top `m_max` is at least `low`: keep only those, then select exactly
+        // among them.
+        let low = select::candidate_floor(&hist, m_max);
+        if low > 0 {
             let mut w = 0;
             for i in 0..ids.len() {
                 let k = keys[i];
