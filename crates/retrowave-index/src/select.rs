@@ -55,6 +55,12 @@ pub fn kth_largest(keys: &[u32], k: usize) -> Option<(u32, usize)> {
     if lo == hi {
         return Some((hi, 0));
     }
+    // Few keys: a selection on a copy costs less than clearing the histograms.
+    if keys.len() <= 1024 {
+        let mut v = keys.to_vec();
+        let (_, &mut key, _) = v.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+        return Some((key, keys.iter().filter(|&&x| x > key).count()));
+    }
     // Bits above `top` are equal in every key; the bucket is the 11 bits below it.
     let top = 32 - (lo ^ hi).leading_zeros();
     let shift = top.saturating_sub(11);
@@ -248,49 +254,68 @@ pub fn union_retrieval(live: &[u32], logits: &[f32], group: usize, r: usize) -> 
     }
     assert_eq!(logits.len() % group, 0, "logits must be [group][n]");
     let n = logits.len() / group;
-    let mut best = vec![u32::MAX; live.len()];
-    let mut keys = vec![0u32; live.len()];
-    let mut cand: Vec<(u32, u32)> = Vec::new();
-    let mut ckeys: Vec<u32> = Vec::new();
-    let mut above: Vec<u32> = Vec::with_capacity(want);
+    let m = live.len();
+    let mut best = vec![u32::MAX; m];
+    // Scratch: keys and candidates for the histogram path (allocated when a head takes it), and
+    // the sampled path's candidates (at most `sampled_most`).
+    let mut keys: Vec<u32> = Vec::new();
+    // Candidates (key, index into `live`), compacted without branches: room for every key.
+    let most = sampled_most(want).min(m);
+    let mut ckeys = vec![0u32; most];
+    let mut cidx = vec![0u32; most];
+    // Each head's ranked candidates as (key << 32 | index), and every index ranked by some head.
+    let mut top: Vec<u64> = Vec::with_capacity(want);
+    let mut ranked: Vec<u32> = Vec::with_capacity(group * want);
+    // The live clusters' logits of one head (the head's row itself when every cluster is live).
+    let mut vals = if m == n { Vec::new() } else { vec![0f32; m] };
     for g in 0..group {
         let lg = &logits[g * n..(g + 1) * n];
-        // One pass: the keys and a histogram of their top bits, which bounds the candidates
-        // among which the exact selection runs.
-        let mut hist = [0u32; 1 << HIST_BITS];
-        for (k, &c) in keys.iter_mut().zip(live) {
-            *k = order_key(lg[c as usize]);
-            hist[hist_bucket(*k)] += 1;
-        }
-        let floor = candidate_floor(&hist, want);
-        cand.clear();
-        cand.extend(
-            keys.iter()
-                .enumerate()
-                .filter(|(_, k)| **k >= floor)
-                .map(|(i, &k)| (k, i as u32)),
-        );
-        ckeys.clear();
-        ckeys.extend(cand.iter().map(|x| x.0));
-        let (t, _) = kth_largest(&ckeys, want).expect("the candidates hold the best `want`");
-        above.clear();
-        above.extend(ckeys.iter().copied().filter(|&k| k > t));
-        above.sort_unstable_by(|a, b| b.cmp(a));
-        for &(k, i) in &cand {
-            if k >= t {
-                let rank = above.partition_point(|&x| x > k) as u32;
-                let b = &mut best[i as usize];
-                *b = (*b).min(rank * group as u32 + g as u32);
+        let v: &[f32] = if m == n {
+            lg
+        } else {
+            for (x, &c) in vals.iter_mut().zip(live) {
+                *x = lg[c as usize];
             }
+            &vals
+        };
+        let w = match sampled_candidates(v, want, &mut ckeys, &mut cidx) {
+            Some(w) => w,
+            None => {
+                keys.resize(m, 0);
+                ckeys.resize(m, 0);
+                cidx.resize(m, 0);
+                histogram_candidates(v, want, &mut keys, &mut ckeys, &mut cidx)
+            }
+        };
+        let (ck, ci) = (&ckeys[..w], &cidx[..w]);
+        let (t, _) = kth_largest(ck, want).expect("the candidates hold the best `want`");
+        // The candidates at least t (the head's best `want` and ties), sorted by key descending:
+        // a cluster's competition rank is the first position of its key.
+        top.clear();
+        top.extend(
+            ck.iter()
+                .zip(ci)
+                .filter(|(k, _)| **k >= t)
+                .map(|(&k, &i)| (u64::from(k) << 32) | u64::from(i)),
+        );
+        top.sort_unstable_by(|a, b| b.cmp(a));
+        let mut rank = 0;
+        for (p, &e) in top.iter().enumerate() {
+            if p > 0 && (e >> 32) != (top[p - 1] >> 32) {
+                rank = p as u32;
+            }
+            let i = e as u32 as usize;
+            if best[i] == u32::MAX {
+                ranked.push(i as u32);
+            }
+            best[i] = best[i].min(rank * group as u32 + g as u32);
         }
     }
     // The `want` smallest union keys, ties to the lowest id, among the clusters in some head's
     // best `want` (head 0 alone has `want` of them).
-    let mut cand: Vec<(u32, u32)> = best
+    let mut cand: Vec<(u32, u32)> = ranked
         .iter()
-        .zip(live)
-        .filter(|(b, _)| **b != u32::MAX)
-        .map(|(&b, &c)| (b, c))
+        .map(|&i| (best[i as usize], live[i as usize]))
         .collect();
     if want < cand.len() {
         cand.select_nth_unstable(want - 1);
@@ -299,6 +324,149 @@ pub fn union_retrieval(live: &[u32], logits: &[f32], group: usize, r: usize) -> 
     let mut out: Vec<u32> = cand.into_iter().map(|(_, c)| c).collect();
     out.sort_unstable();
     out
+}
+
+/// Keys and indices (into `v`) of a superset of the `want` largest of `v`, in `ck` / `ci` (room
+/// for all of `v`); returns how many. A histogram of the keys' top bits bounds them (two
+/// interleaved halves: a head's logits crowd a few buckets, and one histogram would chain its
+/// increments through memory). `keys`: scratch of `v.len()`.
+fn histogram_candidates(
+    v: &[f32],
+    want: usize,
+    keys: &mut [u32],
+    ck: &mut [u32],
+    ci: &mut [u32],
+) -> usize {
+    for (k, &x) in keys.iter_mut().zip(v) {
+        *k = order_key(x);
+    }
+    let keys = &keys[..v.len()];
+    let mut hist = [[0u32; 1 << HIST_BITS]; 2];
+    let mut pairs = keys.chunks_exact(2);
+    for p in &mut pairs {
+        hist[0][hist_bucket(p[0])] += 1;
+        hist[1][hist_bucket(p[1])] += 1;
+    }
+    for &k in pairs.remainder() {
+        hist[0][hist_bucket(k)] += 1;
+    }
+    for b in 0..hist[0].len() {
+        hist[0][b] += hist[1][b];
+    }
+    let floor = candidate_floor(&hist[0], want);
+    let mut w = 0;
+    for (i, &k) in keys.iter().enumerate() {
+        ck[w] = k;
+        ci[w] = i as u32;
+        w += usize::from(k >= floor);
+    }
+    w
+}
+
+/// Most candidates [`sampled_candidates`] takes for `want`.
+fn sampled_most(want: usize) -> usize {
+    want.saturating_mul(4).saturating_add(512)
+}
+
+/// [`histogram_candidates`] from a sample instead, when `v` is large against `want`: every
+/// value at least the sample's `k`-th largest, `k` four more than its share of `want` (so that
+/// well over `want` pass, rarely fewer; then once more with twice the share and twelve). `None`
+/// when the sample misjudges (fewer than `want` pass, or more than [`sampled_most`]) or `v` holds
+/// a NaN (the float comparisons would drop it), for the histogram to decide.
+fn sampled_candidates(v: &[f32], want: usize, ck: &mut [u32], ci: &mut [u32]) -> Option<usize> {
+    let m = v.len();
+    if want == 0 || m < 1024 || want.saturating_mul(8) > m {
+        return None;
+    }
+    let mut s: Vec<f32> = v.iter().step_by(m / 256).copied().collect();
+    let ns = s.len();
+    let share = (ns * want).div_ceil(m);
+    // A second try with a wider margin when the first threshold lets fewer than `want` pass.
+    for k in [share + 4, 2 * share + 12] {
+        let k = k.min(ns);
+        s.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        let t = s[k - 1];
+        if t.is_nan() {
+            return None;
+        }
+        let w = at_least(v, t, ck, ci, sampled_most(want))?;
+        if w >= want {
+            return Some(w);
+        }
+    }
+    None
+}
+
+/// The keys and indices of the values of `v` at least `t` (as floats: both zeros pass a zero
+/// threshold) into `ck` / `ci`, and how many; `None` past `most` of them or at a NaN.
+fn at_least(v: &[f32], t: f32, ck: &mut [u32], ci: &mut [u32], most: usize) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present.
+        return unsafe { at_least_avx2(v, t, ck, ci, most) };
+    }
+    let mut w = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x.is_nan() || w == most {
+            return None;
+        }
+        if x >= t {
+            ck[w] = order_key(x);
+            ci[w] = i as u32;
+            w += 1;
+        }
+    }
+    Some(w)
+}
+
+/// [`at_least`] eight values at a time: a compare and a mask a step, scalar work only for the
+/// (few) values that pass.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn at_least_avx2(
+    v: &[f32],
+    t: f32,
+    ck: &mut [u32],
+    ci: &mut [u32],
+    most: usize,
+) -> Option<usize> {
+    use std::arch::x86_64::*;
+    let tv = _mm256_set1_ps(t);
+    let mut nan = _mm256_setzero_ps();
+    let mut w = 0;
+    let chunks = v.chunks_exact(8);
+    let rest = chunks.remainder();
+    for (ch, c) in chunks.enumerate() {
+        // SAFETY: c holds 8 floats; unaligned load.
+        let x = unsafe { _mm256_loadu_ps(c.as_ptr()) };
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
+        let mut bits = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(x, tv)) as u32;
+        while bits != 0 {
+            if w == most {
+                return None;
+            }
+            let j = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            ck[w] = order_key(c[j]);
+            ci[w] = (ch * 8 + j) as u32;
+            w += 1;
+        }
+    }
+    if _mm256_movemask_ps(nan) != 0 {
+        return None;
+    }
+    let base = v.len() - rest.len();
+    for (j, &x) in rest.iter().enumerate() {
+        if x.is_nan() || w == most {
+            return None;
+        }
+        if x >= t {
+            ck[w] = order_key(x);
+            ci[w] = (base + j) as u32;
+            w += 1;
+        }
+    }
+    Some(w)
 }
 
 /// [`union_retrieval`] over the `live` clusters as a ranking: the chosen clusters' `scores` are

@@ -736,6 +736,50 @@ mod tests {
         out
     }
 
+    /// At the sizes where each head's candidates come from a sample (thousands of clusters
+    /// against a budget of a few percent), the union is the brute force's: with ties (logits on
+    /// a grid of 1/16), empty clusters or none, and a NaN logit (that head goes back to the
+    /// histogram; a NaN ranks above every number, as `total_cmp` has it).
+    #[test]
+    fn union_retrieval_at_scale_is_the_brute_force() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        for (n, group, r, all_live, nan) in [
+            (3000, 3, 100, false, false),
+            (2048, 4, 128, true, false),
+            (5000, 2, 205, false, true),
+            (1500, 7, 40, true, false),
+            (8192, 4, 205, true, false),
+        ] {
+            let logits: Vec<f32> = (0..group * n)
+                .map(|_| {
+                    let u: f64 = (0..4).map(|_| next()).sum::<f64>() - 2.0;
+                    ((u * 3.0 * 16.0).round() / 16.0) as f32
+                })
+                .collect();
+            let mut logits = logits;
+            let live: Vec<usize> = (0..n).filter(|c| all_live || c % 37 != 5).collect();
+            if nan {
+                logits[n + live[live.len() / 2]] = f32::NAN;
+            }
+            let ids: Vec<u32> = live.iter().map(|&c| c as u32).collect();
+            let got: Vec<usize> = crate::select::union_retrieval(&ids, &logits, group, r)
+                .into_iter()
+                .map(|c| c as usize)
+                .collect();
+            assert_eq!(
+                got,
+                union_brute(&live, &logits, group, r),
+                "n {n} group {group} r {r}"
+            );
+        }
+    }
+
     /// The union planner fills the budget of the summed scores (fixed or adaptive) with the
     /// union of the heads' own best clusters; the estimation zone takes the next by summed score.
     #[test]
