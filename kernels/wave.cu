@@ -19,8 +19,9 @@
 // scores[u][c] (f32) for checks and for the adaptive budget. Radix selection on the scores' order
 // keys (SEL_BITS bits a pass), finished by ranking the few keys of the thresholds' bins; no sort.
 // With the union ranking (WaveUnit::union_ranking) the retrieval zone is instead the union of
-// each query head's best clusters by its own logit (wave_union_rank ranks each head's clusters,
-// union_pick takes the best), and the estimation zone the next clusters by summed score.
+// each query head's best clusters by its own logit (union_select ranks each head's best clusters
+// in the same CTA and takes the union's best), and the estimation zone the next clusters
+// by summed score; `ranks` is then 2 * max_clusters words of scratch a unit.
 
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
@@ -390,43 +391,335 @@ __device__ __forceinline__ void block_minmax(unsigned& lo, unsigned& hi, unsigne
   hi = __reduce_max_sync(0xffffffffu, red_max[lane]);
 }
 
-// The union ranking's pick (WaveUnit::union_ranking; retrowave_index::select::union_retrieval on
-// the CPU): ranks holds, per query head g of the unit, ranks[g * max_clusters + c] = the
-// cluster's union key in that head (its rank * G + g; see wave_union_rank) or ~0. The `want`
-// clusters of smallest union key over the heads (ties to the lowest id) get their summed-score
-// key kk[c] set to `top` (above every other key). kg: scratch of n keys (may be ranks' row 0).
-__device__ void union_pick(unsigned* kk, unsigned* kg, const unsigned* ranks, int n, int want,
-                           int G, int max_clusters, unsigned top, SelSmem& ss, unsigned* red_min,
-                           unsigned* red_max) {
+// The union ranking (WaveUnit::union_ranking; retrowave_index::select::union_retrieval on the
+// CPU), in the unit's wave_select CTA once its retrieval budget r is known: each query head g
+// ranks the live clusters by its own logit (competition ranks: how many live clusters have a
+// larger logit key), a cluster's union key is the smallest rank * G + g over the heads, and the
+// r clusters of smallest union key (ties to the lowest id) are the retrieval zone.
+//
+// union_select marks the chosen clusters' summed-score keys kk[c] = top. Each head's logits
+// are binned by their distance below the head's max (union_bin: log-spaced, monotone in the
+// logit; the histograms are counted by wave_select's score pass), and the first bin at which the
+// count from the top reaches r bounds the head's candidates: every cluster of a larger logit is
+// among them. The candidates are placed by bin (a counting sort), so a candidate's rank is the
+// count of its head's clusters in the bins before its own plus the larger keys in its own bin (a
+// few); uk[c] keeps the cluster's union key over the ranks below r (ranks of r and more never
+// reach the pick: head 0 alone has r clusters of smaller keys), and the r-th smallest union key
+// comes from a count of the clusters at each key (fewer than r * G of them). Without room for the
+// candidates (UNION_POOL) or for the counts, each head is ranked in turn by a radix selection of
+// its r-th largest key (union_rank_head) and the pick is a radix selection over all clusters
+// (union_pick).
+#define UNION_POOL (SEL_TOP / 2)
+#define UNION_W0 4.0f  // the binning's scale, in nats: the first octave spans W0 below the max
+#define UNION_RUN 8    // clusters a thread loads at once in the ranking's passes
+#define UNION_DEAD 0xffffu  // an empty cluster's bin (above every bin: nb <= SEL_TOP)
+
+// The bin of logit l below the head's max m: the float bits of t = max(m - l, 0) + W0 above
+// those of W0, shifted right by `shift` (log-spaced bins: 2^(23 - shift) an octave of t, finer
+// near the max), at most nb - 1 (NaN too). Each step rounds monotonically and is never
+// contracted, so a larger logit never gets a larger bin and every pass bins a logit alike.
+__device__ __forceinline__ unsigned union_bin(float m, float l, int shift, unsigned nb) {
+  const float t = __fadd_rn(fmaxf(__fsub_rn(m, l), 0.f), UNION_W0);
+  return min((__float_as_uint(t) - __float_as_uint(UNION_W0)) >> shift, nb - 1u);
+}
+// Bins a head: the largest power of two with G of them in SEL_TOP words (log2), and the shift
+// that spreads them over four octaves of t (union_bin).
+__device__ __forceinline__ int union_lnb(int G) { return 12 - (32 - __clz(max(G, 1) - 1)); }
+__device__ __forceinline__ int union_shift(int lnb) { return 25 - lnb; }
+
+// Head g's ranks below r by radix selection (union_select's fallback): the keys into kg (global
+// scratch of n), the r-th largest found by find_thresholds, the keys above it sorted, and each
+// cluster at or above it ranked by binary search; uk[c] lowered to rank * G + g. Thread t owns
+// the clusters t, t + SEL_THREADS, ... of uk here as in wave_select's score pass.
+__device__ void union_rank_head(unsigned* uk, unsigned* kg, const float* lg, int n, int r, int G,
+                                int g, SelSmem& ss, unsigned* red_min, unsigned* red_max) {
   const int tid = threadIdx.x;
-  // The want smallest union keys: the want largest inverted keys (clusters in no head's best
-  // `want` invert to 0 and are never reached: head 0 alone has `want`).
+  __shared__ unsigned n_above;
   unsigned lo = 0xffffffffu, hi = 0u;
   for (int c = tid; c < n; c += SEL_THREADS) {
-    unsigned m = ranks[c];
-    for (int g = 1; g < G; ++g) m = min(m, ranks[(size_t)g * max_clusters + c]);
-    const unsigned x = ~m;
+    const float l = lg[c];
+    const unsigned x = l != -INFINITY ? order_key(l) : 0u;  // live keys are above 0
     kg[c] = x;
-    lo = min(lo, x);
-    hi = max(hi, x);
+    if (x) {
+      lo = min(lo, x);
+      hi = max(hi, x);
+    }
+  }
+  block_minmax(lo, hi, red_min, red_max);
+  const unsigned need[2] = {(unsigned)r, 0u};
+  unsigned thr[2], above[2];
+  find_thresholds(kg, n, lo, hi, need, ss, thr, above);
+  unsigned* sorted = &ss.hist[0][0];  // 2 * SEL_BINS == SEL_TOP keys; above < r <= SEL_TOP
+  if (tid == 0) n_above = 0;
+  __syncthreads();
+  for (int c = tid; c < n; c += SEL_THREADS) {
+    const unsigned x = kg[c];
+    if (x > thr[0]) sorted[atomicAdd(&n_above, 1u)] = x;
+  }
+  __syncthreads();
+  const int na = (int)n_above;
+  int np = 1;
+  while (np < na) np <<= 1;
+  for (int i = na + tid; i < np; i += SEL_THREADS) sorted[i] = 0u;
+  __syncthreads();
+  bitonic_desc(sorted, np);
+  for (int c = tid; c < n; c += SEL_THREADS) {
+    const unsigned x = kg[c];
+    if (x && x >= thr[0]) {
+      int a = 0, b = na;  // the first of sorted[0 .. na) not above x
+      while (a < b) {
+        const int mid = (a + b) >> 1;
+        if (sorted[mid] > x) a = mid + 1;
+        else b = mid;
+      }
+      if (a < r) uk[c] = min(uk[c], (unsigned)(a * G + g));
+    }
+  }
+  __syncthreads();
+}
+
+// The union's pick: the `want` clusters of smallest union key uk[c] (ties to the lowest id; uk
+// is inverted in place) get their summed-score key kk[c] set to `top` (above every other key).
+// At least `want` clusters have a key (head 0 alone ranks `want`).
+__device__ void union_pick(unsigned* kk, unsigned* uk, int n, int want, unsigned top, SelSmem& ss,
+                           unsigned* red_min, unsigned* red_max) {
+  const int tid = threadIdx.x;
+  // The want largest inverted keys; the bounds over the ranked clusters only (the others invert
+  // to 0 and lie outside the radix passes' prefix), so the passes start at the few bits in
+  // which the ranked keys differ.
+  unsigned lo = 0xffffffffu, hi = 0u;
+  for (int c = tid; c < n; c += SEL_THREADS) {
+    const unsigned x = ~uk[c];
+    uk[c] = x;
+    if (x) {
+      lo = min(lo, x);
+      hi = max(hi, x);
+    }
   }
   block_minmax(lo, hi, red_min, red_max);
   const unsigned need[2] = {(unsigned)want, 0u};
   unsigned thr[2], above[2];
-  find_thresholds(kg, n, lo, hi, need, ss, thr, above);
+  find_thresholds(uk, n, lo, hi, need, ss, thr, above);
   // Ties at the threshold to the lowest ids: thread t takes ids [t * per, (t + 1) * per).
   const int per = (n + SEL_THREADS - 1) / SEL_THREADS;
   const int c0 = min(n, tid * per), c1 = min(n, c0 + per);
   unsigned tie = 0;
-  for (int c = c0; c < c1; ++c) tie += kg[c] == thr[0];
+  for (int c = c0; c < c1; ++c) tie += uk[c] == thr[0];
   unsigned rank =
       (unsigned)block_scan((unsigned long long)tie, ss.warp_tot, (unsigned long long*)nullptr);
   const unsigned ties = (unsigned)want - above[0];
   for (int c = c0; c < c1; ++c) {
-    const unsigned x = kg[c];
+    const unsigned x = uk[c];
     if (x > thr[0] || (x == thr[0] && rank++ < ties)) kk[c] = top;
   }
   __syncthreads();
+}
+
+// lg: the unit's logits [G][max_clusters] (-inf for empty clusters); m: each head's max logit
+// (or an upper bound of it: with the ranking by size, the max of logit + ln |C_i|); uhist: each
+// head's histogram of union_bin over its live clusters (G << union_lnb(G) words, filled by
+// wave_select's score pass, which also set uk[c] = ~0); ubins: each head's bin of every cluster
+// ([G][max_clusters], UNION_DEAD for empty clusters) when the score pass kept them, or null (the
+// gather then bins the logits again); uk: n words (shared or global), kg: n words of global
+// scratch for the fallback; pool: SEL_TOP words.
+__device__ void union_select(unsigned* kk, unsigned top, unsigned* uk, unsigned* kg,
+                             const float* lg, int n, int r, int G, int max_clusters,
+                             const float* m, unsigned* uhist, const unsigned short* ubins,
+                             unsigned* pool, SelSmem& ss,
+                             unsigned* red_min, unsigned* red_max) {
+  const int tid = threadIdx.x;
+  const int lnb = union_lnb(G), shift = union_shift(lnb);
+  const unsigned nb = 1u << lnb;
+#ifdef SEL_PROFILE
+  long long ut[6] = {0};
+#define UT(i) \
+  if (tid == 0) ut[i] = clock64();
+#else
+#define UT(i)
+#endif
+  UT(1);
+  __shared__ int bin_s[WAVE_MAX_G];
+  __shared__ unsigned off_s[WAVE_MAX_G + 1], fill_s[WAVE_MAX_G], base_s[WAVE_MAX_G];
+  // Each head's threshold bin: the bin at which the count from bin 0 (the max) reaches r (every
+  // head counts all live clusters, at least r), and the count through it. Thread t holds bins
+  // 4t .. 4t + 3 of the heads' histograms laid end to end; one block scan over them all.
+  const int b0 = 4 * tid, nbins = G << lnb;
+  uint4 h4 = make_uint4(0u, 0u, 0u, 0u);
+  if (b0 < nbins) h4 = *reinterpret_cast<const uint4*>(uhist + b0);
+  const unsigned own = h4.x + h4.y + h4.z + h4.w;
+  const unsigned ex =
+      (unsigned)block_scan((unsigned long long)own, ss.warp_tot, (unsigned long long*)nullptr);
+  if (b0 < nbins && (b0 & (nb - 1)) == 0) base_s[b0 >> lnb] = ex;
+  if (tid < G) fill_s[tid] = 0u;
+  __syncthreads();
+  if (b0 < nbins) {
+    const int g = b0 >> lnb;
+    const unsigned before = ex - base_s[g];
+    // The histograms become each bin's count of the head's clusters in the bins before it.
+    uhist[b0] = before;
+    uhist[b0 + 1] = before + h4.x;
+    uhist[b0 + 2] = before + h4.x + h4.y;
+    uhist[b0 + 3] = before + h4.x + h4.y + h4.z;
+    if (before < (unsigned)r && before + own >= (unsigned)r) {
+      const unsigned h[4] = {h4.x, h4.y, h4.z, h4.w};
+      unsigned cum = before;
+      int j = 0;
+      for (; j < 3; ++j) {
+        cum += h[j];
+        if (cum >= (unsigned)r) break;
+      }
+      if (j == 3) cum += h[3];
+      bin_s[g] = (b0 & (nb - 1)) + j;
+      off_s[g + 1] = cum;
+    }
+  }
+  __syncthreads();
+  if (tid == 0) {
+    off_s[0] = 0u;
+    for (int g = 0; g < G; ++g) off_s[g + 1] += off_s[g];
+  }
+  __syncthreads();
+  const unsigned total = off_s[G];
+  UT(2);
+  // Without room for the candidates, or with more union keys than the histograms' memory
+  // counts, each head is ranked by radix selection instead.
+  if (total > UNION_POOL || r * G > 2 * SEL_BINS) {
+#ifdef SEL_PROFILE
+    if (blockIdx.x == 0 && tid == 0) printf("union rank fallback: %u candidates\n", total);
+#endif
+    for (int g = 0; g < G; ++g)
+      union_rank_head(uk, kg, lg + (size_t)g * max_clusters, n, r, G, g, ss, red_min, red_max);
+    union_pick(kk, uk, n, r, top, ss, red_min, red_max);
+    return;
+  }
+  // The candidates (key, cluster) placed by bin (a counting sort: head g's from off_s[g], bin b's
+  // from the count of the head's clusters in the bins before it), so that a candidate's rank is
+  // that count plus the larger keys of its own bin.
+  unsigned* pk = pool;
+  unsigned* pc = pool + UNION_POOL;
+  unsigned* bf = &ss.hist[0][0];  // each bin's candidates placed so far
+  for (int i = tid; i < nbins; i += SEL_THREADS) bf[i] = 0u;
+  __syncthreads();
+  if (ubins) {
+    // The bins from the score pass: the candidates placed first, then their logits loaded, one
+    // a thread, all in flight together.
+    for (int c = tid; c < n; c += SEL_THREADS)
+      for (int g = 0; g < G; ++g) {
+        const unsigned bin = ubins[(size_t)g * max_clusters + c];
+        if (bin <= (unsigned)bin_s[g]) {
+          const unsigned hb = (g << lnb) + bin;
+          pc[off_s[g] + uhist[hb] + atomicAdd(&bf[hb], 1u)] = (unsigned)c;
+        }
+      }
+    __syncthreads();
+    for (unsigned i = tid; i < total; i += SEL_THREADS) {
+      int g = 0;
+      while (off_s[g + 1] <= i) ++g;
+      pk[i] = order_key(lg[(size_t)g * max_clusters + pc[i]]);
+    }
+  } else {
+  for (int c0 = tid; c0 < n; c0 += UNION_RUN * SEL_THREADS)
+      for (int g = 0; g < G; ++g) {
+        float l[UNION_RUN];
+  #pragma unroll
+        for (int i = 0; i < UNION_RUN; ++i) {
+          const int c = c0 + i * SEL_THREADS;
+          l[i] = c < n ? lg[(size_t)g * max_clusters + c] : -INFINITY;
+        }
+  #pragma unroll
+        for (int i = 0; i < UNION_RUN; ++i) {
+          const unsigned bin = union_bin(m[g], l[i], shift, nb);
+          if (l[i] != -INFINITY && bin <= (unsigned)bin_s[g]) {
+            const unsigned hb = (g << lnb) + bin;
+            const unsigned slot = off_s[g] + uhist[hb] + atomicAdd(&bf[hb], 1u);
+            pk[slot] = order_key(l[i]);
+            pc[slot] = (unsigned)(c0 + i * SEL_THREADS);
+          }
+        }
+      }
+  }
+  __syncthreads();
+  UT(3);
+  // Ranks (the candidate's bin recomputed from its key, whose float it is); the cluster's union
+  // key the smallest over the heads. The pick's counts of union keys are cleared meanwhile.
+  unsigned* kh = &ss.hist[0][0];
+  for (int i = tid; i < r * G; i += SEL_THREADS) kh[i] = 0u;
+  for (unsigned i = tid; i < total; i += SEL_THREADS) {
+    int g = 0;
+    while (off_s[g + 1] <= i) ++g;
+    const unsigned x = pk[i];
+    const unsigned bin = union_bin(m[g], __uint_as_float((x >> 31) ? (x & 0x7fffffffu) : ~x), shift, nb);
+    const unsigned hb = (g << lnb) + bin, before = uhist[hb];
+    const unsigned end = bin < (unsigned)bin_s[g] ? uhist[hb + 1] : off_s[g + 1] - off_s[g];
+    unsigned rank = before;
+    for (unsigned j = off_s[g] + before; j < off_s[g] + end; ++j) rank += pk[j] > x;
+    if (rank < (unsigned)r) atomicMin(&uk[pc[i]], rank * (unsigned)G + (unsigned)g);
+  }
+  __syncthreads();
+  UT(4);
+  // The pick: each cluster counted once, at its union key (its entry whose key is the
+  // cluster's smallest); the r-th smallest union key K by a scan of the counts; every cluster
+  // below K chosen, and of those at K (a run of tied logits in one head) the lowest ids.
+  for (unsigned i = tid; i < total; i += SEL_THREADS) {
+    int g = 0;
+    while (off_s[g + 1] <= i) ++g;
+    // This head's entry gave the cluster's key when the key names this head (a cluster has at
+    // most one entry a head).
+    const unsigned k = uk[pc[i]];
+    if (k % (unsigned)G == (unsigned)g && k < (unsigned)(r * G)) atomicAdd(&kh[k], 1u);
+  }
+  __syncthreads();
+  __shared__ unsigned kstar_s, kabove_s;
+  {
+    const int k0 = 4 * tid, nk = r * G;
+    unsigned h[4], own = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      h[j] = k0 + j < nk ? kh[k0 + j] : 0u;
+      own += h[j];
+    }
+    const unsigned before =
+        (unsigned)block_scan((unsigned long long)own, ss.warp_tot, (unsigned long long*)nullptr);
+    if (before < (unsigned)r && before + own >= (unsigned)r) {
+      unsigned cum = before;
+      int j = 0;
+      while (cum + h[j] < (unsigned)r) cum += h[j++];
+      kstar_s = (unsigned)(k0 + j);
+      kabove_s = cum;
+    }
+  }
+  __syncthreads();
+  const unsigned kstar = kstar_s, ties = (unsigned)r - kabove_s;
+  for (unsigned i = tid; i < total; i += SEL_THREADS) {
+    int g = 0;
+    while (off_s[g + 1] <= i) ++g;
+    const unsigned c = pc[i], k = uk[c];
+    if (k % (unsigned)G != (unsigned)g || k > kstar) continue;
+    bool take = k < kstar;
+    if (!take) {
+      // Tied at K (equal logits of one head, all in one bin): the lower ids among those of the
+      // bin with this key and K.
+      const unsigned x = pk[i];
+      const unsigned bin =
+          union_bin(m[g], __uint_as_float((x >> 31) ? (x & 0x7fffffffu) : ~x), shift, nb);
+      const unsigned hb = (g << lnb) + bin, before = uhist[hb];
+      const unsigned end = bin < (unsigned)bin_s[g] ? uhist[hb + 1] : off_s[g + 1] - off_s[g];
+      unsigned lower = 0;
+      for (unsigned j = off_s[g] + before; j < off_s[g] + end; ++j)
+        lower += pk[j] == x && pc[j] < c && uk[pc[j]] == kstar;
+      take = lower < ties;
+    }
+    if (take) kk[c] = top;
+  }
+  __syncthreads();
+  UT(5);
+#ifdef SEL_PROFILE
+  if (blockIdx.x == 0 && tid == 0)
+    printf("union rank n %d r %d candidates %u (bin %d of %u), cycles: bins %lld gather %lld "
+           "rank %lld pick %lld\n", n, r, total, bin_s[0], nb, ut[2] - ut[1], ut[3] - ut[2],
+           ut[4] - ut[3], ut[5] - ut[4]);
+#endif
+#undef UT
 }
 
 }  // namespace wave
@@ -468,9 +761,13 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
                 const float* part_sum, int n_parts, int group, int max_clusters, float* scores,
                 unsigned* keys, int keys_in_smem, unsigned* ranks, int* ids, int max_ids,
                 int* counts) {
-  extern __shared__ unsigned skeys[];
+  // Dynamic shared memory: with the union ranking its histograms of each head's logits
+  // (union_bin, SEL_TOP words), then the keys when keys_in_smem (and after them the union keys).
+  extern __shared__ __align__(16) unsigned sel_dyn[];
   __shared__ float m_s[WAVE_MAX_G], iz_s[WAVE_MAX_G];
   __shared__ wave::SelSmem ss;
+  // The adaptive budget's top scores, then the union ranking's candidates.
+  __shared__ unsigned pool[SEL_TOP];
   __shared__ unsigned red_min[32], red_max[32];
   __shared__ int red_live[32];
   const int u = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -499,6 +796,23 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
       iz_s[warp] = z > 0.f ? 1.f / z : 0.f;
     }
   }
+  // The union ranking: its scratch (the union keys beside the summed-score keys in shared
+  // memory, else in the unit's first row of `ranks`; the second row for the ranking's
+  // fallback) and its histograms, filled by the score pass.
+  const bool uni = wu.union_ranking != 0;
+  unsigned* uhist = sel_dyn;
+  unsigned* skeys = sel_dyn + (uni ? SEL_TOP : 0);
+  // With the union ranking and room for them (keys_in_smem 2), each head's bin of every
+  // cluster (u16, UNION_DEAD for empty clusters) after the union keys, for the ranking's gather.
+  unsigned short* ubins =
+      uni && keys_in_smem == 2 ? reinterpret_cast<unsigned short*>(skeys + 2 * max_clusters)
+                               : nullptr;
+  if (uni && !ranks) __trap();  // the host passes the scratch with union units
+  unsigned* ru = uni ? ranks + (size_t)u * 2 * max_clusters : nullptr;
+  unsigned* uk = uni ? (keys_in_smem ? skeys + max_clusters : ru) : nullptr;
+  const int lnb = wave::union_lnb(G), ushift = wave::union_shift(lnb);
+  if (uni)
+    for (int i = tid; i < (G << lnb); i += SEL_THREADS) uhist[i] = 0u;
   __syncthreads();
   SEL_T(1);
   unsigned* kk = keys_in_smem ? skeys : keys + (size_t)u * max_clusters;
@@ -528,6 +842,15 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
       float l[SCORE_RUN];
 #pragma unroll
       for (int i = 0; i < SCORE_RUN; ++i) l[i] = ok[i] ? lg[c0 + i * SEL_THREADS] : 0.f;
+      if (uni)
+#pragma unroll
+        for (int i = 0; i < SCORE_RUN; ++i) {
+          const unsigned b = wave::union_bin(mg, l[i], ushift, 1u << lnb);
+          if (ok[i]) atomicAdd(&uhist[(g << lnb) + b], 1u);
+          if (ubins && c0 + i * SEL_THREADS < n)
+            ubins[(size_t)g * max_clusters + c0 + i * SEL_THREADS] =
+                ok[i] ? (unsigned short)b : UNION_DEAD;
+        }
       if (mg != -INFINITY)
 #pragma unroll
         for (int i = 0; i < SCORE_RUN; ++i)
@@ -539,6 +862,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
       if (c >= n) break;
       live += ok[i];
       sc[c] = s[i];
+      if (uni) uk[c] = 0xffffffffu;
       const unsigned x = wave::order_key(s[i]);
       kk[c] = x;
       if (s[i] != -INFINITY) {
@@ -582,7 +906,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   // in f64 from the top.
   int r_base = wu.retrieval;
   if (wu.retrieval_mass > 0.f && wu.retrieval_cap > r_base) {
-    __shared__ float top_s[SEL_TOP];
+    float* top_s = reinterpret_cast<float*>(pool);
     __shared__ double red_d[32];
     __shared__ int top_n, top_ties, top_k;
     __syncthreads();  // every thread has read red_live[0] (n_live) before it is reused
@@ -693,13 +1017,10 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   }
   // The union ranking: the retrieval clusters' keys raised above every other key (just above
   // the largest, so the radix passes below start where they would have).
-  if (wu.union_ranking && r_want > 0) {
-    if (!ranks) __trap();  // the host runs wave_union_rank first
+  if (uni && r_want > 0) {
     const unsigned top = kmax == 0xffffffffu ? kmax : kmax + 1u;
-    // The pick's scratch: beside the keys in shared memory, else the unit's first rank row.
-    unsigned* ru = ranks + (size_t)u * G * max_clusters;
-    wave::union_pick(kk, keys_in_smem ? skeys + max_clusters : ru, ru, n, r_want, G, max_clusters,
-                     top, ss, red_min, red_max);
+    wave::union_select(kk, top, uk, ru + max_clusters, logits + (size_t)u * G * max_clusters, n,
+                       r_want, G, max_clusters, m_s, uhist, ubins, pool, ss, red_min, red_max);
     kmax = top;
   }
   // Both thresholds: the m-th and the r-th largest key.
@@ -763,91 +1084,6 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
 #endif
 }
 
-
-// wave_union_rank: grid (n_units, group), block 1024, for units with the union ranking (others
-// return at once). CTA (u, g) ranks the live clusters of unit u by query head g's logit
-// (logits[u][g][c]; a cluster's rank is how many live clusters have a larger logit, so ties
-// share a rank) and writes ranks[u][g][c] = rank * group + g for the clusters of rank below
-// `want`, ~0 for the others, `want` the most retrieval clusters the unit's budget can reach
-// (the fixed budget, or the adaptive cap up to SEL_TOP) but at most the live clusters. Ranks
-// beyond the step's actual budget r only add keys of r * group and more, which union_pick never
-// reaches, so the pick equals the CPU's union over exactly r. The want-th largest logit key by
-// find_thresholds, the keys above it gathered and sorted (bitonic), each cluster at or above it
-// ranked by binary search. keys_in_smem: the keys in max_clusters * 4 bytes of dynamic shared
-// memory, else in the output row itself.
-extern "C" __global__ void __launch_bounds__(SEL_THREADS)
-    wave_union_rank(const WaveUnit* units, const float* logits, int group, int max_clusters,
-                    unsigned* ranks, int keys_in_smem) {
-  extern __shared__ unsigned skeys[];
-  __shared__ wave::SelSmem ss;
-  __shared__ unsigned red_min[32], red_max[32], n_above;
-  const int u = blockIdx.x, g = blockIdx.y, tid = threadIdx.x;
-  const WaveUnit wu = units[u];
-  if (!wu.union_ranking) return;
-  const int n = wu.n_clusters, G = group;
-  unsigned* out = ranks + ((size_t)u * G + g) * max_clusters;
-  unsigned* kg = keys_in_smem ? skeys : out;
-  const float* lns = reinterpret_cast<const float*>(wu.ln_sizes);
-  const float* lg = logits + ((size_t)u * G + g) * max_clusters;
-  unsigned lo = 0xffffffffu, hi = 0u, live = 0u;
-  for (int c = tid; c < n; c += SEL_THREADS) {
-    const bool ok = lns[c] != -INFINITY;
-    const unsigned x = ok ? wave::order_key(lg[c]) : 0u;  // live keys are above 0
-    kg[c] = x;
-    if (ok) {
-      lo = min(lo, x);
-      hi = max(hi, x);
-      live += 1;
-    }
-  }
-  // The live count: a warp sum, then one shared atomic a warp (complete after block_minmax's
-  // synchronisation).
-  __shared__ unsigned live_s;
-  if (tid == 0) live_s = 0u;
-  __syncthreads();
-  live = __reduce_add_sync(0xffffffffu, live);
-  if ((tid & 31) == 0) atomicAdd(&live_s, live);
-  wave::block_minmax(lo, hi, red_min, red_max);
-  const int cap = wu.retrieval_mass > 0.f ? min(wu.retrieval_cap, SEL_TOP) : 0;
-  const int want = min(max(wu.retrieval, cap), (int)live_s);
-  if (want <= 0) {
-    for (int c = tid; c < n; c += SEL_THREADS) out[c] = 0xffffffffu;
-    return;
-  }
-  const unsigned need[2] = {(unsigned)want, 0u};
-  unsigned thr[2], above[2];
-  wave::find_thresholds(kg, n, lo, hi, need, ss, thr, above);
-  if (above[0] >= SEL_TOP) __trap();  // the host keeps the budget within SEL_TOP
-  unsigned* sorted = &ss.hist[0][0];  // 2 * SEL_BINS == SEL_TOP keys
-  if (tid == 0) n_above = 0;
-  __syncthreads();
-  for (int c = tid; c < n; c += SEL_THREADS) {
-    const unsigned x = kg[c];
-    if (x > thr[0]) sorted[atomicAdd(&n_above, 1u)] = x;
-  }
-  __syncthreads();
-  const int na = (int)n_above;
-  int np = 1;
-  while (np < na) np <<= 1;
-  for (int i = na + tid; i < np; i += SEL_THREADS) sorted[i] = 0u;
-  __syncthreads();
-  wave::bitonic_desc(sorted, np);
-  // Each thread reads and writes only its own clusters here (kg may be out).
-  for (int c = tid; c < n; c += SEL_THREADS) {
-    const unsigned x = kg[c];
-    unsigned r = 0xffffffffu;
-    if (x >= thr[0]) {
-      int a = 0, b = na;  // the first of sorted[0 .. na) not above x
-      while (a < b) {
-        const int mid = (a + b) >> 1;
-        if (sorted[mid] > x) a = mid + 1;
-        else b = mid;
-      }
-      r = (unsigned)(a * G + g);
-    }
-    out[c] = r;
-  }
-}
 
 namespace wave {
 

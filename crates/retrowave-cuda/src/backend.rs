@@ -64,7 +64,6 @@ const KERNELS: &[&str] = &[
     "wave_logits_hd64",
     "wave_logits_hd128",
     "wave_select",
-    "wave_union_rank",
     "wave_estimate_partial_hd64",
     "wave_estimate_partial_hd128",
     "wave_estimate_merge",
@@ -504,8 +503,10 @@ impl CudaBackend {
             ("attn_wave_fused_hd128", decode_smem()),
             ("attn_prefill_hd64", prefill_smem_bytes(64)),
             ("attn_prefill_hd128", prefill_smem_bytes(128)),
-            ("wave_select", crate::wave::WAVE_SELECT_SMEM),
-            ("wave_union_rank", crate::wave::WAVE_SELECT_SMEM),
+            (
+                "wave_select",
+                crate::wave::WAVE_SELECT_SMEM + crate::wave::UNION_HIST_SMEM,
+            ),
             (
                 "wave_logits_hd64",
                 crate::wave::wave_logits_smem(64, crate::wave::WAVE_MAX_G),

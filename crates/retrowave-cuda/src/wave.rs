@@ -46,8 +46,8 @@ pub struct WaveUnit {
     /// 1: the retrieval zone is the union of each query head's own best clusters by its logit
     /// (`WaveConfig::union_ranking`, `retrowave_index::select::union_retrieval`), the estimation
     /// zone the next by summed score; 0: both by summed score. The selection must be told
-    /// (`union` of [`CudaBackend::wave_select_dev`], which then ranks each head's clusters
-    /// first), and the retrieval budget be at most [`SEL_TOP`] ([`check_union_budget`]).
+    /// (`union` of [`CudaBackend::wave_select_dev`], which then gives it scratch for each
+    /// head's ranks), and the retrieval budget be at most [`SEL_TOP`] ([`check_union_budget`]).
     pub union_ranking: i32,
     /// `WaveTier*` of the unit when its indexed KV lives in host memory (see
     /// [`crate::wave_tier`]), or 0.
@@ -78,6 +78,9 @@ const EST_THREADS: u32 = 128;
 /// 40960 clusters, 655K tokens of context at 16 a cluster; longer contexts keep them in global
 /// memory).
 pub const WAVE_SELECT_SMEM: usize = 160 * 1024;
+/// Dynamic shared memory `wave_select` takes besides the keys when some unit has the union
+/// ranking: the histograms of its heads' logits (`SEL_TOP` words).
+pub const UNION_HIST_SMEM: usize = SEL_TOP * 4;
 
 /// The union ranking's limit on the GPU: each head ranks its best `retrieval` clusters in a
 /// sort of at most [`SEL_TOP`] keys.
@@ -181,8 +184,8 @@ impl CudaBackend {
 
     /// [`CudaBackend::wave_select`] over units already on the device (`n_units` of them at
     /// `units`, none with more than `max_clusters` clusters): what a decode step uses, with
-    /// every layer's units uploaded once. `union`: some unit may use the union ranking (each
-    /// query head's clusters are then ranked first, by `wave_union_rank`).
+    /// every layer's units uploaded once. `union`: some unit may use the union ranking (the
+    /// selection then gets scratch for each query head's ranks).
     #[allow(clippy::too_many_arguments)]
     pub fn wave_select_dev(
         &self,
@@ -252,36 +255,30 @@ impl CudaBackend {
             ],
         )?;
         let (mut nch, mut grp, mut mi) = (n_parts as i32, group as i32, max_ids as i32);
-        // The union ranking: one CTA a (unit, query head) ranks the head's clusters (a unit's
-        // keys in shared memory when they fit, else in its output row).
+        // The union ranking's scratch: two rows of max_clusters words a unit (wave_select ranks
+        // each query head's clusters itself).
         let ranks = if union {
-            let ranks = self.alloc::<u32>(n_units * group * max_clusters)?;
-            let smem = max_clusters * 4;
-            let mut in_smem = i32::from(smem <= WAVE_SELECT_SMEM);
-            let mut a_r = dp(&ranks);
-            self.launch(
-                "wave_union_rank",
-                LaunchConfig {
-                    grid_dim: (n_units as u32, group as u32, 1),
-                    block_dim: (SEL_THREADS, 1, 1),
-                    shared_mem_bytes: if in_smem == 1 { smem as u32 } else { 0 },
-                },
-                &mut [
-                    ptr_of(&mut a_units),
-                    ptr_of(&mut a_l),
-                    ptr_of(&mut grp),
-                    ptr_of(&mut mc),
-                    ptr_of(&mut a_r),
-                    ptr_of(&mut in_smem),
-                ],
-            )?;
-            Some(ranks)
+            Some(self.alloc::<u32>(n_units * 2 * max_clusters)?)
         } else {
             None
         };
-        // The keys in shared memory when they fit (and beside them the union pick's scratch).
-        let smem = max_clusters * 4 * if union { 2 } else { 1 };
-        let mut in_smem = i32::from(smem <= WAVE_SELECT_SMEM);
+        // The keys in shared memory when they fit (and beside them the union keys), after the
+        // union ranking's histograms.
+        // With the union ranking, also each head's bin of every cluster (u16) when it fits
+        // (in_smem 2).
+        let keys_smem = max_clusters * 4 * if union { 2 } else { 1 };
+        let bins_smem = if union { max_clusters * group * 2 } else { 0 };
+        let mut in_smem: i32 = if union && keys_smem + bins_smem <= WAVE_SELECT_SMEM {
+            2
+        } else {
+            i32::from(keys_smem <= WAVE_SELECT_SMEM)
+        };
+        let smem = if union { UNION_HIST_SMEM } else { 0 }
+            + match in_smem {
+                2 => keys_smem + bins_smem,
+                1 => keys_smem,
+                _ => 0,
+            };
         let mut a_ranks = ranks.as_ref().map_or(0, dp);
         let (mut a_s, mut a_k, mut a_i, mut a_c) = (dp(&scores), dp(&keys), dp(&ids), dp(&counts));
         self.launch(
@@ -289,7 +286,7 @@ impl CudaBackend {
             LaunchConfig {
                 grid_dim: (n_units as u32, 1, 1),
                 block_dim: (SEL_THREADS, 1, 1),
-                shared_mem_bytes: if in_smem == 1 { smem as u32 } else { 0 },
+                shared_mem_bytes: smem as u32,
             },
             &mut [
                 ptr_of(&mut a_units),
