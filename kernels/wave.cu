@@ -427,6 +427,31 @@ __device__ __forceinline__ unsigned union_bin(float m, float l, int shift, unsig
 __device__ __forceinline__ int union_lnb(int G) { return 12 - (32 - __clz(max(G, 1) - 1)); }
 __device__ __forceinline__ int union_shift(int lnb) { return 25 - lnb; }
 
+// kk[c] = key(c) for c in [0, n) (0: no key, below every other), and the want-th largest of
+// them by find_thresholds from the bounds of the nonzero keys (so that the radix passes start at
+// the bits in which those differ): *thr, and in *above how many keys are larger. want must be
+// at most the nonzero keys' count. Every thread calls it; each writes only its own c.
+template <typename F>
+__device__ void kth_of_keys(unsigned* kk, int n, F key, unsigned want, SelSmem& ss,
+                            unsigned* red_min, unsigned* red_max, unsigned* thr,
+                            unsigned* above) {
+  unsigned lo = 0xffffffffu, hi = 0u;
+  for (int c = threadIdx.x; c < n; c += SEL_THREADS) {
+    const unsigned x = key(c);
+    kk[c] = x;
+    if (x) {
+      lo = min(lo, x);
+      hi = max(hi, x);
+    }
+  }
+  block_minmax(lo, hi, red_min, red_max);
+  const unsigned need[2] = {want, 0u};
+  unsigned t[2], a[2];
+  find_thresholds(kk, n, lo, hi, need, ss, t, a);
+  *thr = t[0];
+  *above = a[0];
+}
+
 // Head g's ranks below r by radix selection (union_select's fallback): the keys into kg (global
 // scratch of n), the r-th largest found by find_thresholds, the keys above it sorted, and each
 // cluster at or above it ranked by binary search; uk[c] lowered to rank * G + g. Thread t owns
@@ -435,20 +460,10 @@ __device__ void union_rank_head(unsigned* uk, unsigned* kg, const float* lg, int
                                 int g, SelSmem& ss, unsigned* red_min, unsigned* red_max) {
   const int tid = threadIdx.x;
   __shared__ unsigned n_above;
-  unsigned lo = 0xffffffffu, hi = 0u;
-  for (int c = tid; c < n; c += SEL_THREADS) {
-    const float l = lg[c];
-    const unsigned x = l != -INFINITY ? order_key(l) : 0u;  // live keys are above 0
-    kg[c] = x;
-    if (x) {
-      lo = min(lo, x);
-      hi = max(hi, x);
-    }
-  }
-  block_minmax(lo, hi, red_min, red_max);
-  const unsigned need[2] = {(unsigned)r, 0u};
-  unsigned thr[2], above[2];
-  find_thresholds(kg, n, lo, hi, need, ss, thr, above);
+  unsigned thr[1], above[1];
+  kth_of_keys(  // live keys are above 0
+      kg, n, [&](int c) { return lg[c] != -INFINITY ? order_key(lg[c]) : 0u; }, (unsigned)r, ss,
+      red_min, red_max, thr, above);
   unsigned* sorted = &ss.hist[0][0];  // 2 * SEL_BINS == SEL_TOP keys; above < r <= SEL_TOP
   if (tid == 0) n_above = 0;
   __syncthreads();
@@ -484,22 +499,10 @@ __device__ void union_rank_head(unsigned* uk, unsigned* kg, const float* lg, int
 __device__ void union_pick(unsigned* kk, unsigned* uk, int n, int want, unsigned top, SelSmem& ss,
                            unsigned* red_min, unsigned* red_max) {
   const int tid = threadIdx.x;
-  // The want largest inverted keys; the bounds over the ranked clusters only (the others invert
-  // to 0 and lie outside the radix passes' prefix), so the passes start at the few bits in
-  // which the ranked keys differ.
-  unsigned lo = 0xffffffffu, hi = 0u;
-  for (int c = tid; c < n; c += SEL_THREADS) {
-    const unsigned x = ~uk[c];
-    uk[c] = x;
-    if (x) {
-      lo = min(lo, x);
-      hi = max(hi, x);
-    }
-  }
-  block_minmax(lo, hi, red_min, red_max);
-  const unsigned need[2] = {(unsigned)want, 0u};
-  unsigned thr[2], above[2];
-  find_thresholds(uk, n, lo, hi, need, ss, thr, above);
+  // The want largest inverted keys (the unranked clusters invert to 0).
+  unsigned thr[1], above[1];
+  kth_of_keys(uk, n, [&](int c) { return ~uk[c]; }, (unsigned)want, ss, red_min, red_max, thr,
+              above);
   // Ties at the threshold to the lowest ids: thread t takes ids [t * per, (t + 1) * per).
   const int per = (n + SEL_THREADS - 1) / SEL_THREADS;
   const int c0 = min(n, tid * per), c1 = min(n, c0 + per);
