@@ -365,6 +365,15 @@ fn plan_step_inner(
     // candidates left by summed score (the candidates hold the top `r + e` summed scores, so at
     // least `e` of them are not retrieved).
     let retrieval = select::union_retrieval(&live_ids, logits, group, budgets.retrieval);
+    // Both lists ascend: the candidates not retrieved, by one merge.
+    let mut chosen = retrieval.iter().copied().peekable();
+    let rest: Vec<u32> = ids
+        .into_iter()
+        .filter(|&c| {
+            while chosen.next_if(|&x| x < c).is_some() {}
+            chosen.peek() != Some(&c)
+        })
+        .collect();
     let mut plan = plan_from_ranked(
         index,
         scores,
@@ -374,9 +383,7 @@ fn plan_step_inner(
         },
         n_tokens,
         n_live,
-        ids.into_iter()
-            .filter(|c| retrieval.binary_search(c).is_err())
-            .collect(),
+        rest,
     )?;
     plan.retrieval = retrieval;
     Ok(plan)
