@@ -47,6 +47,10 @@ __device__ __forceinline__ unsigned order_key(float x) {
   unsigned b = __float_as_uint(x);
   return (b >> 31) ? ~b : (b | 0x80000000u);
 }
+// The float whose order_key is k.
+__device__ __forceinline__ float key_float(unsigned k) {
+  return __uint_as_float((k >> 31) ? (k & 0x7fffffffu) : ~k);
+}
 
 template <int HD>
 __device__ void logits(const WaveUnit* __restrict__ units, const float* __restrict__ q, int n_heads,
@@ -480,7 +484,7 @@ __device__ void union_rank_head(unsigned* uk, unsigned* kg, const float* lg, int
   bitonic_desc(sorted, np);
   for (int c = tid; c < n; c += SEL_THREADS) {
     const unsigned x = kg[c];
-    if (x && x >= thr[0]) {
+    if (x >= thr[0]) {  // thr[0] is a live key, above 0
       int a = 0, b = na;  // the first of sorted[0 .. na) not above x
       while (a < b) {
         const int mid = (a + b) >> 1;
@@ -583,6 +587,18 @@ __device__ void union_select(unsigned* kk, unsigned top, unsigned* uk, unsigned*
   }
   __syncthreads();
   const unsigned total = off_s[G];
+  // The head of candidate slot i, and the slots [first, end) of the bin of key x in head g
+  // (its count of the head's clusters in the earlier bins, then its own).
+  const auto head_of = [&](unsigned i) {
+    int g = 0;
+    while (off_s[g + 1] <= i) ++g;
+    return g;
+  };
+  const auto bin_slots = [&](int g, unsigned x, unsigned& first, unsigned& end) {
+    const unsigned bin = union_bin(m[g], key_float(x), shift, nb), hb = (g << lnb) + bin;
+    first = off_s[g] + uhist[hb];
+    end = off_s[g] + (bin < (unsigned)bin_s[g] ? uhist[hb + 1] : off_s[g + 1] - off_s[g]);
+  };
   UT(2);
   // Without room for the candidates, or with more union keys than the histograms' memory
   // counts, each head is ranked by radix selection instead.
@@ -615,21 +631,18 @@ __device__ void union_select(unsigned* kk, unsigned top, unsigned* uk, unsigned*
         }
       }
     __syncthreads();
-    for (unsigned i = tid; i < total; i += SEL_THREADS) {
-      int g = 0;
-      while (off_s[g + 1] <= i) ++g;
-      pk[i] = order_key(lg[(size_t)g * max_clusters + pc[i]]);
-    }
+    for (unsigned i = tid; i < total; i += SEL_THREADS)
+      pk[i] = order_key(lg[(size_t)head_of(i) * max_clusters + pc[i]]);
   } else {
-  for (int c0 = tid; c0 < n; c0 += UNION_RUN * SEL_THREADS)
+    for (int c0 = tid; c0 < n; c0 += UNION_RUN * SEL_THREADS)
       for (int g = 0; g < G; ++g) {
         float l[UNION_RUN];
-  #pragma unroll
+#pragma unroll
         for (int i = 0; i < UNION_RUN; ++i) {
           const int c = c0 + i * SEL_THREADS;
           l[i] = c < n ? lg[(size_t)g * max_clusters + c] : -INFINITY;
         }
-  #pragma unroll
+#pragma unroll
         for (int i = 0; i < UNION_RUN; ++i) {
           const unsigned bin = union_bin(m[g], l[i], shift, nb);
           if (l[i] != -INFINITY && bin <= (unsigned)bin_s[g]) {
@@ -648,14 +661,12 @@ __device__ void union_select(unsigned* kk, unsigned top, unsigned* uk, unsigned*
   unsigned* kh = &ss.hist[0][0];
   for (int i = tid; i < r * G; i += SEL_THREADS) kh[i] = 0u;
   for (unsigned i = tid; i < total; i += SEL_THREADS) {
-    int g = 0;
-    while (off_s[g + 1] <= i) ++g;
+    const int g = head_of(i);
     const unsigned x = pk[i];
-    const unsigned bin = union_bin(m[g], __uint_as_float((x >> 31) ? (x & 0x7fffffffu) : ~x), shift, nb);
-    const unsigned hb = (g << lnb) + bin, before = uhist[hb];
-    const unsigned end = bin < (unsigned)bin_s[g] ? uhist[hb + 1] : off_s[g + 1] - off_s[g];
-    unsigned rank = before;
-    for (unsigned j = off_s[g] + before; j < off_s[g] + end; ++j) rank += pk[j] > x;
+    unsigned first, end;
+    bin_slots(g, x, first, end);
+    unsigned rank = first - off_s[g];
+    for (unsigned j = first; j < end; ++j) rank += pk[j] > x;
     if (rank < (unsigned)r) atomicMin(&uk[pc[i]], rank * (unsigned)G + (unsigned)g);
   }
   __syncthreads();
@@ -664,8 +675,7 @@ __device__ void union_select(unsigned* kk, unsigned top, unsigned* uk, unsigned*
   // cluster's smallest); the r-th smallest union key K by a scan of the counts; every cluster
   // below K chosen, and of those at K (a run of tied logits in one head) the lowest ids.
   for (unsigned i = tid; i < total; i += SEL_THREADS) {
-    int g = 0;
-    while (off_s[g + 1] <= i) ++g;
+    const int g = head_of(i);
     // This head's entry gave the cluster's key when the key names this head (a cluster has at
     // most one entry a head).
     const unsigned k = uk[pc[i]];
@@ -694,8 +704,7 @@ __device__ void union_select(unsigned* kk, unsigned top, unsigned* uk, unsigned*
   __syncthreads();
   const unsigned kstar = kstar_s, ties = (unsigned)r - kabove_s;
   for (unsigned i = tid; i < total; i += SEL_THREADS) {
-    int g = 0;
-    while (off_s[g + 1] <= i) ++g;
+    const int g = head_of(i);
     const unsigned c = pc[i], k = uk[c];
     if (k % (unsigned)G != (unsigned)g || k > kstar) continue;
     bool take = k < kstar;
@@ -703,12 +712,9 @@ __device__ void union_select(unsigned* kk, unsigned top, unsigned* uk, unsigned*
       // Tied at K (equal logits of one head, all in one bin): the lower ids among those of the
       // bin with this key and K.
       const unsigned x = pk[i];
-      const unsigned bin =
-          union_bin(m[g], __uint_as_float((x >> 31) ? (x & 0x7fffffffu) : ~x), shift, nb);
-      const unsigned hb = (g << lnb) + bin, before = uhist[hb];
-      const unsigned end = bin < (unsigned)bin_s[g] ? uhist[hb + 1] : off_s[g + 1] - off_s[g];
-      unsigned lower = 0;
-      for (unsigned j = off_s[g] + before; j < off_s[g] + end; ++j)
+      unsigned first, end, lower = 0;
+      bin_slots(g, x, first, end);
+      for (unsigned j = first; j < end; ++j)
         lower += pk[j] == x && pc[j] < c && uk[pc[j]] == kstar;
       take = lower < ties;
     }

@@ -82,8 +82,8 @@ pub const WAVE_SELECT_SMEM: usize = 160 * 1024;
 /// ranking: the histograms of its heads' logits (`SEL_TOP` words).
 pub const UNION_HIST_SMEM: usize = SEL_TOP * 4;
 
-/// The union ranking's limit on the GPU: each head ranks its best `retrieval` clusters in a
-/// sort of at most [`SEL_TOP`] keys.
+/// The union ranking's limit on the GPU: its fallback ranks each head's best `retrieval`
+/// clusters in a sort of at most [`SEL_TOP`] keys.
 pub(crate) fn check_union_budget(retrieval: usize, n_clusters: usize) -> Result<(), CudaError> {
     if retrieval > SEL_TOP {
         return Err(CudaError::Unsupported(format!(
@@ -262,9 +262,9 @@ impl CudaBackend {
         } else {
             None
         };
-        // The keys in shared memory when they fit (and beside them the union keys), after the
-        // union ranking's histograms.
-        // With the union ranking, also each head's bin of every cluster (u16) when it fits
+        // Dynamic shared memory: with the union ranking its histograms first; then the keys
+        // when they fit (in_smem 1; with the union ranking the union keys beside them), and with
+        // the union ranking also each head's bin of every cluster (u16) when that fits too
         // (in_smem 2).
         let keys_smem = max_clusters * 4 * if union { 2 } else { 1 };
         let bins_smem = if union { max_clusters * group * 2 } else { 0 };

@@ -245,8 +245,8 @@ mod timing {
 /// `[group][n]`; a cluster's rank is how many live clusters have a larger logit, so ties share
 /// a rank); a cluster's union key is its best rank times `group` plus that head; the `r`
 /// clusters of smallest key are chosen (ties to the lowest id), in ascending id order. Fewer than
-/// `r` live clusters are all chosen. O(group x n): two passes a head over its logits, then work
-/// on its few candidates only.
+/// `r` live clusters are all chosen. O(group x n): one pass a head over its logits (after a
+/// sample of them), then work on its few candidates only.
 pub fn union_retrieval(live: &[u32], logits: &[f32], group: usize, r: usize) -> Vec<u32> {
     let want = r.min(live.len());
     if group == 0 || want == 0 {
@@ -259,7 +259,8 @@ pub fn union_retrieval(live: &[u32], logits: &[f32], group: usize, r: usize) -> 
     // Scratch: keys and candidates for the histogram path (allocated when a head takes it), and
     // the sampled path's candidates (at most `sampled_most`).
     let mut keys: Vec<u32> = Vec::new();
-    // Candidates (key, index into `live`), compacted without branches: room for every key.
+    // Candidates (key, index into `live`): room for the sampled path's, grown for the
+    // histogram's.
     let most = sampled_most(want).min(m);
     let mut ckeys = vec![0u32; most];
     let mut cidx = vec![0u32; most];
@@ -405,14 +406,27 @@ fn at_least(v: &[f32], t: f32, ck: &mut [u32], ci: &mut [u32], most: usize) -> O
         // SAFETY: AVX2 is present.
         return unsafe { at_least_avx2(v, t, ck, ci, most) };
     }
-    let mut w = 0;
-    for (i, &x) in v.iter().enumerate() {
+    at_least_scalar(v, 0, t, ck, ci, 0, most)
+}
+
+/// [`at_least`] one value at a time over `v`, the values `base ..` of the whole, with `w`
+/// candidates already taken.
+fn at_least_scalar(
+    v: &[f32],
+    base: usize,
+    t: f32,
+    ck: &mut [u32],
+    ci: &mut [u32],
+    mut w: usize,
+    most: usize,
+) -> Option<usize> {
+    for (j, &x) in v.iter().enumerate() {
         if x.is_nan() || w == most {
             return None;
         }
         if x >= t {
             ck[w] = order_key(x);
-            ci[w] = i as u32;
+            ci[w] = (base + j) as u32;
             w += 1;
         }
     }
@@ -455,18 +469,7 @@ unsafe fn at_least_avx2(
     if _mm256_movemask_ps(nan) != 0 {
         return None;
     }
-    let base = v.len() - rest.len();
-    for (j, &x) in rest.iter().enumerate() {
-        if x.is_nan() || w == most {
-            return None;
-        }
-        if x >= t {
-            ck[w] = order_key(x);
-            ci[w] = (base + j) as u32;
-            w += 1;
-        }
-    }
-    Some(w)
+    at_least_scalar(rest, v.len() - rest.len(), t, ck, ci, w, most)
 }
 
 /// [`union_retrieval`] over the `live` clusters as a ranking: the chosen clusters' `scores` are

@@ -763,13 +763,12 @@ mod tests {
             (1500, 7, 40, true, false),
             (8192, 4, 205, true, false),
         ] {
-            let logits: Vec<f32> = (0..group * n)
+            let mut logits: Vec<f32> = (0..group * n)
                 .map(|_| {
                     let u: f64 = (0..4).map(|_| next()).sum::<f64>() - 2.0;
                     ((u * 3.0 * 16.0).round() / 16.0) as f32
                 })
                 .collect();
-            let mut logits = logits;
             let live: Vec<usize> = (0..n).filter(|c| all_live || c % 37 != 5).collect();
             if nan {
                 logits[n + live[live.len() / 2]] = f32::NAN;
