@@ -545,6 +545,10 @@ fn cpu_agreement(
     let cap = 6100;
     cfg.update_interval = 256;
     cfg.host_kv = host_kv;
+    // The summed-softmax ranking, whose near-ties this check judges by the summed score. The
+    // union ranking (the default) ranks by each head's own logits; section `wave selection`
+    // checks it against the CPU rule on the GPU's own logits, where ties are exact.
+    cfg.union_ranking = false;
     let mut kv = b.new_kv(layers, heads, cap).map_err(e)?;
     // The fill writes every slot; the index covers the first `built` tokens, and the cache
     // holds `pos` when the step comes.
