@@ -130,22 +130,35 @@ extern "C" __global__ void __launch_bounds__(1024)
   }
 }
 
-// out[r] = x[r] * (1 / sqrt(mean(x[r]^2) + eps)) * w, sums in f32.
+// out[r] = x[r] * (1 / sqrt(mean(x[r]^2) + eps)) * w, sums in f32; with a residual `y` (not null)
+// x[r] += y[r] first (written back: the residual stream's add and the next norm in one pass), and
+// with `out_b` (not null) out is also written as bf16 there (the next GEMM's input, so that no
+// separate cast runs). Each thread reads back only the elements of x it wrote itself.
 // Launch: one block per row (grid min(rows, 65535), grid-stride over rows), blockDim a power of
-// two in 32..1024 (256 for cols <= 4096, 512-1024 above), no dynamic shared memory.
+// two in 32..1024, about cols / 4 (one 16-byte word a thread: a decode step has few rows, and
+// each thread's loads then wait on one memory latency, not several in turn), no dynamic shared
+// memory.
 extern "C" __global__ void __launch_bounds__(1024)
-    rms_norm(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ out, int rows,
-             int cols, float eps) {
+    rms_norm(float* __restrict__ x, const float* __restrict__ y, const float* __restrict__ w,
+             float* __restrict__ out, bf16* __restrict__ out_b, int rows, int cols, float eps) {
   __shared__ float scratch[32];
-  const bool vec = (cols & 3) == 0 && aligned16(x) && aligned16(w) && aligned16(out);
+  const bool vec = (cols & 3) == 0 && aligned16(x) && aligned16(w) && aligned16(out) &&
+                   (y == nullptr || aligned16(y)) && (out_b == nullptr || aligned16(out_b));
   for (int r = blockIdx.x; r < rows; r += gridDim.x) {
-    const float* xr = x + (long long)r * cols;
+    float* xr = x + (long long)r * cols;
+    const float* rr = y == nullptr ? nullptr : y + (long long)r * cols;
     float* yr = out + (long long)r * cols;
+    bf16* br = out_b == nullptr ? nullptr : out_b + (long long)r * cols;
     float ss = 0.0f;
     if (vec) {
-      const float4* x4 = reinterpret_cast<const float4*>(xr);
+      float4* x4 = reinterpret_cast<float4*>(xr);
       for (int c = threadIdx.x; c < (cols >> 2); c += blockDim.x) {
-        float4 v = __ldg(x4 + c);
+        float4 v = x4[c];
+        if (rr != nullptr) {
+          const float4 d = __ldg(reinterpret_cast<const float4*>(rr) + c);
+          v = make_float4(__fadd_rn(v.x, d.x), __fadd_rn(v.y, d.y), __fadd_rn(v.z, d.z), __fadd_rn(v.w, d.w));
+          x4[c] = v;
+        }
         ss = fmaf(v.x, v.x, ss);
         ss = fmaf(v.y, v.y, ss);
         ss = fmaf(v.z, v.z, ss);
@@ -154,6 +167,10 @@ extern "C" __global__ void __launch_bounds__(1024)
     } else {
       for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         float v = xr[c];
+        if (rr != nullptr) {
+          v = __fadd_rn(v, rr[c]);
+          xr[c] = v;
+        }
         ss = fmaf(v, v, ss);
       }
     }
@@ -164,12 +181,57 @@ extern "C" __global__ void __launch_bounds__(1024)
       const float4* w4 = reinterpret_cast<const float4*>(w);
       float4* y4 = reinterpret_cast<float4*>(yr);
       for (int c = threadIdx.x; c < (cols >> 2); c += blockDim.x) {
-        float4 v = __ldg(x4 + c), g = __ldg(w4 + c);
-        y4[c] = make_float4(__fmul_rn(__fmul_rn(v.x, scale), g.x), __fmul_rn(__fmul_rn(v.y, scale), g.y),
-                            __fmul_rn(__fmul_rn(v.z, scale), g.z), __fmul_rn(__fmul_rn(v.w, scale), g.w));
+        const float4 v = x4[c], g = __ldg(w4 + c);
+        const float4 o = make_float4(__fmul_rn(__fmul_rn(v.x, scale), g.x), __fmul_rn(__fmul_rn(v.y, scale), g.y),
+                                     __fmul_rn(__fmul_rn(v.z, scale), g.z), __fmul_rn(__fmul_rn(v.w, scale), g.w));
+        y4[c] = o;
+        if (br != nullptr) {
+          __nv_bfloat162* b2 = reinterpret_cast<__nv_bfloat162*>(br + 4 * c);
+          b2[0] = __floats2bfloat162_rn(o.x, o.y);
+          b2[1] = __floats2bfloat162_rn(o.z, o.w);
+        }
       }
     } else {
-      for (int c = threadIdx.x; c < cols; c += blockDim.x) yr[c] = __fmul_rn(__fmul_rn(xr[c], scale), w[c]);
+      for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        const float o = __fmul_rn(__fmul_rn(xr[c], scale), w[c]);
+        yr[c] = o;
+        if (br != nullptr) br[c] = __float2bfloat16_rn(o);
+      }
+    }
+  }
+}
+
+// Copies the column blocks of src ([rows, cols]) into up to four [rows, w_i] outputs, block i
+// from column w_0 + .. + w_{i-1} on (a null d_i with w_i 0 ends the list): one launch instead of
+// one 2-D copy per block (split Q/K/V and gate/up after their stacked projection).
+// Launch: grid (rows, ceil(cols / 1024)) (grid-stride over both), block 256.
+extern "C" __global__ void __launch_bounds__(1024)
+    split_cols(const float* __restrict__ src, int rows, int cols, float* __restrict__ d0, int w0,
+               float* __restrict__ d1, int w1, float* __restrict__ d2, int w2, float* __restrict__ d3, int w3) {
+  const int e1 = w0, e2 = e1 + w1, e3 = e2 + w2, e4 = e3 + w3;
+  const bool vec = ((w0 | w1 | w2 | w3 | cols) & 3) == 0 && aligned16(src) && aligned16(d0) &&
+                   (d1 == nullptr || aligned16(d1)) && (d2 == nullptr || aligned16(d2)) &&
+                   (d3 == nullptr || aligned16(d3));
+  const int n = e4 < cols ? e4 : cols;
+  for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float* s = src + (long long)r * cols;
+    if (vec) {
+      for (int c = 4 * (blockIdx.y * blockDim.x + threadIdx.x); c < n; c += 4 * gridDim.y * blockDim.x) {
+        const float4 v = __ldg(reinterpret_cast<const float4*>(s + c));
+        float* d = c < e1 ? d0 + (long long)r * w0 + c
+                 : c < e2 ? d1 + (long long)r * w1 + (c - e1)
+                 : c < e3 ? d2 + (long long)r * w2 + (c - e2)
+                          : d3 + (long long)r * w3 + (c - e3);
+        *reinterpret_cast<float4*>(d) = v;
+      }
+    } else {
+      for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < n; c += gridDim.y * blockDim.x) {
+        float* d = c < e1 ? d0 + (long long)r * w0 + c
+                 : c < e2 ? d1 + (long long)r * w1 + (c - e1)
+                 : c < e3 ? d2 + (long long)r * w2 + (c - e2)
+                          : d3 + (long long)r * w3 + (c - e3);
+        *d = s[c];
+      }
     }
   }
 }
@@ -194,18 +256,23 @@ extern "C" __global__ void __launch_bounds__(1024)
 // its cosine and sine computed in double and the cosine and sine rounded to float, as the CPU
 // backend does. Pairs are (2i, 2i+1) when neox == 0, (i, i + rot_dim/2) otherwise; dims at and
 // past rot_dim are left alone. Nothing happens if rot_dim is odd, < 2 or > head_dim.
-// Launch: one block per row (grid min(rows, 65535), grid-stride over rows), block 256 (a multiple
-// of 32; each thread computes one (cos, sin) and applies it to n_heads / (block / (rot_dim/2))
-// heads).
+// Launch: grid (rows, ceil(n_heads / (block / (rot_dim/2)))), grid-stride over rows and head
+// groups, block 256 (a multiple of 32): each thread computes one (cos, sin) and applies it to one
+// head of its block's group, so that a decode step's few rows still spread over many blocks.
+// With `x2` not null the heads of a second tensor of the same rows, [rows, n_heads2, head_dim]
+// (the keys beside the queries), follow the n_heads of x as heads n_heads.. of one launch.
 extern "C" __global__ void __launch_bounds__(1024)
     rope(float* __restrict__ x, const int* __restrict__ positions, int rows, int n_heads, int head_dim,
-         int rot_dim, float theta, int neox) {
+         int rot_dim, float theta, int neox, float* __restrict__ x2, int n_heads2) {
   if (rot_dim < 2 || (rot_dim & 1) || rot_dim > head_dim) return;
   const int half = rot_dim >> 1;
   const int groups = (int)blockDim.x >= half ? (int)blockDim.x / half : 1;
   const int items = half * groups;
-  const long long row_len = (long long)n_heads * head_dim;
-  const bool pair_vec = ((reinterpret_cast<unsigned long long>(x) & 7ull) == 0) && (head_dim & 1) == 0;
+  const long long row_len = (long long)n_heads * head_dim, row_len2 = (long long)n_heads2 * head_dim;
+  const int all_heads = n_heads + (x2 == nullptr ? 0 : n_heads2);
+  const bool pair_vec = ((reinterpret_cast<unsigned long long>(x) & 7ull) == 0) &&
+                        (x2 == nullptr || (reinterpret_cast<unsigned long long>(x2) & 7ull) == 0) &&
+                        (head_dim & 1) == 0;
   for (int r = blockIdx.x; r < rows; r += gridDim.x) {
     const double pos = (double)positions[r];
     float* xr = x + (long long)r * row_len;
@@ -215,8 +282,9 @@ extern "C" __global__ void __launch_bounds__(1024)
       double sd, cd;
       sincos_rope(pos * inv_freq, &sd, &cd);
       const float c = (float)cd, s = (float)sd;
-      for (int h = g; h < n_heads; h += groups) {
-        float* hp = xr + (long long)h * head_dim;
+      for (int h = blockIdx.y * groups + g; h < all_heads; h += gridDim.y * groups) {
+        float* hp = h < n_heads ? xr + (long long)h * head_dim
+                                : x2 + (long long)r * row_len2 + (long long)(h - n_heads) * head_dim;
         if (neox) {
           const float a = hp[i], b = hp[i + half];
           hp[i] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
@@ -236,23 +304,33 @@ extern "C" __global__ void __launch_bounds__(1024)
   }
 }
 
-// out = silu(g) * u = g / (1 + exp(-g)) * u.
+// out = silu(g) * u = g / (1 + exp(-g)) * u; with `out_b` (not null) also as bf16 there.
 // Launch: block 256, grid min(ceil(n / 1024), 4 * SMs) or so (any grid is correct).
 extern "C" __global__ void __launch_bounds__(1024)
-    silu_mul(const float* __restrict__ g, const float* __restrict__ u, float* __restrict__ out, long long n) {
+    silu_mul(const float* __restrict__ g, const float* __restrict__ u, float* __restrict__ out,
+             bf16* __restrict__ out_b, long long n) {
   long long start = 0;
-  if (aligned16(g) && aligned16(u) && aligned16(out)) {
+  if (aligned16(g) && aligned16(u) && aligned16(out) && (out_b == nullptr || aligned16(out_b))) {
     const long long n4 = n >> 2;
     const float4* g4 = reinterpret_cast<const float4*>(g);
     const float4* u4 = reinterpret_cast<const float4*>(u);
     float4* o4 = reinterpret_cast<float4*>(out);
     for (long long i = grid_tid(); i < n4; i += grid_stride()) {
       const float4 a = __ldg(g4 + i), b = __ldg(u4 + i);
-      o4[i] = make_float4(silu_mul1(a.x, b.x), silu_mul1(a.y, b.y), silu_mul1(a.z, b.z), silu_mul1(a.w, b.w));
+      const float4 o = make_float4(silu_mul1(a.x, b.x), silu_mul1(a.y, b.y), silu_mul1(a.z, b.z), silu_mul1(a.w, b.w));
+      o4[i] = o;
+      if (out_b != nullptr) {
+        __nv_bfloat162* b2 = reinterpret_cast<__nv_bfloat162*>(out_b + 4 * i);
+        b2[0] = __floats2bfloat162_rn(o.x, o.y);
+        b2[1] = __floats2bfloat162_rn(o.z, o.w);
+      }
     }
     start = n4 << 2;
   }
-  for (long long i = start + grid_tid(); i < n; i += grid_stride()) out[i] = silu_mul1(g[i], u[i]);
+  for (long long i = start + grid_tid(); i < n; i += grid_stride()) {
+    out[i] = silu_mul1(g[i], u[i]);
+    if (out_b != nullptr) out_b[i] = __float2bfloat16_rn(out[i]);
+  }
 }
 
 // x += y.

@@ -516,6 +516,18 @@ pub trait Backend: Send + Sync + Clone {
     fn embed(&self, table: &Self::Matrix, tokens: &[u32]) -> Result<Self::Acts, BackendError>;
     /// Row-wise RMS normalisation scaled by `w`.
     fn rms_norm(&self, x: &Self::Acts, w: &Self::Vector, eps: f32) -> Self::Acts;
+    /// `x += y`, then [`Backend::rms_norm`] of the new `x`: the residual add and the next
+    /// layer's norm, which a backend may do in one pass over `x` (the same values either way).
+    fn add_rms_norm(
+        &self,
+        x: &mut Self::Acts,
+        y: &Self::Acts,
+        w: &Self::Vector,
+        eps: f32,
+    ) -> Self::Acts {
+        self.add_assign(x, y);
+        self.rms_norm(x, w, eps)
+    }
     /// `x @ w^T (+ bias)`.
     fn linear(&self, x: &Self::Acts, w: &Self::Matrix, bias: Option<&Self::Vector>) -> Self::Acts;
     /// Applies rotary embeddings in place to `x` viewed as `[rows, n_heads, head_dim]`.
@@ -527,6 +539,22 @@ pub trait Backend: Send + Sync + Clone {
         head_dim: usize,
         rope: &RopeParams,
     );
+    /// [`Backend::rope`] of the queries `q` (`n_heads` heads) and the keys `k` (`n_kv_heads`)
+    /// of the same rows, which a backend may do in one operation (the same values either way).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_qk(
+        &self,
+        q: &mut Self::Acts,
+        k: &mut Self::Acts,
+        positions: &[u32],
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        rope: &RopeParams,
+    ) {
+        self.rope(q, positions, n_heads, head_dim, rope);
+        self.rope(k, positions, n_kv_heads, head_dim, rope);
+    }
     /// `silu(gate) * up`, element-wise.
     fn silu_mul(&self, gate: &Self::Acts, up: &Self::Acts) -> Self::Acts;
     /// Adds `bias` to every row of `x`.

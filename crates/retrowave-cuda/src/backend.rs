@@ -33,9 +33,30 @@ pub fn prefill_block_m() -> usize {
     *BLOCK_M.get_or_init(|| compile::header_define("PREFILL_BLOCK_M").unwrap_or(64) as usize)
 }
 
+/// Most activation rows the skinny GEMM kernel takes (`GEMV_MAX_M` in `kernels/gemv.cu`).
+pub const GEMV_MAX_ROWS: usize = 8;
+
+/// Activation rows up to which [`CudaBackend::gemm_bf16_f32`] uses the skinny GEMM kernel rather
+/// than cuBLAS: `RETROWAVE_GEMV=N` (0 turns it off), by default 1. Measured on an H200 with a
+/// random-weight Llama-3-8B (README, issue 5): a batch-1 step 4.92 -> 4.85 ms; from 4 rows on the
+/// kernel's CUDA-core FMAs, not its loads, set the pace and cuBLAS is faster (batch 6: 5.17 ->
+/// 6.97 ms).
+fn gemv_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("RETROWAVE_GEMV")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1)
+            .min(GEMV_MAX_ROWS)
+    })
+}
+
 const KERNELS: &[&str] = &[
     "embed_bf16",
     "rms_norm",
+    "split_cols",
+    "gemv_bf16",
     "cast_f32_bf16",
     "rope",
     "silu_mul",
@@ -102,6 +123,10 @@ pub struct DevActs {
     pub data: CudaSlice<f32>,
     pub rows: usize,
     pub cols: usize,
+    /// The same values as bf16, when the kernel that wrote them also wrote this copy (the norms
+    /// and `silu_mul`, whose outputs feed a GEMM): [`Backend::linear`] then needs no cast.
+    /// Operations that change `data` in place drop it.
+    pub bf16: Option<CudaSlice<bf16>>,
 }
 
 /// One sequence's KV cache on the GPU: bf16 `[layers][kv heads][cap][head_dim]` for K and for V.
@@ -751,6 +776,7 @@ impl CudaBackend {
                 data,
                 rows: 0,
                 cols,
+                bf16: None,
             },
             // Allocation of 4 bytes failed: the process is out of GPU memory; the recorded
             // failure ends the step. A zero-capacity slice from a null allocation keeps types.
@@ -760,6 +786,7 @@ impl CudaBackend {
                     data: self.inner.stream.null().expect("null device slice"),
                     rows: 0,
                     cols,
+                    bf16: None,
                 }
             }
         }
@@ -771,12 +798,150 @@ impl CudaBackend {
             return None;
         }
         match self.alloc::<f32>(rows * cols) {
-            Ok(data) => Some(DevActs { data, rows, cols }),
+            Ok(data) => Some(DevActs {
+                data,
+                rows,
+                cols,
+                bf16: None,
+            }),
             Err(e) => {
                 self.record(e);
                 None
             }
         }
+    }
+
+    /// Rotary embeddings in place on `x` (`n_heads` heads) and, in the same launch, on the
+    /// rows of `second` (its own number of heads).
+    fn rope_rows(
+        &self,
+        x: &mut DevActs,
+        second: Option<(&mut DevActs, usize)>,
+        positions: &[u32],
+        n_heads: usize,
+        head_dim: usize,
+        rope: &RopeParams,
+    ) {
+        x.bf16 = None;
+        let (mut x2, n2) = match second {
+            Some((k, n)) => {
+                k.bf16 = None;
+                (dp(&k.data), n)
+            }
+            None => (0, 0),
+        };
+        if x.rows == 0 || self.failed() {
+            return;
+        }
+        let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+        let armed = self
+            .armed(|a, inp| (a.rows == pos.len()).then(|| dp(&inp.positions)))
+            .flatten();
+        let d = match armed {
+            Some(p) => Ok((p, None)),
+            None => self.positions(pos).map(|d| (dp(&d), Some(d))),
+        };
+        let r = d.and_then(|(pp, _keep)| {
+            let mut a = dp(&x.data);
+            let mut p = pp;
+            let (mut rows, mut nh, mut hd, mut rd, mut th, mut neox, mut nh2) = (
+                x.rows as i32,
+                n_heads as i32,
+                head_dim as i32,
+                rope.dim as i32,
+                rope.theta,
+                i32::from(rope.style == RopeStyle::NeoX),
+                n2 as i32,
+            );
+            // As many blocks a row as head groups (the kernel's groups: 256 / (rot_dim / 2)).
+            let groups = (256 / (rope.dim / 2).max(1)).max(1);
+            self.launch(
+                "rope",
+                LaunchConfig {
+                    grid_dim: (
+                        x.rows as u32,
+                        (n_heads + n2).div_ceil(groups).max(1) as u32,
+                        1,
+                    ),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+                &mut [
+                    ptr_of(&mut a),
+                    ptr_of(&mut p),
+                    ptr_of(&mut rows),
+                    ptr_of(&mut nh),
+                    ptr_of(&mut hd),
+                    ptr_of(&mut rd),
+                    ptr_of(&mut th),
+                    ptr_of(&mut neox),
+                    ptr_of(&mut x2),
+                    ptr_of(&mut nh2),
+                ],
+            )
+        });
+        if let Err(e) = r {
+            self.record(e);
+        }
+    }
+
+    /// RMS normalisation of the rows of `x` scaled by `w`, after `x += residual` when one is
+    /// given (written back into `x`); the output also as bf16 (its GEMM's input).
+    fn norm_rows(
+        &self,
+        x: &DevActs,
+        residual: Option<&DevActs>,
+        w: &DevVector,
+        eps: f32,
+    ) -> DevActs {
+        let Some(mut out) = self.new_acts(x.rows, x.cols) else {
+            return self.empty_acts(x.cols);
+        };
+        if x.rows == 0 || w.len != x.cols {
+            if w.len != x.cols {
+                self.record(format!(
+                    "rms_norm: weight of {} for rows of {}",
+                    w.len, x.cols
+                ));
+            }
+            return out;
+        }
+        let twin = match self.alloc::<bf16>(x.rows * x.cols) {
+            Ok(t) => t,
+            Err(e) => {
+                self.record(e);
+                return out;
+            }
+        };
+        let mut a = dp(&x.data);
+        let mut y = residual.map_or(0, |y| dp(&y.data));
+        let mut b = dp(&w.data);
+        let mut o = dp(&out.data);
+        let mut ob = dp(&twin);
+        let (mut r, mut c, mut e) = (x.rows as i32, x.cols as i32, eps);
+        let block = (x.cols / 4).next_power_of_two().clamp(32, 1024);
+        match self.launch(
+            "rms_norm",
+            LaunchConfig {
+                grid_dim: (x.rows as u32, 1, 1),
+                block_dim: (block as u32, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &mut [
+                ptr_of(&mut a),
+                ptr_of(&mut y),
+                ptr_of(&mut b),
+                ptr_of(&mut o),
+                ptr_of(&mut ob),
+                ptr_of(&mut r),
+                ptr_of(&mut c),
+                ptr_of(&mut e),
+            ],
+        ) {
+            Ok(()) => out.bf16 = Some(twin),
+            Err(err) => self.record(err),
+        }
+        out
     }
 
     pub(crate) fn launch(
@@ -898,7 +1063,75 @@ impl CudaBackend {
         m: usize,
         k: usize,
     ) -> Result<(), CudaError> {
+        if n <= gemv_rows() && self.gemv_fits(a, w, n, m, k) {
+            return self.gemv_bf16(a, w, c, n, m, k);
+        }
+        self.gemm_cublas_f32(a, w, c, n, m, k)
+    }
+
+    /// [`Self::gemm_bf16_f32`] through cuBLAS, whatever the shape.
+    pub fn gemm_cublas_f32(
+        &self,
+        a: sys::CUdeviceptr,
+        w: sys::CUdeviceptr,
+        c: sys::CUdeviceptr,
+        n: usize,
+        m: usize,
+        k: usize,
+    ) -> Result<(), CudaError> {
         self.gemm_raw(a, w, c, n, m, k, cublas_sys::cudaDataType_t::CUDA_R_32F)
+    }
+
+    /// Whether `gemv_bf16` takes a GEMM of `n` rows: at most [`GEMV_MAX_ROWS`] of them, `k` a
+    /// multiple of 8 and both inputs 16-byte aligned.
+    pub fn gemv_fits(
+        &self,
+        a: sys::CUdeviceptr,
+        w: sys::CUdeviceptr,
+        n: usize,
+        m: usize,
+        k: usize,
+    ) -> bool {
+        (1..=GEMV_MAX_ROWS).contains(&n)
+            && m > 0
+            && k > 0
+            && k.is_multiple_of(8)
+            && a.is_multiple_of(16)
+            && w.is_multiple_of(16)
+            && i32::try_from(m.max(k)).is_ok()
+    }
+
+    /// `c [n, m] = a [n, k] @ w [m, k]^T` (bf16 in, f32 out) for a few rows `n` by the skinny
+    /// GEMM kernel (`kernels/gemv.cu`: each weight row streamed once); the caller checks
+    /// [`Self::gemv_fits`].
+    pub fn gemv_bf16(
+        &self,
+        a: sys::CUdeviceptr,
+        w: sys::CUdeviceptr,
+        c: sys::CUdeviceptr,
+        n: usize,
+        m: usize,
+        k: usize,
+    ) -> Result<(), CudaError> {
+        let (mut a, mut w, mut c) = (a, w, c);
+        let (mut rows, mut outs, mut kk) = (n as i32, m as i32, k as i32);
+        // Eight warps of two weight rows a block.
+        self.launch(
+            "gemv_bf16",
+            LaunchConfig {
+                grid_dim: (m.div_ceil(16) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &mut [
+                ptr_of(&mut a),
+                ptr_of(&mut w),
+                ptr_of(&mut c),
+                ptr_of(&mut rows),
+                ptr_of(&mut outs),
+                ptr_of(&mut kk),
+            ],
+        )
     }
 
     /// As [`Self::gemm_bf16_f32`] with a bf16 output (for measuring the cuBLAS rate).
@@ -1413,6 +1646,7 @@ impl CudaBackend {
             data: out,
             rows,
             cols: nh * hd,
+            bf16: None,
         })
     }
 
@@ -1987,10 +2221,12 @@ impl Backend for CudaBackend {
             data: out,
             rows,
             cols: total,
+            bf16: None,
         })
     }
 
     fn all_reduce_begin(&self, x: &mut DevActs, tag: usize) {
+        x.bf16 = None;
         let i = &self.inner;
         let Some(done) = i.comm_done.get(tag) else {
             self.record(format!("all_reduce_begin: tag {tag} (0 or 1)"));
@@ -2026,6 +2262,7 @@ impl Backend for CudaBackend {
     }
 
     fn all_reduce(&self, x: &mut DevActs) {
+        x.bf16 = None;
         if let Err(e) = self.sum_over_group(x, self.inner.stream.cu_stream()) {
             self.record(e);
         }
@@ -2133,6 +2370,60 @@ impl Backend for CudaBackend {
     }
 
     fn split_cols(&self, x: &DevActs, widths: &[usize]) -> Vec<DevActs> {
+        if (1..=4).contains(&widths.len())
+            && widths.iter().sum::<usize>() <= x.cols
+            && x.rows > 0
+            && !self.failed()
+        {
+            // One launch for all the blocks (Q/K/V, gate/up) instead of a 2-D copy each.
+            let parts: Vec<DevActs> = widths
+                .iter()
+                .map(|&w| {
+                    self.new_acts(x.rows, w)
+                        .unwrap_or_else(|| self.empty_acts(w))
+                })
+                .collect();
+            if parts.iter().all(|p| p.rows == x.rows) {
+                let mut src = dp(&x.data);
+                let (mut rows, mut cols) = (x.rows as i32, x.cols as i32);
+                let mut d = [0u64; 4];
+                let mut w = [0i32; 4];
+                for (i, p) in parts.iter().enumerate() {
+                    d[i] = dp(&p.data);
+                    w[i] = widths[i] as i32;
+                }
+                let [mut d0, mut d1, mut d2, mut d3] = d;
+                let [mut w0, mut w1, mut w2, mut w3] = w;
+                if let Err(e) = self.launch(
+                    "split_cols",
+                    LaunchConfig {
+                        grid_dim: (
+                            x.rows.min(65535) as u32,
+                            x.cols.div_ceil(1024).min(65535) as u32,
+                            1,
+                        ),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    },
+                    &mut [
+                        ptr_of(&mut src),
+                        ptr_of(&mut rows),
+                        ptr_of(&mut cols),
+                        ptr_of(&mut d0),
+                        ptr_of(&mut w0),
+                        ptr_of(&mut d1),
+                        ptr_of(&mut w1),
+                        ptr_of(&mut d2),
+                        ptr_of(&mut w2),
+                        ptr_of(&mut d3),
+                        ptr_of(&mut w3),
+                    ],
+                ) {
+                    self.record(e);
+                }
+            }
+            return parts;
+        }
         let mut out = Vec::with_capacity(widths.len());
         let mut c0 = 0;
         for &w in widths {
@@ -2192,6 +2483,7 @@ impl Backend for CudaBackend {
                 data: d,
                 rows,
                 cols,
+                bf16: None,
             },
             Err(e) => {
                 self.record(e);
@@ -2332,46 +2624,24 @@ impl Backend for CudaBackend {
             data: out,
             rows: tokens.len(),
             cols: table.cols,
+            bf16: None,
         })
     }
 
     fn rms_norm(&self, x: &DevActs, w: &DevVector, eps: f32) -> DevActs {
-        let Some(out) = self.new_acts(x.rows, x.cols) else {
+        self.norm_rows(x, None, w, eps)
+    }
+
+    fn add_rms_norm(&self, x: &mut DevActs, y: &DevActs, w: &DevVector, eps: f32) -> DevActs {
+        if (x.rows, x.cols) != (y.rows, y.cols) {
+            self.record(format!(
+                "add_rms_norm: [{}, {}] += [{}, {}]",
+                x.rows, x.cols, y.rows, y.cols
+            ));
             return self.empty_acts(x.cols);
-        };
-        if x.rows == 0 || w.len != x.cols {
-            if w.len != x.cols {
-                self.record(format!(
-                    "rms_norm: weight of {} for rows of {}",
-                    w.len, x.cols
-                ));
-            }
-            return out;
         }
-        let mut a = dp(&x.data);
-        let mut b = dp(&w.data);
-        let mut o = dp(&out.data);
-        let (mut r, mut c, mut e) = (x.rows as i32, x.cols as i32, eps);
-        let block = if x.cols <= 4096 { 256 } else { 512 };
-        if let Err(err) = self.launch(
-            "rms_norm",
-            LaunchConfig {
-                grid_dim: (x.rows as u32, 1, 1),
-                block_dim: (block as u32, 1, 1),
-                shared_mem_bytes: 0,
-            },
-            &mut [
-                ptr_of(&mut a),
-                ptr_of(&mut b),
-                ptr_of(&mut o),
-                ptr_of(&mut r),
-                ptr_of(&mut c),
-                ptr_of(&mut e),
-            ],
-        ) {
-            self.record(err);
-        }
-        out
+        x.bf16 = None;
+        self.norm_rows(x, Some(y), w, eps)
     }
 
     fn linear(&self, x: &DevActs, w: &DevMatrix, bias: Option<&DevVector>) -> DevActs {
@@ -2388,14 +2658,15 @@ impl Backend for CudaBackend {
             ));
             return out;
         }
-        let r = self.alloc::<bf16>(x.rows * x.cols).and_then(|xb| {
-            let px = dp(&x.data);
-            let pxb = dp(&xb);
-            let pw = dp(&w.data);
-            let po = dp(&out.data);
-            self.cast_to_bf16(px, pxb, x.rows * x.cols)?;
-            self.gemm_bf16_f32(pxb, pw, po, x.rows, w.rows, w.cols)
-        });
+        let (pw, po) = (dp(&w.data), dp(&out.data));
+        let r = match &x.bf16 {
+            // The kernel that wrote `x` also wrote it as bf16.
+            Some(xb) => self.gemm_bf16_f32(dp(xb), pw, po, x.rows, w.rows, w.cols),
+            None => self.alloc::<bf16>(x.rows * x.cols).and_then(|xb| {
+                self.cast_to_bf16(dp(&x.data), dp(&xb), x.rows * x.cols)?;
+                self.gemm_bf16_f32(dp(&xb), pw, po, x.rows, w.rows, w.cols)
+            }),
+        };
         if let Err(e) = r {
             self.record(e);
         }
@@ -2413,80 +2684,69 @@ impl Backend for CudaBackend {
         head_dim: usize,
         rope: &RopeParams,
     ) {
-        if x.rows == 0 || self.failed() {
+        self.rope_rows(x, None, positions, n_heads, head_dim, rope);
+    }
+
+    fn rope_qk(
+        &self,
+        q: &mut DevActs,
+        k: &mut DevActs,
+        positions: &[u32],
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        rope: &RopeParams,
+    ) {
+        if q.rows != k.rows {
+            self.record(format!(
+                "rope_qk: {} query rows, {} key rows",
+                q.rows, k.rows
+            ));
             return;
         }
-        let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
-        let armed = self
-            .armed(|a, inp| (a.rows == pos.len()).then(|| dp(&inp.positions)))
-            .flatten();
-        let d = match armed {
-            Some(p) => Ok((p, None)),
-            None => self.positions(pos).map(|d| (dp(&d), Some(d))),
-        };
-        let r = d.and_then(|(pp, _keep)| {
-            let mut a = dp(&x.data);
-            let mut p = pp;
-            let (mut rows, mut nh, mut hd, mut rd, mut th, mut neox) = (
-                x.rows as i32,
-                n_heads as i32,
-                head_dim as i32,
-                rope.dim as i32,
-                rope.theta,
-                i32::from(rope.style == RopeStyle::NeoX),
-            );
-            self.launch(
-                "rope",
-                LaunchConfig {
-                    grid_dim: (x.rows as u32, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                },
-                &mut [
-                    ptr_of(&mut a),
-                    ptr_of(&mut p),
-                    ptr_of(&mut rows),
-                    ptr_of(&mut nh),
-                    ptr_of(&mut hd),
-                    ptr_of(&mut rd),
-                    ptr_of(&mut th),
-                    ptr_of(&mut neox),
-                ],
-            )
-        });
-        if let Err(e) = r {
-            self.record(e);
-        }
+        self.rope_rows(q, Some((k, n_kv_heads)), positions, n_heads, head_dim, rope);
     }
 
     fn silu_mul(&self, gate: &DevActs, up: &DevActs) -> DevActs {
-        let Some(out) = self.new_acts(gate.rows, gate.cols) else {
+        let Some(mut out) = self.new_acts(gate.rows, gate.cols) else {
             return self.empty_acts(gate.cols);
         };
         let n = gate.rows * gate.cols;
         if n == 0 || (up.rows, up.cols) != (gate.rows, gate.cols) {
             return out;
         }
+        // The down projection's input, as bf16 too (no cast before its GEMM).
+        let twin = match self.alloc::<bf16>(n) {
+            Ok(t) => t,
+            Err(e) => {
+                self.record(e);
+                return out;
+            }
+        };
         let mut g = dp(&gate.data);
         let mut u = dp(&up.data);
         let mut o = dp(&out.data);
+        let mut ob = dp(&twin);
         let mut nn = n as i64;
-        if let Err(e) = self.launch(
+        match self.launch(
             "silu_mul",
             grid_1d(n.div_ceil(4), 256),
             &mut [
                 ptr_of(&mut g),
                 ptr_of(&mut u),
                 ptr_of(&mut o),
+                ptr_of(&mut ob),
                 ptr_of(&mut nn),
             ],
         ) {
-            self.record(e);
+            Ok(()) => out.bf16 = Some(twin),
+            Err(e) => self.record(e),
         }
         out
     }
 
     fn add_bias(&self, x: &mut DevActs, bias: &DevVector) {
+        x.bf16 = None;
         if x.rows == 0 || self.failed() || bias.len != x.cols {
             return;
         }
@@ -2508,6 +2768,7 @@ impl Backend for CudaBackend {
     }
 
     fn add_assign(&self, x: &mut DevActs, y: &DevActs) {
+        x.bf16 = None;
         let n = x.rows * x.cols;
         if n == 0 || self.failed() || (x.rows, x.cols) != (y.rows, y.cols) {
             return;

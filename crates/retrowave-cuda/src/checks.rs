@@ -141,6 +141,47 @@ fn run_inner(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
         ));
     }
 
+    // The skinny GEMM (decode steps of up to 8 rows) against cuBLAS on the same bf16 inputs:
+    // one K tile and several (14336 = 7 tiles), a ragged last block of weight rows, K = 8.
+    for &(k, m) in &[(4096usize, 4096usize), (14336, 37), (8, 19), (2056, 1)] {
+        for n in [1usize, 2, 3, 6, 8] {
+            let dev = |x: crate::CudaError| x.to_string();
+            let x: Vec<bf16> = rand_vec(&mut rng, n * k, 1.0)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
+            let w: Vec<bf16> = rand_vec(&mut rng, m * k, 0.1)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
+            let (xd, wd) = (b.upload(&x).map_err(dev)?, b.upload(&w).map_err(dev)?);
+            let (yg, yc) = (
+                b.alloc::<f32>(n * m).map_err(dev)?,
+                b.alloc::<f32>(n * m).map_err(dev)?,
+            );
+            let (p, q) = (crate::backend::dp::<bf16>, crate::backend::dp::<f32>);
+            if !b.gemv_fits(p(&xd), p(&wd), n, m, k) {
+                return Err(format!("gemv does not take {n}x{k} @ {m}x{k}"));
+            }
+            b.gemv_bf16(p(&xd), p(&wd), q(&yg), n, m, k).map_err(dev)?;
+            b.gemm_cublas_f32(p(&xd), p(&wd), q(&yc), n, m, k)
+                .map_err(dev)?;
+            let got = b.download(&yg, n * m).map_err(dev)?;
+            let want: Vec<f64> = b
+                .download(&yc, n * m)
+                .map_err(dev)?
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
+            out.push(compare(
+                format!("gemv {n}x{k} @ {m}x{k} == cuBLAS"),
+                &got,
+                &want,
+                1e-5,
+            ));
+        }
+    }
+
     // RMSNorm, SwiGLU, residual add, embedding, row selection.
     {
         let (rows, cols) = (5usize, 1536usize);
@@ -186,6 +227,69 @@ fn run_inner(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
             .map(|(&a, &c)| a as f64 + c as f64)
             .collect();
         out.push(compare("add_inplace".into(), &y, &r, 1e-7));
+
+        // The fused residual add and norm equals the add, then the norm, bit for bit; so does a
+        // GEMM on a norm's bf16 copy against one that casts the same values itself.
+        {
+            let mut xf = b.acts_from_host(&g, rows, cols);
+            let nf = b.add_rms_norm(&mut xf, &ua, &dv, 1e-5);
+            let added: Vec<f64> = b.acts_to_host(&xf).iter().map(|&v| v as f64).collect();
+            out.push(compare("add_rms_norm: the sum".into(), &y, &added, 0.0));
+            let normed = b.acts_to_host(&b.rms_norm(&xa, &dv, 1e-5));
+            let nf_host = b.acts_to_host(&nf);
+            let r: Vec<f64> = normed.iter().map(|&v| v as f64).collect();
+            out.push(compare("add_rms_norm: the norm".into(), &nf_host, &r, 0.0));
+            let (m, wq) = (96usize, rand_vec(&mut rng, 96 * cols, 0.05));
+            let wqb = bf16_bytes(&wq);
+            let view = WeightView::new("wq", TensorType::BF16, m, cols, &wqb)
+                .map_err(|e| e.to_string())?;
+            let dm = b.load_matrix(&view, 0..m, 0..cols).map_err(e)?;
+            let twin = b.acts_to_host(&b.linear(&nf, &dm, None));
+            let cast =
+                b.acts_to_host(&b.linear(&b.acts_from_host(&nf_host, rows, cols), &dm, None));
+            let r: Vec<f64> = cast.iter().map(|&v| v as f64).collect();
+            out.push(compare(
+                "linear on a norm's bf16 copy".into(),
+                &twin,
+                &r,
+                0.0,
+            ));
+            let su = b.silu_mul(&ga, &ua);
+            let twin = b.acts_to_host(&b.linear(&su, &dm, None));
+            let su_host = b.acts_to_host(&su);
+            let cast =
+                b.acts_to_host(&b.linear(&b.acts_from_host(&su_host, rows, cols), &dm, None));
+            let r: Vec<f64> = cast.iter().map(|&v| v as f64).collect();
+            out.push(compare(
+                "linear on silu_mul's bf16 copy".into(),
+                &twin,
+                &r,
+                0.0,
+            ));
+
+            // Column blocks in one launch: aligned (vector path) and odd widths (scalar path).
+            for widths in [vec![1024usize, 256, 256], vec![5, 7, 1500, 24], vec![1536]] {
+                let parts = b.split_cols(&ga, &widths);
+                let mut c0 = 0;
+                for (p, &w) in parts.iter().zip(&widths) {
+                    let got = b.acts_to_host(p);
+                    let r: Vec<f64> = (0..rows)
+                        .flat_map(|i| {
+                            g[i * cols + c0..i * cols + c0 + w]
+                                .iter()
+                                .map(|&v| v as f64)
+                        })
+                        .collect();
+                    out.push(compare(
+                        format!("split_cols {widths:?}: block of {w}"),
+                        &got,
+                        &r,
+                        0.0,
+                    ));
+                    c0 += w;
+                }
+            }
+        }
 
         let sel = b.acts_to_host(&b.select_rows(&xa, &[4, 0, 2]));
         let r: Vec<f64> = [4usize, 0, 2]
@@ -264,6 +368,22 @@ fn run_inner(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
             &r,
             1e-6,
         ));
+        // Queries and keys in one launch: each exactly as its own `rope`.
+        let nkv = 2usize;
+        let k = rand_vec(&mut rng, rows * nkv * hd, 1.0);
+        let mut ka = b.acts_from_host(&k, rows, nkv * hd);
+        b.rope(&mut ka, &pos, nkv, hd, &p);
+        let k_alone: Vec<f64> = b.acts_to_host(&ka).iter().map(|&v| v as f64).collect();
+        let y_alone: Vec<f64> = y.iter().map(|&v| v as f64).collect();
+        let (mut qa, mut ka) = (
+            b.acts_from_host(&x, rows, nh * hd),
+            b.acts_from_host(&k, rows, nkv * hd),
+        );
+        b.rope_qk(&mut qa, &mut ka, &pos, nh, nkv, hd, &p);
+        let (qy, ky) = (b.acts_to_host(&qa), b.acts_to_host(&ka));
+        let name = format!("rope_qk {style:?} rot {rot}/{hd}");
+        out.push(compare(format!("{name}: queries"), &qy, &y_alone, 0.0));
+        out.push(compare(format!("{name}: keys"), &ky, &k_alone, 0.0));
     }
 
     // Sampling on the device: greedy, and temperature/top-k/top-p by inverse CDF over the kept

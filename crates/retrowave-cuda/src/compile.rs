@@ -28,6 +28,7 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../../kernels/elementwise.cu"),
     ),
     ("sampling.cu", include_str!("../../../kernels/sampling.cu")),
+    ("gemv.cu", include_str!("../../../kernels/gemv.cu")),
     ("dequant.cu", include_str!("../../../kernels/dequant.cu")),
     (
         "attention_decode.cu",

@@ -503,20 +503,19 @@ impl<B: Backend> Worker<B> {
         result
     }
 
-    /// Attention half of layer `li` for the rows of `batch`: this rank's partial output
-    /// projection (to be summed over the group).
+    /// Attention half of layer `li` for the rows of `batch`, from the normed activations `h`:
+    /// this rank's partial output projection (to be summed over the group).
     fn attention_block(
         &self,
         li: usize,
-        x: &B::Acts,
+        h: &B::Acts,
         positions: &[u32],
         batch: &BatchLayout,
         caches: &mut [&mut B::Kv],
     ) -> Result<B::Acts, EngineError> {
         let (b, l) = (&self.backend, &self.layers[li]);
         let hd = self.heads.head_dim;
-        let h = b.rms_norm(x, &l.attn_norm, self.rms_eps);
-        let mut qkv = l.qkv.apply(b, &h).into_iter();
+        let mut qkv = l.qkv.apply(b, h).into_iter();
         let (Some(mut q), Some(mut k), Some(mut v)) = (qkv.next(), qkv.next(), qkv.next()) else {
             return Err(EngineError::Config(
                 "QKV projection gave fewer than 3 outputs".into(),
@@ -527,17 +526,17 @@ impl<B: Backend> Worker<B> {
                 b.add_bias(x, bias);
             }
         }
-        b.rope(&mut q, positions, self.heads.n_heads, hd, &self.rope);
-        b.rope(&mut k, positions, self.heads.n_kv_heads, hd, &self.rope);
+        let (nh, nkv) = (self.heads.n_heads, self.heads.n_kv_heads);
+        b.rope_qk(&mut q, &mut k, positions, nh, nkv, hd, &self.rope);
         let a = b.attention(li, &q, &k, &v, caches, batch, self.heads)?;
         Ok(b.linear(&a, &l.wo, None))
     }
 
-    /// MLP half of layer `li`: this rank's partial down projection (to be summed).
-    fn mlp_block(&self, li: usize, x: &B::Acts) -> Result<B::Acts, EngineError> {
+    /// MLP half of layer `li`, from the normed activations `h`: this rank's partial down
+    /// projection (to be summed).
+    fn mlp_block(&self, li: usize, h: &B::Acts) -> Result<B::Acts, EngineError> {
         let (b, l) = (&self.backend, &self.layers[li]);
-        let h = b.rms_norm(x, &l.ffn_norm, self.rms_eps);
-        let gu = l.gate_up.apply(b, &h);
+        let gu = l.gate_up.apply(b, h);
         let [g, u] = &gu[..] else {
             return Err(EngineError::Config(
                 "gate/up projection gave other than 2 outputs".into(),
@@ -558,16 +557,26 @@ impl<B: Backend> Worker<B> {
         let positions = batch.positions();
         let mut x = b.embed(&self.embed, tokens)?;
         let mut failed = None;
-        for li in 0..self.layers.len() {
+        // Each residual add and the norm after it run as one operation (`add_rms_norm`).
+        let mut normed = None;
+        for (li, l) in self.layers.iter().enumerate() {
             injected(fail_at, li, &mut failed);
-            let mut o = self.partial(&mut failed, &x, |x| {
-                self.attention_block(li, x, &positions, batch, caches)
+            let h = normed
+                .take()
+                .unwrap_or_else(|| b.rms_norm(&x, &l.attn_norm, self.rms_eps));
+            let mut o = self.partial(&mut failed, &h, |h| {
+                self.attention_block(li, h, &positions, batch, caches)
             });
             self.all_reduce(&mut o)?;
-            b.add_assign(&mut x, &o);
-            let mut d = self.partial(&mut failed, &x, |x| self.mlp_block(li, x));
+            let h = b.add_rms_norm(&mut x, &o, &l.ffn_norm, self.rms_eps);
+            let mut d = self.partial(&mut failed, &h, |h| self.mlp_block(li, h));
             self.all_reduce(&mut d)?;
-            b.add_assign(&mut x, &d);
+            match self.layers.get(li + 1) {
+                Some(next) => {
+                    normed = Some(b.add_rms_norm(&mut x, &d, &next.attn_norm, self.rms_eps));
+                }
+                None => b.add_assign(&mut x, &d),
+            }
         }
         Ok((x, failed))
     }
@@ -658,14 +667,17 @@ impl<B: Backend> Worker<B> {
                     .map(|(_, c)| &mut **c)
                     .collect();
                 let mut o = self.partial(&mut failed, &xs[h], |x| {
-                    self.attention_block(li, x, &positions[h], half, &mut sub)
+                    let n = b.rms_norm(x, &self.layers[li].attn_norm, self.rms_eps);
+                    self.attention_block(li, &n, &positions[h], half, &mut sub)
                 });
                 b.all_reduce_begin(&mut o, h);
                 pending[h] = Some(o);
             }
             for h in 0..2 {
                 settle(h, &mut xs[h], &mut pending[h]);
-                let mut d = self.partial(&mut failed, &xs[h], |x| self.mlp_block(li, x));
+                let mut d = self.partial(&mut failed, &xs[h], |x| {
+                    self.mlp_block(li, &b.rms_norm(x, &self.layers[li].ffn_norm, self.rms_eps))
+                });
                 b.all_reduce_begin(&mut d, h);
                 pending[h] = Some(d);
             }
