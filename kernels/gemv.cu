@@ -136,3 +136,84 @@ extern "C" __global__ void __launch_bounds__(256)
     default: break;
   }
 }
+
+// The same product on the tensor cores: y[m, n] for m < M <= 8 as one n8 tile of
+// mma.sync.m16n8k16 (bf16 in, f32 accumulators), 16 weight rows a block. A sum over k does not
+// depend on the order of k, so each thread loads whole 16-byte words (8 consecutive k) of its two
+// weight rows (g and g + 8 of the tile) and of activation row g, and feeds them to the fragments'
+// k slots in the same order for both operands: the weights stream with plain vector loads, no
+// shared memory and no unpacking. The block's 8 warps take consecutive slices of K and add their
+// accumulators in shared memory at the end.
+// Requires K % 32 == 0 and 16-byte aligned x and w.
+// Launch: block 256, grid ceil(N / 16).
+namespace {
+
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                               unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// One 32-wide k chunk: words `lo` (row g), `hi` (row g + 8) and `xv` (activation row g) hold k
+// 8t..8t+7 of it for thread t of the quad; two k16 steps.
+__device__ __forceinline__ void mma_chunk(float (&c)[4], uint4 lo, uint4 hi, uint4 xv) {
+  mma_bf16_16816(c, lo.x, hi.x, lo.y, hi.y, xv.x, xv.y);
+  mma_bf16_16816(c, lo.z, hi.z, lo.w, hi.w, xv.z, xv.w);
+}
+
+}  // namespace
+
+#define GEMV_TC_UNROLL 4
+
+extern "C" __global__ void __launch_bounds__(256)
+    gemv_tc_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w, float* __restrict__ y, int m_rows,
+                 int n_rows, int k_len) {
+  __shared__ float red[8][32][4];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int row0 = blockIdx.x * 16;
+  // Rows past the end read the last row (valid memory) and are not written.
+  const int ra = min(row0 + g, n_rows - 1), rb = min(row0 + g + 8, n_rows - 1);
+  const uint4* wa = reinterpret_cast<const uint4*>(w + (long long)ra * k_len) + t;
+  const uint4* wb = reinterpret_cast<const uint4*>(w + (long long)rb * k_len) + t;
+  const bool has_x = g < m_rows;
+  const uint4* xr = reinterpret_cast<const uint4*>(x + (long long)(has_x ? g : 0) * k_len) + t;
+  const int chunks = k_len >> 5;
+  const int per = (chunks + 7) >> 3;
+  const int c0 = min(warp * per, chunks), c1 = min(c0 + per, chunks);
+  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  int ch = c0;
+  for (; ch + GEMV_TC_UNROLL <= c1; ch += GEMV_TC_UNROLL) {
+    uint4 lo[GEMV_TC_UNROLL], hi[GEMV_TC_UNROLL], xv[GEMV_TC_UNROLL];
+#pragma unroll
+    for (int u = 0; u < GEMV_TC_UNROLL; u++) {
+      lo[u] = load_stream(wa + 4 * (ch + u));
+      hi[u] = load_stream(wb + 4 * (ch + u));
+      xv[u] = has_x ? __ldg(xr + 4 * (ch + u)) : zero;
+    }
+#pragma unroll
+    for (int u = 0; u < GEMV_TC_UNROLL; u++) mma_chunk(c, lo[u], hi[u], xv[u]);
+  }
+  for (; ch < c1; ch++) {
+    const uint4 lo = load_stream(wa + 4 * ch), hi = load_stream(wb + 4 * ch);
+    const uint4 xv = has_x ? __ldg(xr + 4 * ch) : zero;
+    mma_chunk(c, lo, hi, xv);
+  }
+#pragma unroll
+  for (int i = 0; i < 4; i++) red[warp][lane][i] = c[i];
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      float s = 0.0f;
+#pragma unroll
+      for (int v = 0; v < 8; v++) s += red[v][lane][i];
+      // c0, c1: (row g, columns 2t, 2t + 1); c2, c3: (row g + 8, the same columns).
+      const int row = row0 + g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+      if (row < n_rows && col < m_rows) y[(long long)col * n_rows + row] = s;
+    }
+  }
+}

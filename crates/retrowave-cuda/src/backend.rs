@@ -52,11 +52,25 @@ fn gemv_rows() -> usize {
     })
 }
 
+/// Activation rows up to which [`CudaBackend::gemm_bf16_f32`] uses the tensor-core skinny GEMM
+/// (`gemv_tc_bf16`): `RETROWAVE_GEMV_TC=N` (at most 8; 0 turns it off).
+fn gemv_tc_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("RETROWAVE_GEMV_TC")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+            .min(GEMV_MAX_ROWS)
+    })
+}
+
 const KERNELS: &[&str] = &[
     "embed_bf16",
     "rms_norm",
     "split_cols",
     "gemv_bf16",
+    "gemv_tc_bf16",
     "cast_f32_bf16",
     "rope",
     "silu_mul",
@@ -1063,6 +1077,9 @@ impl CudaBackend {
         m: usize,
         k: usize,
     ) -> Result<(), CudaError> {
+        if n <= gemv_tc_rows() && self.gemv_fits(a, w, n, m, k) && k.is_multiple_of(32) {
+            return self.gemv_tc_bf16(a, w, c, n, m, k);
+        }
         if n <= gemv_rows() && self.gemv_fits(a, w, n, m, k) {
             return self.gemv_bf16(a, w, c, n, m, k);
         }
@@ -1099,6 +1116,37 @@ impl CudaBackend {
             && a.is_multiple_of(16)
             && w.is_multiple_of(16)
             && i32::try_from(m.max(k)).is_ok()
+    }
+
+    /// As [`Self::gemv_bf16`] on the tensor cores (`gemv_tc_bf16`); `k` a multiple of 32.
+    pub fn gemv_tc_bf16(
+        &self,
+        a: sys::CUdeviceptr,
+        w: sys::CUdeviceptr,
+        c: sys::CUdeviceptr,
+        n: usize,
+        m: usize,
+        k: usize,
+    ) -> Result<(), CudaError> {
+        let (mut a, mut w, mut c) = (a, w, c);
+        let (mut rows, mut outs, mut kk) = (n as i32, m as i32, k as i32);
+        // 16 weight rows a block, its 8 warps over slices of K.
+        self.launch(
+            "gemv_tc_bf16",
+            LaunchConfig {
+                grid_dim: (m.div_ceil(16) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &mut [
+                ptr_of(&mut a),
+                ptr_of(&mut w),
+                ptr_of(&mut c),
+                ptr_of(&mut rows),
+                ptr_of(&mut outs),
+                ptr_of(&mut kk),
+            ],
+        )
     }
 
     /// `c [n, m] = a [n, k] @ w [m, k]^T` (bf16 in, f32 out) for a few rows `n` by the skinny

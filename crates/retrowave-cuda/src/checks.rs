@@ -143,7 +143,13 @@ fn run_inner(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
 
     // The skinny GEMM (decode steps of up to 8 rows) against cuBLAS on the same bf16 inputs:
     // one K tile and several (14336 = 7 tiles), a ragged last block of weight rows, K = 8.
-    for &(k, m) in &[(4096usize, 4096usize), (14336, 37), (8, 19), (2056, 1)] {
+    for &(k, m) in &[
+        (4096usize, 4096usize),
+        (14336, 37),
+        (8, 19),
+        (2056, 1),
+        (2080, 23),
+    ] {
         for n in [1usize, 2, 3, 6, 8] {
             let dev = |x: crate::CudaError| x.to_string();
             let x: Vec<bf16> = rand_vec(&mut rng, n * k, 1.0)
@@ -179,6 +185,19 @@ fn run_inner(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
                 &want,
                 1e-5,
             ));
+            if k.is_multiple_of(32) {
+                // Poisoned, so that an unwritten output shows.
+                let yt = b.upload(&vec![f32::NAN; n * m]).map_err(dev)?;
+                b.gemv_tc_bf16(p(&xd), p(&wd), q(&yt), n, m, k)
+                    .map_err(dev)?;
+                let got = b.download(&yt, n * m).map_err(dev)?;
+                out.push(compare(
+                    format!("gemv (tensor cores) {n}x{k} @ {m}x{k} == cuBLAS"),
+                    &got,
+                    &want,
+                    1e-5,
+                ));
+            }
         }
     }
 
