@@ -142,7 +142,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // depend on the order of k, so each thread loads whole 16-byte words (8 consecutive k) of its two
 // weight rows (g and g + 8 of the tile) and of activation row g, and feeds them to the fragments'
 // k slots in the same order for both operands: the weights stream with plain vector loads, no
-// shared memory and no unpacking. The block's 8 warps take consecutive slices of K and add their
+// shared memory and no unpacking. The block's 8 warps take interleaved runs of K and add their
 // accumulators in shared memory at the end.
 // Requires K % 32 == 0 and 16-byte aligned x and w.
 // Launch: block 256, grid ceil(N / 16).
@@ -181,26 +181,28 @@ extern "C" __global__ void __launch_bounds__(256)
   const bool has_x = g < m_rows;
   const uint4* xr = reinterpret_cast<const uint4*>(x + (long long)(has_x ? g : 0) * k_len) + t;
   const int chunks = k_len >> 5;
-  const int per = (chunks + 7) >> 3;
-  const int c0 = min(warp * per, chunks), c1 = min(c0 + per, chunks);
   float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-  int ch = c0;
-  for (; ch + GEMV_TC_UNROLL <= c1; ch += GEMV_TC_UNROLL) {
-    uint4 lo[GEMV_TC_UNROLL], hi[GEMV_TC_UNROLL], xv[GEMV_TC_UNROLL];
+  // The block's warps take neighbouring runs of GEMV_TC_UNROLL chunks, so that together they read
+  // 8 * GEMV_TC_UNROLL * 64 bytes of each weight row at a time (long runs in each DRAM page).
+  for (int base = warp * GEMV_TC_UNROLL; base < chunks; base += 8 * GEMV_TC_UNROLL) {
+    if (base + GEMV_TC_UNROLL <= chunks) {
+      uint4 lo[GEMV_TC_UNROLL], hi[GEMV_TC_UNROLL], xv[GEMV_TC_UNROLL];
 #pragma unroll
-    for (int u = 0; u < GEMV_TC_UNROLL; u++) {
-      lo[u] = load_stream(wa + 4 * (ch + u));
-      hi[u] = load_stream(wb + 4 * (ch + u));
-      xv[u] = has_x ? __ldg(xr + 4 * (ch + u)) : zero;
+      for (int u = 0; u < GEMV_TC_UNROLL; u++) {
+        lo[u] = load_stream(wa + 4 * (base + u));
+        hi[u] = load_stream(wb + 4 * (base + u));
+        xv[u] = has_x ? __ldg(xr + 4 * (base + u)) : zero;
+      }
+#pragma unroll
+      for (int u = 0; u < GEMV_TC_UNROLL; u++) mma_chunk(c, lo[u], hi[u], xv[u]);
+    } else {
+      for (int ch = base; ch < chunks; ch++) {
+        const uint4 lo = load_stream(wa + 4 * ch), hi = load_stream(wb + 4 * ch);
+        const uint4 xv = has_x ? __ldg(xr + 4 * ch) : zero;
+        mma_chunk(c, lo, hi, xv);
+      }
     }
-#pragma unroll
-    for (int u = 0; u < GEMV_TC_UNROLL; u++) mma_chunk(c, lo[u], hi[u], xv[u]);
-  }
-  for (; ch < c1; ch++) {
-    const uint4 lo = load_stream(wa + 4 * ch), hi = load_stream(wb + 4 * ch);
-    const uint4 xv = has_x ? __ldg(xr + 4 * ch) : zero;
-    mma_chunk(c, lo, hi, xv);
   }
 #pragma unroll
   for (int i = 0; i < 4; i++) red[warp][lane][i] = c[i];
