@@ -43,26 +43,24 @@ pub const GEMV_MAX_ROWS: usize = 8;
 /// 6.97 ms).
 fn gemv_rows() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *ROWS.get_or_init(|| {
-        std::env::var("RETROWAVE_GEMV")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1)
-            .min(GEMV_MAX_ROWS)
-    })
+    *ROWS.get_or_init(|| rows_from_env("RETROWAVE_GEMV", 1))
 }
 
 /// Activation rows up to which [`CudaBackend::gemm_bf16_f32`] uses the tensor-core skinny GEMM
-/// (`gemv_tc_bf16`): `RETROWAVE_GEMV_TC=N` (at most 8; 0 turns it off).
+/// (`gemv_tc_bf16`): `RETROWAVE_GEMV_TC=N`, by default 0 (off: still 8% slower than cuBLAS).
 fn gemv_tc_rows() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *ROWS.get_or_init(|| {
-        std::env::var("RETROWAVE_GEMV_TC")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-            .min(GEMV_MAX_ROWS)
-    })
+    *ROWS.get_or_init(|| rows_from_env("RETROWAVE_GEMV_TC", 0))
+}
+
+/// A row count from the environment variable `name` (`default` when unset or not a number), at
+/// most [`GEMV_MAX_ROWS`].
+fn rows_from_env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+        .min(GEMV_MAX_ROWS)
 }
 
 const KERNELS: &[&str] = &[
@@ -1118,7 +1116,8 @@ impl CudaBackend {
             && i32::try_from(m.max(k)).is_ok()
     }
 
-    /// As [`Self::gemv_bf16`] on the tensor cores (`gemv_tc_bf16`); `k` a multiple of 32.
+    /// As [`Self::gemv_bf16`] on the tensor cores (`gemv_tc_bf16`: 16 weight rows a block, its
+    /// 8 warps over runs of K); `k` a multiple of 32.
     pub fn gemv_tc_bf16(
         &self,
         a: sys::CUdeviceptr,
@@ -1128,30 +1127,12 @@ impl CudaBackend {
         m: usize,
         k: usize,
     ) -> Result<(), CudaError> {
-        let (mut a, mut w, mut c) = (a, w, c);
-        let (mut rows, mut outs, mut kk) = (n as i32, m as i32, k as i32);
-        // 16 weight rows a block, its 8 warps over slices of K.
-        self.launch(
-            "gemv_tc_bf16",
-            LaunchConfig {
-                grid_dim: (m.div_ceil(16) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            },
-            &mut [
-                ptr_of(&mut a),
-                ptr_of(&mut w),
-                ptr_of(&mut c),
-                ptr_of(&mut rows),
-                ptr_of(&mut outs),
-                ptr_of(&mut kk),
-            ],
-        )
+        self.launch_gemv("gemv_tc_bf16", a, w, c, n, m, k)
     }
 
     /// `c [n, m] = a [n, k] @ w [m, k]^T` (bf16 in, f32 out) for a few rows `n` by the skinny
-    /// GEMM kernel (`kernels/gemv.cu`: each weight row streamed once); the caller checks
-    /// [`Self::gemv_fits`].
+    /// GEMM kernel (`kernels/gemv.cu`: each weight row streamed once, eight warps of two weight
+    /// rows a block); the caller checks [`Self::gemv_fits`].
     pub fn gemv_bf16(
         &self,
         a: sys::CUdeviceptr,
@@ -1161,11 +1142,25 @@ impl CudaBackend {
         m: usize,
         k: usize,
     ) -> Result<(), CudaError> {
+        self.launch_gemv("gemv_bf16", a, w, c, n, m, k)
+    }
+
+    /// Launches one of the skinny GEMM kernels: 256 threads a block, 16 weight rows a block.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_gemv(
+        &self,
+        kernel: &str,
+        a: sys::CUdeviceptr,
+        w: sys::CUdeviceptr,
+        c: sys::CUdeviceptr,
+        n: usize,
+        m: usize,
+        k: usize,
+    ) -> Result<(), CudaError> {
         let (mut a, mut w, mut c) = (a, w, c);
         let (mut rows, mut outs, mut kk) = (n as i32, m as i32, k as i32);
-        // Eight warps of two weight rows a block.
         self.launch(
-            "gemv_bf16",
+            kernel,
             LaunchConfig {
                 grid_dim: (m.div_ceil(16) as u32, 1, 1),
                 block_dim: (256, 1, 1),

@@ -263,28 +263,18 @@ fn run_inner(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
             let view = WeightView::new("wq", TensorType::BF16, m, cols, &wqb)
                 .map_err(|e| e.to_string())?;
             let dm = b.load_matrix(&view, 0..m, 0..cols).map_err(e)?;
-            let twin = b.acts_to_host(&b.linear(&nf, &dm, None));
-            let cast =
-                b.acts_to_host(&b.linear(&b.acts_from_host(&nf_host, rows, cols), &dm, None));
-            let r: Vec<f64> = cast.iter().map(|&v| v as f64).collect();
-            out.push(compare(
-                "linear on a norm's bf16 copy".into(),
-                &twin,
-                &r,
-                0.0,
-            ));
-            let su = b.silu_mul(&ga, &ua);
-            let twin = b.acts_to_host(&b.linear(&su, &dm, None));
-            let su_host = b.acts_to_host(&su);
-            let cast =
-                b.acts_to_host(&b.linear(&b.acts_from_host(&su_host, rows, cols), &dm, None));
-            let r: Vec<f64> = cast.iter().map(|&v| v as f64).collect();
-            out.push(compare(
-                "linear on silu_mul's bf16 copy".into(),
-                &twin,
-                &r,
-                0.0,
-            ));
+            // A GEMM on activations with a bf16 copy, against one on the same values uploaded
+            // without it (which casts them itself).
+            let twin_vs_cast = |acts: &crate::DevActs, what: &str| {
+                let twin = b.acts_to_host(&b.linear(acts, &dm, None));
+                let host = b.acts_to_host(acts);
+                let cast =
+                    b.acts_to_host(&b.linear(&b.acts_from_host(&host, rows, cols), &dm, None));
+                let r: Vec<f64> = cast.iter().map(|&v| v as f64).collect();
+                compare(format!("linear on {what}'s bf16 copy"), &twin, &r, 0.0)
+            };
+            out.push(twin_vs_cast(&nf, "a norm"));
+            out.push(twin_vs_cast(&b.silu_mul(&ga, &ua), "silu_mul"));
 
             // Column blocks in one launch: aligned (vector path) and odd widths (scalar path).
             for widths in [vec![1024usize, 256, 256], vec![5, 7, 1500, 24], vec![1536]] {
