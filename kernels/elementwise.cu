@@ -201,20 +201,20 @@ extern "C" __global__ void __launch_bounds__(1024)
   }
 }
 
-// Copies the column blocks of src ([rows, cols]) into up to four [rows, w_i] outputs, block i
-// from column w_0 + .. + w_{i-1} on (a null d_i with w_i 0 ends the list): one launch instead of
-// one 2-D copy per block (split Q/K/V and gate/up after their stacked projection).
-// Launch: grid (rows, ceil(cols / 1024)) (grid-stride over both), block 256.
+// Copies consecutive column blocks of src (rows of `stride` floats; `src` points at the first
+// block's first column) into up to four [rows, w_i] outputs (a null d_i with w_i 0 ends the
+// list): one launch instead of one 2-D copy per block (split Q/K/V and gate/up after their
+// stacked projection).
+// Launch: grid (rows, ceil((w_0 + .. + w_3) / 1024)) (grid-stride over both), block 256.
 extern "C" __global__ void __launch_bounds__(1024)
-    split_cols(const float* __restrict__ src, int rows, int cols, float* __restrict__ d0, int w0,
+    split_cols(const float* __restrict__ src, int rows, int stride, float* __restrict__ d0, int w0,
                float* __restrict__ d1, int w1, float* __restrict__ d2, int w2, float* __restrict__ d3, int w3) {
-  const int e1 = w0, e2 = e1 + w1, e3 = e2 + w2, e4 = e3 + w3;
-  const bool vec = ((w0 | w1 | w2 | w3 | cols) & 3) == 0 && aligned16(src) && aligned16(d0) &&
+  const int e1 = w0, e2 = e1 + w1, e3 = e2 + w2, n = e3 + w3;
+  const bool vec = ((w0 | w1 | w2 | w3 | stride) & 3) == 0 && aligned16(src) && aligned16(d0) &&
                    (d1 == nullptr || aligned16(d1)) && (d2 == nullptr || aligned16(d2)) &&
                    (d3 == nullptr || aligned16(d3));
-  const int n = e4 < cols ? e4 : cols;
   for (int r = blockIdx.x; r < rows; r += gridDim.x) {
-    const float* s = src + (long long)r * cols;
+    const float* s = src + (long long)r * stride;
     if (vec) {
       for (int c = 4 * (blockIdx.y * blockDim.x + threadIdx.x); c < n; c += 4 * gridDim.y * blockDim.x) {
         const float4 v = __ldg(reinterpret_cast<const float4*>(s + c));

@@ -2413,28 +2413,34 @@ impl Backend for CudaBackend {
     }
 
     fn split_cols(&self, x: &DevActs, widths: &[usize]) -> Vec<DevActs> {
-        if (1..=4).contains(&widths.len())
-            && widths.iter().sum::<usize>() <= x.cols
-            && x.rows > 0
-            && !self.failed()
-        {
-            // One launch for all the blocks (Q/K/V, gate/up) instead of a 2-D copy each.
-            let parts: Vec<DevActs> = widths
-                .iter()
-                .map(|&w| {
-                    self.new_acts(x.rows, w)
-                        .unwrap_or_else(|| self.empty_acts(w))
-                })
-                .collect();
-            if parts.iter().all(|p| p.rows == x.rows) {
-                let mut src = dp(&x.data);
-                let (mut rows, mut cols) = (x.rows as i32, x.cols as i32);
-                let mut d = [0u64; 4];
-                let mut w = [0i32; 4];
-                for (i, p) in parts.iter().enumerate() {
-                    d[i] = dp(&p.data);
-                    w[i] = widths[i] as i32;
+        let parts: Vec<DevActs> = widths
+            .iter()
+            .map(|&w| {
+                self.new_acts(x.rows, w)
+                    .unwrap_or_else(|| self.empty_acts(w))
+            })
+            .collect();
+        // Blocks past the input's columns are left unwritten (as are all, after a failure).
+        let mut c0 = 0;
+        for (chunk, ws) in parts.chunks(4).zip(widths.chunks(4)) {
+            if x.rows == 0 || self.failed() {
+                break;
+            }
+            // One launch for up to four blocks (Q/K/V, gate/up: one in all).
+            let mut d = [0u64; 4];
+            let mut w = [0i32; 4];
+            let mut total = 0;
+            for (i, (p, &wi)) in chunk.iter().zip(ws).enumerate() {
+                if c0 + total + wi > x.cols {
+                    break;
                 }
+                d[i] = dp(&p.data);
+                w[i] = wi as i32;
+                total += wi;
+            }
+            if total > 0 {
+                let mut src = dp(&x.data) + (c0 * 4) as u64;
+                let (mut rows, mut stride) = (x.rows as i32, x.cols as i32);
                 let [mut d0, mut d1, mut d2, mut d3] = d;
                 let [mut w0, mut w1, mut w2, mut w3] = w;
                 if let Err(e) = self.launch(
@@ -2442,7 +2448,7 @@ impl Backend for CudaBackend {
                     LaunchConfig {
                         grid_dim: (
                             x.rows.min(65535) as u32,
-                            x.cols.div_ceil(1024).min(65535) as u32,
+                            total.div_ceil(1024).min(65535) as u32,
                             1,
                         ),
                         block_dim: (256, 1, 1),
@@ -2451,7 +2457,7 @@ impl Backend for CudaBackend {
                     &mut [
                         ptr_of(&mut src),
                         ptr_of(&mut rows),
-                        ptr_of(&mut cols),
+                        ptr_of(&mut stride),
                         ptr_of(&mut d0),
                         ptr_of(&mut w0),
                         ptr_of(&mut d1),
@@ -2465,32 +2471,9 @@ impl Backend for CudaBackend {
                     self.record(e);
                 }
             }
-            return parts;
+            c0 += ws.iter().sum::<usize>();
         }
-        let mut out = Vec::with_capacity(widths.len());
-        let mut c0 = 0;
-        for &w in widths {
-            let Some(part) = self.new_acts(x.rows, w) else {
-                out.push(self.empty_acts(w));
-                continue;
-            };
-            // (copy_rows does nothing for zero rows or columns.)
-            if c0 + w <= x.cols
-                && let Err(e) = self.copy_rows(
-                    dp(&x.data) + (c0 * 4) as u64,
-                    x.cols * 4,
-                    dp(&part.data),
-                    w * 4,
-                    w * 4,
-                    x.rows,
-                )
-            {
-                self.record(e);
-            }
-            c0 += w;
-            out.push(part);
-        }
-        out
+        parts
     }
 
     fn load_matrix(

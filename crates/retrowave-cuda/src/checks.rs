@@ -277,7 +277,12 @@ fn run_inner(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
             out.push(twin_vs_cast(&b.silu_mul(&ga, &ua), "silu_mul"));
 
             // Column blocks in one launch: aligned (vector path) and odd widths (scalar path).
-            for widths in [vec![1024usize, 256, 256], vec![5, 7, 1500, 24], vec![1536]] {
+            for widths in [
+                vec![1024usize, 256, 256],
+                vec![5, 7, 1500, 24],
+                vec![1536],
+                vec![100, 200, 300, 400, 500, 36],
+            ] {
                 let parts = b.split_cols(&ga, &widths);
                 let mut c0 = 0;
                 for (p, &w) in parts.iter().zip(&widths) {
