@@ -53,6 +53,15 @@ fn gemv_tc_rows() -> usize {
     *ROWS.get_or_init(|| rows_from_env("RETROWAVE_GEMV_TC", 0))
 }
 
+/// The skinny GEMM kernels ([`CudaBackend::gemv`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gemv {
+    /// `gemv_bf16`: FMAs on the CUDA cores, the activations' K tile in shared memory.
+    CudaCores,
+    /// `gemv_tc_bf16`: `mma.sync` on the tensor cores (`k` a multiple of 32).
+    TensorCores,
+}
+
 /// A row count from the environment variable `name` (`default` when unset or not a number), at
 /// most [`GEMV_MAX_ROWS`].
 fn rows_from_env(name: &str, default: usize) -> usize {
@@ -1076,10 +1085,10 @@ impl CudaBackend {
         k: usize,
     ) -> Result<(), CudaError> {
         if n <= gemv_tc_rows() && self.gemv_fits(a, w, n, m, k) && k.is_multiple_of(32) {
-            return self.gemv_tc_bf16(a, w, c, n, m, k);
+            return self.gemv(Gemv::TensorCores, a, w, c, n, m, k);
         }
         if n <= gemv_rows() && self.gemv_fits(a, w, n, m, k) {
-            return self.gemv_bf16(a, w, c, n, m, k);
+            return self.gemv(Gemv::CudaCores, a, w, c, n, m, k);
         }
         self.gemm_cublas_f32(a, w, c, n, m, k)
     }
@@ -1097,7 +1106,7 @@ impl CudaBackend {
         self.gemm_raw(a, w, c, n, m, k, cublas_sys::cudaDataType_t::CUDA_R_32F)
     }
 
-    /// Whether `gemv_bf16` takes a GEMM of `n` rows: at most [`GEMV_MAX_ROWS`] of them, `k` a
+    /// Whether [`Self::gemv`] takes a GEMM of `n` rows: at most [`GEMV_MAX_ROWS`] of them, `k` a
     /// multiple of 8 and both inputs 16-byte aligned.
     pub fn gemv_fits(
         &self,
@@ -1116,40 +1125,14 @@ impl CudaBackend {
             && i32::try_from(m.max(k)).is_ok()
     }
 
-    /// As [`Self::gemv_bf16`] on the tensor cores (`gemv_tc_bf16`: 16 weight rows a block, its
-    /// 8 warps over runs of K); `k` a multiple of 32.
-    pub fn gemv_tc_bf16(
-        &self,
-        a: sys::CUdeviceptr,
-        w: sys::CUdeviceptr,
-        c: sys::CUdeviceptr,
-        n: usize,
-        m: usize,
-        k: usize,
-    ) -> Result<(), CudaError> {
-        self.launch_gemv("gemv_tc_bf16", a, w, c, n, m, k)
-    }
-
-    /// `c [n, m] = a [n, k] @ w [m, k]^T` (bf16 in, f32 out) for a few rows `n` by the skinny
-    /// GEMM kernel (`kernels/gemv.cu`: each weight row streamed once, eight warps of two weight
-    /// rows a block); the caller checks [`Self::gemv_fits`].
-    pub fn gemv_bf16(
-        &self,
-        a: sys::CUdeviceptr,
-        w: sys::CUdeviceptr,
-        c: sys::CUdeviceptr,
-        n: usize,
-        m: usize,
-        k: usize,
-    ) -> Result<(), CudaError> {
-        self.launch_gemv("gemv_bf16", a, w, c, n, m, k)
-    }
-
-    /// Launches one of the skinny GEMM kernels: 256 threads a block, 16 weight rows a block.
+    /// `c [n, m] = a [n, k] @ w [m, k]^T` (bf16 in, f32 out) for a few rows `n` by one of the
+    /// skinny GEMM kernels of `kernels/gemv.cu` (each weight row streamed once; 256 threads and
+    /// 16 weight rows a block); the caller checks [`Self::gemv_fits`] (and `k % 32 == 0` for
+    /// the tensor cores).
     #[allow(clippy::too_many_arguments)]
-    fn launch_gemv(
+    pub fn gemv(
         &self,
-        kernel: &str,
+        kernel: Gemv,
         a: sys::CUdeviceptr,
         w: sys::CUdeviceptr,
         c: sys::CUdeviceptr,
@@ -1159,8 +1142,12 @@ impl CudaBackend {
     ) -> Result<(), CudaError> {
         let (mut a, mut w, mut c) = (a, w, c);
         let (mut rows, mut outs, mut kk) = (n as i32, m as i32, k as i32);
+        let name = match kernel {
+            Gemv::CudaCores => "gemv_bf16",
+            Gemv::TensorCores => "gemv_tc_bf16",
+        };
         self.launch(
-            kernel,
+            name,
             LaunchConfig {
                 grid_dim: (m.div_ceil(16) as u32, 1, 1),
                 block_dim: (256, 1, 1),

@@ -11,6 +11,7 @@ use retrowave_core::{
 };
 
 use crate::CudaBackend;
+use crate::backend::Gemv;
 
 /// The outcome of one check.
 #[derive(Debug, Clone)]
@@ -169,7 +170,8 @@ fn run_inner(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
             if !b.gemv_fits(p(&xd), p(&wd), n, m, k) {
                 return Err(format!("gemv does not take {n}x{k} @ {m}x{k}"));
             }
-            b.gemv_bf16(p(&xd), p(&wd), q(&yg), n, m, k).map_err(dev)?;
+            b.gemv(Gemv::CudaCores, p(&xd), p(&wd), q(&yg), n, m, k)
+                .map_err(dev)?;
             b.gemm_cublas_f32(p(&xd), p(&wd), q(&yc), n, m, k)
                 .map_err(dev)?;
             let got = b.download(&yg, n * m).map_err(dev)?;
@@ -188,7 +190,7 @@ fn run_inner(b: &CudaBackend, seed: u64) -> Result<Vec<CheckResult>, String> {
             if k.is_multiple_of(32) {
                 // Poisoned, so that an unwritten output shows.
                 let yt = b.upload(&vec![f32::NAN; n * m]).map_err(dev)?;
-                b.gemv_tc_bf16(p(&xd), p(&wd), q(&yt), n, m, k)
+                b.gemv(Gemv::TensorCores, p(&xd), p(&wd), q(&yt), n, m, k)
                     .map_err(dev)?;
                 let got = b.download(&yt, n * m).map_err(dev)?;
                 out.push(compare(
