@@ -148,7 +148,13 @@ fn wave_attention_answers_a_2k_needle_question_as_dense_attention_does() {
     // At 2K the default's 128-cluster minimum retrieves every cluster; the sparse budgets of the
     // default before it (at least 64) leave most of the context to the estimate or skip it.
     let sparse = dir.path().join("sparse.toml");
-    std::fs::write(&sparse, "min_retrieval_clusters = 64\n").unwrap();
+    // 64 clusters of 16 tokens retrieved, as the default was: the default's 2048-token floor
+    // (and its smaller clusters at short contexts) would retrieve every cluster at 2K.
+    std::fs::write(
+        &sparse,
+        "min_retrieval_clusters = 64\nmin_retrieval_tokens = 0\nmin_index_clusters = 0\n",
+    )
+    .unwrap();
     let out = run(&[
         "eval",
         "--tasks",

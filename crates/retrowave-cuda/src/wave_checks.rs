@@ -45,6 +45,9 @@ impl CheckShape {
     fn new(hd: usize, nh: usize, nkv: usize) -> Self {
         let mut cfg = WaveConfig::retrowave();
         cfg.segment_tokens = 2048;
+        // Clusters of 16 at every context: the checks' contexts are chosen for the cluster
+        // counts (and shared-memory layouts) that those give.
+        cfg.min_index_clusters = 0;
         CheckShape {
             heads: HeadLayout {
                 n_heads: nh,

@@ -35,6 +35,9 @@ pub struct DevWave {
     pub n_clusters: usize,
     /// Clusters of the prefill build (the budgets' shares apply to these; updates append more).
     pub base_clusters: usize,
+    /// Tokens of the prefill build (with `base_clusters`, the mean cluster size that converts
+    /// the token floor of the retrieval budget to clusters).
+    pub base_tokens: usize,
     /// Units: layers x KV heads, unit `l * n_kv + h`.
     pub n_units: usize,
     /// `bf16 [units][n_clusters][hd]`: mean keys.
@@ -73,11 +76,17 @@ impl DevWave {
     }
 
     /// The budgets a step asks for, as `WaveConfig::step_budgets` computes them on the CPU:
-    /// retrieval clusters (the configured share, at least `min_retrieval_clusters`), estimation
+    /// retrieval clusters (the configured share, at least `WaveConfig::min_retrieval`), estimation
     /// clusters, and for the adaptive budget the most retrieval clusters it may grow to and the
     /// share of the scores it must cover (0: fixed). All within the clusters there are.
     pub fn budgets(&self) -> StepBudgets {
-        StepBudgets::of(&self.cfg, self.base_clusters, self.updates, self.n_clusters)
+        StepBudgets::of(
+            &self.cfg,
+            self.base_clusters,
+            self.base_tokens,
+            self.updates,
+            self.n_clusters,
+        )
     }
 
     /// Most retrieval-zone tokens a step can gather for one unit.
@@ -150,10 +159,14 @@ pub struct StepBudgets {
 
 impl StepBudgets {
     /// The budgets of an index of `k` clusters after `updates` updates under `cfg` (see
-    /// [`DevWave::budgets`]): `base` of them from the prefill, which the shares apply to.
-    pub fn of(cfg: &WaveConfig, base: usize, updates: usize, k: usize) -> Self {
+    /// [`DevWave::budgets`]): `base` of them from the prefill's `base_tokens` tokens, which the
+    /// shares apply to.
+    pub fn of(cfg: &WaveConfig, base: usize, base_tokens: usize, updates: usize, k: usize) -> Self {
+        let retrieval = cfg
+            .fixed_step_budgets(base, base_tokens, updates)
+            .retrieval
+            .min(k);
         let b = cfg.budgets(base, updates);
-        let retrieval = b.retrieval.max(cfg.min_retrieval_clusters).min(k);
         let estimation = b.estimation.min(k - retrieval);
         let (cap, mass) = if cfg.retrieval_mass > 0.0 {
             let capped = WaveConfig {
@@ -283,6 +296,7 @@ impl CudaBackend {
             return Ok(DevWave {
                 n_clusters: 0,
                 base_clusters: 0,
+                base_tokens: 0,
                 n_units,
                 centroids: self.alloc(1)?,
                 ln_sizes: self.alloc(1)?,
@@ -302,7 +316,7 @@ impl CudaBackend {
         }
         let c = self.wave_build(&units, &segs, cfg.kmeans_iterations, hd)?;
         let tier = if cfg.host_kv {
-            let b = StepBudgets::of(cfg, c.n_clusters, 0, c.n_clusters);
+            let b = StepBudgets::of(cfg, c.n_clusters, end - start, 0, c.n_clusters);
             Some(self.build_tier(&units, &c, cfg, b.retrieval)?)
         } else {
             None
@@ -313,6 +327,7 @@ impl CudaBackend {
         Ok(DevWave {
             n_clusters: c.n_clusters,
             base_clusters: c.n_clusters,
+            base_tokens: end - start,
             n_units,
             centroids: c.centroids,
             ln_sizes: c.ln_sizes,
@@ -679,29 +694,32 @@ mod tests {
     fn step_budgets_follow_the_config() {
         let cfg = WaveConfig::retrowave();
         // 128K tokens: 1.8% of 8188 clusters, growing up to 2.5%.
-        let b = StepBudgets::of(&cfg, 8188, 0, 8188);
+        let b = StepBudgets::of(&cfg, 8188, 8188 * 16, 0, 8188);
         assert_eq!(
             (b.retrieval, b.estimation, b.retrieval_cap),
             (148, 1900, 205)
         );
         assert!((b.retrieval_mass - 0.9).abs() < 1e-12);
-        // 32K: the 128-cluster minimum is above the 2.5% cap, so nothing grows.
-        let b = StepBudgets::of(&cfg, 2044, 0, 2044);
+        // 32K: the 2048-token minimum (128 clusters) is above the 2.5% cap, so nothing grows.
+        let b = StepBudgets::of(&cfg, 2044, 2044 * 16, 0, 2044);
         assert_eq!((b.retrieval, b.retrieval_cap), (128, 128));
+        // 4K: clusters of 4 tokens, so 2048 tokens are 512 of them.
+        let b = StepBudgets::of(&cfg, 1024, 4096, 0, 1024);
+        assert_eq!((b.retrieval, b.retrieval_cap), (512, 512));
         // Fewer clusters than the minimum: everything, nothing left to estimate.
-        let b = StepBudgets::of(&cfg, 40, 0, 40);
+        let b = StepBudgets::of(&cfg, 40, 640, 0, 40);
         assert_eq!((b.retrieval, b.estimation, b.retrieval_cap), (40, 0, 40));
         // The GPU's sort bounds the adaptive cap (3.2M tokens: 1.8% is 3600, 2.5% would be 5000).
-        let b = StepBudgets::of(&cfg, 200_000, 0, 200_000);
+        let b = StepBudgets::of(&cfg, 200_000, 3_200_000, 0, 200_000);
         assert_eq!((b.retrieval, b.retrieval_cap), (3600, crate::wave::SEL_TOP));
         // Fixed budgets (the published config) never grow.
-        let b = StepBudgets::of(&WaveConfig::published(), 8188, 0, 8188);
+        let b = StepBudgets::of(&WaveConfig::published(), 8188, 8188 * 16, 0, 8188);
         assert_eq!(
             (b.retrieval, b.retrieval_cap, b.retrieval_mass),
             (148, 148, 0.0)
         );
         // Updates grow both budgets.
-        let b = StepBudgets::of(&cfg, 8188, 2, 8188 + 2 * 64);
+        let b = StepBudgets::of(&cfg, 8188, 8188 * 16, 2, 8188 + 2 * 64);
         assert_eq!((b.retrieval, b.estimation), (150, 1930));
     }
 }

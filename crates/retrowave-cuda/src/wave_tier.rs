@@ -489,7 +489,7 @@ impl CudaBackend {
         let (sink, end, k) = (plan.sink, plan.end, plan.clusters());
         let segs = plan.segments;
         let it = end - sink;
-        let budgets = crate::wave_step::StepBudgets::of(cfg, k, 0, k);
+        let budgets = crate::wave_step::StepBudgets::of(cfg, k, it, 0, k);
         let (capacity, page) = tier_shape(cfg, budgets.retrieval, k, it)?;
         let cap = len + room - it;
         let row = hd * 2;
@@ -586,6 +586,7 @@ impl CudaBackend {
         kv.wave = Some(Box::new(crate::wave_step::DevWave {
             n_clusters: k,
             base_clusters: k,
+            base_tokens: it,
             n_units: units,
             centroids,
             ln_sizes,

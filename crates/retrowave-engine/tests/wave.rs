@@ -69,10 +69,13 @@ fn wave_decode_builds_the_index_and_everything_retrieved_is_dense() {
     assert!(w.clusters >= (1500 - 68) / 16 && w.build_seconds > 0.0);
 
     // Sparse budgets attend exactly to a fraction and estimate part of the rest, and the
-    // counters add up over two tensor-parallel workers. (The default's 128-cluster minimum
-    // retrieves every one of this short context's 89 clusters; 64, the default before, does not.)
+    // counters add up over two tensor-parallel workers. (The default's 2048-token minimum
+    // retrieves every cluster of this short context; 64 clusters of 16, the default before,
+    // do not.)
     let sparse = WaveConfig {
         min_retrieval_clusters: 64,
+        min_retrieval_tokens: 0,
+        min_index_clusters: 0,
         ..WaveConfig::default()
     };
     let mut e = common::engine_with(&m, 1, 4096, AttentionMode::Wave(sparse.clone()));

@@ -75,7 +75,7 @@ fn time(n: usize, d: usize, repeats: usize) {
             .fold(0u64, |h, &s| h.wrapping_mul(131) + u64::from(s));
     }
     let segments = n.div_ceil(cfg.segment_tokens);
-    let per_segment = cfg.clusters_for_segment(n.min(cfg.segment_tokens)) as f64;
+    let per_segment = cfg.clusters_for_segment(n.min(cfg.segment_tokens), n) as f64;
     let fma = segments as f64
         * cfg.kmeans_iterations as f64
         * (n / segments) as f64

@@ -93,6 +93,17 @@ pub struct WaveConfig {
     pub rank_by_size: bool,
     /// Least retrieval clusters of a step, whatever the fraction gives (published: 0).
     pub min_retrieval_clusters: usize,
+    /// Least tokens of the retrieval zone of a step, whatever the fraction gives, as clusters
+    /// of the prefill index's mean size ([`WaveConfig::min_retrieval`]; published: 0). A floor
+    /// in tokens rather than clusters keeps the exact part of a short context whole when
+    /// [`WaveConfig::min_index_clusters`] makes its clusters smaller.
+    pub min_retrieval_tokens: usize,
+    /// Least clusters of the prefill index: a context shorter than `min_index_clusters *
+    /// avg_cluster_size` indexed tokens gets proportionally smaller clusters, so that its
+    /// centroids resolve about as many distinct keys as a long context's ([`WaveConfig::clusters_for_segment`];
+    /// published: 0). Scoring reads every centroid each step, so this costs only where the
+    /// index is small.
+    pub min_index_clusters: usize,
     /// Fill the retrieval budget (fixed or adaptive, as the summed scores give it) with the
     /// union of each query head's own best clusters by centroid logit (each head's best `k`, `k`
     /// as large as the budget allows; [`crate::select::union_retrieval`]) instead of the best by
@@ -153,6 +164,8 @@ impl WaveConfig {
             exec_buffer_ratio: 4,
             rank_by_size: false,
             min_retrieval_clusters: 0,
+            min_retrieval_tokens: 0,
+            min_index_clusters: 0,
             union_ranking: false,
             retrieval_mass: 0.0,
             max_retrieval_fraction: 0.0,
@@ -161,16 +174,22 @@ impl WaveConfig {
         }
     }
 
-    /// retrowave's defaults: the published parameters with a retrieval budget of at least 128
-    /// clusters (2048 tokens exact: what contexts up to 64K need; below the published 1.8%
-    /// from 128K on, so free there) that grows (up to 2.5% of the clusters) until it covers 90%
-    /// of the clusters' estimated attention mass, filled by the union of each query head's best
-    /// clusters (see the README's accuracy section for the measurements behind the values: at 64
-    /// the answers of SmolLM2 and Qwen2.5-Coder left full attention's about twice as often at
-    /// 4K-32K; the union ranking gained 3.2 +- 0.55 points on SmolLM2 multi-value at 4K).
+    /// retrowave's defaults: the published parameters with
+    /// - a retrieval zone of at least 2048 tokens (128 clusters of 16: what contexts up to 64K
+    ///   need; below the published 1.8% from 128K on, so free there) that grows (up to 2.5% of
+    ///   the clusters) until it covers 90% of the clusters' estimated attention mass,
+    /// - filled by the union of each query head's best clusters,
+    /// - and at least 1024 clusters in the index, so contexts under 16K tokens get clusters of
+    ///   fewer than 16 tokens.
+    ///
+    /// The README's accuracy section has the measurements behind the values: at a 64-cluster
+    /// floor the answers of SmolLM2 and Qwen2.5-Coder left full attention's about twice as often
+    /// at 4K-32K; the union ranking gained 3.2 +- 0.55 points on SmolLM2 multi-value at 4K, and
+    /// clusters of 4 tokens there another 1.3 (740 cases: -1.2 -> +0.1 against full attention).
     pub const fn retrowave() -> Self {
         let mut c = Self::published();
-        c.min_retrieval_clusters = 128;
+        c.min_retrieval_tokens = 2048;
+        c.min_index_clusters = 1024;
         c.union_ranking = true;
         c.retrieval_mass = 0.9;
         c.max_retrieval_fraction = 0.025;
@@ -232,14 +251,35 @@ impl WaveConfig {
         Ok(())
     }
 
-    /// Clusters for a segment of `len` tokens: `len / avg_cluster_size`, at least one for a
-    /// non-empty segment.
-    pub fn clusters_for_segment(&self, len: usize) -> usize {
+    /// Clusters for a segment of `len` of the `indexed` tokens of a prefill build: `len /
+    /// avg_cluster_size`, or the segment's share of `min_index_clusters` where that is more (at
+    /// most one a token), at least one for a non-empty segment.
+    pub fn clusters_for_segment(&self, len: usize, indexed: usize) -> usize {
         if len == 0 {
+            return 0;
+        }
+        let by_size = len / self.avg_cluster_size.max(1);
+        let by_count = if indexed == 0 {
             0
         } else {
-            (len / self.avg_cluster_size.max(1)).max(1)
-        }
+            len.saturating_mul(self.min_index_clusters)
+                .div_ceil(indexed)
+        };
+        by_size.max(by_count).min(len).max(1)
+    }
+
+    /// Least retrieval clusters of a step for a prefill index of `base_clusters` clusters over
+    /// `base_tokens` tokens: `min_retrieval_clusters`, or `min_retrieval_tokens` in clusters of
+    /// the index's mean size (rounded to the nearest) where that is more.
+    pub fn min_retrieval(&self, base_clusters: usize, base_tokens: usize) -> usize {
+        let by_tokens = if base_tokens == 0 {
+            0
+        } else {
+            let t = self.min_retrieval_tokens as u128;
+            let (c, n) = (base_clusters as u128, base_tokens as u128);
+            usize::try_from((t * c + n / 2) / n).unwrap_or(usize::MAX)
+        };
+        self.min_retrieval_clusters.max(by_tokens)
     }
 
     /// The budgets after an index built with `base_clusters` clusters and `updates` index updates:
@@ -260,11 +300,18 @@ impl WaveConfig {
 
     /// The budgets of one decode step given the clusters' `scores` (higher = more attention;
     /// `-inf` for empty clusters): the fixed budgets of [`WaveConfig::budgets`], at least
-    /// `min_retrieval_clusters` retrieval clusters, and with `retrieval_mass > 0` as many more
-    /// (best first) as it takes to cover that share of the total score, up to the cap.
-    pub fn step_budgets(&self, base_clusters: usize, updates: usize, scores: &[f32]) -> Budgets {
-        let mut b = self.fixed_step_budgets(base_clusters, updates);
-        if let Some(cap) = self.adaptive_cap(base_clusters, updates) {
+    /// [`WaveConfig::min_retrieval`] retrieval clusters (the prefill index made `base_clusters`
+    /// clusters of `base_tokens` tokens), and with `retrieval_mass > 0` as many more (best
+    /// first) as it takes to cover that share of the total score, up to the cap.
+    pub fn step_budgets(
+        &self,
+        base_clusters: usize,
+        base_tokens: usize,
+        updates: usize,
+        scores: &[f32],
+    ) -> Budgets {
+        let mut b = self.fixed_step_budgets(base_clusters, base_tokens, updates);
+        if let Some(cap) = self.adaptive_cap(base_clusters, base_tokens, updates) {
             let live: Vec<f32> = scores
                 .iter()
                 .copied()
@@ -283,25 +330,37 @@ impl WaveConfig {
     }
 
     /// The budgets of a step before the adaptive growth: the fixed ones, with at least
-    /// `min_retrieval_clusters` retrieval clusters.
-    pub(crate) fn fixed_step_budgets(&self, base_clusters: usize, updates: usize) -> Budgets {
+    /// [`WaveConfig::min_retrieval`] retrieval clusters.
+    pub fn fixed_step_budgets(
+        &self,
+        base_clusters: usize,
+        base_tokens: usize,
+        updates: usize,
+    ) -> Budgets {
         let mut b = self.budgets(base_clusters, updates);
-        b.retrieval = b.retrieval.max(self.min_retrieval_clusters);
+        b.retrieval = b
+            .retrieval
+            .max(self.min_retrieval(base_clusters, base_tokens));
         b
     }
 
     /// Most retrieval clusters the adaptive budget may reach (at least the fixed budget), or
     /// `None` when the budget does not adapt.
-    pub(crate) fn adaptive_cap(&self, base_clusters: usize, updates: usize) -> Option<usize> {
+    pub(crate) fn adaptive_cap(
+        &self,
+        base_clusters: usize,
+        base_tokens: usize,
+        updates: usize,
+    ) -> Option<usize> {
         (self.retrieval_mass > 0.0).then(|| {
             let capped = WaveConfig {
                 retrieval_fraction: self.max_retrieval_fraction,
                 ..self.clone()
             };
-            capped
-                .budgets(base_clusters, updates)
-                .retrieval
-                .max(self.fixed_step_budgets(base_clusters, updates).retrieval)
+            capped.budgets(base_clusters, updates).retrieval.max(
+                self.fixed_step_budgets(base_clusters, base_tokens, updates)
+                    .retrieval,
+            )
         })
     }
 
@@ -345,10 +404,10 @@ impl WaveConfig {
 
     /// Page slots of the wave buffer of one head whose index has `n_clusters` clusters over
     /// `indexed_tokens` tokens and a step budget of `retrieval` clusters: room for
-    /// [`Self::cache_clusters`] clusters (of at least `min_retrieval_clusters`) of the average
+    /// [`Self::cache_clusters`] clusters (of at least [`Self::min_retrieval`]) of the average
     /// size, in pages of `page_size` tokens.
     pub fn cache_pages(&self, retrieval: usize, n_clusters: usize, indexed_tokens: usize) -> usize {
-        let r = retrieval.max(self.min_retrieval_clusters);
+        let r = retrieval.max(self.min_retrieval(n_clusters, indexed_tokens));
         let avg = indexed_tokens as f64 / n_clusters.max(1) as f64;
         let pages = (avg / self.page_size.max(1) as f64).ceil().max(1.0) as usize;
         self.cache_clusters(r).saturating_mul(pages)
@@ -431,11 +490,13 @@ mod tests {
     #[test]
     fn published_defaults() {
         let c = WaveConfig::published();
-        // The default differs from the published parameters only in the retrieval budget and
-        // in how it is filled (the union of the heads' best clusters).
+        // The default differs from the published parameters only in the retrieval budget, in
+        // how it is filled (the union of the heads' best clusters) and in the clusters of short
+        // contexts.
         assert_eq!(
             WaveConfig {
-                min_retrieval_clusters: 0,
+                min_retrieval_tokens: 0,
+                min_index_clusters: 0,
                 retrieval_mass: 0.0,
                 max_retrieval_fraction: 0.0,
                 union_ranking: false,
@@ -463,9 +524,37 @@ mod tests {
         assert_eq!(c.exec_buffer_clusters(2), 32);
         assert_eq!(c.exec_buffer_clusters(10), 40);
         assert_eq!(c.cache_clusters(10), 30);
-        assert_eq!(c.clusters_for_segment(8192), 512);
-        assert_eq!(c.clusters_for_segment(5), 1);
-        assert_eq!(c.clusters_for_segment(0), 0);
+        assert_eq!(c.clusters_for_segment(8192, 131_000), 512);
+        assert_eq!(c.clusters_for_segment(5, 5), 1);
+        assert_eq!(c.clusters_for_segment(0, 0), 0);
+    }
+
+    #[test]
+    fn short_contexts_get_smaller_clusters_and_keep_their_exact_tokens() {
+        let c = WaveConfig::retrowave();
+        // From 16K indexed tokens on, clusters of 16.
+        assert_eq!(c.clusters_for_segment(8192, 16_384), 512);
+        assert_eq!(c.clusters_for_segment(8192, 131_000), 512);
+        // Below, each segment takes its share of the 1024 clusters: 4K tokens, clusters of 4.
+        assert_eq!(c.clusters_for_segment(4028, 4028), 1024);
+        assert_eq!(c.clusters_for_segment(8192, 12_000), 700);
+        assert_eq!(c.clusters_for_segment(3808, 12_000), 325);
+        // Never more clusters than tokens.
+        assert_eq!(c.clusters_for_segment(300, 300), 300);
+        assert_eq!(
+            WaveConfig::published().clusters_for_segment(4028, 4028),
+            251
+        );
+        // The retrieval floor is 2048 tokens at the index's mean cluster size.
+        assert_eq!(c.min_retrieval(1024, 4028), 521);
+        assert_eq!(c.min_retrieval(8188, 131_004), 128);
+        assert_eq!(c.min_retrieval(0, 0), 0);
+        let clusters = WaveConfig {
+            min_retrieval_clusters: 600,
+            ..c.clone()
+        };
+        assert_eq!(clusters.min_retrieval(1024, 4028), 600);
+        assert_eq!(WaveConfig::published().min_retrieval(1024, 4028), 0);
     }
 
     #[test]
@@ -473,8 +562,9 @@ mod tests {
         let c = WaveConfig::retrowave();
         // 128K: 148 retrieval clusters of 16 tokens on average, pages of 8: 3 x 148 x 2.
         assert_eq!(c.cache_pages(148, 8188, 8188 * 16), 888);
-        // The 128-cluster minimum counts; clusters of 17-24 tokens take 3 pages.
-        assert_eq!(c.cache_pages(10, 100, 2000), 3 * 128 * 3);
+        // The 2048-token minimum counts (102 clusters of 20 tokens); clusters of 17-24 tokens
+        // take 3 pages.
+        assert_eq!(c.cache_pages(10, 100, 2000), 3 * 102 * 3);
         // The published config has no minimum.
         assert_eq!(WaveConfig::published().cache_pages(0, 100, 1600), 0);
     }
@@ -578,28 +668,34 @@ mod tests {
         let scores = vec![1.0f32; 1000];
         // Published: fixed fractions whatever the scores.
         assert_eq!(
-            published.step_budgets(1000, 0, &scores),
+            published.step_budgets(1000, 16_000, 0, &scores),
             published.budgets(1000, 0)
         );
         let rw = WaveConfig::retrowave();
         assert_eq!(WaveConfig::default(), rw);
         assert_eq!(WaveConfig::preset("published"), Some(published.clone()));
         assert_eq!(WaveConfig::preset("nope"), None);
-        // Few clusters: the minimum applies.
-        assert_eq!(rw.step_budgets(300, 0, &[1.0; 300]).retrieval, 128);
+        // Few clusters: the minimum applies (2048 tokens in clusters of 16).
+        assert_eq!(rw.step_budgets(300, 4800, 0, &[1.0; 300]).retrieval, 128);
+        // ... in clusters of 4: 512.
+        assert_eq!(rw.step_budgets(1000, 4000, 0, &scores).retrieval, 512);
         // Flat scores: 90% of the mass needs 900 clusters, capped at 2.5% = 25.
-        assert_eq!(rw.step_budgets(1000, 0, &scores).retrieval, 128);
+        assert_eq!(rw.step_budgets(1000, 16_000, 0, &scores).retrieval, 128);
         // ... and with more clusters the cap is above the minimum: 2.5% of 8192 = 205.
-        assert_eq!(rw.step_budgets(8192, 0, &vec![1.0; 8192]).retrieval, 205);
+        assert_eq!(
+            rw.step_budgets(8192, 131_072, 0, &vec![1.0; 8192])
+                .retrieval,
+            205
+        );
         let cfg = WaveConfig {
-            min_retrieval_clusters: 0,
+            min_retrieval_tokens: 0,
             ..rw.clone()
         };
-        assert_eq!(cfg.step_budgets(1000, 0, &scores).retrieval, 25);
+        assert_eq!(cfg.step_budgets(1000, 16_000, 0, &scores).retrieval, 25);
         // Concentrated scores: three clusters hold 90%, so the fixed 18 stay.
         let mut peaked = vec![0.001f32; 1000];
         peaked[..3].copy_from_slice(&[100.0, 100.0, 100.0]);
-        assert_eq!(cfg.step_budgets(1000, 0, &peaked).retrieval, 18);
+        assert_eq!(cfg.step_budgets(1000, 16_000, 0, &peaked).retrieval, 18);
         // Mass spread over the top 21: the budget covers them (beyond the fixed 18).
         let mut spread = vec![0.0f32; 1000];
         spread[..21].iter_mut().for_each(|s| *s = 1.0);
@@ -608,7 +704,7 @@ mod tests {
             retrieval_mass: 1.0,
             ..cfg.clone()
         }
-        .step_budgets(1000, 0, &spread);
+        .step_budgets(1000, 16_000, 0, &spread);
         assert_eq!(b.retrieval, 21);
         assert_eq!(b.estimation, cfg.budgets(1000, 0).estimation);
         let bad = WaveConfig {

@@ -111,6 +111,7 @@ pub struct ClusterIndex {
     members: Vec<u32>,
     indexed: Range<usize>,
     base_clusters: usize,
+    base_tokens: usize,
     updates: usize,
 }
 
@@ -134,6 +135,7 @@ impl ClusterIndex {
             members: clustering.members,
             indexed: start..end,
             base_clusters,
+            base_tokens: end - start,
             updates: 0,
         })
     }
@@ -213,6 +215,11 @@ impl ClusterIndex {
         self.base_clusters
     }
 
+    /// Tokens the prefill build clustered.
+    pub fn base_tokens(&self) -> usize {
+        self.base_tokens
+    }
+
     /// Index updates appended since the build.
     pub fn updates(&self) -> usize {
         self.updates
@@ -225,7 +232,7 @@ impl ClusterIndex {
 
     /// The budgets of a decode step given the cluster scores ([`WaveConfig::step_budgets`]).
     pub fn step_budgets(&self, cfg: &WaveConfig, scores: &[f32]) -> Budgets {
-        cfg.step_budgets(self.base_clusters, self.updates, scores)
+        cfg.step_budgets(self.base_clusters, self.base_tokens, self.updates, scores)
     }
 
     /// Centroids, `[clusters, key_dim]` (unnormalised means; zeros for empty clusters).

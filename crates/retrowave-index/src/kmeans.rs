@@ -48,16 +48,17 @@ impl Clustering {
 }
 
 /// Splits `range` into segments of `cfg.segment_tokens` tokens (the last may be shorter), each
-/// with `cfg.clusters_for_segment(len)` clusters.
+/// with `cfg.clusters_for_segment(len, range.len())` clusters.
 pub fn segments(range: Range<usize>, cfg: &WaveConfig) -> Vec<Segment> {
     let step = cfg.segment_tokens.max(1);
+    let indexed = range.len();
     let mut out = Vec::new();
     let mut start = range.start;
     while start < range.end {
         let end = range.end.min(start.saturating_add(step));
         out.push(Segment {
             tokens: start..end,
-            clusters: cfg.clusters_for_segment(end - start),
+            clusters: cfg.clusters_for_segment(end - start, indexed),
         });
         start = end;
     }

@@ -267,9 +267,9 @@ fn plan_step_inner(
     union: Option<(&[f32], usize)>,
 ) -> Result<ZonePlan, IndexError> {
     check_scores(index, scores)?;
-    let (base, updates) = (index.base_clusters(), index.updates());
-    let fixed = cfg.fixed_step_budgets(base, updates);
-    let cap = cfg.adaptive_cap(base, updates);
+    let (base, tokens, updates) = (index.base_clusters(), index.base_tokens(), index.updates());
+    let fixed = cfg.fixed_step_budgets(base, tokens, updates);
+    let cap = cfg.adaptive_cap(base, tokens, updates);
     // One pass over every cluster: the non-empty ones (in id order) with their keys, compacted
     // without branches; the live count and total; whether any score is unusual; and a histogram
     // of the keys' top bits (for live scores: the exponent and 3 mantissa bits), which bounds

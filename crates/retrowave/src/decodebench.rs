@@ -101,7 +101,7 @@ fn wave_bytes_per_seq(cfg: &ModelConfig, wcfg: &WaveConfig, ctx: usize) -> (f64,
     let (start, end, k) = (plan.sink, plan.end, plan.clusters());
     // The GPU's budgets; the adaptive one may grow to its cap (on uniform random KV it always
     // does).
-    let b = retrowave_cuda::wave_step::StepBudgets::of(wcfg, k, 0, k);
+    let b = retrowave_cuda::wave_step::StepBudgets::of(wcfg, k, end - start, 0, k);
     let (r, e) = (b.retrieval_cap, b.estimation);
     let avg = (end - start) as f64 / k.max(1) as f64;
     let exact = (wcfg.sink_tokens + wcfg.window_tokens) as f64 + r as f64 * avg;
