@@ -295,6 +295,7 @@ impl ClusterIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan_step;
 
     fn dims() -> HeadDims {
         HeadDims {
@@ -321,6 +322,54 @@ mod tests {
         assert_eq!(index.offsets(), &[0]);
         let b = index.budgets(&WaveConfig::published());
         assert_eq!((b.retrieval, b.estimation), (0, 0));
+    }
+
+    /// `n` tokens of 8-dim keys spread over the sphere (a xorshift), values the position.
+    fn spread(n: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let keys = (0..8 * n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect();
+        (keys, (0..n).map(|i| i as f32).collect())
+    }
+
+    #[test]
+    fn the_default_indexes_short_contexts_finer_and_keeps_2048_exact_tokens() {
+        let cfg = WaveConfig::default();
+        let dims = HeadDims {
+            key_dim: 8,
+            value_dim: 1,
+        };
+        for (n, clusters, mean) in [(4096usize, 1024usize, 4.0f64), (32_768, 2043, 16.0)] {
+            let (keys, values) = spread(n);
+            let kv = KvView::new(&keys, &values, dims).unwrap();
+            let index = ClusterIndex::build(&kv, &cfg).unwrap();
+            // 4K: 1024 clusters of about 4 tokens; 32K: clusters of 16 as published.
+            assert_eq!(index.n_clusters(), clusters, "{n} tokens");
+            assert_eq!(index.base_tokens(), n - 68);
+            let size = index.base_tokens() as f64 / index.n_clusters() as f64;
+            assert!((size - mean).abs() < 0.1, "{n} tokens: clusters of {size}");
+            // Flat scores: the retrieval zone is the 2048-token floor, in clusters of the mean
+            // size (the adaptive budget's 2.5% cap is below it at both lengths).
+            let scores = vec![1.0f32; index.n_clusters()];
+            let plan = plan_step(&index, &cfg, &scores, n).unwrap();
+            let want = (2048.0 / size).round() as usize;
+            assert_eq!(plan.retrieval.len(), want, "{n} tokens");
+            let exact: u32 = plan
+                .retrieval
+                .iter()
+                .map(|&c| index.sizes()[c as usize])
+                .sum();
+            assert!(
+                (1900..=2200).contains(&exact),
+                "{n} tokens: {exact} exact tokens"
+            );
+        }
     }
 
     #[test]
