@@ -206,6 +206,10 @@ pub enum BenchCommand {
         /// Decode attention: full or wave.
         #[arg(long, default_value = "full")]
         attention: String,
+        /// TOML file of wave-index parameters for `--attention wave` (retrowave's defaults
+        /// otherwise; keys not given keep them).
+        #[arg(long)]
+        wave_config: Option<PathBuf>,
         /// JSON-lines file to append to (default bench/results/generate-<model>.jsonl).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -526,14 +530,17 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             tp,
             prefill_chunk,
             attention,
+            wave_config,
             out,
         } => {
             let loaded = load::open(&model)?;
             let max_ctx = contexts.iter().max().copied().unwrap_or(0) + decode_tokens + 16;
+            let mode = load::attention_mode(&attention, wave_config.as_deref())?;
+            let wave_cfg = mode.wave().map(|c| serde_json::to_value(c)).transpose()?;
             let mut engine = load::engine(
                 &loaded,
                 load::EngineOptions {
-                    attention: load::attention_mode(&attention, None)?,
+                    attention: mode,
                     tp,
                     max_context: max_ctx,
                     prefill_chunk,
@@ -595,6 +602,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                         "bench": "generate", "engine": "retrowave", "metric": metric, "value": v,
                         "unit": unit, "attention": attention, "device": device, "model": model, "context": n,
                         "decode_tokens": decode_tokens, "runs": runs, "tp": tp, "commit": commit, "timestamp": ts,
+                        "wave_config": wave_cfg,
                     });
                     writeln!(f, "{rec}")?;
                     println!("{rec}");
