@@ -536,7 +536,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let loaded = load::open(&model)?;
             let max_ctx = contexts.iter().max().copied().unwrap_or(0) + decode_tokens + 16;
             let mode = load::attention_mode(&attention, wave_config.as_deref())?;
-            let wave_cfg = mode.wave().map(|c| serde_json::to_value(c)).transpose()?;
+            let wave_cfg = mode.wave().map(serde_json::to_value).transpose()?;
             let mut engine = load::engine(
                 &loaded,
                 load::EngineOptions {
