@@ -166,22 +166,14 @@ impl StepBudgets {
             .fixed_step_budgets(base, base_tokens, updates)
             .retrieval
             .min(k);
-        let b = cfg.budgets(base, updates);
-        let estimation = b.estimation.min(k - retrieval);
-        let (cap, mass) = if cfg.retrieval_mass > 0.0 {
-            let capped = WaveConfig {
-                retrieval_fraction: cfg.max_retrieval_fraction,
-                ..cfg.clone()
-            };
-            let cap = capped
-                .budgets(base, updates)
-                .retrieval
-                .min(crate::wave::SEL_TOP)
-                .max(retrieval)
-                .min(k);
-            (cap, cfg.retrieval_mass)
-        } else {
-            (retrieval, 0.0)
+        let estimation = cfg.budgets(base, updates).estimation.min(k - retrieval);
+        // The CPU's cap, bounded by what the GPU's sort takes (never below the fixed budget).
+        let (cap, mass) = match cfg.adaptive_cap(base, base_tokens, updates) {
+            Some(cap) => (
+                cap.min(crate::wave::SEL_TOP).max(retrieval).min(k),
+                cfg.retrieval_mass,
+            ),
+            None => (retrieval, 0.0),
         };
         StepBudgets {
             retrieval,

@@ -346,7 +346,7 @@ impl WaveConfig {
 
     /// Most retrieval clusters the adaptive budget may reach (at least the fixed budget), or
     /// `None` when the budget does not adapt.
-    pub(crate) fn adaptive_cap(
+    pub fn adaptive_cap(
         &self,
         base_clusters: usize,
         base_tokens: usize,
