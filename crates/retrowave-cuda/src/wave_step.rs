@@ -162,11 +162,9 @@ impl StepBudgets {
     /// [`DevWave::budgets`]): `base` of them from the prefill's `base_tokens` tokens, which the
     /// shares apply to.
     pub fn of(cfg: &WaveConfig, base: usize, base_tokens: usize, updates: usize, k: usize) -> Self {
-        let retrieval = cfg
-            .fixed_step_budgets(base, base_tokens, updates)
-            .retrieval
-            .min(k);
-        let estimation = cfg.budgets(base, updates).estimation.min(k - retrieval);
+        let fixed = cfg.fixed_step_budgets(base, base_tokens, updates);
+        let retrieval = fixed.retrieval.min(k);
+        let estimation = fixed.estimation.min(k - retrieval);
         // The CPU's cap, bounded by what the GPU's sort takes (never below the fixed budget).
         let (cap, mass) = match cfg.adaptive_cap(base, base_tokens, updates) {
             Some(cap) => (
@@ -695,9 +693,13 @@ mod tests {
         // 32K: the 2048-token minimum (128 clusters) is above the 2.5% cap, so nothing grows.
         let b = StepBudgets::of(&cfg, 2044, 2044 * 16, 0, 2044);
         assert_eq!((b.retrieval, b.retrieval_cap), (128, 128));
-        // 4K: clusters of 4 tokens, so 2048 tokens are 512 of them.
+        // 4K: clusters of 4 tokens, so 2048 tokens are 512 of them; the 8192-token estimation
+        // floor takes all the others.
         let b = StepBudgets::of(&cfg, 1024, 4096, 0, 1024);
-        assert_eq!((b.retrieval, b.retrieval_cap), (512, 512));
+        assert_eq!(
+            (b.retrieval, b.estimation, b.retrieval_cap),
+            (512, 512, 512)
+        );
         // Fewer clusters than the minimum: everything, nothing left to estimate.
         let b = StepBudgets::of(&cfg, 40, 640, 0, 40);
         assert_eq!((b.retrieval, b.estimation, b.retrieval_cap), (40, 0, 40));

@@ -340,6 +340,7 @@ mod tests {
 
     #[test]
     fn the_default_indexes_short_contexts_finer_and_keeps_2048_exact_tokens() {
+        // ... and estimates at least 8192 tokens: at 4K every cluster it does not retrieve.
         let cfg = WaveConfig::default();
         let dims = HeadDims {
             key_dim: 8,
@@ -369,6 +370,10 @@ mod tests {
                 (1900..=2200).contains(&exact),
                 "{n} tokens: {exact} exact tokens"
             );
+            // 4K: every other cluster; 32K: 8192 tokens in clusters of 16 (512, a little more
+            // than the published 23.2%, 474).
+            let estimated = if n == 4096 { clusters - want } else { 512 };
+            assert_eq!(plan.estimation.len(), estimated, "{n} tokens");
         }
     }
 
