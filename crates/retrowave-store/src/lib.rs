@@ -27,4 +27,6 @@ pub use error::StoreError;
 pub use io::{IoChoice, IoPath};
 pub use layout::PageLayout;
 pub use policy::Tier;
-pub use store::{ClusterRef, HeadRef, RecordSpan, SeqId, StoreStats, Ticket, TieredStore};
+pub use store::{
+    ClusterRef, HeadRef, PinnedRecords, RecordSpan, SeqId, StoreStats, Ticket, TieredStore,
+};

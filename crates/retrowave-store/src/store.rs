@@ -731,6 +731,24 @@ impl TieredStore {
         Ok(spans)
     }
 
+    /// Pins the records of `clusters` of one head in host memory, loading those on disk first,
+    /// for reading in place (no copy): they are neither spilled nor freed until the returned
+    /// guard is dropped. A record that finds no room in host memory is read into a buffer of the
+    /// guard's own. On error nothing stays pinned.
+    pub fn pin(&self, head: HeadRef, clusters: &[u32]) -> Result<PinnedRecords<'_>, StoreError> {
+        let layout = self.table().head(head)?.layout;
+        let refs: Vec<ClusterRef> = clusters
+            .iter()
+            .map(|&cluster| ClusterRef { head, cluster })
+            .collect();
+        let pinned = self.pin_resident(&refs)?;
+        Ok(PinnedRecords {
+            store: self,
+            pinned,
+            layout,
+        })
+    }
+
     /// Copies one cluster's keys and values (`[tokens, head_dim]` bytes each) into `keys` and
     /// `values` (appended).
     pub fn read_cluster(
@@ -1052,6 +1070,48 @@ impl TieredStore {
     }
 }
 
+/// Records pinned in host memory by [`TieredStore::pin`], in the order asked for; unpinned when
+/// dropped.
+pub struct PinnedRecords<'s> {
+    store: &'s TieredStore,
+    pinned: Vec<Pinned>,
+    layout: PageLayout,
+}
+
+impl PinnedRecords<'_> {
+    /// Records held.
+    pub fn len(&self) -> usize {
+        self.pinned.len()
+    }
+
+    /// Whether no record is held.
+    pub fn is_empty(&self) -> bool {
+        self.pinned.is_empty()
+    }
+
+    /// The `i`-th record asked for, in page layout ([`Self::layout`]), and its tokens.
+    pub fn record(&self, i: usize) -> (&[u8], u32) {
+        let p = &self.pinned[i];
+        (p.slice(), p.tokens)
+    }
+
+    /// Where the `i`-th record was when asked for.
+    pub fn tier(&self, i: usize) -> Tier {
+        self.pinned[i].tier
+    }
+
+    /// The page layout of the records.
+    pub fn layout(&self) -> PageLayout {
+        self.layout
+    }
+}
+
+impl Drop for PinnedRecords<'_> {
+    fn drop(&mut self) {
+        self.store.unpin_all(&self.pinned);
+    }
+}
+
 struct Pinned {
     cluster: ClusterRef,
     /// A copy read from disk without entering host memory (then `ptr` is unused and nothing
@@ -1151,7 +1211,12 @@ fn evict_some(shared: &Shared, want: usize) -> Result<usize, StoreError> {
             let Some(e) = h.clusters.get_mut(c.cluster as usize) else {
                 continue;
             };
-            if e.stamp != stamp || e.host.is_none() || e.pins > 0 {
+            if e.stamp != stamp || e.host.is_none() {
+                continue;
+            }
+            if e.pins > 0 {
+                // Being read: it keeps its place, or it could never leave once unpinned.
+                skipped.push((stamp, c));
                 continue;
             }
             if clean_only && e.disk.is_none() {

@@ -629,3 +629,78 @@ fn metrics_report_tiers_path_and_checksum_failures() {
     let ratio = find("retrowave_store_host_hit_ratio", None).unwrap();
     assert!((0.0..=1.0).contains(&ratio), "{ratio}");
 }
+
+#[test]
+fn pinned_records_are_read_in_place_and_stay_until_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    // 256 KiB of host memory for ~2.5 MiB of records: most clusters live on disk.
+    let store = disk_store(dir.path(), 256 << 10);
+    let a = append(&store, head(9, 0, 0), 150).unwrap();
+    let layout = store.layout(HEAD_DIM);
+    let on_disk: Vec<u32> = (0..150u32)
+        .filter(|&c| {
+            store
+                .tier_of(ClusterRef {
+                    head: a.head,
+                    cluster: c,
+                })
+                .unwrap()
+                == Tier::Disk
+        })
+        .collect();
+    assert!(on_disk.len() > 100, "{} clusters on disk", on_disk.len());
+    // Some from disk, some from host memory, in a scattered order.
+    let mut want: Vec<u32> = on_disk.iter().copied().step_by(7).take(10).collect();
+    want.extend([149, 148, 3]);
+    let loads = store.stats().disk_loads;
+    let pinned = store.pin(a.head, &want).unwrap();
+    assert_eq!(pinned.len(), want.len());
+    assert!(store.stats().disk_loads > loads);
+    for (i, &c) in want.iter().enumerate() {
+        let (rec, tokens) = pinned.record(i);
+        assert_eq!(tokens, a.sizes[c as usize]);
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        layout.unpack(rec, tokens, &mut k, &mut v);
+        let (wk, wv) = a.cluster(c as usize);
+        assert!(k == wk && v == wv, "cluster {c}");
+    }
+    assert_eq!(pinned.tier(0), Tier::Disk);
+    // While pinned, nothing of them is spilled, however hard the store is pressed.
+    let before: Vec<Vec<u8>> = (0..pinned.len())
+        .map(|i| pinned.record(i).0.to_vec())
+        .collect();
+    let other = append(&store, head(9, 1, 0), 150).unwrap();
+    store.spill(256 << 10).unwrap();
+    for (i, b) in before.iter().enumerate() {
+        assert_eq!(pinned.record(i).0, &b[..], "record {i} moved while pinned");
+    }
+    drop(pinned);
+    // Unpinned, they spill like any other record, and read back intact.
+    store.spill(256 << 10).unwrap();
+    assert_eq!(
+        store
+            .tier_of(ClusterRef {
+                head: a.head,
+                cluster: want[0]
+            })
+            .unwrap(),
+        Tier::Disk
+    );
+    for c in [want[0] as usize, 149, 0] {
+        check_cluster(&store, &a, c).unwrap();
+    }
+    check_cluster(&store, &other, 7).unwrap();
+    // An unknown head or cluster is an error and pins nothing.
+    assert!(store.pin(head(10, 0, 0), &[0]).is_err());
+    assert!(store.pin(a.head, &[3, 150]).is_err());
+    store.spill(256 << 10).unwrap();
+    assert_eq!(
+        store
+            .tier_of(ClusterRef {
+                head: a.head,
+                cluster: 3
+            })
+            .unwrap(),
+        Tier::Disk
+    );
+}
