@@ -152,7 +152,8 @@ fn wave_attention_answers_a_2k_needle_question_as_dense_attention_does() {
     // (and its smaller clusters at short contexts) would retrieve every cluster at 2K.
     std::fs::write(
         &sparse,
-        "min_retrieval_clusters = 64\nmin_retrieval_tokens = 0\nmin_index_clusters = 0\n",
+        "min_retrieval_clusters = 64\nmin_retrieval_tokens = 0\nmin_index_clusters = 0\n\
+         min_estimation_tokens = 0\n",
     )
     .unwrap();
     let out = run(&[
@@ -379,5 +380,77 @@ fn generate_with_wave_attention_and_a_wave_config_file() {
         text(&out.stderr).contains("retreival_fraction"),
         "{}",
         text(&out.stderr)
+    );
+}
+
+#[test]
+fn generate_with_the_wave_kv_in_a_tiered_store_on_disk_gives_the_same_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = (0..15)
+        .map(|i| {
+            format!("The quick brown fox number {i} jumps over the lazy dog and keeps running through the field.")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+        + " The fox number 7";
+    let generate = |store: bool| {
+        let mut args = vec![
+            "generate",
+            "--device",
+            "cpu",
+            "--attention",
+            "wave",
+            "--max-tokens",
+            "6",
+        ];
+        if store {
+            // 2 MiB of host memory for about 40 MB of cluster records (SmolLM2's 90 KV heads
+            // at ~300 tokens, clusters of about one token here): most live on disk.
+            args.extend([
+                "--store-dir",
+                dir.path().to_str().unwrap(),
+                "--store-host-bytes",
+                "2097152",
+            ]);
+        }
+        args.push(&prompt);
+        let out = run(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        (text(&out.stdout), text(&out.stderr))
+    };
+    let (host, _) = generate(false);
+    let (tiered, err) = generate(true);
+    assert_eq!(host, tiered);
+    assert!(host.starts_with(" jumps over"), "{host}");
+    // The records went to disk and decode steps read them back.
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("[KV store:"))
+        .unwrap_or_else(|| panic!("no store summary in {err}"));
+    let n: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(n.len() == 2 && n[0] > 1000 && n[1] > 1000, "{line}");
+    // The store's private files are gone with the process.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    // A disk tier that cannot be opened is a clear error.
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let out = run(&[
+        "generate",
+        "--device",
+        "cpu",
+        "--attention",
+        "wave",
+        "--store-dir",
+        file.to_str().unwrap(),
+        "hi",
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("cannot open the KV store's disk tier") && err.contains("not-a-dir"),
+        "{err}"
     );
 }

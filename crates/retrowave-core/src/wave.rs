@@ -3,8 +3,9 @@
 //! With [`AttentionMode::Wave`], a backend builds a wave index over a sequence's KV after its
 //! prefill ([`crate::Backend::kv_build_index`]) and lays the exact KV of the indexed tokens out in
 //! cluster order behind a [`ClusterStore`]; decode steps then attend through zone plans
-//! (`retrowave-index`). The CPU backend keeps the store in host memory; the tiered store (host
-//! arena and disk) implements the same trait.
+//! (`retrowave-index`). The CPU backend keeps the store in host memory, or, given a tiered store
+//! with a disk tier (`retrowave-store`), in its host arena with the coldest clusters spilled to
+//! disk; both implement the same trait.
 
 use half::f16;
 pub use retrowave_index::WaveConfig;
@@ -106,12 +107,16 @@ pub enum StoreError {
     /// The store is full.
     #[error("the KV store is full: {needed} bytes needed, {capacity} bytes of capacity")]
     Full { needed: usize, capacity: usize },
+    /// The tiered store failed (host arena full and no disk room, a disk error, a checksum
+    /// mismatch on read): its own message.
+    #[error("the tiered KV store failed: {0}")]
+    Tiered(String),
 }
 
 /// Where the exact KV of indexed tokens lives, in cluster order (pages of one cluster are
 /// contiguous). Cluster ids are per head and dense, in the order they were appended, matching the
 /// ids of the head's `ClusterIndex`.
-pub trait ClusterStore: Send + Sync {
+pub trait ClusterStore: Send + Sync + std::fmt::Debug {
     /// Appends clusters to a head: `keys` and `values` are `[sum(sizes), head_dim]`, the members of
     /// each cluster in turn.
     fn append(
@@ -121,10 +126,20 @@ pub trait ClusterStore: Send + Sync {
         values: &[f16],
         sizes: &[u32],
     ) -> Result<(), StoreError>;
-    /// The exact KV of one cluster.
-    fn read(&self, head: HeadKey, cluster: u32) -> Result<ClusterKv<'_>, StoreError>;
+    /// Calls `f` once with the exact KV of `clusters` of `head`, in that order, as runs of
+    /// contiguous rows: one run a cluster, or several (a paged store hands out one run a page).
+    /// The runs stay valid for the call (a tiered store pins them and loads those on disk
+    /// first).
+    fn with_clusters(
+        &self,
+        head: HeadKey,
+        clusters: &[u32],
+        f: &mut dyn FnMut(&[ClusterKv<'_>]),
+    ) -> Result<(), StoreError>;
     /// Bytes held.
     fn n_bytes(&self) -> usize;
+    /// A copy holding the same clusters (to fork a sequence after a shared prefix).
+    fn try_clone(&self) -> Result<Box<dyn ClusterStore>, StoreError>;
 }
 
 /// Counters of a sequence's wave attention, summed over its layers and KV heads.

@@ -38,7 +38,7 @@ struct LayerKv {
 }
 
 /// The KV cache of one sequence: every layer, this worker's KV heads.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct CpuKv {
     layers: Vec<LayerKv>,
     heads: HeadLayout,
@@ -52,6 +52,21 @@ pub struct CpuKv {
 }
 
 impl CpuKv {
+    /// A copy of the cache and its wave state (a fork of the sequence).
+    pub fn try_clone(&self) -> Result<Self, retrowave_core::BackendError> {
+        Ok(CpuKv {
+            layers: self.layers.clone(),
+            heads: self.heads,
+            cap: self.cap,
+            lens: self.lens.clone(),
+            max_tokens: self.max_tokens,
+            wave: match self.wave.as_deref() {
+                Some(w) => Some(Box::new(w.try_clone()?)),
+                None => None,
+            },
+        })
+    }
+
     /// An empty cache.
     pub fn new(n_layers: usize, heads: HeadLayout, max_tokens: usize) -> Self {
         CpuKv {

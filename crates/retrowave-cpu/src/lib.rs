@@ -48,6 +48,9 @@ pub struct CpuBackend {
     failure: Arc<std::sync::Mutex<Option<String>>>,
     /// Decode queries and KV captured for offline study ([`capture`]).
     capture: Option<Arc<capture::Capture>>,
+    /// The node's tiered store, where wave indexes keep their sequences' exact KV (host arena,
+    /// the coldest clusters spilled to disk); `None`: in host memory of each sequence's own.
+    store: Option<retrowave_store::TieredStore>,
 }
 
 impl Default for CpuBackend {
@@ -104,7 +107,16 @@ impl CpuBackend {
             group: Arc::new(std::sync::Mutex::new(None)),
             failure: Arc::new(std::sync::Mutex::new(None)),
             capture: capture::Capture::from_env().map(Arc::new),
+            store: None,
         }
+    }
+
+    /// This backend, keeping the exact KV of wave-indexed sequences in `store` (the node's
+    /// tiered store, shared by every worker given a clone of it) instead of in host memory of
+    /// each sequence's own.
+    pub fn with_store(mut self, store: retrowave_store::TieredStore) -> Self {
+        self.store = Some(store);
+        self
     }
 
     /// This backend, capturing the decode queries and KV cache of one sequence into `capture`
@@ -435,11 +447,13 @@ impl Backend for CpuBackend {
     }
 
     fn kv_clone(&self, kv: &CpuKv) -> Result<CpuKv, BackendError> {
-        Ok(kv.clone())
+        kv.try_clone()
     }
 
     fn kv_build_index(&self, kv: &mut CpuKv, cfg: &WaveConfig) -> Result<(), BackendError> {
-        let built = self.pool.install(|| wave::build(kv, cfg))?;
+        let built = self
+            .pool
+            .install(|| wave::build(kv, cfg, self.store.as_ref()))?;
         kv.wave = Some(Box::new(built));
         Ok(())
     }

@@ -1,8 +1,12 @@
-//! The host-memory cluster store of the CPU backend: the exact KV of indexed tokens in cluster
-//! order, one contiguous run per cluster, per (layer, KV head).
+//! The cluster stores of the CPU backend: the exact KV of indexed tokens in cluster order, per
+//! (layer, KV head), either in host memory of the sequence's own ([`HostClusterStore`], one
+//! contiguous run per cluster) or in the node's tiered store ([`TieredClusterStore`]: its host
+//! arena, the coldest clusters spilled to the disk tier and read back when a step needs them).
 
 use half::f16;
 use retrowave_core::{ClusterKv, ClusterStore, HeadKey, StoreError};
+use retrowave_store::{HeadRef, SeqId, TieredStore};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One head's clusters.
 #[derive(Debug, Clone, Default)]
@@ -74,7 +78,35 @@ impl ClusterStore for HostClusterStore {
         Ok(())
     }
 
-    fn read(&self, head: HeadKey, cluster: u32) -> Result<ClusterKv<'_>, StoreError> {
+    fn with_clusters(
+        &self,
+        head: HeadKey,
+        clusters: &[u32],
+        f: &mut dyn FnMut(&[ClusterKv<'_>]),
+    ) -> Result<(), StoreError> {
+        let runs = clusters
+            .iter()
+            .map(|&c| self.read(head, c))
+            .collect::<Result<Vec<_>, _>>()?;
+        f(&runs);
+        Ok(())
+    }
+
+    fn try_clone(&self) -> Result<Box<dyn ClusterStore>, StoreError> {
+        Ok(Box::new(self.clone()))
+    }
+
+    fn n_bytes(&self) -> usize {
+        self.heads
+            .iter()
+            .map(|r| (r.keys.len() + r.values.len()) * 2 + r.offsets.len() * 8)
+            .sum()
+    }
+}
+
+impl HostClusterStore {
+    /// The exact KV of one cluster.
+    pub fn read(&self, head: HeadKey, cluster: u32) -> Result<ClusterKv<'_>, StoreError> {
         let unknown = |stored| StoreError::UnknownCluster {
             layer: head.layer,
             kv_head: head.kv_head,
@@ -96,12 +128,184 @@ impl ClusterStore for HostClusterStore {
             values: &runs.values[a..b],
         })
     }
+}
+
+/// Sequence ids of the tiered store, unique in the process (every worker's sequences share it).
+static NEXT_SEQ: AtomicU64 = AtomicU64::new(1);
+
+/// The cluster-ordered KV of one sequence in a node's [`TieredStore`]. Reads pin the records a
+/// step needs (loading those on disk first) and hand out one run a page, in place; the
+/// sequence's records are freed when this is dropped.
+#[derive(Debug)]
+pub struct TieredClusterStore {
+    store: TieredStore,
+    seq: SeqId,
+    n_layers: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    /// Record bytes appended (in host memory or on disk).
+    bytes: usize,
+}
+
+impl TieredClusterStore {
+    /// An empty sequence in `store` for `n_layers x n_kv_heads` heads of `head_dim`.
+    pub fn new(store: TieredStore, n_layers: usize, n_kv_heads: usize, head_dim: usize) -> Self {
+        TieredClusterStore {
+            store,
+            seq: SeqId(NEXT_SEQ.fetch_add(1, Ordering::Relaxed)),
+            n_layers,
+            n_kv_heads,
+            head_dim,
+            bytes: 0,
+        }
+    }
+
+    fn head_ref(&self, head: HeadKey) -> Option<HeadRef> {
+        let inside =
+            (head.layer as usize) < self.n_layers && (head.kv_head as usize) < self.n_kv_heads;
+        inside.then_some(HeadRef {
+            seq: self.seq,
+            layer: head.layer,
+            kv_head: head.kv_head,
+        })
+    }
+}
+
+impl Drop for TieredClusterStore {
+    fn drop(&mut self) {
+        self.store.free_sequence(self.seq);
+    }
+}
+
+fn tiered(e: retrowave_store::StoreError) -> StoreError {
+    StoreError::Tiered(e.to_string())
+}
+
+impl ClusterStore for TieredClusterStore {
+    fn append(
+        &mut self,
+        head: HeadKey,
+        keys: &[f16],
+        values: &[f16],
+        sizes: &[u32],
+    ) -> Result<(), StoreError> {
+        let tokens: usize = sizes.iter().map(|&s| s as usize).sum();
+        let hd = self.head_dim;
+        let href = self.head_ref(head);
+        if keys.len() != tokens * hd || values.len() != tokens * hd || href.is_none() {
+            return Err(StoreError::Shape {
+                tokens,
+                head_dim: hd,
+                keys: keys.len(),
+                values: values.len(),
+            });
+        }
+        let href = href.unwrap_or_else(|| unreachable!("checked above"));
+        self.store
+            .append(
+                href,
+                hd as u32,
+                bytemuck::cast_slice(keys),
+                bytemuck::cast_slice(values),
+                sizes,
+            )
+            .map_err(tiered)?;
+        let layout = self.store.layout(hd as u32);
+        self.bytes += sizes.iter().map(|&s| layout.record_bytes(s)).sum::<usize>();
+        Ok(())
+    }
+
+    fn with_clusters(
+        &self,
+        head: HeadKey,
+        clusters: &[u32],
+        f: &mut dyn FnMut(&[ClusterKv<'_>]),
+    ) -> Result<(), StoreError> {
+        if clusters.is_empty() {
+            f(&[]);
+            return Ok(());
+        }
+        let href = self.head_ref(head).ok_or(StoreError::UnknownCluster {
+            layer: head.layer,
+            kv_head: head.kv_head,
+            cluster: clusters[0],
+            stored: 0,
+        })?;
+        let pinned = self.store.pin(href, clusters).map_err(tiered)?;
+        let layout = pinned.layout();
+        let page_tokens = layout.page_tokens as usize;
+        // A page in elements: the keys of its tokens, then their values.
+        let (page, half) = (layout.page_bytes() / 2, page_tokens * self.head_dim);
+        // Arena records are page-aligned; a record read past a full host memory lands in a
+        // buffer of its own, which is copied here should it not be 2-byte aligned.
+        let copies: Vec<Option<Vec<f16>>> = (0..pinned.len())
+            .map(|i| {
+                let (rec, _) = pinned.record(i);
+                bytemuck::try_cast_slice::<u8, f16>(rec).is_err().then(|| {
+                    rec.chunks_exact(2)
+                        .map(|b| f16::from_le_bytes([b[0], b[1]]))
+                        .collect()
+                })
+            })
+            .collect();
+        let mut runs = Vec::with_capacity(clusters.len() * 2);
+        for (i, copy) in copies.iter().enumerate() {
+            let (rec, tokens) = pinned.record(i);
+            let rec: &[f16] = match copy {
+                Some(c) => c,
+                None => bytemuck::cast_slice(rec),
+            };
+            let mut left = tokens as usize;
+            for p in rec.chunks_exact(page) {
+                let n = left.min(page_tokens);
+                if n == 0 {
+                    break;
+                }
+                runs.push(ClusterKv {
+                    keys: &p[..n * self.head_dim],
+                    values: &p[half..half + n * self.head_dim],
+                });
+                left -= n;
+            }
+        }
+        f(&runs);
+        Ok(())
+    }
 
     fn n_bytes(&self) -> usize {
-        self.heads
-            .iter()
-            .map(|r| (r.keys.len() + r.values.len()) * 2 + r.offsets.len() * 8)
-            .sum()
+        self.bytes
+    }
+
+    fn try_clone(&self) -> Result<Box<dyn ClusterStore>, StoreError> {
+        let mut copy = TieredClusterStore::new(
+            self.store.clone(),
+            self.n_layers,
+            self.n_kv_heads,
+            self.head_dim,
+        );
+        for layer in 0..self.n_layers as u32 {
+            for kv_head in 0..self.n_kv_heads as u32 {
+                let head = HeadKey { layer, kv_head };
+                let href = self
+                    .head_ref(head)
+                    .unwrap_or_else(|| unreachable!("in range"));
+                // A head that never got a cluster has no entry in the store.
+                let Ok(n) = self.store.clusters(href) else {
+                    continue;
+                };
+                let (mut k, mut v, mut sizes) = (Vec::new(), Vec::new(), Vec::new());
+                for cluster in 0..n {
+                    let c = retrowave_store::ClusterRef {
+                        head: href,
+                        cluster,
+                    };
+                    sizes.push(self.store.read_cluster(c, &mut k, &mut v).map_err(tiered)?);
+                }
+                let (k, v): (&[f16], &[f16]) = (bytemuck::cast_slice(&k), bytemuck::cast_slice(&v));
+                copy.append(head, k, v, &sizes)?;
+            }
+        }
+        Ok(Box::new(copy))
     }
 }
 

@@ -24,7 +24,8 @@ use retrowave_store::policy::{CacheConfig, Tier, Wanted, WaveBufferPolicy};
 use crate::attention::CpuKv;
 use crate::decode_kernel::GroupState;
 use crate::simd;
-use crate::store::HostClusterStore;
+use crate::store::{HostClusterStore, TieredClusterStore};
+use retrowave_store::TieredStore;
 
 /// The index of one (layer, KV head) with its int8 centroids for scoring.
 #[derive(Debug, Clone)]
@@ -423,19 +424,32 @@ unsafe fn centroid_logits_avx2(
 
 /// The wave state of one sequence: the index of every (layer, KV head), the cluster-ordered exact
 /// KV of the indexed tokens, counters and the optional fidelity probe.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct WaveKv {
     cfg: WaveConfig,
     /// `[layer * n_kv_heads + kv_head]`.
     heads: Vec<WaveHead>,
     /// The simulated wave buffer of each head (see [`WaveStats::cache_hit_pages`]).
     buffers: Vec<WaveBufferPolicy>,
-    store: HostClusterStore,
+    /// The exact KV of the indexed tokens: in host memory, or in the node's tiered store.
+    store: Box<dyn ClusterStore>,
     stats: WaveStats,
     probe: Option<Vec<FidelitySample>>,
 }
 
 impl WaveKv {
+    /// A copy with the same index, counters and clusters (a fork of the sequence).
+    pub fn try_clone(&self) -> Result<Self, BackendError> {
+        Ok(WaveKv {
+            cfg: self.cfg.clone(),
+            heads: self.heads.clone(),
+            buffers: self.buffers.clone(),
+            store: self.store.try_clone().map_err(index_err)?,
+            stats: self.stats,
+            probe: self.probe.clone(),
+        })
+    }
+
     /// The index parameters.
     pub fn config(&self) -> &WaveConfig {
         &self.cfg
@@ -558,8 +572,13 @@ fn gather(
     (ko, vo, sizes)
 }
 
-/// Builds the wave state over everything `kv` holds.
-pub fn build(kv: &CpuKv, cfg: &WaveConfig) -> Result<WaveKv, BackendError> {
+/// Builds the wave state over everything `kv` holds, with the exact KV in `tiered` (a node's
+/// tiered store) when given, else in host memory of its own.
+pub fn build(
+    kv: &CpuKv,
+    cfg: &WaveConfig,
+    tiered: Option<&TieredStore>,
+) -> Result<WaveKv, BackendError> {
     cfg.validate().map_err(index_err)?;
     let t = Instant::now();
     let heads = kv.heads();
@@ -581,7 +600,10 @@ pub fn build(kv: &CpuKv, cfg: &WaveConfig) -> Result<WaveKv, BackendError> {
             Ok((WaveHead::new(index), runs))
         })
         .collect::<Result<_, BackendError>>()?;
-    let mut store = HostClusterStore::new(n_layers, nkv, hd);
+    let mut store: Box<dyn ClusterStore> = match tiered {
+        Some(t) => Box::new(TieredClusterStore::new(t.clone(), n_layers, nkv, hd)),
+        None => Box::new(HostClusterStore::new(n_layers, nkv, hd)),
+    };
     let mut wave_heads = Vec::with_capacity(built.len());
     for (i, (head, (k, v, sizes))) in built.into_iter().enumerate() {
         let key = HeadKey {
@@ -1018,23 +1040,28 @@ pub fn decode(
             };
             // The steady zone and every retrieval cluster in one call: the kernel's tiles span
             // the clusters (short runs scattered over the store) and prefetch the next tile.
-            let mut runs: Vec<(&[f16], &[f16])> =
-                Vec::with_capacity(plan.steady.len() + plan.retrieval.len());
             for r in &plan.steady {
-                let (a, b) = (r.start as usize * hd, r.end as usize * hd);
-                runs.push((&keys[a..b], &values[a..b]));
                 stats.steady_tokens += u64::from(r.end - r.start);
             }
             let key = HeadKey {
                 layer: layer as u32,
                 kv_head: h as u32,
             };
-            for &c in &plan.retrieval {
-                let run = wave.store.read(key, c).map_err(index_err)?;
-                stats.exact_tokens += (run.keys.len() / hd) as u64;
-                runs.push((run.keys, run.values));
-            }
-            st.attend_runs(qs, &runs, scale);
+            wave.store
+                .with_clusters(key, &plan.retrieval, &mut |clusters| {
+                    let mut runs: Vec<(&[f16], &[f16])> =
+                        Vec::with_capacity(plan.steady.len() + clusters.len());
+                    for r in &plan.steady {
+                        let (a, b) = (r.start as usize * hd, r.end as usize * hd);
+                        runs.push((&keys[a..b], &values[a..b]));
+                    }
+                    for run in clusters {
+                        stats.exact_tokens += (run.keys.len() / hd) as u64;
+                        runs.push((run.keys, run.values));
+                    }
+                    st.attend_runs(qs, &runs, scale);
+                })
+                .map_err(index_err)?;
             clock.lap(2);
             stats.exact_tokens += stats.steady_tokens;
             let n = head.index.n_clusters();
@@ -1228,8 +1255,8 @@ mod tests {
             estimation_fraction: 0.0,
             ..WaveConfig::published()
         };
-        let mut wkv = kv.clone();
-        wkv.wave = Some(Box::new(build(&kv, &cfg).unwrap()));
+        let mut wkv = kv.try_clone().unwrap();
+        wkv.wave = Some(Box::new(build(&kv, &cfg, None).unwrap()));
         let q = query(5);
         let dense = crate::attention::attend(0, &q, &[&kv], &one(n - 1), HEADS);
         let mut out = vec![0f32; q.len()];
@@ -1308,8 +1335,8 @@ mod tests {
         let n = 3000;
         let kv = filled(n);
         let cfg = WaveConfig::published();
-        let mut wkv = kv.clone();
-        let wave = build(&kv, &cfg).unwrap();
+        let mut wkv = kv.try_clone().unwrap();
+        let wave = build(&kv, &cfg, None).unwrap();
         let q = query(9);
         let hd = HEADS.head_dim;
         let scale = 1.0 / (hd as f32).sqrt();
@@ -1368,7 +1395,9 @@ mod tests {
         let w = HEADS.n_kv_heads * HEADS.head_dim;
         let mut kv = CpuKv::new(1, HEADS, 4096);
         kv.write(0, 0, &k[..n * w], &v[..n * w]).unwrap();
-        kv.wave = Some(Box::new(build(&kv, &WaveConfig::retrowave()).unwrap()));
+        kv.wave = Some(Box::new(
+            build(&kv, &WaveConfig::retrowave(), None).unwrap(),
+        ));
         let step = |kv: &mut CpuKv, q: &[f32]| {
             let mut out = vec![0f32; q.len()];
             let per_seq = decode(0, q, &[&*kv], &one(n - 1), HEADS, &mut out).unwrap();
@@ -1399,6 +1428,77 @@ mod tests {
         assert!(r < 1.0 && r > 0.0, "{r}");
     }
 
+    /// The exact KV in a tiered store whose host memory holds a small part of it, the rest
+    /// spilled to a disk tier in a real file: decode steps pin the clusters they need (reading
+    /// those on disk back) and give bit for bit the outputs and counters of the host-memory
+    /// store, also across index updates and in a fork; the sequences' records are freed with
+    /// them.
+    #[test]
+    fn a_tiered_store_with_a_disk_tier_decodes_exactly_as_host_memory() {
+        let cfg = WaveConfig {
+            update_interval: 128,
+            clusters_per_update: 8,
+            ..WaveConfig::retrowave()
+        };
+        let (n0, extra) = (6000, 300);
+        let (k, v) = data(n0 + extra, 11);
+        let w = HEADS.n_kv_heads * HEADS.head_dim;
+        let dir = tempfile::tempdir().unwrap();
+        // 1.5 MB of records (6000 tokens, 2 KV heads of 32 dims) for 128 KiB of host memory.
+        let store = TieredStore::new(retrowave_store::StoreConfig {
+            host_capacity_bytes: 128 << 10,
+            dirs: vec![dir.path().to_path_buf()],
+            queue_depth: 16,
+            staging_bytes: 256 << 10,
+            ..Default::default()
+        })
+        .unwrap();
+        let seq = |tiered: Option<&TieredStore>| {
+            let mut kv = CpuKv::new(1, HEADS, 8192);
+            kv.write(0, 0, &k[..n0 * w], &v[..n0 * w]).unwrap();
+            kv.wave = Some(Box::new(build(&kv, &cfg, tiered).unwrap()));
+            kv
+        };
+        let (mut host, mut tiered) = (seq(None), seq(Some(&store)));
+        let st = store.stats();
+        assert!(st.spilled > 0 && st.disk_bytes > st.host_bytes, "{st:?}");
+        let step = |kv: &CpuKv, pos: usize, q: &[f32]| {
+            let mut out = vec![0f32; q.len()];
+            let per_seq = decode(0, q, &[kv], &one(pos), HEADS, &mut out).unwrap();
+            (out, per_seq[0].1)
+        };
+        for t in n0..n0 + extra {
+            for kv in [&mut host, &mut tiered] {
+                kv.write(0, t, &k[t * w..(t + 1) * w], &v[t * w..(t + 1) * w])
+                    .unwrap();
+                update(kv, 0).unwrap();
+            }
+            if t % 50 == 0 {
+                let q = query(t as u64);
+                let (a, sa) = step(&host, t, &q);
+                let (b, sb) = step(&tiered, t, &q);
+                assert_eq!(sa, sb, "step at {t}");
+                assert!(
+                    a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "outputs differ at {t}"
+                );
+            }
+        }
+        assert_eq!(tiered.wave.as_ref().unwrap().stats().updates, 2);
+        let st = store.stats();
+        assert!(st.disk_reads > 0 && st.disk_loads > 0, "{st:?}");
+        // A fork reads the same clusters from its own records.
+        let fork = tiered.try_clone().unwrap();
+        let last = n0 + extra - 1;
+        let q = query(77);
+        let (a, _) = step(&host, last, &q);
+        drop(tiered);
+        let (b, _) = step(&fork, last, &q);
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        drop(fork);
+        assert_eq!(store.stats().clusters, 0);
+    }
+
     #[test]
     fn decode_updates_the_index_and_the_store_stays_in_cluster_order() {
         let cfg = WaveConfig {
@@ -1411,7 +1511,7 @@ mod tests {
         let w = HEADS.n_kv_heads * HEADS.head_dim;
         let mut kv = CpuKv::new(1, HEADS, 4096);
         kv.write(0, 0, &k[..n0 * w], &v[..n0 * w]).unwrap();
-        kv.wave = Some(Box::new(build(&kv, &cfg).unwrap()));
+        kv.wave = Some(Box::new(build(&kv, &cfg, None).unwrap()));
         let first_end = kv.wave.as_ref().unwrap().indexed_end();
         assert_eq!(first_end, n0 - cfg.window_tokens);
         for t in n0..n0 + 300 {
@@ -1432,16 +1532,18 @@ mod tests {
                 kv_head: h as u32,
             };
             for c in 0..index.n_clusters() {
-                let run = wave.store.read(key, c as u32).unwrap();
+                let mut run = (Vec::new(), Vec::new());
+                wave.store
+                    .with_clusters(key, &[c as u32], &mut |r| {
+                        run = (r[0].keys.to_vec(), r[0].values.to_vec());
+                    })
+                    .unwrap();
                 let members = index.members(c).unwrap();
-                assert_eq!(run.keys.len(), members.len() * hd);
+                assert_eq!(run.0.len(), members.len() * hd);
                 for (i, &t) in members.iter().enumerate() {
                     let t = t as usize;
-                    assert_eq!(&run.keys[i * hd..(i + 1) * hd], &keys[t * hd..(t + 1) * hd]);
-                    assert_eq!(
-                        &run.values[i * hd..(i + 1) * hd],
-                        &values[t * hd..(t + 1) * hd]
-                    );
+                    assert_eq!(&run.0[i * hd..(i + 1) * hd], &keys[t * hd..(t + 1) * hd]);
+                    assert_eq!(&run.1[i * hd..(i + 1) * hd], &values[t * hd..(t + 1) * hd]);
                 }
             }
         }
@@ -1459,7 +1561,7 @@ mod tests {
         }
         // 2000 tokens: a partial last block of clusters and some empty clusters.
         let kv = filled(2000);
-        let wave = build(&kv, &WaveConfig::published()).unwrap();
+        let wave = build(&kv, &WaveConfig::published(), None).unwrap();
         let (hd, group) = (HEADS.head_dim, HEADS.group());
         let q = query(5);
         for h in 0..HEADS.n_kv_heads {
@@ -1490,7 +1592,7 @@ mod tests {
     #[test]
     fn int8_centroid_logits_follow_the_exact_ones() {
         let kv = filled(2000);
-        let wave = build(&kv, &WaveConfig::published()).unwrap();
+        let wave = build(&kv, &WaveConfig::published(), None).unwrap();
         let hd = HEADS.head_dim;
         let group = HEADS.group();
         let q = query(4);

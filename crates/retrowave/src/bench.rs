@@ -544,6 +544,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                     tp,
                     max_context: max_ctx,
                     prefill_chunk,
+                    store: None,
                 },
             )?;
             let out = out

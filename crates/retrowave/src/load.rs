@@ -14,6 +14,7 @@ use retrowave_engine::{Engine, EngineConfig, SchedulerConfig, WorkerGroup};
 use retrowave_model::arch::{self, ModelConfig, ModelSource};
 use retrowave_model::registry::{self, FetchOptions, ModelSpec};
 use retrowave_model::tokenizer::Tokenizer;
+use retrowave_store::{StoreConfig, TieredStore};
 
 /// Where the weights and the tokenizer come from, and what they say.
 pub struct LoadedModel {
@@ -95,11 +96,46 @@ pub struct EngineOptions {
     /// Context limit; 0 = the model's.
     pub max_context: usize,
     pub prefill_chunk: usize,
+    /// The node's tiered KV store ([`cpu_store`]), where CPU workers keep the exact KV of
+    /// wave-indexed sequences (one store shared by every worker); `None`: each sequence's in
+    /// host memory of its own.
+    pub store: Option<TieredStore>,
+}
+
+/// The tiered store for CPU workers when `cfg` has a disk tier (`dirs`): a host arena of
+/// `host_capacity_bytes`, the coldest clusters spilled to disk. Without a disk tier, `None`:
+/// sequences keep their wave KV in host memory of their own.
+pub fn cpu_store(cfg: &StoreConfig) -> Result<Option<TieredStore>> {
+    if cfg.dirs.is_empty() {
+        return Ok(None);
+    }
+    let store = TieredStore::new(cfg.clone()).with_context(|| {
+        format!(
+            "cannot open the KV store's disk tier in {}",
+            cfg.dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })?;
+    tracing::info!(
+        host_capacity_bytes = cfg.host_capacity_bytes,
+        dirs = ?store.disk_dirs(),
+        io = ?store.io_path(),
+        "wave KV in the tiered store"
+    );
+    Ok(Some(store))
 }
 
 /// Loads the weights onto CPU workers and builds an engine.
 pub fn engine(model: &LoadedModel, opts: EngineOptions) -> Result<Engine<CpuBackend>> {
-    let backends = (0..opts.tp.max(1)).map(|_| CpuBackend::new()).collect();
+    let backends = (0..opts.tp.max(1))
+        .map(|_| match &opts.store {
+            Some(s) => CpuBackend::new().with_store(s.clone()),
+            None => CpuBackend::new(),
+        })
+        .collect();
     engine_on(model, opts, backends)
 }
 

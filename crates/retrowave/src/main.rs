@@ -93,15 +93,29 @@ struct ModelArgs {
     /// defaults). Implies nothing unless `--attention wave`.
     #[arg(long)]
     wave_config: Option<PathBuf>,
+    /// CPU, `--attention wave`: keep the indexed KV in a tiered store with its disk tier in this
+    /// directory (repeatable: striped over several), spilling the coldest clusters there once
+    /// `--store-host-bytes` of host memory are used.
+    #[arg(long)]
+    store_dir: Vec<PathBuf>,
+    /// Host memory of the tiered store (with --store-dir), in bytes.
+    #[arg(long, default_value_t = retrowave_store::StoreConfig::default().host_capacity_bytes)]
+    store_host_bytes: u64,
 }
 
 impl ModelArgs {
     fn engine_options(&self) -> anyhow::Result<load::EngineOptions> {
+        let store = load::cpu_store(&retrowave_store::StoreConfig {
+            dirs: self.store_dir.clone(),
+            host_capacity_bytes: self.store_host_bytes,
+            ..Default::default()
+        })?;
         Ok(load::EngineOptions {
             attention: load::attention_mode(&self.attention, self.wave_config.as_deref())?,
             tp: self.tp,
             max_context: self.max_context,
             prefill_chunk: self.prefill_chunk,
+            store,
         })
     }
 }
@@ -212,10 +226,28 @@ fn fetch(name: Option<String>, list: bool, print_path: bool, force: bool) -> Res
 
 fn generate(args: GenerateArgs) -> Result<()> {
     let model = load::open(&args.model.model)?;
+    let gpus = load::cuda_backends(&args.model.device, args.model.tp)?;
+    if gpus.is_some() && !args.model.store_dir.is_empty() {
+        anyhow::bail!(
+            "--store-dir serves the CPU backend only (GPU workers keep the wave KV in GPU or \
+             pinned host memory); add --device cpu or leave --store-dir out"
+        );
+    }
     let opts = args.model.engine_options()?;
-    match load::cuda_backends(&args.model.device, args.model.tp)? {
+    let store = opts.store.clone();
+    match gpus {
         Some(gpus) => generate_on(&args, load::engine_on(&model, opts, gpus)?),
-        None => generate_on(&args, load::engine(&model, opts)?),
+        None => {
+            generate_on(&args, load::engine(&model, opts)?)?;
+            if let Some(s) = store {
+                let st = s.stats();
+                eprintln!(
+                    "[KV store: {} cluster records spilled to disk, {} read back]",
+                    st.spilled, st.disk_loads,
+                );
+            }
+            Ok(())
+        }
     }
 }
 

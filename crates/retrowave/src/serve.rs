@@ -133,10 +133,25 @@ fn load_engine(host: EngineHost) -> Result<(), LoadError> {
         tp: cfg.device.tp,
         max_context: cfg.model.max_context,
         prefill_chunk: cfg.scheduler.prefill_chunk,
+        store: None,
     };
     match load::cuda_backends(&cfg.device.name, cfg.device.tp).map_err(boxed)? {
-        Some(gpus) => host.run(load::engine_on(&model, opts, gpus).map_err(boxed)?),
-        None => host.run(load::engine(&model, opts).map_err(boxed)?),
+        None => {
+            let opts = load::EngineOptions {
+                store: load::cpu_store(&cfg.store).map_err(boxed)?,
+                ..opts
+            };
+            host.run(load::engine(&model, opts).map_err(boxed)?)
+        }
+        Some(gpus) => {
+            if !cfg.store.dirs.is_empty() {
+                tracing::warn!(
+                    "store.dirs is set, but GPU workers keep their KV in GPU and pinned host \
+                     memory: the disk tier serves CPU workers only"
+                );
+            }
+            host.run(load::engine_on(&model, opts, gpus).map_err(boxed)?)
+        }
     }
     Ok(())
 }
