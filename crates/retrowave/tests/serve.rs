@@ -613,3 +613,38 @@ fn config_files_flags_and_errors() {
     let (ok, _, err) = run(&["--config", "/nonexistent/x.toml"]);
     assert!(!ok && err.contains("/nonexistent/x.toml"), "{err}");
 }
+
+/// A CPU server keeping its wave KV in a tiered store with a disk tier (`[store] dirs`, 2 MiB of
+/// host memory for ~40 MB of records): the answer is the one of host memory, the store's series
+/// show the spills and the disk reads, and the finished request leaves no record in either tier.
+#[test]
+fn wave_kv_on_disk_answers_as_in_host_memory() {
+    let disk = tempfile::tempdir().unwrap();
+    let base = "[model]\nmax_context = 1024\n[attention]\nmode = \"wave\"\n";
+    let prompt = (0..15)
+        .map(|i| {
+            format!("The quick brown fox number {i} jumps over the lazy dog and keeps running through the field.")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+        + " The fox number 7";
+    let body = json!({"prompt": prompt, "max_tokens": 6, "temperature": 0});
+    let answer = |s: &Server| {
+        let (st, b) = s.post("/v1/completions", &body);
+        assert_eq!(st, 200, "{b}");
+        b["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    let host = answer(&Server::start(base));
+    assert!(host.starts_with(" jumps over"), "{host}");
+    let mut s = Server::start(&format!(
+        "{base}[store]\nhost_capacity_bytes = 2097152\ndirs = [\"{}\"]\n",
+        disk.path().display()
+    ));
+    assert_eq!(answer(&s), host);
+    assert!(s.metric("retrowave_store_spilled_records_total") > 1000.0);
+    assert!(s.metric("retrowave_store_cluster_reads_total{tier=\"disk\"}") > 1000.0);
+    assert_eq!(s.metric("retrowave_store_bytes{tier=\"host\"}"), 0.0);
+    assert_eq!(s.metric("retrowave_store_bytes{tier=\"disk\"}"), 0.0);
+    promtool_check(&s.metrics());
+    assert!(s.child.try_wait().unwrap().is_none(), "the server exited");
+}
