@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use retrowave_core::{Backend, BatchLayout, HeadLayout, SeqRows, WaveConfig};
 use retrowave_cpu::{CpuActs, CpuBackend, CpuKv};
+use retrowave_store::TieredStore;
 use serde_json::json;
 
 use crate::bench::{commit, cpu_device};
@@ -127,18 +128,40 @@ fn time_steps(
     Ok(median(times))
 }
 
-/// Runs the attention benchmark and appends records to `out`.
+/// How many steps the attention benchmark times, over how many layers.
+pub struct Steps {
+    /// Timed steps per (context, mode); the median is reported.
+    pub runs: usize,
+    /// Timed wave steps (default: `runs`).
+    pub wave_runs: Option<usize>,
+    /// Layers of KV attended in turn every step.
+    pub layers: usize,
+}
+
+/// Runs the attention benchmark and appends records to `out`; with `store`, wave attention
+/// reads the exact KV through that tiered store.
 pub fn run(
     contexts: &[usize],
     heads: HeadLayout,
-    runs: usize,
-    wave_runs: Option<usize>,
+    steps: Steps,
     wave: &WaveConfig,
-    layers: usize,
+    store: Option<TieredStore>,
     out: Option<PathBuf>,
 ) -> Result<()> {
+    let Steps {
+        runs,
+        wave_runs,
+        layers,
+    } = steps;
     let layers = layers.max(1);
-    let b = CpuBackend::new();
+    let b = match &store {
+        Some(s) => CpuBackend::new().with_store(s.clone()),
+        None => CpuBackend::new(),
+    };
+    let store_cfg = store.as_ref().map(|s| {
+        json!({"host_capacity_bytes": s.config().host_capacity_bytes, "dirs": s.disk_dirs(),
+               "io": s.io_path().map(|p| format!("{p:?}"))})
+    });
     let threads = b.threads();
     eprintln!("measuring memory bandwidth ({threads} threads)...");
     let bw = memory_bandwidth(threads);
@@ -177,6 +200,7 @@ pub fn run(
         let dense = time_steps(&b, &mut kv, heads, ctx, runs, layers)?;
         let t = Instant::now();
         b.kv_build_index(&mut kv, wave)?;
+        let store0 = store.as_ref().map(|s| s.stats());
         // Per layer.
         let build = t.elapsed().as_secs_f64() / layers as f64;
         let before = b.kv_wave_stats(&kv).unwrap_or_default();
@@ -196,6 +220,15 @@ pub fn run(
             .zip(&phases1)
             .map(|(a, b)| (b - a) as f64 / 1e3 / timed_steps)
             .collect();
+        // What the timed steps read through the store, per step and layer.
+        let store_reads = store.as_ref().zip(store0).map(|(s, a)| {
+            let z = s.stats();
+            let per = timed_steps.max(1.0);
+            json!({"host_reads_per_layer_step": (z.host_reads - a.host_reads) as f64 / per,
+                   "disk_reads_per_layer_step": (z.disk_reads - a.disk_reads) as f64 / per,
+                   "spilled_records": z.spilled, "host_bytes": z.host_bytes,
+                   "disk_only_bytes": z.disk_bytes})
+        });
         let exact_share = (after.exact_tokens - before.exact_tokens) as f64
             / (after.context_tokens - before.context_tokens).max(1) as f64;
         for (mode, secs, bytes) in [
@@ -220,6 +253,8 @@ pub fn run(
                 "index_build_seconds": if mode == "wave" { Some(build) } else { None },
                 "exact_token_share": if mode == "wave" { Some(exact_share) } else { None },
                 "wave_config": if mode == "wave" { Some(json!(wave)) } else { None },
+                "store": if mode == "wave" { store_cfg.clone() } else { None },
+                "store_reads": if mode == "wave" { store_reads.clone() } else { None },
                 "wave_phase_cpu_us": if mode == "wave" { Some(json!({"score": phase_us[0], "select": phase_us[1], "exact": phase_us[2], "estimate": phase_us[3]})) } else { None },
                 "runs": if mode == "wave" { wave_runs.unwrap_or(runs) } else { runs }, "threads": threads, "device": device, "commit": commit, "timestamp": ts,
             }));
@@ -228,6 +263,9 @@ pub fn run(
             "context {ctx}: index build {build:.1} s; wave CPU us/step (all threads): score {:.0}, select {:.0}, exact {:.0}, estimate {:.0}",
             phase_us[0], phase_us[1], phase_us[2], phase_us[3]
         );
+        if let Some(r) = &store_reads {
+            eprintln!("context {ctx}: tiered store, per layer step: {r}");
+        }
     }
     crate::eval::run::append_records(&out, &records)?;
     eprintln!("records appended to {}", out.display());

@@ -241,6 +241,13 @@ pub enum BenchCommand {
         /// (1: the same layer repeated, on warm caches).
         #[arg(long, default_value_t = 4)]
         layers: usize,
+        /// Keep the wave KV in a tiered store with its disk tier in this directory (as `generate
+        /// --store-dir`), to measure what reading through the store costs a step.
+        #[arg(long)]
+        store_dir: Option<PathBuf>,
+        /// Host memory of that store, in bytes (records beyond it spill to the disk tier).
+        #[arg(long, default_value_t = retrowave_store::StoreConfig::default().host_capacity_bytes)]
+        store_host_bytes: u64,
         /// JSON-lines file to append to (default bench/results/attention-cpu.jsonl).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -504,6 +511,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             wave_runs,
             wave_config,
             layers,
+            store_dir,
+            store_host_bytes,
             out,
         } => {
             if kv_heads == 0 || heads % kv_heads != 0 || head_dim == 0 {
@@ -520,7 +529,23 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 n_kv_heads: kv_heads,
                 head_dim,
             };
-            crate::attnbench::run(&contexts, layout, runs, wave_runs, &wave, layers, out)
+            let store = load::cpu_store(&retrowave_store::StoreConfig {
+                dirs: store_dir.into_iter().collect(),
+                host_capacity_bytes: store_host_bytes,
+                ..Default::default()
+            })?;
+            crate::attnbench::run(
+                &contexts,
+                layout,
+                crate::attnbench::Steps {
+                    runs,
+                    wave_runs,
+                    layers,
+                },
+                &wave,
+                store,
+                out,
+            )
         }
         BenchCommand::Generate {
             model,
