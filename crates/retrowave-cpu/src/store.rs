@@ -49,6 +49,27 @@ impl HostClusterStore {
     }
 }
 
+/// `place` (where an append of `keys` and `values` for clusters of `sizes` goes: `None` for a
+/// head outside the store) when the lengths match `sizes` at `head_dim`, else a shape error.
+fn checked<T>(
+    place: Option<T>,
+    head_dim: usize,
+    keys: &[f16],
+    values: &[f16],
+    sizes: &[u32],
+) -> Result<T, StoreError> {
+    let tokens: usize = sizes.iter().map(|&s| s as usize).sum();
+    match place {
+        Some(p) if keys.len() == tokens * head_dim && values.len() == tokens * head_dim => Ok(p),
+        _ => Err(StoreError::Shape {
+            tokens,
+            head_dim,
+            keys: keys.len(),
+            values: values.len(),
+        }),
+    }
+}
+
 impl ClusterStore for HostClusterStore {
     fn append(
         &mut self,
@@ -57,18 +78,9 @@ impl ClusterStore for HostClusterStore {
         values: &[f16],
         sizes: &[u32],
     ) -> Result<(), StoreError> {
-        let tokens: usize = sizes.iter().map(|&s| s as usize).sum();
         let hd = self.head_dim;
-        let slot = self.slot(head);
-        if keys.len() != tokens * hd || values.len() != tokens * hd || slot.is_none() {
-            return Err(StoreError::Shape {
-                tokens,
-                head_dim: hd,
-                keys: keys.len(),
-                values: values.len(),
-            });
-        }
-        let runs = &mut self.heads[slot.unwrap_or_default()];
+        let slot = checked(self.slot(head), hd, keys, values, sizes)?;
+        let runs = &mut self.heads[slot];
         runs.keys.extend_from_slice(keys);
         runs.values.extend_from_slice(values);
         for &s in sizes {
@@ -189,18 +201,8 @@ impl ClusterStore for TieredClusterStore {
         values: &[f16],
         sizes: &[u32],
     ) -> Result<(), StoreError> {
-        let tokens: usize = sizes.iter().map(|&s| s as usize).sum();
         let hd = self.head_dim;
-        let href = self.head_ref(head);
-        if keys.len() != tokens * hd || values.len() != tokens * hd || href.is_none() {
-            return Err(StoreError::Shape {
-                tokens,
-                head_dim: hd,
-                keys: keys.len(),
-                values: values.len(),
-            });
-        }
-        let href = href.unwrap_or_else(|| unreachable!("checked above"));
+        let href = checked(self.head_ref(head), hd, keys, values, sizes)?;
         self.store
             .append(
                 href,
