@@ -155,9 +155,16 @@ pub struct TieredClusterStore {
     n_layers: usize,
     n_kv_heads: usize,
     head_dim: usize,
+    /// Per head (`layer * n_kv_heads + kv_head`), the store's id of each index cluster, or
+    /// [`EMPTY`] for an empty one: the store keeps no record of zero tokens, while an index may
+    /// have empty clusters (k-means can leave one without members).
+    ids: Vec<Vec<u32>>,
     /// Record bytes appended (in host memory or on disk).
     bytes: usize,
 }
+
+/// [`TieredClusterStore::ids`] of an empty cluster.
+const EMPTY: u32 = u32::MAX;
 
 impl TieredClusterStore {
     /// An empty sequence in `store` for `n_layers x n_kv_heads` heads of `head_dim`.
@@ -168,18 +175,22 @@ impl TieredClusterStore {
             n_layers,
             n_kv_heads,
             head_dim,
+            ids: vec![Vec::new(); n_layers * n_kv_heads],
             bytes: 0,
         }
     }
 
-    fn head_ref(&self, head: HeadKey) -> Option<HeadRef> {
-        let inside =
-            (head.layer as usize) < self.n_layers && (head.kv_head as usize) < self.n_kv_heads;
-        inside.then_some(HeadRef {
-            seq: self.seq,
-            layer: head.layer,
-            kv_head: head.kv_head,
-        })
+    /// The head's slot in `ids` and its key in the store.
+    fn head_ref(&self, head: HeadKey) -> Option<(usize, HeadRef)> {
+        let (l, h) = (head.layer as usize, head.kv_head as usize);
+        (l < self.n_layers && h < self.n_kv_heads).then_some((
+            l * self.n_kv_heads + h,
+            HeadRef {
+                seq: self.seq,
+                layer: head.layer,
+                kv_head: head.kv_head,
+            },
+        ))
     }
 }
 
@@ -202,18 +213,36 @@ impl ClusterStore for TieredClusterStore {
         sizes: &[u32],
     ) -> Result<(), StoreError> {
         let hd = self.head_dim;
-        let href = checked(self.head_ref(head), hd, keys, values, sizes)?;
-        self.store
-            .append(
-                href,
-                hd as u32,
-                bytemuck::cast_slice(keys),
-                bytemuck::cast_slice(values),
-                sizes,
-            )
-            .map_err(tiered)?;
+        let (slot, href) = checked(self.head_ref(head), hd, keys, values, sizes)?;
+        // Empty clusters add no rows, so the rows of the others are `keys` and `values` as given.
+        let stored: Vec<u32> = sizes.iter().copied().filter(|&s| s > 0).collect();
+        let mut next = if stored.is_empty() {
+            0
+        } else {
+            self.store
+                .append(
+                    href,
+                    hd as u32,
+                    bytemuck::cast_slice(keys),
+                    bytemuck::cast_slice(values),
+                    &stored,
+                )
+                .map_err(tiered)?
+                .start
+        };
+        self.ids[slot].extend(sizes.iter().map(|&s| {
+            if s == 0 {
+                EMPTY
+            } else {
+                next += 1;
+                next - 1
+            }
+        }));
         let layout = self.store.layout(hd as u32);
-        self.bytes += sizes.iter().map(|&s| layout.record_bytes(s)).sum::<usize>();
+        self.bytes += stored
+            .iter()
+            .map(|&s| layout.record_bytes(s))
+            .sum::<usize>();
         Ok(())
     }
 
@@ -223,17 +252,29 @@ impl ClusterStore for TieredClusterStore {
         clusters: &[u32],
         f: &mut dyn FnMut(&[ClusterKv<'_>]),
     ) -> Result<(), StoreError> {
-        if clusters.is_empty() {
+        let unknown = |cluster, stored| StoreError::UnknownCluster {
+            layer: head.layer,
+            kv_head: head.kv_head,
+            cluster,
+            stored,
+        };
+        let (slot, href) = self
+            .head_ref(head)
+            .ok_or_else(|| unknown(clusters.first().copied().unwrap_or(0), 0))?;
+        let ids = &self.ids[slot];
+        let mut wanted = Vec::with_capacity(clusters.len());
+        for &c in clusters {
+            match ids.get(c as usize) {
+                Some(&EMPTY) => {}
+                Some(&id) => wanted.push(id),
+                None => return Err(unknown(c, ids.len())),
+            }
+        }
+        if wanted.is_empty() {
             f(&[]);
             return Ok(());
         }
-        let href = self.head_ref(head).ok_or(StoreError::UnknownCluster {
-            layer: head.layer,
-            kv_head: head.kv_head,
-            cluster: clusters[0],
-            stored: 0,
-        })?;
-        let pinned = self.store.pin(href, clusters).map_err(tiered)?;
+        let pinned = self.store.pin(href, &wanted).map_err(tiered)?;
         let layout = pinned.layout();
         let page_tokens = layout.page_tokens as usize;
         // A page in elements: the keys of its tokens, then their values.
@@ -250,7 +291,7 @@ impl ClusterStore for TieredClusterStore {
                 })
             })
             .collect();
-        let mut runs = Vec::with_capacity(clusters.len() * 2);
+        let mut runs = Vec::with_capacity(wanted.len() * 2);
         for (i, copy) in copies.iter().enumerate() {
             let (rec, tokens) = pinned.record(i);
             let rec: &[f16] = match copy {
@@ -288,23 +329,30 @@ impl ClusterStore for TieredClusterStore {
         for layer in 0..self.n_layers as u32 {
             for kv_head in 0..self.n_kv_heads as u32 {
                 let head = HeadKey { layer, kv_head };
-                let href = self
+                let (slot, href) = self
                     .head_ref(head)
                     .unwrap_or_else(|| unreachable!("in range"));
-                // A head that never got a cluster has no entry in the store.
-                let Ok(n) = self.store.clusters(href) else {
-                    continue;
-                };
-                let (mut k, mut v, mut sizes) = (Vec::new(), Vec::new(), Vec::new());
-                for cluster in 0..n {
-                    let c = retrowave_store::ClusterRef {
-                        head: href,
-                        cluster,
-                    };
-                    sizes.push(self.store.read_cluster(c, &mut k, &mut v).map_err(tiered)?);
+                let (mut k, mut v) = (Vec::new(), Vec::new());
+                let mut sizes = Vec::with_capacity(self.ids[slot].len());
+                for &id in &self.ids[slot] {
+                    sizes.push(if id == EMPTY {
+                        0
+                    } else {
+                        let c = retrowave_store::ClusterRef {
+                            head: href,
+                            cluster: id,
+                        };
+                        self.store.read_cluster(c, &mut k, &mut v).map_err(tiered)?
+                    });
                 }
-                let (k, v): (&[f16], &[f16]) = (bytemuck::cast_slice(&k), bytemuck::cast_slice(&v));
-                copy.append(head, k, v, &sizes)?;
+                if !sizes.is_empty() {
+                    copy.append(
+                        head,
+                        bytemuck::cast_slice(&k),
+                        bytemuck::cast_slice(&v),
+                        &sizes,
+                    )?;
+                }
             }
         }
         Ok(Box::new(copy))
@@ -345,5 +393,61 @@ mod tests {
         };
         assert!(s.append(outside, &k[..2], &v[..2], &[1]).is_err());
         assert!(s.append(h, &k[..3], &v[..2], &[1]).is_err());
+    }
+
+    /// Runs of `clusters` of `head` as (keys, values) vectors.
+    fn runs(s: &dyn ClusterStore, head: HeadKey, clusters: &[u32]) -> Vec<(Vec<f16>, Vec<f16>)> {
+        let mut out = Vec::new();
+        s.with_clusters(head, clusters, &mut |r| {
+            out = r
+                .iter()
+                .map(|c| (c.keys.to_vec(), c.values.to_vec()))
+                .collect();
+        })
+        .unwrap();
+        out
+    }
+
+    /// The tiered store keeps no record of an empty cluster, while an index may have one: ids
+    /// stay those of the index, an empty cluster reads as nothing, and pages come as runs.
+    #[test]
+    fn tiered_clusters_keep_index_ids_across_empty_clusters_and_forks() {
+        let store = TieredStore::new(retrowave_store::StoreConfig {
+            host_capacity_bytes: 1 << 20,
+            ..Default::default()
+        })
+        .unwrap();
+        let mut s = TieredClusterStore::new(store.clone(), 1, 2, 4);
+        let h = HeadKey {
+            layer: 0,
+            kv_head: 1,
+        };
+        let k: Vec<f16> = (0..4 * 13).map(|i| f16::from_f32(i as f32)).collect();
+        let v: Vec<f16> = (0..4 * 13).map(|i| f16::from_f32(-(i as f32))).collect();
+        // Clusters 0..4 of 3, 0, 10 (two pages of 8) and 0 tokens.
+        s.append(h, &k, &v, &[3, 0, 10, 0]).unwrap();
+        assert_eq!(
+            runs(&s, h, &[0]),
+            vec![(k[..12].to_vec(), v[..12].to_vec())]
+        );
+        assert!(runs(&s, h, &[1, 3]).is_empty());
+        let two = runs(&s, h, &[2, 1, 0]);
+        assert_eq!(two.len(), 3);
+        assert_eq!(two[0], (k[12..44].to_vec(), v[12..44].to_vec()));
+        assert_eq!(two[1], (k[44..52].to_vec(), v[44..52].to_vec()));
+        assert_eq!(two[2].0, k[..12].to_vec());
+        assert!(matches!(
+            s.with_clusters(h, &[4], &mut |_| {}),
+            Err(StoreError::UnknownCluster { stored: 4, .. })
+        ));
+        // Appending more keeps counting the index's ids.
+        s.append(h, &k[..8], &v[..8], &[0, 2]).unwrap();
+        assert_eq!(runs(&s, h, &[5]), vec![(k[..8].to_vec(), v[..8].to_vec())]);
+        let fork = s.try_clone().unwrap();
+        drop(s);
+        assert_eq!(runs(&*fork, h, &[5, 2]).len(), 3);
+        assert_eq!(runs(&*fork, h, &[0])[0].1, v[..12].to_vec());
+        drop(fork);
+        assert_eq!(store.stats().clusters, 0);
     }
 }

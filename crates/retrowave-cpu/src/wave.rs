@@ -1499,6 +1499,47 @@ mod tests {
         assert_eq!(store.stats().clusters, 0);
     }
 
+    /// A tiered store without room for an index (64 KiB of host memory, a 256 KiB disk quota,
+    /// 1.5 MB of records): the build fails with the store's own error and leaves no record of
+    /// the failed sequence behind; a sequence that fits (clusters of 16, ~84 KB of pages) builds
+    /// on the freed disk space and decodes after it.
+    #[test]
+    fn a_full_tiered_store_fails_the_build_and_keeps_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TieredStore::new(retrowave_store::StoreConfig {
+            host_capacity_bytes: 64 << 10,
+            dirs: vec![dir.path().to_path_buf()],
+            max_disk_bytes_per_dir: Some(256 << 10),
+            queue_depth: 16,
+            staging_bytes: 64 << 10,
+            ..Default::default()
+        })
+        .unwrap();
+        let cfg = WaveConfig::retrowave();
+        let err = build(&filled(6000), &cfg, Some(&store))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("full"), "{err}");
+        let st = store.stats();
+        assert_eq!(
+            (st.clusters, st.host_bytes, st.disk_bytes),
+            (0, 0, 0),
+            "{st:?}"
+        );
+        // (The default's clusters of one token at 400 tokens would take a page of 8 each.)
+        let small = WaveConfig::published();
+        let mut kv = filled(400);
+        kv.wave = Some(Box::new(build(&kv, &small, Some(&store)).unwrap()));
+        assert!(store.stats().spilled > 0);
+        let mut host = filled(400);
+        host.wave = Some(Box::new(build(&host, &small, None).unwrap()));
+        let q = query(3);
+        let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
+        decode(0, &q, &[&host], &one(399), HEADS, &mut a).unwrap();
+        decode(0, &q, &[&kv], &one(399), HEADS, &mut b).unwrap();
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+
     #[test]
     fn decode_updates_the_index_and_the_store_stays_in_cluster_order() {
         let cfg = WaveConfig {
