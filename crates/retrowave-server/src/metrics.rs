@@ -93,6 +93,8 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         .set_buckets_for_metric(Matcher::Full(ESTIMATION_ZONE.into()), &zone)?
         .install_recorder()?;
     describe();
+    // The tiered store's series (CPU workers with a disk tier) get their help text too.
+    retrowave_store::metrics::describe();
     init_series();
     Ok(handle)
 }

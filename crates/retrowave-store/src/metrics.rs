@@ -14,6 +14,8 @@
 //! | `retrowave_store_checksum_failures_total` | counter | |
 //! | `retrowave_store_io_errors_total` | counter | |
 //! | `retrowave_store_io_path` | gauge | `path` = io_uring, pread (1 for the active one) |
+//! | `retrowave_store_io_ops_total` | counter | `op` = read, write; `path` |
+//! | `retrowave_store_io_bytes_total` | counter | `op`, `path` |
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use std::time::Duration;
@@ -58,6 +60,15 @@ pub fn describe() {
     describe_gauge!(
         "retrowave_store_io_path",
         "The disk tier's I/O path (1 = active)"
+    );
+    describe_counter!(
+        "retrowave_store_io_ops_total",
+        "Disk reads and writes completed, by operation and I/O path"
+    );
+    describe_counter!(
+        "retrowave_store_io_bytes_total",
+        metrics::Unit::Bytes,
+        "Bytes read from and written to the disk tier, by operation and I/O path"
     );
 }
 
