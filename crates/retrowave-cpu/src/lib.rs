@@ -113,9 +113,9 @@ impl CpuBackend {
 
     /// This backend, keeping the exact KV of wave-indexed sequences in `store` (the node's
     /// tiered store, shared by every worker given a clone of it) instead of in host memory of
-    /// each sequence's own.
-    pub fn with_store(mut self, store: retrowave_store::TieredStore) -> Self {
-        self.store = Some(store);
+    /// each sequence's own (`None`).
+    pub fn with_store(mut self, store: Option<retrowave_store::TieredStore>) -> Self {
+        self.store = store;
         self
     }
 

@@ -326,34 +326,50 @@ impl ClusterStore for TieredClusterStore {
             self.n_kv_heads,
             self.head_dim,
         );
-        for layer in 0..self.n_layers as u32 {
-            for kv_head in 0..self.n_kv_heads as u32 {
-                let head = HeadKey { layer, kv_head };
-                let (slot, href) = self
-                    .head_ref(head)
-                    .unwrap_or_else(|| unreachable!("in range"));
-                let (mut k, mut v) = (Vec::new(), Vec::new());
-                let mut sizes = Vec::with_capacity(self.ids[slot].len());
-                for &id in &self.ids[slot] {
-                    sizes.push(if id == EMPTY {
-                        0
-                    } else {
-                        let c = retrowave_store::ClusterRef {
-                            head: href,
-                            cluster: id,
-                        };
-                        self.store.read_cluster(c, &mut k, &mut v).map_err(tiered)?
-                    });
-                }
-                if !sizes.is_empty() {
-                    copy.append(
-                        head,
-                        bytemuck::cast_slice(&k),
-                        bytemuck::cast_slice(&v),
-                        &sizes,
-                    )?;
+        for (slot, ids) in self
+            .ids
+            .iter()
+            .enumerate()
+            .filter(|(_, ids)| !ids.is_empty())
+        {
+            let head = HeadKey {
+                layer: (slot / self.n_kv_heads) as u32,
+                kv_head: (slot % self.n_kv_heads) as u32,
+            };
+            let href = HeadRef {
+                seq: self.seq,
+                layer: head.layer,
+                kv_head: head.kv_head,
+            };
+            // One pin for the head's records (those on disk load in one batch), released
+            // before the copy is appended: the copy may need the host memory they hold.
+            let stored: Vec<u32> = ids.iter().copied().filter(|&id| id != EMPTY).collect();
+            let (mut k, mut v, mut tokens) = (Vec::new(), Vec::new(), Vec::new());
+            {
+                let pinned = self.store.pin(href, &stored).map_err(tiered)?;
+                for i in 0..pinned.len() {
+                    let (rec, n) = pinned.record(i);
+                    pinned.layout().unpack(rec, n, &mut k, &mut v);
+                    tokens.push(n);
                 }
             }
+            let mut tokens = tokens.into_iter();
+            let sizes: Vec<u32> = ids
+                .iter()
+                .map(|&id| {
+                    if id == EMPTY {
+                        0
+                    } else {
+                        tokens.next().unwrap_or(0)
+                    }
+                })
+                .collect();
+            copy.append(
+                head,
+                bytemuck::cast_slice(&k),
+                bytemuck::cast_slice(&v),
+                &sizes,
+            )?;
         }
         Ok(Box::new(copy))
     }

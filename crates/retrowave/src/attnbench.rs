@@ -154,10 +154,7 @@ pub fn run(
         layers,
     } = steps;
     let layers = layers.max(1);
-    let b = match &store {
-        Some(s) => CpuBackend::new().with_store(s.clone()),
-        None => CpuBackend::new(),
-    };
+    let b = CpuBackend::new().with_store(store.clone());
     let store_cfg = store.as_ref().map(|s| {
         json!({"host_capacity_bytes": s.config().host_capacity_bytes, "dirs": s.disk_dirs(),
                "io": s.io_path().map(|p| format!("{p:?}"))})

@@ -529,11 +529,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 n_kv_heads: kv_heads,
                 head_dim,
             };
-            let store = load::cpu_store(&retrowave_store::StoreConfig {
-                dirs: store_dir.into_iter().collect(),
-                host_capacity_bytes: store_host_bytes,
-                ..Default::default()
-            })?;
+            let store = load::cpu_store_in(store_dir.into_iter().collect(), store_host_bytes)?;
             crate::attnbench::run(
                 &contexts,
                 layout,

@@ -102,6 +102,16 @@ pub struct EngineOptions {
     pub store: Option<TieredStore>,
 }
 
+/// [`cpu_store`] with the default store settings but for the disk tier's `dirs` and the host
+/// memory (the command-line flags `--store-dir` and `--store-host-bytes`).
+pub fn cpu_store_in(dirs: Vec<PathBuf>, host_capacity_bytes: u64) -> Result<Option<TieredStore>> {
+    cpu_store(&StoreConfig {
+        dirs,
+        host_capacity_bytes,
+        ..Default::default()
+    })
+}
+
 /// The tiered store for CPU workers when `cfg` has a disk tier (`dirs`): a host arena of
 /// `host_capacity_bytes`, the coldest clusters spilled to disk. Without a disk tier, `None`:
 /// sequences keep their wave KV in host memory of their own.
@@ -131,10 +141,7 @@ pub fn cpu_store(cfg: &StoreConfig) -> Result<Option<TieredStore>> {
 /// Loads the weights onto CPU workers and builds an engine.
 pub fn engine(model: &LoadedModel, opts: EngineOptions) -> Result<Engine<CpuBackend>> {
     let backends = (0..opts.tp.max(1))
-        .map(|_| match &opts.store {
-            Some(s) => CpuBackend::new().with_store(s.clone()),
-            None => CpuBackend::new(),
-        })
+        .map(|_| CpuBackend::new().with_store(opts.store.clone()))
         .collect();
     engine_on(model, opts, backends)
 }

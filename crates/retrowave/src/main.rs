@@ -105,11 +105,7 @@ struct ModelArgs {
 
 impl ModelArgs {
     fn engine_options(&self) -> anyhow::Result<load::EngineOptions> {
-        let store = load::cpu_store(&retrowave_store::StoreConfig {
-            dirs: self.store_dir.clone(),
-            host_capacity_bytes: self.store_host_bytes,
-            ..Default::default()
-        })?;
+        let store = load::cpu_store_in(self.store_dir.clone(), self.store_host_bytes)?;
         Ok(load::EngineOptions {
             attention: load::attention_mode(&self.attention, self.wave_config.as_deref())?,
             tp: self.tp,
