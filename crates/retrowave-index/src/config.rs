@@ -188,7 +188,7 @@ impl WaveConfig {
     /// - and at least 1024 clusters in the index, so contexts under 16K tokens get clusters of
     ///   fewer than 16 tokens,
     /// - with an estimation zone of at least 8192 tokens, so that contexts up to about 10K tokens
-    ///   skip no cluster (from 32K on the published 23.2% is more).
+    ///   skip no cluster (from 64K on the published 23.2% is more).
     ///
     /// The README's accuracy section has the measurements behind the values: at a 64-cluster
     /// floor the answers of SmolLM2 and Qwen2.5-Coder left full attention's about twice as often
